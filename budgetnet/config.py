@@ -1,0 +1,333 @@
+"""Run configuration: frozen dataclasses with a strict JSON round trip.
+
+One :class:`RunConfig` fully determines a training run: model shape, schedule, data handling and seed.
+Units are given next to every field. ``from_dict`` rejects unknown keys, so a typo in a JSON file is an
+error instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
+
+ACTIVATIONS = ("relu", "leaky_relu", "prelu", "gelu", "silu", "mish")
+INITS = ("default", "xavier", "kaiming", "orthogonal")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid (a user mistake, reported in one line)."""
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(name: str, values) -> None:
+    for v in values if isinstance(values, tuple) else (values,):
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must hold positive integers, got {values!r}")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a model needs to know about its data: input channels, classes, image side in pixels."""
+
+    channels: int
+    num_classes: int
+    image_size: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Fields every model family shares. Subclasses set ``family``."""
+
+    family: ClassVar[str] = ""
+    activation: str = "relu"  # one of ACTIVATIONS
+    init: str = "default"  # weight initialiser, one of INITS ("default" = PyTorch's own)
+    dropout: float = 0.0  # dropout probability before the classifier
+
+    def __post_init__(self) -> None:
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("init", self.init, INITS)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class ResNetConfig(ModelConfig):
+    """CIFAR ResNet (He et al. 2016, section 4.2): a 3x3 stem, three stages, global pool, linear head.
+
+    ResNet-20/32/44/56 are ``depths=(n, n, n)`` with n = 3/5/7/9 and ``widths=(16, 32, 64)``. Shortcuts
+    that change shape use the parameter-free "option A" (stride-2 subsample and zero-padded channels).
+    """
+
+    family: ClassVar[str] = "resnet"
+    block: str = "basic"  # "basic" (two 3x3 convs) or "bottleneck" (1x1 -> 3x3 -> 1x1, expansion 4)
+    depths: tuple[int, ...] = (3, 3, 3)  # residual blocks per stage
+    widths: tuple[int, ...] = (16, 32, 64)  # channels per stage (bottleneck: inner width; output is 4x)
+    stem_width: int = 16  # channels of the first 3x3 conv
+    stem_bias: bool = True  # bias on the stem conv: the reference ResNet-20 count (275,588) includes these 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("block", self.block, ("basic", "bottleneck"))
+        _check_positive("depths", self.depths)
+        _check_positive("widths", self.widths)
+        _check_positive("stem_width", self.stem_width)
+        if len(self.depths) != len(self.widths):
+            raise ConfigError("depths and widths must have one entry per stage")
+
+
+@dataclass(frozen=True)
+class PlainConfig(ModelConfig):
+    """Plain ConvNet: ``[(conv -> [bn] -> act) x P -> pool] x (N/P) -> (fc -> act) x M -> fc``.
+
+    Layer widths and kernel sizes follow patterns so that a handful of numbers describes a whole net
+    (the form the reference reports swept by hand). The course report's 3-conv CIFAR-100 net is
+    ``PlainConfig(n_conv=3, width=32, width_pattern="doubling", hidden=(420,), batch_norm=True)``.
+    """
+
+    family: ClassVar[str] = "plain"
+    n_conv: int = 3  # N, conv layers in total
+    convs_per_block: int = 1  # P, conv layers between two pools
+    width: int = 32  # filters of the first conv layer
+    width_pattern: str = "doubling"  # per layer: "equal", "doubling" or "halving"
+    kernel: int = 3  # kernel size of the first conv layer (odd)
+    kernel_pattern: str = "constant"  # per layer: "constant", "increasing" (+2) or "decreasing" (-2)
+    hidden: tuple[int, ...] = (420,)  # widths of the M hidden fc layers
+    batch_norm: bool = True  # BN after each conv (not after the fc layers)
+    conv_bias: bool = True  # bias on convs (the reference nets keep it even with BN)
+    pool: str = "max"  # "max" or "avg", 2x2 stride 2, skipped once the feature map is 1 pixel
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("n_conv", self.n_conv)
+        _check_positive("convs_per_block", self.convs_per_block)
+        _check_positive("width", self.width)
+        _check_choice("width_pattern", self.width_pattern, ("equal", "doubling", "halving"))
+        _check_choice("kernel_pattern", self.kernel_pattern, ("constant", "increasing", "decreasing"))
+        _check_choice("pool", self.pool, ("max", "avg"))
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ConfigError(f"kernel must be a positive odd integer, got {self.kernel}")
+        if self.n_conv % self.convs_per_block:
+            raise ConfigError("n_conv must be a multiple of convs_per_block")
+        if self.hidden:
+            _check_positive("hidden", self.hidden)
+
+    def layer_widths(self) -> tuple[int, ...]:
+        """Output channels of every conv layer, from ``width`` and ``width_pattern``."""
+        if self.width_pattern == "doubling":
+            return tuple(self.width * 2**i for i in range(self.n_conv))
+        if self.width_pattern == "halving":
+            return tuple(max(1, self.width >> i) for i in range(self.n_conv))
+        return (self.width,) * self.n_conv
+
+    def layer_kernels(self) -> tuple[int, ...]:
+        """Kernel size of every conv layer, from ``kernel`` and ``kernel_pattern``."""
+        step = {"constant": 0, "increasing": 2, "decreasing": -2}[self.kernel_pattern]
+        return tuple(max(1, self.kernel + step * i) for i in range(self.n_conv))
+
+
+@dataclass(frozen=True)
+class MobileNetConfig(ModelConfig):
+    """Inverted-residual net (MobileNetV2-style, CIFAR strides): 1x1 expand -> depthwise kxk -> 1x1 project.
+
+    A stage's first block may stride; blocks whose input and output match add a residual connection.
+    """
+
+    family: ClassVar[str] = "mobilenet"
+    stem_width: int = 32  # channels of the stride-1 3x3 stem
+    widths: tuple[int, ...] = (16, 24, 32, 64, 96)  # output channels per stage
+    depths: tuple[int, ...] = (1, 2, 3, 3, 2)  # inverted-residual blocks per stage
+    strides: tuple[int, ...] = (1, 1, 2, 2, 1)  # stride of each stage's first block
+    expansion: int = 6  # hidden channels = expansion x input channels (first stage uses 1)
+    kernel: int = 3  # depthwise kernel size (odd)
+    head_width: int = 640  # channels of the final 1x1 conv before pooling (0 = none)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("stem_width", self.stem_width)
+        _check_positive("widths", self.widths)
+        _check_positive("depths", self.depths)
+        _check_positive("expansion", self.expansion)
+        if not (len(self.widths) == len(self.depths) == len(self.strides)):
+            raise ConfigError("widths, depths and strides must have one entry per stage")
+        if any(s not in (1, 2) for s in self.strides):
+            raise ConfigError(f"strides must be 1 or 2, got {self.strides}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ConfigError(f"kernel must be a positive odd integer, got {self.kernel}")
+        if self.head_width < 0:
+            raise ConfigError("head_width must be >= 0")
+
+
+MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
+    c.family: c for c in (ResNetConfig, PlainConfig, MobileNetConfig)
+}
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("onecycle", "cosine", "linear", "step")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and schedule. The schedule is defined on progress p in [0, 1] of the run's own budget
+    (seconds or epochs), so a run ends fully annealed exactly when its budget ends."""
+
+    optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adamw"
+    lr: float = 0.1  # peak learning rate (per step, not scaled by batch size)
+    momentum: float = 0.9  # SGD momentum, or AdamW beta1
+    weight_decay: float = 5e-4  # L2 for SGD (coupled), decoupled for AdamW; not applied to BN/bias
+    batch_size: int = 256  # images per step
+    label_smoothing: float = 0.1  # cross-entropy label smoothing
+    warmup: float = 0.05  # fraction of progress spent in linear warm-up from 0
+    schedule: str = "cosine"  # decay shape after warm-up: "onecycle", "cosine", "linear", "step"
+    ema: float = 0.0  # EMA decay of weights per step (0 = off); evaluation then uses the average
+    eval_points: int = 10  # validation evaluations per run, at equal progress steps
+
+    def __post_init__(self) -> None:
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("eval_points", self.eval_points)
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup must be in [0, 1), got {self.warmup}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+DATASETS = ("cifar100", "cifar10", "fashion_mnist", "synthetic")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, how it is split, and the on-device augmentation applied to training batches."""
+
+    dataset: str = "cifar100"  # one of DATASETS
+    val_size: int | None = None  # images held out of the training split for validation; None = the
+    # dataset's default (5,000 for CIFAR and Fashion-MNIST, 400 for synthetic)
+    split_seed: int = 0  # seed of the train/validation split (shared by all trials, so they compare)
+    crop_padding: int = 4  # random translate by up to this many pixels (zero padding); 0 = off
+    flip: bool = True  # random horizontal flip
+    cutout: int = 0  # side of a random zeroed square, in pixels; 0 = off
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, DATASETS)
+        if (self.val_size is not None and self.val_size < 0) or self.crop_padding < 0 or self.cutout < 0:
+            raise ConfigError("val_size, crop_padding and cutout must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one training run."""
+
+    model: ModelConfig = field(default_factory=ResNetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0  # seeds weights, batch order and augmentation
+
+    # -- JSON round trip -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": {"family": self.model.family, **_plain(dataclasses.asdict(self.model))},
+            "train": _plain(dataclasses.asdict(self.train)),
+            "data": _plain(dataclasses.asdict(self.data)),
+            "seed": self.seed,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        _reject_unknown("run config", d, {"model", "train", "data", "seed"})
+        model_d = dict(d.get("model", {"family": "resnet"}))
+        family = model_d.pop("family", None)
+        if family not in MODEL_CONFIGS:
+            raise ConfigError(f"model.family={family!r} is not one of {', '.join(MODEL_CONFIGS)}")
+        seed = d.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConfigError(f"seed must be an integer, got {seed!r}")
+        return cls(
+            model=_build(MODEL_CONFIGS[family], model_d, "model"),
+            train=_build(TrainConfig, d.get("train", {}), "train"),
+            data=_build(DataConfig, d.get("data", {}), "data"),
+            seed=seed,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError("config JSON must be an object")
+        return cls.from_dict(d)
+
+    def replace(self, **sections: Any) -> RunConfig:
+        return dataclasses.replace(self, **sections)
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _reject_unknown(where: str, d: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
+def _build(cls: type, d: dict[str, Any], where: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a JSON object")
+    hints = get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    _reject_unknown(where, d, fields)
+    kwargs = {}
+    for name, value in d.items():
+        kwargs[name] = _coerce(f"{where}.{name}", value, hints[name])
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check a JSON value against a field's type; lists become tuples."""
+    origin = get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        (item,) = {a for a in get_args(hint) if a is not Ellipsis}
+        return tuple(_coerce(name, v, item) for v in value)
+    if origin is Union or origin is types.UnionType:  # Optional[X]: None or an X
+        if value is None:
+            return None
+        (inner,) = [a for a in get_args(hint) if a is not type(None)]
+        return _coerce(name, value, inner)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    return value

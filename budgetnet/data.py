@@ -1,0 +1,299 @@
+"""Datasets as device-resident uint8 tensors, with batched on-device augmentation.
+
+The whole split lives on the training device as one uint8 tensor (CIFAR-100's 45k training images are
+138 MB). Each batch is gathered by index, augmented with a few batched tensor ops whose randomness is
+drawn per sample from an explicit generator, and normalised on the device. No DataLoader workers and no
+per-sample Python run in the hot loop.
+
+On-disk formats are the standard ones: torchvision's ``cifar-100-python``/``cifar-10-batches-py`` folders
+and the raw Fashion-MNIST idx files (``.gz`` or not), including Debian's ``dataset-fashion-mnist``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from budgetnet.config import DataConfig, Shape
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_DATA_DIR = Path("data")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset, known without reading it (what the budget guard needs)."""
+
+    name: str
+    channels: int
+    num_classes: int
+    image_size: int
+    train_size: int  # images in the official training split
+    default_val: int  # default validation hold-out
+    mean: tuple[float, ...]  # per-channel mean of the training split, in [0, 1]
+    std: tuple[float, ...]
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.channels, self.num_classes, self.image_size)
+
+
+DATASET_INFO: dict[str, DatasetInfo] = {
+    "cifar100": DatasetInfo("cifar100", 3, 100, 32, 50_000, 5_000,
+                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "cifar10": DatasetInfo("cifar10", 3, 10, 32, 50_000, 5_000,
+                           (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "fashion_mnist": DatasetInfo("fashion_mnist", 1, 10, 28, 60_000, 5_000, (0.2860,), (0.3530,)),
+    "synthetic": DatasetInfo("synthetic", 3, 10, 32, 2_400, 400, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+class DatasetNotFound(Exception):
+    """The dataset's files are not where they should be (a user mistake: one clear line)."""
+
+
+@dataclass
+class ImageSet:
+    """Images (uint8, N x C x H x W) and labels (int64, N) on one device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class DeviceData:
+    """A dataset loaded for training: the train split, the validation split (None after merging), facts."""
+
+    info: DatasetInfo
+    classes: list[str]
+    train: ImageSet
+    val: ImageSet | None
+
+
+# -- reading files ---------------------------------------------------------------------------------
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR's python format is a pickle; allow only what it contains (numpy arrays), nothing callable."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"forbidden object in CIFAR file: {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_pickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return _CifarUnpickler(f, encoding="latin1").load()
+
+
+_CIFAR_LAYOUT = {  # folder, train files, test files, meta file, label key, class-name key
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", "labels", "label_names"),
+}
+
+
+def _missing(name: str, where: str, data_dir: Path) -> DatasetNotFound:
+    return DatasetNotFound(
+        f"{name} not found: expected {where} under --data-dir {data_dir} "
+        f"(pass --data-dir DIR pointing at the folder that holds it, use --download where a network exists, "
+        f"or --dataset synthetic for a smoke run)"
+    )
+
+
+def _load_cifar(name: str, data_dir: Path, train: bool, download: bool):
+    folder, train_files, test_files, meta, label_key, names_key = _CIFAR_LAYOUT[name]
+    root = data_dir / folder
+    files = [root / f for f in (train_files if train else test_files)] + [root / meta]
+    if not all(f.exists() for f in files) and download:
+        _download_cifar(name, data_dir)
+    if not all(f.exists() for f in files):
+        raise _missing(name, f"{folder}/ (torchvision's CIFAR layout)", data_dir)
+    try:
+        parts = [_read_cifar_pickle(f) for f in files[:-1]]
+        classes = list(_read_cifar_pickle(files[-1])[names_key])
+        images = np.concatenate([np.asarray(p["data"], dtype=np.uint8) for p in parts]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
+    except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+        raise DatasetNotFound(f"{name} files under {root} are unreadable or corrupt: {e}") from None
+    return images, labels, classes
+
+
+def _download_cifar(name: str, data_dir: Path) -> None:
+    """Fetch through torchvision (which verifies checksums). Offline, this fails fast and we report it."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR100 if name == "cifar100" else CIFAR10
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        for train in (True, False):
+            cls(str(data_dir), train=train, download=True)
+    except Exception as e:  # no network, proxy, disk: all end in the one "not found" message
+        raise DatasetNotFound(f"{name} could not be downloaded into {data_dir} ({type(e).__name__}: {e}); "
+                              f"place torchvision's CIFAR folder there and pass --data-dir") from None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """The MNIST idx format: big-endian magic (type, ndim), ndim big-endian sizes, then uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] or data[1] or data[2] != 0x08:
+        raise DatasetNotFound(f"{path} is not an idx file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise DatasetNotFound(f"{path} is truncated: expected {int(np.prod(shape))} values, found {arr.size}")
+    return arr.reshape(shape)
+
+
+def _find_fashion_file(stem: str, data_dir: Path) -> Path | None:
+    for folder in (data_dir / "FashionMNIST" / "raw", data_dir / "fashion-mnist", data_dir, DEBIAN_FASHION_MNIST):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).exists():
+                return folder / name
+    return None
+
+
+def _load_fashion_mnist(data_dir: Path, train: bool, download: bool):
+    prefix = "train" if train else "t10k"
+    paths = [_find_fashion_file(f"{prefix}-{kind}-idx{n}-ubyte", data_dir) for kind, n in (("images", 3), ("labels", 1))]
+    if None in paths and download:
+        from torchvision.datasets import FashionMNIST
+
+        try:
+            FashionMNIST(str(data_dir), train=train, download=True)
+        except Exception as e:
+            raise DatasetNotFound(f"fashion_mnist could not be downloaded into {data_dir} ({e})") from None
+        paths = [_find_fashion_file(f"{prefix}-{kind}-idx{n}-ubyte", data_dir)
+                 for kind, n in (("images", 3), ("labels", 1))]
+    if None in paths:
+        raise _missing("fashion_mnist", f"FashionMNIST/raw/{prefix}-*-ubyte[.gz] (or {DEBIAN_FASHION_MNIST}, "
+                       f"from Debian's dataset-fashion-mnist)", data_dir)
+    images, labels = _read_idx(paths[0]), _read_idx(paths[1]).astype(np.int64)
+    return images[:, None], labels, list(FASHION_MNIST_CLASSES)
+
+
+def _make_synthetic(train: bool):
+    """A learnable 10-class task: a smooth random template per class, randomly shifted, plus noise.
+
+    Fixed seed, so every process sees the same images; the test split uses different noise and shifts.
+    """
+    info = DATASET_INFO["synthetic"]
+    templates = np.random.default_rng(1234).normal(0, 1, (info.num_classes, 3, 4, 4))
+    templates = np.kron(templates, np.ones((1, 1, 8, 8)))  # 4x4 blocks -> 32x32, low frequency
+    rng = np.random.default_rng(1 if train else 2)
+    n = info.train_size if train else 600
+    labels = rng.integers(0, info.num_classes, n)
+    shifts = rng.integers(-3, 4, (n, 2))
+    images = np.empty((n, 3, 32, 32), dtype=np.float32)
+    for i in range(n):  # data generation, not the hot loop
+        images[i] = np.roll(templates[labels[i]], tuple(shifts[i]), axis=(1, 2))
+    images = images * 0.6 + rng.normal(0, 1.0, images.shape)
+    images = np.clip(128 + 40 * images, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int64), [f"class{i}" for i in range(info.num_classes)]
+
+
+def read_split(name: str, data_dir: str | os.PathLike | None, train: bool, download: bool = False):
+    """Read one official split as numpy arrays: (uint8 N x C x H x W, int64 N, class names)."""
+    if name not in DATASET_INFO:
+        raise DatasetNotFound(f"unknown dataset {name!r} (choose from {', '.join(DATASET_INFO)})")
+    data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    if name in _CIFAR_LAYOUT:
+        return _load_cifar(name, data_dir, train, download)
+    if name == "fashion_mnist":
+        return _load_fashion_mnist(data_dir, train, download)
+    return _make_synthetic(train)
+
+
+def _to_device(images: np.ndarray, labels: np.ndarray, device: torch.device) -> ImageSet:
+    return ImageSet(torch.from_numpy(np.ascontiguousarray(images)).to(device),
+                    torch.from_numpy(labels).to(device))
+
+
+def load_data(cfg: DataConfig, data_dir=None, device: torch.device | str = "cpu", *,
+              merge_val: bool = False, download: bool = False) -> DeviceData:
+    """Load the training split onto ``device`` and hold out a seeded validation split.
+
+    With ``merge_val`` the validation images are trained on too (the final phase) and ``val`` is None.
+    The test split is never read here: only ``load_test`` (used by ``evaluate``) reads it.
+    """
+    info = DATASET_INFO[cfg.dataset]
+    images, labels, classes = read_split(cfg.dataset, data_dir, train=True, download=download)
+    n_val = info.default_val if cfg.val_size is None else cfg.val_size
+    if not 0 <= n_val < len(labels):
+        raise DatasetNotFound(f"val_size={n_val} must be smaller than the {len(labels)} training images")
+    perm = np.random.default_rng(cfg.split_seed).permutation(len(labels))
+    device = torch.device(device)
+    if merge_val or n_val == 0:
+        return DeviceData(info, classes, _to_device(images, labels, device), None)
+    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    return DeviceData(info, classes, _to_device(images[train_idx], labels[train_idx], device),
+                      _to_device(images[val_idx], labels[val_idx], device))
+
+
+def load_test(name: str, data_dir=None, device: torch.device | str = "cpu", download: bool = False):
+    """The official test split on ``device`` and the class names."""
+    images, labels, classes = read_split(name, data_dir, train=False, download=download)
+    return _to_device(images, labels, torch.device(device)), classes
+
+
+# -- on-device batch operations -----------------------------------------------------------------------
+
+def augment(x: torch.Tensor, cfg: DataConfig, gen: torch.Generator) -> torch.Tensor:
+    """Random translate (zero padding), horizontal flip and cutout on a uint8 batch, per-sample random.
+
+    Every op is a batched tensor op on ``x``'s device; ``gen`` must live on that device.
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+    if cfg.crop_padding:
+        p = cfg.crop_padding
+        padded = F.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (b, 1), device=dev, generator=gen)
+        dx = torch.randint(0, 2 * p + 1, (b, 1), device=dev, generator=gen)
+        rows = (dy + torch.arange(h, device=dev))[:, None, :, None]  # B x 1 x H x 1
+        cols = (dx + torch.arange(w, device=dev))[:, None, None, :]  # B x 1 x 1 x W
+        bidx = torch.arange(b, device=dev)[:, None, None, None]
+        cidx = torch.arange(x.shape[1], device=dev)[None, :, None, None]
+        x = padded[bidx, cidx, rows, cols]
+    if cfg.flip:
+        flip = torch.rand(b, device=dev, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if cfg.cutout:
+        half = cfg.cutout / 2
+        cy = torch.randint(0, h, (b, 1), device=dev, generator=gen)
+        cx = torch.randint(0, w, (b, 1), device=dev, generator=gen)
+        in_y = ((torch.arange(h, device=dev) - cy).abs() < half)[:, :, None]  # B x H x 1
+        in_x = ((torch.arange(w, device=dev) - cx).abs() < half)[:, None, :]  # B x 1 x W
+        x = x.masked_fill((in_y & in_x)[:, None], 0)
+    return x
+
+
+def normalizer(info: DatasetInfo, device: torch.device | str):
+    """Return ``fn(uint8 batch) -> float32 normalised batch`` as one fused multiply-add per element."""
+    std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+    scale = 1.0 / (255.0 * std)
+    shift = -torch.tensor(info.mean, device=device).view(1, -1, 1, 1) / std
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(shift, x.float(), scale)
+
+    return normalize

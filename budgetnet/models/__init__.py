@@ -1,0 +1,42 @@
+"""Model families, registered by name. Every builder is meta-safe: it allocates nothing and never looks at
+data, so ``budget.count_params`` can build any config on the ``meta`` device first.
+
+    build_model(config, Shape(channels=3, num_classes=100, image_size=32))
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from budgetnet.config import ModelConfig, Shape
+from budgetnet.models.layers import init_weights
+
+Builder = Callable[..., nn.Module]
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register(family: str) -> Callable[[Builder], Builder]:
+    """Register ``fn(config, shape) -> nn.Module`` under ``family``."""
+
+    def deco(fn: Builder) -> Builder:
+        _REGISTRY[family] = fn
+        return fn
+
+    return deco
+
+
+def families() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_model(config: ModelConfig, shape: Shape) -> nn.Module:
+    """Build the model a config describes, on the current default device, with its initialiser applied."""
+    model = _REGISTRY[config.family](config, shape)
+    init_weights(model, config.init)
+    return model
+
+
+# Importing the family modules registers them.
+from budgetnet.models import mobilenet, plain, resnet  # noqa: E402,F401

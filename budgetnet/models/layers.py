@@ -1,0 +1,56 @@
+"""Shared layer choices, picked by name through one table each (the timm way)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+ACTIVATION_LAYERS: dict[str, Callable[[int], nn.Module]] = {
+    "relu": lambda c: nn.ReLU(inplace=True),
+    "leaky_relu": lambda c: nn.LeakyReLU(0.1, inplace=True),
+    "prelu": lambda c: nn.PReLU(c),  # one learnable slope per channel (counts as parameters)
+    "gelu": lambda c: nn.GELU(),
+    "silu": lambda c: nn.SiLU(inplace=True),
+    "mish": lambda c: nn.Mish(inplace=True),
+}
+
+
+def make_activation(name: str, channels: int) -> nn.Module:
+    """An activation layer by name; ``channels`` matters only for PReLU."""
+    return ACTIVATION_LAYERS[name](channels)
+
+
+def _kaiming(w: torch.Tensor) -> None:
+    nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+
+
+WEIGHT_INITS: dict[str, Callable[[torch.Tensor], None] | None] = {
+    "default": None,  # keep PyTorch's per-layer defaults
+    "xavier": nn.init.xavier_uniform_,
+    "kaiming": _kaiming,
+    "orthogonal": nn.init.orthogonal_,
+}
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, name: str) -> None:
+    """Re-initialise conv and linear weights with the named scheme; biases to zero, BN to identity.
+
+    Called by ``build_model`` after construction. On the meta device it is a no-op, so builders stay
+    allocation-free for the budget guard.
+    """
+    fn = WEIGHT_INITS[name]
+    if fn is None:
+        return
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if m.weight.is_meta:
+                return
+            fn(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
