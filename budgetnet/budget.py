@@ -8,6 +8,7 @@ rejected before it costs a byte of GPU memory or a second of training.
 from __future__ import annotations
 
 import functools
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -6,7 +6,7 @@ data, so ``budget.count_params`` can build any config on the ``meta`` device fir
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -39,4 +39,4 @@ def build_model(config: ModelConfig, shape: Shape) -> nn.Module:
 
 
 # Importing the family modules registers them.
-from budgetnet.models import mobilenet, plain, resnet  # noqa: E402,F401
+from budgetnet.models import mobilenet, plain, resnet  # noqa: F401

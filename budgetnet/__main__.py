@@ -1,0 +1,3 @@
+from budgetnet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Self-describing checkpoints: a checkpoint alone rebuilds its model.
+
+The file is a plain dict of strings, numbers, lists and tensors, so ``torch.load(weights_only=True)``
+reads it and nothing in it is a pickled Python object. It is written to a temporary file in the same
+folder and renamed into place, so a crash never leaves a half-written ``best.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from budgetnet import __version__
+from budgetnet.config import ConfigError, RunConfig, Shape
+from budgetnet.data import DATASET_INFO
+
+FORMAT = "budgetnet-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """The file is not a readable budgetnet checkpoint (a user mistake: one clear line)."""
+
+
+def save_checkpoint(path: str | os.PathLike, cfg: RunConfig, state_dict: dict, *, metrics: dict,
+                    n_params: int, flops: int, classes: list[str], train_seconds: float,
+                    extra: dict | None = None) -> Path:
+    """Write a checkpoint atomically (temp file + rename) and return its path."""
+    info = DATASET_INFO[cfg.data.dataset]
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": cfg.to_json(indent=None),
+        "state_dict": state_dict,
+        "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        "n_params": int(n_params),
+        "flops": int(flops),
+        "dataset": cfg.data.dataset,
+        "classes": list(classes),
+        "normalization": {"mean": list(info.mean), "std": list(info.std)},
+        "input_shape": [info.channels, info.image_size, info.image_size],
+        "train_seconds": float(train_seconds),
+        "versions": {"budgetnet": __version__, "torch": torch.__version__},
+        "extra": dict(extra or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read and validate a checkpoint; adds ``run_config`` (a RunConfig). Raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, a pickle with code in it: all refused here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable budgetnet checkpoint ({first[:160]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a budgetnet checkpoint (no '{FORMAT}' marker)")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('format_version')} is not "
+                              f"supported (this budgetnet reads version {FORMAT_VERSION})")
+    try:
+        ckpt["run_config"] = RunConfig.from_json(ckpt["config"])
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{path}: checkpoint config is invalid ({e})") from None
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the model a loaded checkpoint describes and load its weights (strictly)."""
+    from budgetnet.models import build_model
+
+    cfg: RunConfig = ckpt["run_config"]
+    info = DATASET_INFO[cfg.data.dataset]
+    model = build_model(cfg.model, Shape(info.channels, len(ckpt["classes"]) or info.num_classes,
+                                         info.image_size))
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval()

@@ -1,0 +1,144 @@
+"""What a checkpoint really does on the official test split: accuracy, cost, latency, confusions."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from budgetnet.budget import count_flops, count_params
+from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from budgetnet.data import DATASET_INFO, load_test, normalizer
+from budgetnet.train import autocast, memory_format
+
+
+@torch.no_grad()
+def test_metrics(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize,
+                 device: torch.device, num_classes: int, batch_size: int = 1024) -> dict:
+    """Top-1, top-5, mean loss and the confusion matrix (rows: true class, columns: predicted)."""
+    loss_sum, top1, top5 = 0.0, 0, 0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    k = min(5, num_classes)
+    for i in range(0, len(labels), batch_size):
+        x = normalize(images[i:i + batch_size]).contiguous(memory_format=memory_format(device))
+        y = labels[i:i + batch_size]
+        with autocast(device):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        topk = logits.topk(k, dim=1).indices
+        top1 += (topk[:, 0] == y).sum().item()
+        top5 += (topk == y[:, None]).any(1).sum().item()
+        confusion += torch.bincount(y * num_classes + topk[:, 0], minlength=num_classes**2).view_as(confusion)
+    n = len(labels)
+    return {"top1": top1 / n, "top5": top5 / n, "loss": loss_sum / n, "confusion": confusion.cpu()}
+
+
+@torch.no_grad()
+def measure_latency(model: torch.nn.Module, shape: tuple[int, int, int], device: torch.device,
+                    batch_size: int, repeats: int = 20, warmup: int = 5) -> dict:
+    """Median forward latency (ms) and throughput (images/s) at a batch size, with device sync."""
+    x = torch.randn(batch_size, *shape, device=device).contiguous(memory_format=memory_format(device))
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        with autocast(device):
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    return {"batch_size": batch_size, "latency_ms": median * 1e3, "images_per_s": batch_size / median}
+
+
+def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.device = "cpu", *,
+                        plots: str | Path | None = None, latency_repeats: int = 20,
+                        download: bool = False) -> dict:
+    """Evaluate a checkpoint on its dataset's test split. Raises CheckpointError for a bad file."""
+    device = torch.device(device)
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["run_config"]
+    info = DATASET_INFO[cfg.data.dataset]
+    model = model_from_checkpoint(ckpt, device).to(memory_format=memory_format(device))
+    test, classes = load_test(cfg.data.dataset, data_dir, device, download=download)
+    if list(classes) != list(ckpt["classes"]):
+        raise CheckpointError(f"{path}: the test data's classes differ from the checkpoint's")
+    m = test_metrics(model, test.images, test.labels, normalizer(info, device), device, len(classes))
+    confusion = m.pop("confusion")
+    per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
+    worst = sorted(range(len(classes)), key=lambda c: per_class[c])[:5]
+    off_diag = confusion.clone().fill_diagonal_(0)
+    pairs = torch.topk(off_diag.flatten(), min(5, off_diag.numel())).indices.tolist()
+    n_params = count_params(cfg.model, info.shape)
+    report = {
+        "checkpoint": str(path),
+        "dataset": cfg.data.dataset,
+        "test_images": len(test),
+        **m,
+        "n_params": n_params,
+        "n_params_recorded": ckpt["n_params"],
+        "n_params_match": n_params == ckpt["n_params"],
+        "flops": count_flops(cfg.model, info.shape),
+        "device": str(device),
+        "latency": [measure_latency(model, (info.channels, info.image_size, info.image_size), device, bs,
+                                    repeats=latency_repeats) for bs in (1, 256)],
+        "worst_classes": [{"class": classes[c], "accuracy": per_class[c]} for c in worst],
+        "top_confusions": [{"true": classes[i // len(classes)], "predicted": classes[i % len(classes)],
+                            "count": int(off_diag.flatten()[i])} for i in pairs if off_diag.flatten()[i] > 0],
+        "train_seconds": ckpt["train_seconds"],
+        "recorded_metrics": ckpt["metrics"],
+    }
+    if plots is not None:
+        report["confusion_png"] = str(plot_confusion(confusion, classes, Path(plots) / "confusion.png"))
+    return report
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], out: Path) -> Path:
+    """Row-normalised confusion matrix as a PNG (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    norm = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1).float()
+    n = len(classes)
+    size = max(6.0, min(24.0, n * 0.22))
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm.numpy(), cmap="viridis", vmin=0, vmax=1)
+    if n <= 30:
+        ax.set_xticks(range(n), classes, rotation=90, fontsize=8)
+        ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion (row-normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def format_report(r: dict) -> str:
+    """Human-readable summary of ``evaluate_checkpoint``'s report."""
+    lines = [
+        f"{r['checkpoint']}  ({r['dataset']} test, {r['test_images']:,} images)",
+        f"  top-1 {r['top1']:.2%}   top-5 {r['top5']:.2%}   loss {r['loss']:.4f}",
+        f"  params {r['n_params']:,} ({'matches' if r['n_params_match'] else 'DIFFERS FROM'} the file's "
+        f"{r['n_params_recorded']:,})   FLOPs/image {r['flops'] / 1e6:.1f} M",
+    ]
+    for lat in r["latency"]:
+        lines.append(f"  batch {lat['batch_size']:>3} on {r['device']}: {lat['latency_ms']:.2f} ms, "
+                     f"{lat['images_per_s']:,.0f} images/s")
+    lines.append("  worst classes: " + ", ".join(f"{w['class']} {w['accuracy']:.0%}" for w in r["worst_classes"]))
+    if r["top_confusions"]:
+        lines.append("  most confused: " + ", ".join(
+            f"{c['true']}->{c['predicted']} ({c['count']})" for c in r["top_confusions"][:3]))
+    if "confusion_png" in r:
+        lines.append(f"  confusion matrix: {r['confusion_png']}")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Live progress of a search: one line per trial, a budget bar, a final summary. Plain, quiet or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TextIO
+
+
+def _si(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{suffix}{unit}"
+    return f"{x:.0f}{unit}"
+
+
+def _duration(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def budget_bar(used: float, total: float, width: int = 24) -> str:
+    frac = min(max(used / total, 0.0), 1.0) if total > 0 else 1.0
+    filled = round(frac * width)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {_duration(used)} used, {_duration(total - used)} left"
+
+
+class Reporter:
+    """Writes search events. ``mode`` is "text" (default), "quiet" (summary only) or "json" (JSON lines)."""
+
+    def __init__(self, mode: str = "text", stream: TextIO | None = None):
+        self.mode = mode
+        self.stream = stream or sys.stdout
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.mode == "text":
+            self._write(text)
+        elif self.mode == "json":
+            self._write(json.dumps({"event": "message", "text": text}))
+
+    def trial(self, row: dict, used: float, total: float) -> None:
+        """``row``: number, family, n_params, flops, progress, val_acc, state, reason, seconds."""
+        if self.mode == "json":
+            self._write(json.dumps({"event": "trial", **row, "budget_used_s": round(used, 1),
+                                    "budget_total_s": round(total, 1)}))
+            return
+        if self.mode != "text":
+            return
+        acc = f"{row['val_acc']:.4f}" if row.get("val_acc") is not None else "  -   "
+        prog = f"{row['progress']:>4.0%}" if row.get("progress") is not None else "  - "
+        state = row["state"] + (f" ({row['reason']})" if row.get("reason") and row["state"] != "complete" else "")
+        self._write(f"trial {row['number']:>4}  {row.get('family', '-'):<9} {_si(row.get('n_params')):>7} params "
+                    f"{_si(row.get('flops'), 'FLOPs'):>11}  {prog}  val {acc}  {row.get('seconds', 0):6.1f}s  "
+                    f"{state}")
+        self._write(f"  budget {budget_bar(used, total)}")
+
+    def summary(self, summary: dict) -> None:
+        if self.mode == "json":
+            self._write(json.dumps({"event": "summary", **summary}))
+            return
+        lines = [
+            "",
+            f"search finished: {summary['trials']['complete']} complete, {summary['trials']['pruned']} pruned, "
+            f"{summary['trials']['rejected']} rejected, {summary['trials']['failed']} failed "
+            f"in {_duration(summary['seconds_used'])} of {_duration(summary['budget_seconds'])}",
+        ]
+        if summary.get("best_trial") is not None:
+            lines.append(f"best trial {summary['best_trial']}: {summary['family']}, "
+                         f"{summary['n_params']:,} params, val acc {summary['best_val_acc']:.4f}")
+            lines.append(f"config: {json.dumps(summary['config'])}")
+        if summary.get("checkpoint"):
+            lines.append(f"best model: {summary['checkpoint']}  ({summary['checkpoint_phase']})")
+            lines.append(f"evaluate:   budgetnet evaluate {summary['checkpoint']}")
+        lines.append(f"dashboard:  {summary['dashboard_command']}")
+        for line in lines:
+            self._write(line)

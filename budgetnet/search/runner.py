@@ -1,0 +1,410 @@
+"""The search service: an Optuna study under a hard wall-clock budget, then a final training run.
+
+Budget semantics (docs/search.md has the long form):
+- ``budget_seconds`` bounds the whole command: search, final training and writing ``best.pt``. The
+  seconds already used live in the study's user attrs, so running the same command again resumes with
+  what is left.
+- The search phase gets ``1 - final_fraction`` of the budget. Each trial trains for a fixed time slice
+  with the time-aware schedule, reports validation accuracy at 10%, 20%, ... 100% of its own slice (one
+  shared step axis for the median pruner) and is stopped inside the slice when the budget runs out,
+  because Optuna's ``timeout`` only acts between trials.
+- The final phase trains the best configuration on train+validation for what is left, ending annealed
+  just before the deadline, and writes ``best.pt`` atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from budgetnet.budget import BudgetExceeded, check_params, count_flops
+from budgetnet.checkpoint import save_checkpoint
+from budgetnet.config import DataConfig, RunConfig
+from budgetnet.data import DeviceData, load_data
+from budgetnet.search.report import Reporter
+from budgetnet.search.space import WARM_START, suggest_config, suggest_grid_config
+from budgetnet.train import COMPLETE, DIVERGED, OOM, STOPPED, train_run
+
+REPORT_STEPS = 100  # intermediate values are reported on a 0..100 (percent of the trial's slice) axis
+WRITE_RESERVE_S = 3.0  # kept back at the end for the FLOP count, checkpoint write and artifact upload
+
+
+@dataclass
+class SearchOptions:
+    max_params: float
+    budget_seconds: float
+    dataset: str = "cifar100"
+    data_dir: str | None = None
+    storage: str = "sqlite:///studies/budgetnet.db"
+    study_name: str | None = None
+    out: str = "best.pt"
+    seed: int = 0
+    pruner: str = "median"
+    sampler: str = "tpe"
+    grid: tuple[dict, dict] | None = None  # (base config dict, grid) for sampler="grid"
+    final_fraction: float = 0.35
+    trial_seconds: float | None = None  # None: the search phase divided into TRIALS_PER_SEARCH slices
+    device: str = "cpu"
+    artifact_dir: str = "studies/artifacts"
+    download: bool = False
+    warm_start: bool = True
+
+
+TRIALS_PER_SEARCH = 16  # full-length trial slices per search phase; median stopping fits in more trials
+
+
+def default_study_name(dataset: str, max_params: float, hours: float) -> str:
+    def short(x: float) -> str:
+        for div, s in ((1e6, "M"), (1e3, "k")):
+            if x >= div:
+                return f"{x / div:g}{s}"
+        return f"{x:g}"
+
+    return f"{dataset}-{short(max_params)}params-{hours * 60:g}min"
+
+
+class Clock:
+    """Budget time: seconds used by earlier runs of this study plus this process's elapsed time."""
+
+    def __init__(self, total: float, used_before: float, started: float):
+        self.total, self.used_before, self.started = total, used_before, started
+
+    def used(self) -> float:
+        return self.used_before + time.perf_counter() - self.started
+
+    def left(self) -> float:
+        return self.total - self.used()
+
+
+class Interrupt:
+    """First Ctrl-C (or SIGTERM): stop gracefully, keep best-so-far. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def make_sampler(name: str, seed: int, grid: dict | None = None) -> optuna.samplers.BaseSampler:
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid, seed=seed)
+    # group=True: the space is conditional (per-family knobs), so TPE models each sub-space jointly.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True, group=True)
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=10, max_resource=REPORT_STEPS, reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    # Short budgets: 3 complete trials give a usable median; no verdict before 30% of a slice, when
+    # warm-up has ended and rankings start to mean something; then check at every report (10% apart).
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=30, interval_steps=10)
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB URL (sqlite:///..., postgresql://...) or a path to a journal file (several local workers)."""
+    if "://" not in url:
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(url)
+
+
+def fail_orphans(study: optuna.Study) -> int:
+    """Mark trials left RUNNING by a killed process as FAIL (one search process per study)."""
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "reason", "interrupted: its process ended")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        n += 1
+    return n
+
+
+class Objective:
+    """One trial: sample (or grid) a config, guard it, train it for a slice, report, record attrs."""
+
+    def __init__(self, opts: SearchOptions, data: DeviceData, clock: Clock, search_end: float,
+                 slice_s: float, interrupt: Interrupt, reporter: Reporter, study: optuna.Study):
+        self.opts, self.data, self.clock = opts, data, clock
+        self.search_end, self.slice_s = search_end, slice_s
+        self.interrupt, self.reporter, self.study = interrupt, reporter, study
+        self.shape = data.info.shape
+        self.base_data = DataConfig(dataset=opts.dataset)
+
+    def save_clock(self) -> None:
+        self.study.set_user_attr("seconds_used", round(self.clock.used(), 3))
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        row = {"number": trial.number, "family": None, "n_params": None, "flops": None, "progress": None,
+               "val_acc": None, "seconds": 0.0}
+        t0 = time.perf_counter()
+        try:
+            return self._run(trial, row)
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:  # a bug or a broken config: record it, let the search go on
+            row.update(state="failed", reason=f"{type(e).__name__}: {e}"[:300])
+            trial.set_user_attr("reason", row["reason"])
+            raise
+        finally:
+            row["seconds"] = time.perf_counter() - t0
+            trial.set_user_attr("state", row.get("state", "failed"))
+            self.save_clock()
+            self.reporter.trial(row, self.clock.used(), self.clock.total)
+
+    def _prune(self, trial: optuna.Trial, row: dict, state: str, reason: str) -> None:
+        row.update(state=state, reason=reason)
+        trial.set_user_attr("reason", reason)
+        raise optuna.TrialPruned(reason)
+
+    def _run(self, trial: optuna.Trial, row: dict) -> float:
+        opts = self.opts
+        if opts.grid is not None:
+            cfg = suggest_grid_config(trial, *opts.grid, seed=opts.seed + trial.number)
+            cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset=opts.dataset))
+        else:
+            cfg = suggest_config(trial, self.shape, opts.max_params, self.base_data, seed=opts.seed + trial.number)
+        row["family"] = cfg.model.family
+        trial.set_user_attr("family", cfg.model.family)
+        trial.set_user_attr("config", cfg.to_json(indent=None))
+        # The guard: parameters and FLOPs on the meta device, before any real allocation.
+        try:
+            n_params = check_params(cfg.model, self.shape, opts.max_params)
+        except BudgetExceeded as e:
+            row["n_params"] = int(e.value)
+            trial.set_user_attr("n_params", int(e.value))
+            trial.set_constraint("params", float(e.value - opts.max_params))
+            self._prune(trial, row, "rejected", str(e))
+        flops = count_flops(cfg.model, self.shape)
+        row.update(n_params=n_params, flops=flops)
+        trial.set_user_attr("n_params", n_params)
+        trial.set_user_attr("flops", flops)
+        trial.set_constraint("params", float(n_params - opts.max_params))
+
+        slice_s = min(self.slice_s, self.search_end - self.clock.used())
+        deadline = self.search_end + min(5.0, 0.02 * self.slice_s)  # the safety net behind the slice
+
+        def hook(progress: float, metrics: dict) -> bool:
+            row.update(progress=progress, val_acc=metrics["val_acc"])
+            trial.report(metrics["val_acc"], step=round(progress * REPORT_STEPS))
+            self.save_clock()
+            return trial.should_prune()
+
+        result = train_run(cfg, self.data, device=opts.device, seconds=slice_s, hook=hook,
+                           stop=lambda: self.interrupt.event.is_set() or self.clock.used() > deadline)
+        trial.set_user_attr("seconds", round(result.seconds, 2))
+        trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
+        trial.set_user_attr("epochs", round(result.metrics.get("epoch", 0.0), 2))
+        if result.status == DIVERGED:
+            self._prune(trial, row, "diverged", result.reason)
+        if result.status == OOM:
+            self._prune(trial, row, "out of memory", result.reason)
+        if result.status == STOPPED:
+            if result.reason == "stopped by hook":
+                self._prune(trial, row, "pruned", f"below the median at {row['progress']:.0%}")
+            self._prune(trial, row, "stopped", "interrupted" if self.interrupt.event.is_set()
+                        else "search budget exhausted")
+        assert result.status == COMPLETE
+        value = result.metrics["val_acc"]
+        row.update(state="complete", val_acc=value)
+        self._keep_if_best(trial, cfg, result, value, n_params, flops)
+        return value
+
+    def _keep_if_best(self, trial, cfg, result, value, n_params, flops) -> None:
+        """Write best.pt as soon as a trial beats every completed one: best-so-far is never lost."""
+        done = [t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if done and value <= max(done):
+            return
+        save_checkpoint(self.opts.out, cfg, result.state_dict, metrics={"val_acc": value, **_numbers(result.metrics)},
+                        n_params=n_params, flops=flops, classes=self.data.classes, train_seconds=result.seconds,
+                        extra={"phase": "search", "study": self.study.study_name, "trial": trial.number})
+
+
+def _numbers(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def _counts(study: optuna.Study) -> dict:
+    counts = {"complete": 0, "pruned": 0, "rejected": 0, "failed": 0}
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE:
+            counts["complete"] += 1
+        elif t.state == TrialState.PRUNED:
+            counts["rejected" if t.user_attrs.get("state") == "rejected" else "pruned"] += 1
+        elif t.state == TrialState.FAIL:
+            counts["failed"] += 1
+    return counts
+
+
+def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(done, key=lambda t: t.value) if done else None
+
+
+def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: float | None = None) -> dict:
+    """Run (or resume) a budgeted search and the final training; return the summary dict.
+
+    ``started`` is the perf_counter time the command began (the budget covers everything after it).
+    """
+    started = time.perf_counter() if started is None else started
+    reporter = reporter or Reporter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    hours = opts.budget_seconds / 3600
+    study_name = opts.study_name or default_study_name(opts.dataset, opts.max_params, hours)
+
+    # Load the data before touching storage: a missing dataset leaves no empty study behind.
+    data = load_data(DataConfig(dataset=opts.dataset), opts.data_dir, opts.device, download=opts.download)
+    storage = make_storage(opts.storage)
+    sampler = make_sampler(opts.sampler, opts.seed, opts.grid[1] if opts.grid else None)
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
+                                sampler=sampler, pruner=make_pruner(opts.pruner), load_if_exists=True)
+    attrs = study.user_attrs
+    used_before = float(attrs.get("seconds_used", 0.0))
+    if "budget_seconds" in attrs and not math.isclose(attrs["budget_seconds"], opts.budget_seconds):
+        reporter.message(f"note: this study was started with a {attrs['budget_seconds']:.0f} s budget; "
+                         f"using the new {opts.budget_seconds:.0f} s")
+    for key, value in (("budget_seconds", opts.budget_seconds), ("max_params", opts.max_params),
+                       ("dataset", opts.dataset)):
+        study.set_user_attr(key, value)
+    clock = Clock(opts.budget_seconds, used_before, started)
+    orphans = fail_orphans(study)
+    if used_before or orphans:
+        reporter.message(f"resuming study {study_name!r}: {len(study.trials)} trials, {used_before:.0f} s used"
+                         + (f", {orphans} interrupted trial(s) marked failed" if orphans else ""))
+    if opts.warm_start and opts.grid is None and not study.trials:
+        study.enqueue_trial(WARM_START, skip_if_exists=True)
+
+    search_end = opts.budget_seconds * (1 - opts.final_fraction)
+    slice_s = opts.trial_seconds or max(5.0, search_end / TRIALS_PER_SEARCH)
+    with Interrupt() as interrupt:
+        objective = Objective(opts, data, clock, search_end, slice_s, interrupt, reporter, study)
+
+        def enough_time(study: optuna.Study, _trial=None) -> None:
+            # Start a trial only with at least half a slice left; the rest goes to the final phase.
+            if interrupt.event.is_set() or search_end - clock.used() < 0.5 * slice_s:
+                study.stop()
+
+        if study.user_attrs.get("phase", "search") == "search" and search_end - clock.used() >= 0.5 * slice_s:
+            reporter.message(f"study {study_name!r}: {opts.sampler} sampler, {opts.pruner} pruner, "
+                             f"{slice_s:.0f} s per trial, final training {opts.final_fraction:.0%} of the budget, "
+                             f"device {opts.device}")
+            study.optimize(objective, callbacks=[enough_time], catch=(Exception,), gc_after_trial=False)
+        study.set_user_attr("phase", "final")
+        objective.save_clock()
+
+        best = _best_trial(study)
+        checkpoint_phase = "search" if best is not None else None
+        final_metrics: dict = {}
+        if study.user_attrs.get("final_done") and Path(opts.out).is_file():
+            checkpoint_phase = "final"  # an earlier run of this command finished; nothing left to do
+        elif best is not None and not interrupt.event.is_set():
+            final_s = clock.left() - WRITE_RESERVE_S
+            if final_s >= 1.0:
+                del data  # free the search split before loading train+validation
+                checkpoint_phase, final_metrics = _final_training(opts, study, best, clock, final_s,
+                                                                  interrupt, reporter)
+        objective.save_clock()
+
+    summary = {
+        "study": study_name,
+        "storage": opts.storage,
+        "trials": _counts(study),
+        "seconds_used": clock.used(),
+        "budget_seconds": opts.budget_seconds,
+        "overshoot_s": max(0.0, clock.used() - opts.budget_seconds),
+        "best_trial": best.number if best else None,
+        "best_val_acc": best.value if best else None,
+        "family": best.user_attrs.get("family") if best else None,
+        "n_params": best.user_attrs.get("n_params") if best else None,
+        "flops": best.user_attrs.get("flops") if best else None,
+        "config": json.loads(best.user_attrs["config"]) if best else None,
+        "checkpoint": str(opts.out) if checkpoint_phase else None,
+        "checkpoint_phase": checkpoint_phase,
+        "final_metrics": final_metrics,
+        "interrupted": interrupt.event.is_set(),
+        "dashboard_command": dashboard_command(opts.storage, opts.artifact_dir),
+    }
+    if checkpoint_phase:
+        summary_path = Path(opts.out).with_name(Path(opts.out).stem + ".json")
+        _atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str))
+        summary["summary_json"] = str(summary_path)
+    reporter.summary(summary)
+    return summary
+
+
+def _final_training(opts: SearchOptions, study, best, clock: Clock, final_s: float, interrupt: Interrupt,
+                    reporter: Reporter) -> tuple[str, dict]:
+    cfg = RunConfig.from_json(best.user_attrs["config"])
+    cfg = cfg.replace(seed=opts.seed)
+    reporter.message(f"final training: trial {best.number}'s config on train+validation for {final_s:.0f} s")
+    data = load_data(cfg.data, opts.data_dir, opts.device, merge_val=True, download=opts.download)
+    deadline = opts.budget_seconds - WRITE_RESERVE_S + 1.0
+    result = train_run(cfg, data, device=opts.device, seconds=clock.left() - WRITE_RESERVE_S,
+                       stop=lambda: interrupt.event.is_set() or clock.used() > deadline)
+    if result.status != COMPLETE:
+        reporter.message(f"final training ended early ({result.status}: {result.reason}); "
+                         f"keeping trial {best.number}'s model in {opts.out}")
+        return "search", {}
+    metrics = {"best_trial_val_acc": best.value, **_numbers(result.metrics)}
+    n_params, flops = best.user_attrs["n_params"], best.user_attrs["flops"]
+    path = save_checkpoint(opts.out, cfg, result.state_dict, metrics=metrics, n_params=n_params, flops=flops,
+                           classes=data.classes, train_seconds=result.seconds,
+                           extra={"phase": "final", "study": study.study_name, "trial": best.number})
+    _upload_artifact(study, path, opts.artifact_dir, reporter)
+    study.set_user_attr("final_done", True)
+    return "final", metrics
+
+
+def _upload_artifact(study: optuna.Study, path: Path, artifact_dir: str, reporter: Reporter) -> None:
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    try:
+        Path(artifact_dir).mkdir(parents=True, exist_ok=True)  # FileSystemArtifactStore does not create it
+        store = FileSystemArtifactStore(artifact_dir)
+        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study,
+                                      mimetype="application/octet-stream")
+        study.set_user_attr("best_artifact_id", artifact_id)
+    except OSError as e:  # the model is already safe on disk; a full artifact folder must not lose it
+        reporter.message(f"warning: could not attach {path} to the study as an artifact ({e})")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def dashboard_command(storage: str, artifact_dir: str) -> str:
+    return f"optuna-dashboard {storage} --artifact-dir {artifact_dir}"

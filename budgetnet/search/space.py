@@ -1,0 +1,177 @@
+"""The search space: the only place that calls ``trial.suggest_*``. A trial goes in, a RunConfig comes out.
+
+The space is feasible by construction. Each family has one width knob, sampled as a fraction of the
+widest net that still fits the parameter cap given every other sampled choice (depth, block, kernel,
+hidden layer, activation, ...). That maximum is found on the meta device, so the sampler almost never
+proposes an oversized model and TPE sees fixed distributions (a fraction in [0.25, 1]) instead of ranges
+that move with depth. The budget guard stays behind it as a safety net.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any
+
+import optuna
+
+from budgetnet.budget import count_params
+from budgetnet.config import (
+    ACTIVATIONS,
+    INITS,
+    ConfigError,
+    DataConfig,
+    MobileNetConfig,
+    ModelConfig,
+    PlainConfig,
+    ResNetConfig,
+    RunConfig,
+    Shape,
+    TrainConfig,
+)
+
+FAMILIES = ("resnet", "plain", "mobilenet")
+MIN_WIDTH_FRAC = 0.25  # the narrowest net tried is a quarter of the widest that fits
+MOBILENET_RATIOS = (1, 1.5, 2, 4, 6)  # stage widths relative to the first stage (MobileNetV2's 16..96)
+MOBILENET_DEPTHS = (1, 2, 3, 3, 2)  # MobileNetV2's CIFAR stage depths, scaled by the sampled factor
+
+
+def _with_width(cfg: ModelConfig, w: int) -> ModelConfig:
+    """The config with its single width knob set to ``w``."""
+    if isinstance(cfg, ResNetConfig):
+        return dataclasses.replace(cfg, widths=(w, 2 * w, 4 * w), stem_width=w)
+    if isinstance(cfg, PlainConfig):
+        return dataclasses.replace(cfg, width=w)
+    if isinstance(cfg, MobileNetConfig):
+        widths = tuple(max(1, round(w * r)) for r in MOBILENET_RATIOS)
+        return dataclasses.replace(cfg, widths=widths, stem_width=max(8, w), head_width=4 * widths[-1])
+    raise TypeError(type(cfg).__name__)
+
+
+@functools.lru_cache(maxsize=2048)
+def max_width(cfg: ModelConfig, shape: Shape, max_params: float, limit: int = 1024) -> int:
+    """Largest width knob for which ``cfg`` fits ``max_params`` (0 if even width 1 does not).
+
+    Parameter counts grow monotonically with the width, so a binary search over exact meta-device counts
+    finds it in about ten cheap builds; results are cached per (config without width, shape, cap).
+    """
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count_params(_with_width(cfg, mid), shape) <= max_params:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _fit_width(cfg: ModelConfig, shape: Shape, max_params: float, frac: float) -> ModelConfig:
+    widest = max(1, max_width(cfg, shape, max_params))
+    return _with_width(cfg, max(1, int(frac * widest)))
+
+
+def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: DataConfig,
+                   seed: int = 0) -> RunConfig:
+    """Sample an architecture and a schedule for ``trial``; the model fits ``max_params`` by construction."""
+    common = dict(
+        activation=trial.suggest_categorical("activation", ACTIVATIONS),
+        init=trial.suggest_categorical("init", INITS),
+        dropout=trial.suggest_float("dropout", 0.0, 0.3),
+    )
+    family = trial.suggest_categorical("family", FAMILIES)
+    if family == "resnet":
+        model: ModelConfig = ResNetConfig(
+            block=trial.suggest_categorical("resnet_block", ("basic", "bottleneck")),
+            depths=(trial.suggest_int("resnet_depth", 1, 9),) * 3, **common)
+    elif family == "plain":
+        n_blocks = trial.suggest_int("plain_blocks", 2, 4)
+        per_block = trial.suggest_int("plain_convs_per_block", 1, 2)
+        hidden = trial.suggest_categorical("plain_hidden", (0, 128, 256, 512))
+        model = PlainConfig(
+            n_conv=n_blocks * per_block, convs_per_block=per_block,
+            width_pattern=trial.suggest_categorical("plain_width_pattern", ("equal", "doubling")),
+            kernel=trial.suggest_categorical("plain_kernel", (3, 5)),
+            kernel_pattern=trial.suggest_categorical("plain_kernel_pattern", ("constant", "decreasing")),
+            hidden=(hidden,) if hidden else (),
+            batch_norm=trial.suggest_categorical("plain_batch_norm", (True, False)), **common)
+    else:
+        scale = trial.suggest_int("mobilenet_depth", 1, 3)
+        model = MobileNetConfig(
+            expansion=trial.suggest_categorical("mobilenet_expansion", (2, 4, 6)),
+            depths=tuple(max(1, round(d * scale / 2)) for d in MOBILENET_DEPTHS), **common)
+    model = _fit_width(model, shape, max_params, trial.suggest_float("width_frac", MIN_WIDTH_FRAC, 1.0))
+
+    optimizer = trial.suggest_categorical("optimizer", ("sgd", "adamw"))
+    lr = (trial.suggest_float("sgd_lr", 0.01, 0.5, log=True) if optimizer == "sgd"
+          else trial.suggest_float("adamw_lr", 3e-4, 1e-2, log=True))
+    train = TrainConfig(
+        optimizer=optimizer, lr=lr,
+        momentum=trial.suggest_float("momentum", 0.8, 0.95),
+        weight_decay=trial.suggest_float("weight_decay", 1e-5, 2e-3, log=True),
+        batch_size=trial.suggest_categorical("batch_size", (64, 128, 256, 512)),
+        warmup=trial.suggest_float("warmup", 0.0, 0.2),
+        schedule=trial.suggest_categorical("schedule", ("onecycle", "cosine", "linear", "step")),
+        label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.2),
+    )
+    cutout_frac = trial.suggest_categorical("cutout_frac", (0.0, 0.25, 0.375))  # of the image side
+    data = dataclasses.replace(
+        data,
+        crop_padding=trial.suggest_categorical("crop_padding", (0, 2, 4)),
+        flip=trial.suggest_categorical("flip", (True, False)),
+        cutout=int(shape.image_size * cutout_frac),
+    )
+    return RunConfig(model=model, train=train, data=data, seed=seed)
+
+
+# A strong, cheap starting point queued as the first trial of every new study (see docs/search.md):
+# a ResNet of depth 3 at 60% of the widest that fits, SGD with a one-cycle schedule.
+WARM_START: dict[str, Any] = {
+    "activation": "relu", "init": "kaiming", "dropout": 0.0, "family": "resnet", "resnet_block": "basic",
+    "resnet_depth": 3, "width_frac": 0.6, "optimizer": "sgd", "sgd_lr": 0.1, "momentum": 0.9,
+    "weight_decay": 5e-4, "batch_size": 256, "warmup": 0.05, "schedule": "onecycle",
+    "label_smoothing": 0.1, "crop_padding": 2, "flip": True, "cutout_frac": 0.0,
+}
+
+
+# -- grids over a user-given subset (the reference reports' way) ------------------------------------
+
+def load_grid(text: str) -> tuple[dict, dict[str, list]]:
+    """Parse a grid file: ``{"base": {partial RunConfig}, "grid": {"model.width": [8, 16, 32], ...}}``.
+
+    Returns the base config dict and the grid, each value JSON-encoded so that lists (e.g. ``hidden``)
+    can be grid values too. Raises ConfigError for anything malformed.
+    """
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"grid file is not valid JSON: {e}") from None
+    if not isinstance(spec, dict) or set(spec) - {"base", "grid"} or not isinstance(spec.get("grid"), dict):
+        raise ConfigError('grid file must be {"base": {...}, "grid": {"section.field": [values], ...}}')
+    base = spec.get("base", {})
+    grid = spec["grid"]
+    for key, values in grid.items():
+        if key.count(".") != 1 or key.split(".")[0] not in ("model", "train", "data"):
+            raise ConfigError(f"grid key {key!r} must look like model.width, train.lr or data.flip")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid values for {key!r} must be a non-empty list")
+    encoded = {k: [json.dumps(v) for v in vs] for k, vs in grid.items()}
+    grid_config(base, {k: vs[0] for k, vs in encoded.items()})  # validate the keys against the config now
+    return base, encoded
+
+
+def grid_config(base: dict, point: dict[str, str], seed: int = 0) -> RunConfig:
+    """The RunConfig for one grid point (JSON-encoded values) on top of ``base``."""
+    d = json.loads(json.dumps(base))
+    d.setdefault("seed", seed)
+    for key, value in point.items():
+        section, name = key.split(".")
+        d.setdefault(section, {})[name] = json.loads(value)
+    d.setdefault("model", {}).setdefault("family", "resnet")
+    return RunConfig.from_dict(d)
+
+
+def suggest_grid_config(trial: optuna.Trial, base: dict, grid: dict[str, list], seed: int = 0) -> RunConfig:
+    """Sample one grid point (the GridSampler picks it) and apply it to the base config."""
+    point = {key: trial.suggest_categorical(key, values) for key, values in grid.items()}
+    return grid_config(base, point, seed)
