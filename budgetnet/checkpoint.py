@@ -43,7 +43,7 @@ def save_checkpoint(path: str | os.PathLike, cfg: RunConfig, state_dict: dict, *
         "normalization": {"mean": list(info.mean), "std": list(info.std)},
         "input_shape": [info.channels, info.image_size, info.image_size],
         "train_seconds": float(train_seconds),
-        "versions": {"budgetnet": __version__, "torch": torch.__version__},
+        "versions": {"budgetnet": __version__, "torch": str(torch.__version__)},  # str: TorchVersion is a class
         "extra": dict(extra or {}),
     }
     path = Path(path)

@@ -53,8 +53,11 @@ def positive_float(text: str) -> float:
 
 
 def fraction(text: str) -> float:
-    value = positive_float(text)
-    if not value < 1:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
     return value
 
@@ -227,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe")
     s.add_argument("--grid", default=None, help='grid file for --sampler grid: {"base": {...}, "grid": {...}}')
     s.add_argument("--final-fraction", type=fraction, default=0.35,
-                   help="share of the budget for training the best config on train+validation (default 0.35)")
+                   help="share of the budget for training the best config on train+validation (default 0.35; "
+                   "0 = no final phase, best.pt is the best search trial's model)")
     s.add_argument("--trial-seconds", type=positive_float, default=None,
                    help="time slice of one trial (default: search time / 16)")
     s.add_argument("--artifact-dir", default=DEFAULT_ARTIFACTS)

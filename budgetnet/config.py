@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
@@ -191,8 +192,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("schedule", self.schedule, SCHEDULES)
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         _check_positive("batch_size", self.batch_size)
         _check_positive("eval_points", self.eval_points)
         if not 0 <= self.warmup < 1:
@@ -248,7 +253,10 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         _reject_unknown("run config", d, {"model", "train", "data", "seed"})
-        model_d = dict(d.get("model", {"family": "resnet"}))
+        model_d = d.get("model", {"family": "resnet"})
+        if not isinstance(model_d, dict):
+            raise ConfigError("model must be a JSON object")
+        model_d = dict(model_d)
         family = model_d.pop("family", None)
         if family not in MODEL_CONFIGS:
             raise ConfigError(f"model.family={family!r} is not one of {', '.join(MODEL_CONFIGS)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +89,9 @@ class DeviceData:
 class _CifarUnpickler(pickle.Unpickler):
     """CIFAR's python format is a pickle; allow only what it contains (numpy arrays), nothing callable."""
 
-    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-                ("numpy._core.multiarray", "_reconstruct")}
+    _ALLOWED = frozenset({("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                          ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+                          ("numpy._core.numeric", "_frombuffer")})
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
@@ -130,6 +132,8 @@ def _load_cifar(name: str, data_dir: Path, train: bool, download: bool):
         classes = list(_read_cifar_pickle(files[-1])[names_key])
         images = np.concatenate([np.asarray(p["data"], dtype=np.uint8) for p in parts]).reshape(-1, 3, 32, 32)
         labels = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
     except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
         raise DatasetNotFound(f"{name} files under {root} are unreadable or corrupt: {e}") from None
     return images, labels, classes
@@ -152,42 +156,59 @@ def _download_cifar(name: str, data_dir: Path) -> None:
 def _read_idx(path: Path) -> np.ndarray:
     """The MNIST idx format: big-endian magic (type, ndim), ndim big-endian sizes, then uint8 data."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] or data[1] or data[2] != 0x08:
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DatasetNotFound(f"{path} is unreadable or truncated ({type(e).__name__}: {e})") from None
+    if len(data) < 4 or data[0] or data[1] or data[2] != 0x08 or not 1 <= data[3] <= 4:
         raise DatasetNotFound(f"{path} is not an idx file of unsigned bytes")
     ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetNotFound(f"{path} is truncated inside its header")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise DatasetNotFound(f"{path} is truncated: expected {int(np.prod(shape))} values, found {arr.size}")
-    return arr.reshape(shape)
+    expected, found = int(np.prod(shape)), len(data) - header
+    if found != expected:
+        what = "truncated" if found < expected else "longer than its header says"
+        raise DatasetNotFound(f"{path} is {what}: expected {expected} values, found {found}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _find_fashion_file(stem: str, data_dir: Path) -> Path | None:
+def _fashion_files(prefix: str, data_dir: Path) -> tuple[Path, Path] | None:
+    """Images and labels of one split, from the first folder that holds both (never mixed folders)."""
     for folder in (data_dir / "FashionMNIST" / "raw", data_dir / "fashion-mnist", data_dir, DEBIAN_FASHION_MNIST):
-        for name in (stem, stem + ".gz"):
-            if (folder / name).exists():
-                return folder / name
+        pair = []
+        for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+            found = [folder / n for n in (stem, stem + ".gz") if (folder / n).exists()]
+            pair.append(found[0] if found else None)
+        if None not in pair:
+            return pair[0], pair[1]
+        if pair != [None, None]:  # half a split: say so rather than borrow the other half elsewhere
+            have = pair[0] or pair[1]
+            raise DatasetNotFound(f"{folder} holds {have.name} but not its "
+                                  f"{'labels' if pair[0] else 'images'} file")
     return None
 
 
 def _load_fashion_mnist(data_dir: Path, train: bool, download: bool):
     prefix = "train" if train else "t10k"
-    paths = [_find_fashion_file(f"{prefix}-{kind}-idx{n}-ubyte", data_dir) for kind, n in (("images", 3), ("labels", 1))]
-    if None in paths and download:
+    paths = _fashion_files(prefix, data_dir)
+    if paths is None and download:
         from torchvision.datasets import FashionMNIST
 
         try:
             FashionMNIST(str(data_dir), train=train, download=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - offline, proxy, disk: one "could not download" message
             raise DatasetNotFound(f"fashion_mnist could not be downloaded into {data_dir} ({e})") from None
-        paths = [_find_fashion_file(f"{prefix}-{kind}-idx{n}-ubyte", data_dir)
-                 for kind, n in (("images", 3), ("labels", 1))]
-    if None in paths:
+        paths = _fashion_files(prefix, data_dir)
+    if paths is None:
         raise _missing("fashion_mnist", f"FashionMNIST/raw/{prefix}-*-ubyte[.gz] (or {DEBIAN_FASHION_MNIST}, "
                        f"from Debian's dataset-fashion-mnist)", data_dir)
     images, labels = _read_idx(paths[0]), _read_idx(paths[1]).astype(np.int64)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DatasetNotFound(f"{paths[0]} and {paths[1]} do not match: {images.shape} images, "
+                              f"{labels.shape} labels")
     return images[:, None], labels, list(FASHION_MNIST_CLASSES)
 
 
@@ -224,8 +245,9 @@ def read_split(name: str, data_dir: str | os.PathLike | None, train: bool, downl
 
 
 def _to_device(images: np.ndarray, labels: np.ndarray, device: torch.device) -> ImageSet:
-    return ImageSet(torch.from_numpy(np.ascontiguousarray(images)).to(device),
-                    torch.from_numpy(labels).to(device))
+    # np.array copies: idx files are read into read-only buffers, which torch will not wrap.
+    return ImageSet(torch.from_numpy(np.array(images, copy=True, order="C")).to(device),
+                    torch.from_numpy(np.array(labels, copy=True)).to(device))
 
 
 def load_data(cfg: DataConfig, data_dir=None, device: torch.device | str = "cpu", *,
@@ -244,7 +266,8 @@ def load_data(cfg: DataConfig, data_dir=None, device: torch.device | str = "cpu"
     device = torch.device(device)
     if merge_val or n_val == 0:
         return DeviceData(info, classes, _to_device(images, labels, device), None)
-    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    # val keeps the permutation's order, so any prefix of it is a random sample (train.EVAL_SUBSET).
+    val_idx, train_idx = perm[:n_val], np.sort(perm[n_val:])
     return DeviceData(info, classes, _to_device(images[train_idx], labels[train_idx], device),
                       _to_device(images[val_idx], labels[val_idx], device))
 
@@ -278,11 +301,12 @@ def augment(x: torch.Tensor, cfg: DataConfig, gen: torch.Generator) -> torch.Ten
         flip = torch.rand(b, device=dev, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     if cfg.cutout:
-        half = cfg.cutout / 2
-        cy = torch.randint(0, h, (b, 1), device=dev, generator=gen)
-        cx = torch.randint(0, w, (b, 1), device=dev, generator=gen)
-        in_y = ((torch.arange(h, device=dev) - cy).abs() < half)[:, :, None]  # B x H x 1
-        in_x = ((torch.arange(w, device=dev) - cx).abs() < half)[:, None, :]  # B x 1 x W
+        c = cfg.cutout  # a c x c square whose top-left corner may lie outside the image (clipped)
+        y0 = torch.randint(-(c // 2), h - c // 2, (b, 1), device=dev, generator=gen)
+        x0 = torch.randint(-(c // 2), w - c // 2, (b, 1), device=dev, generator=gen)
+        ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
+        in_y = ((ys >= y0) & (ys < y0 + c))[:, :, None]  # B x H x 1
+        in_x = ((xs >= x0) & (xs < x0 + c))[:, None, :]  # B x 1 x W
         x = x.masked_fill((in_y & in_x)[:, None], 0)
     return x
 

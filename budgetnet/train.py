@@ -26,6 +26,7 @@ from budgetnet.models import build_model
 Hook = Callable[[float, dict], bool]
 
 COMPLETE, STOPPED, DIVERGED, OOM = "complete", "stopped", "diverged", "oom"
+EVAL_SUBSET = 2000  # validation images scored at intermediate marks (all of them at the last mark)
 SYNC_EVERY = 8  # steps between host syncs (divergence check, stop poll); bounds how far the CPU runs ahead
 
 
@@ -174,9 +175,17 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
         te = time.perf_counter()
         metrics = {"steps": step, "epoch": images / n, "train_loss": loss_sum.item() / max(loss_count, 1)}
         loss_sum, loss_count = torch.zeros((), device=device), 0
-        if data.val is not None:
-            metrics.update(evaluate_model(ema.module if ema is not None else model, data.val, normalize, device))
+        final = p >= marks[-1]
+        val = data.val
+        if val is not None:
+            # Intermediate marks score a fixed subset (the split is random, so its head is a random
+            # sample): on slow devices full evaluations would eat the slice. The last mark scores all.
+            val = data.val if final else ImageSet(data.val.images[:EVAL_SUBSET], data.val.labels[:EVAL_SUBSET])
+            metrics.update(evaluate_model(ema.module if ema is not None else model, val, normalize, device))
+            metrics["val_images"] = len(val)
         eval_reserve = time.perf_counter() - te
+        if val is not None and not final:  # the final evaluation scores more images: keep room for it
+            eval_reserve *= len(data.val) / max(len(val), 1)
         metrics["seconds"] = time.perf_counter() - t_start
         metrics["images_per_s"] = images / max(train_time, 1e-9)
         if not all(math.isfinite(metrics.get(k, 0.0)) for k in ("train_loss", "val_loss")):

@@ -39,4 +39,4 @@ def build_model(config: ModelConfig, shape: Shape) -> nn.Module:
 
 
 # Importing the family modules registers them.
-from budgetnet.models import mobilenet, plain, resnet  # noqa: F401
+from budgetnet.models import mobilenet, plain, resnet  # noqa: E402,F401

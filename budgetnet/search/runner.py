@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from budgetnet.budget import BudgetExceeded, check_params, count_flops
 from budgetnet.checkpoint import save_checkpoint
-from budgetnet.config import DataConfig, RunConfig
+from budgetnet.config import DataConfig, ResNetConfig, RunConfig, TrainConfig
 from budgetnet.data import DeviceData, load_data
 from budgetnet.search.report import Reporter
 from budgetnet.search.space import WARM_START, suggest_config, suggest_grid_config
@@ -61,7 +61,9 @@ class SearchOptions:
     warm_start: bool = True
 
 
-TRIALS_PER_SEARCH = 16  # full-length trial slices per search phase; median stopping fits in more trials
+TRIALS_PER_SEARCH = 12  # full-length trial slices per search phase; median stopping fits in more trials
+MIN_SLICE_S = 10.0  # shorter trials rank models by their start-up, not their learning
+MIN_EPOCHS_PER_TRIAL = 0.5  # the FLOP cap lets every sampled model see half its training split per slice
 
 
 def default_study_name(dataset: str, max_params: float, hours: float) -> str:
@@ -155,8 +157,9 @@ class Objective:
     """One trial: sample (or grid) a config, guard it, train it for a slice, report, record attrs."""
 
     def __init__(self, opts: SearchOptions, data: DeviceData, clock: Clock, search_end: float,
-                 slice_s: float, interrupt: Interrupt, reporter: Reporter, study: optuna.Study):
-        self.opts, self.data, self.clock = opts, data, clock
+                 slice_s: float, interrupt: Interrupt, reporter: Reporter, study: optuna.Study,
+                 max_flops: float | None = None):
+        self.opts, self.data, self.clock, self.max_flops = opts, data, clock, max_flops
         self.search_end, self.slice_s = search_end, slice_s
         self.interrupt, self.reporter, self.study = interrupt, reporter, study
         self.shape = data.info.shape
@@ -194,7 +197,8 @@ class Objective:
             cfg = suggest_grid_config(trial, *opts.grid, seed=opts.seed + trial.number)
             cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset=opts.dataset))
         else:
-            cfg = suggest_config(trial, self.shape, opts.max_params, self.base_data, seed=opts.seed + trial.number)
+            cfg = suggest_config(trial, self.shape, opts.max_params, self.base_data, seed=opts.seed + trial.number,
+                                 max_flops=self.max_flops)
         row["family"] = cfg.model.family
         trial.set_user_attr("family", cfg.model.family)
         trial.set_user_attr("config", cfg.to_json(indent=None))
@@ -249,6 +253,21 @@ class Objective:
         save_checkpoint(self.opts.out, cfg, result.state_dict, metrics={"val_acc": value, **_numbers(result.metrics)},
                         n_params=n_params, flops=flops, classes=self.data.classes, train_seconds=result.seconds,
                         extra={"phase": "search", "study": self.study.study_name, "trial": trial.number})
+
+
+def time_feasible_flops(data: DeviceData, device: str, slice_s: float) -> float:
+    """Forward FLOPs per image a model may have so that one trial slice covers the training split once.
+
+    Measures this device's training throughput on a small reference ResNet for a couple of seconds; the
+    cap scales that rate to the slice. On a GPU it is far above any net under a 1M-parameter cap; on a
+    CPU it keeps the search among nets that can learn something in a slice.
+    """
+    ref = RunConfig(model=ResNetConfig(depths=(2, 2, 2)), train=TrainConfig(batch_size=128, eval_points=1),
+                    data=DataConfig(dataset=data.info.name))
+    probe = DeviceData(data.info, data.classes, data.train, None)
+    result = train_run(ref, probe, device=device, seconds=min(3.0, 0.2 * slice_s))
+    rate = result.images_per_s * count_flops(ref.model, data.info.shape)  # forward FLOPs per second
+    return rate * slice_s / (MIN_EPOCHS_PER_TRIAL * len(data.train))
 
 
 def _numbers(d: dict) -> dict:
@@ -307,9 +326,13 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         study.enqueue_trial(WARM_START, skip_if_exists=True)
 
     search_end = opts.budget_seconds * (1 - opts.final_fraction)
-    slice_s = opts.trial_seconds or max(5.0, search_end / TRIALS_PER_SEARCH)
+    slice_s = opts.trial_seconds or max(MIN_SLICE_S, search_end / TRIALS_PER_SEARCH)
+    max_flops = None
+    if opts.grid is None:
+        max_flops = time_feasible_flops(data, opts.device, slice_s)
+        study.set_user_attr("time_feasible_flops", max_flops)
     with Interrupt() as interrupt:
-        objective = Objective(opts, data, clock, search_end, slice_s, interrupt, reporter, study)
+        objective = Objective(opts, data, clock, search_end, slice_s, interrupt, reporter, study, max_flops)
 
         def enough_time(study: optuna.Study, _trial=None) -> None:
             # Start a trial only with at least half a slice left; the rest goes to the final phase.
@@ -319,7 +342,8 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         if study.user_attrs.get("phase", "search") == "search" and search_end - clock.used() >= 0.5 * slice_s:
             reporter.message(f"study {study_name!r}: {opts.sampler} sampler, {opts.pruner} pruner, "
                              f"{slice_s:.0f} s per trial, final training {opts.final_fraction:.0%} of the budget, "
-                             f"device {opts.device}")
+                             f"device {opts.device}" + (f", models up to {max_flops / 1e6:,.0f} MFLOPs/image "
+                                                        "(time-feasible on this device)" if max_flops else ""))
             study.optimize(objective, callbacks=[enough_time], catch=(Exception,), gc_after_trial=False)
         study.set_user_attr("phase", "final")
         objective.save_clock()
@@ -329,7 +353,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         final_metrics: dict = {}
         if study.user_attrs.get("final_done") and Path(opts.out).is_file():
             checkpoint_phase = "final"  # an earlier run of this command finished; nothing left to do
-        elif best is not None and not interrupt.event.is_set():
+        elif best is not None and opts.final_fraction > 0 and not interrupt.event.is_set():
             final_s = clock.left() - WRITE_RESERVE_S
             if final_s >= 1.0:
                 del data  # free the search split before loading train+validation

@@ -5,6 +5,9 @@ widest net that still fits the parameter cap given every other sampled choice (d
 hidden layer, activation, ...). That maximum is found on the meta device, so the sampler almost never
 proposes an oversized model and TPE sees fixed distributions (a fraction in [0.25, 1]) instead of ranges
 that move with depth. The budget guard stays behind it as a safety net.
+
+The "widest that fits" also respects a FLOP cap derived from the device's speed and the trial's time
+slice, so a slow device (a CPU) is not handed 1M-parameter nets it cannot train even once per trial.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import optuna
 
-from budgetnet.budget import count_params
+from budgetnet.budget import count_flops, count_params
 from budgetnet.config import (
     ACTIVATIONS,
     INITS,
@@ -32,7 +35,7 @@ from budgetnet.config import (
 )
 
 FAMILIES = ("resnet", "plain", "mobilenet")
-MIN_WIDTH_FRAC = 0.25  # the narrowest net tried is a quarter of the widest that fits
+MIN_WIDTH_FRAC = 0.15  # the narrowest net tried has 15% of the width (~2% of the parameters) that fits
 MOBILENET_RATIOS = (1, 1.5, 2, 4, 6)  # stage widths relative to the first stage (MobileNetV2's 16..96)
 MOBILENET_DEPTHS = (1, 2, 3, 3, 2)  # MobileNetV2's CIFAR stage depths, scaled by the sampled factor
 
@@ -49,31 +52,48 @@ def _with_width(cfg: ModelConfig, w: int) -> ModelConfig:
     raise TypeError(type(cfg).__name__)
 
 
-@functools.lru_cache(maxsize=2048)
-def max_width(cfg: ModelConfig, shape: Shape, max_params: float, limit: int = 1024) -> int:
-    """Largest width knob for which ``cfg`` fits ``max_params`` (0 if even width 1 does not).
-
-    Parameter counts grow monotonically with the width, so a binary search over exact meta-device counts
-    finds it in about ten cheap builds; results are cached per (config without width, shape, cap).
-    """
+def _largest(fits, limit: int) -> int:
+    """Largest w in [0, limit] with fits(w), for a monotone predicate (binary search)."""
     lo, hi = 0, limit
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if count_params(_with_width(cfg, mid), shape) <= max_params:
+        if fits(mid):
             lo = mid
         else:
             hi = mid - 1
     return lo
 
 
-def _fit_width(cfg: ModelConfig, shape: Shape, max_params: float, frac: float) -> ModelConfig:
-    widest = max(1, max_width(cfg, shape, max_params))
-    return _with_width(cfg, max(1, int(frac * widest)))
+@functools.lru_cache(maxsize=2048)
+def max_width(cfg: ModelConfig, shape: Shape, max_params: float, max_flops: float | None = None,
+              limit: int = 1024) -> int:
+    """Largest width knob for which ``cfg`` fits ``max_params`` (and ``max_flops`` per image, if given);
+    0 if even width 1 does not.
+
+    Parameter counts and FLOPs grow monotonically with the width, so a binary search over exact
+    meta-device counts finds it in about ten cheap builds (FLOPs only when the parameter bound is over
+    the FLOP cap); results are cached per (config without width, shape, caps).
+    """
+    w = _largest(lambda x: count_params(_with_width(cfg, x), shape) <= max_params, limit)
+    if max_flops is not None and w > 0 and count_flops(_with_width(cfg, w), shape) > max_flops:
+        w = _largest(lambda x: count_flops(_with_width(cfg, x), shape) <= max_flops, w)
+    return w
+
+
+def _fit_width(cfg: ModelConfig, shape: Shape, max_params: float, max_flops: float | None,
+               frac: float) -> ModelConfig:
+    widest = max(1, max_width(cfg, shape, max_params, max_flops))
+    return _with_width(cfg, max(1, round(frac * widest)))
 
 
 def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: DataConfig,
-                   seed: int = 0) -> RunConfig:
-    """Sample an architecture and a schedule for ``trial``; the model fits ``max_params`` by construction."""
+                   seed: int = 0, max_flops: float | None = None) -> RunConfig:
+    """Sample an architecture and a schedule for ``trial``.
+
+    The model fits ``max_params`` by construction, and ``max_flops`` (forward FLOPs per image) when given:
+    the search derives that from the device's measured speed so that every trial can at least see its
+    training split once in its time slice (see ``runner.time_feasible_flops``).
+    """
     common = dict(
         activation=trial.suggest_categorical("activation", ACTIVATIONS),
         init=trial.suggest_categorical("init", INITS),
@@ -100,7 +120,9 @@ def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: D
         model = MobileNetConfig(
             expansion=trial.suggest_categorical("mobilenet_expansion", (2, 4, 6)),
             depths=tuple(max(1, round(d * scale / 2)) for d in MOBILENET_DEPTHS), **common)
-    model = _fit_width(model, shape, max_params, trial.suggest_float("width_frac", MIN_WIDTH_FRAC, 1.0))
+    # Log scale: parameters grow with the square of the width, so this spreads trials over model sizes.
+    frac = trial.suggest_float("width_frac", MIN_WIDTH_FRAC, 1.0, log=True)
+    model = _fit_width(model, shape, max_params, max_flops, frac)
 
     optimizer = trial.suggest_categorical("optimizer", ("sgd", "adamw"))
     lr = (trial.suggest_float("sgd_lr", 0.01, 0.5, log=True) if optimizer == "sgd"
@@ -124,11 +146,11 @@ def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: D
     return RunConfig(model=model, train=train, data=data, seed=seed)
 
 
-# A strong, cheap starting point queued as the first trial of every new study (see docs/search.md):
-# a ResNet of depth 3 at 60% of the widest that fits, SGD with a one-cycle schedule.
+# A sound, mid-sized starting point queued as the first trial of every new study (docs/search.md):
+# a ResNet-14-shaped net at half the widest that fits, SGD with a one-cycle schedule.
 WARM_START: dict[str, Any] = {
     "activation": "relu", "init": "kaiming", "dropout": 0.0, "family": "resnet", "resnet_block": "basic",
-    "resnet_depth": 3, "width_frac": 0.6, "optimizer": "sgd", "sgd_lr": 0.1, "momentum": 0.9,
+    "resnet_depth": 2, "width_frac": 0.5, "optimizer": "sgd", "sgd_lr": 0.1, "momentum": 0.9,
     "weight_decay": 5e-4, "batch_size": 256, "warmup": 0.05, "schedule": "onecycle",
     "label_smoothing": 0.1, "crop_padding": 2, "flip": True, "cutout_frac": 0.0,
 }

@@ -1,0 +1,394 @@
+#!/usr/bin/env python
+"""Benchmark budgetnet's device-resident data pipeline against a torchvision DataLoader pipeline.
+
+One run, one process, one model and optimiser, three ways to feed one training epoch of CIFAR-shaped
+data (3x32x32 uint8, 100 classes, random images fabricated in memory; no dataset needed):
+
+  (a) device-resident: the uint8 split lives on the device; each batch is gathered by index, augmented by
+      ``budgetnet.data.augment`` (crop_padding=4, flip=True) and normalised by ``budgetnet.data.normalizer``
+      (exactly what ``budgetnet.train`` does);
+  (b) torchvision: a CIFAR-style Dataset of HWC uint8 numpy images -> ``PIL.Image.fromarray`` ->
+      RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize, batched by a
+      ``torch.utils.data.DataLoader`` with ``--workers`` worker processes (pin_memory on CUDA);
+  (c) model only: the same training step on pre-made, pre-normalised batches already on the device.
+
+Every pipeline ends in the same training step, written as in ``budgetnet.train._train`` and built from
+budgetnet's own pieces (``build_model``, ``make_optimizer``, ``autocast``, ``memory_format``, ``lr_factor``,
+the cross-entropy with label smoothing, the loss accumulation and the every-``SYNC_EVERY``-steps host sync).
+Each pipeline is warmed up for ``--warmup`` steps before its epoch is timed. On CUDA the epoch is timed with
+``torch.cuda.Event`` after a ``torch.cuda.synchronize()``; on the CPU with ``time.perf_counter``.
+
+Separately it times the augmentation alone over all N images (no model): budgetnet's batched
+``augment`` + normalise (in batches of ``--batch-size``, index gather and channels_last copy included) vs
+the per-sample torchvision transforms (Dataset ``__getitem__``: fromarray + the four transforms) in a plain
+single-process Python loop (no collation, which favours torchvision).
+
+As a cross-check of (a) it also runs ``budgetnet.train.train_run`` for one epoch on the same images and
+reports the throughput that function measures itself (host-timed, no warm-up, fresh model).
+
+    .venv/bin/python scripts/bench_pipeline.py                      # device auto, ResNet-20
+    .venv/bin/python scripts/bench_pipeline.py --model resnet56 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from budgetnet import budget  # noqa: E402
+from budgetnet.config import DataConfig, ResNetConfig, RunConfig, Shape, TrainConfig  # noqa: E402
+from budgetnet.data import DATASET_INFO, DeviceData, ImageSet, augment, normalizer  # noqa: E402
+from budgetnet.models import build_model  # noqa: E402
+from budgetnet.train import (  # noqa: E402
+    SYNC_EVERY, autocast, lr_factor, make_optimizer, memory_format, resolve_device, train_run,
+)
+
+MODELS = {
+    "resnet20": ResNetConfig(),  # depths (3, 3, 3): 0.28M parameters at 100 classes
+    "resnet56": ResNetConfig(depths=(9, 9, 9)),  # 0.86M parameters
+}
+INFO = DATASET_INFO["cifar100"]  # shape, mean and std of CIFAR-100
+SHAPE = Shape(INFO.channels, INFO.num_classes, INFO.image_size)
+REF_IMAGES = 50_000  # an epoch of CIFAR's training split, for the extrapolated epoch time
+
+
+# -- timing ------------------------------------------------------------------------------------------
+
+class Clock:
+    """Seconds of device time between ``start()`` and ``stop()``: CUDA events on CUDA, perf_counter else."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def start(self) -> None:
+        self.sync()  # the device is idle, so the start event fires when it is recorded
+        self.t0 = time.perf_counter()
+        if self.cuda:
+            self.e0 = torch.cuda.Event(enable_timing=True)
+            self.e0.record()
+
+    def stop(self) -> float:
+        if self.cuda:
+            e1 = torch.cuda.Event(enable_timing=True)
+            e1.record()
+            e1.synchronize()
+            return self.e0.elapsed_time(e1) / 1000.0
+        return time.perf_counter() - self.t0
+
+
+# -- the training step (as in budgetnet.train._train) ------------------------------------------------
+
+class Trainer:
+    """One model + optimiser shared by every pipeline, so they differ only in how batches arrive."""
+
+    def __init__(self, model_cfg: ResNetConfig, tc: TrainConfig, device: torch.device, seed: int):
+        torch.manual_seed(seed)
+        self.device, self.tc = device, tc
+        self.fmt = memory_format(device)
+        self.model = build_model(model_cfg, SHAPE).to(device, memory_format=self.fmt)
+        self.model.train()
+        self.opt = make_optimizer(self.model, tc)
+        self.loss_sum = torch.zeros((), device=device)
+        self.step_count = 0
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, p: float) -> None:
+        """x: float, normalised, already in ``memory_format``; y: int64 labels; p: progress for the lr."""
+        tc = self.tc
+        for group in self.opt.param_groups:
+            group["lr"] = tc.lr * lr_factor(tc, p)
+        with autocast(self.device):
+            loss = F.cross_entropy(self.model(x), y, label_smoothing=tc.label_smoothing)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.loss_sum += loss.detach().float()
+        self.step_count += 1
+        if self.step_count % SYNC_EVERY == 0:
+            loss.item()  # train.py's divergence check: a host sync every SYNC_EVERY steps
+
+
+# -- pipeline (b): torchvision ------------------------------------------------------------------------
+
+class CifarLikeDataset(Dataset):
+    """Like torchvision.datasets.CIFAR100 after loading: HWC uint8 numpy images, int targets, PIL path."""
+
+    def __init__(self, data_hwc: np.ndarray, targets: list[int], transform):
+        self.data, self.targets, self.transform = data_hwc, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        img, target = self.data[index], self.targets[index]
+        img = Image.fromarray(img)
+        return self.transform(img), target
+
+
+def torchvision_transform():
+    return transforms.Compose([
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(INFO.mean, INFO.std),
+    ])
+
+
+# -- the benchmark ------------------------------------------------------------------------------------
+
+def bench_device_resident(tr: Trainer, images: torch.Tensor, labels: torch.Tensor, bs: int, warmup: int,
+                          clock: Clock, gen: torch.Generator) -> tuple[float, int]:
+    dcfg = DataConfig(crop_padding=4, flip=True, cutout=0)
+    normalize = normalizer(INFO, tr.device)
+    n = len(labels)
+    steps = n // bs
+
+    def batch(perm, b):
+        idx = perm[b * bs:(b + 1) * bs]
+        x = normalize(augment(images[idx], dcfg, gen)).contiguous(memory_format=tr.fmt)
+        return x, labels[idx]
+
+    perm = torch.randperm(n, device=tr.device, generator=gen)
+    for b in range(warmup):
+        tr.step(*batch(perm, b % steps), 0.5)
+    clock.start()
+    perm = torch.randperm(n, device=tr.device, generator=gen)  # one epoch, as train.py: a fresh permutation
+    for b in range(steps):
+        tr.step(*batch(perm, b), b / steps)
+    return clock.stop(), steps * bs
+
+
+def bench_dataloader(tr: Trainer, loader: DataLoader, warmup: int, clock: Clock) -> tuple[float, int]:
+    dev, fmt = tr.device, tr.fmt
+    nb = dev.type == "cuda"
+
+    def to_device(x, y):
+        return x.to(dev, non_blocking=nb).contiguous(memory_format=fmt), y.to(dev, non_blocking=nb)
+
+    it = iter(loader)  # starts the workers (persistent: they survive into the timed epoch)
+    for _ in range(warmup):
+        tr.step(*to_device(*next(it)), 0.5)
+    del it
+    steps = len(loader)
+    clock.start()
+    for b, (x, y) in enumerate(loader):  # a fresh epoch: new shuffle, workers refill from empty queues
+        tr.step(*to_device(x, y), b / steps)
+    return clock.stop(), steps * loader.batch_size
+
+
+def bench_model_only(tr: Trainer, images: torch.Tensor, labels: torch.Tensor, bs: int, steps: int,
+                     warmup: int, clock: Clock, n_batches: int = 4) -> tuple[float, int]:
+    normalize = normalizer(INFO, tr.device)
+    k = max(1, min(n_batches, len(labels) // bs))
+    xs = [normalize(images[i * bs:(i + 1) * bs]).contiguous(memory_format=tr.fmt) for i in range(k)]
+    ys = [labels[i * bs:(i + 1) * bs] for i in range(k)]
+    for b in range(warmup):
+        tr.step(xs[b % k], ys[b % k], 0.5)
+    clock.start()
+    for b in range(steps):
+        tr.step(xs[b % k], ys[b % k], b / steps)
+    return clock.stop(), steps * bs
+
+
+def bench_augment_batched(images: torch.Tensor, bs: int, device: torch.device, clock: Clock,
+                          gen: torch.Generator, warmup: int) -> tuple[float, int]:
+    dcfg = DataConfig(crop_padding=4, flip=True, cutout=0)
+    normalize = normalizer(INFO, device)
+    fmt = memory_format(device)
+    n = len(images)
+    sink = []
+    perm = torch.randperm(n, device=device, generator=gen)
+    for b in range(warmup):
+        normalize(augment(images[perm[b * bs:(b + 1) * bs]], dcfg, gen)).contiguous(memory_format=fmt)
+    clock.start()
+    perm = torch.randperm(n, device=device, generator=gen)
+    for i in range(0, n, bs):
+        x = normalize(augment(images[perm[i:i + bs]], dcfg, gen)).contiguous(memory_format=fmt)
+        sink.append(x[0, 0, 0, 0])  # keep a use of every batch (and never sync the host in the loop)
+    seconds = clock.stop()
+    return seconds, n
+
+
+def bench_augment_per_sample(ds: CifarLikeDataset, seed: int, warmup: int) -> tuple[float, int]:
+    n = len(ds)
+    for i in range(min(warmup * 32, n)):
+        ds[i]
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    t0 = time.perf_counter()
+    for i in order:
+        ds[i]
+    return time.perf_counter() - t0, n
+
+
+def best(runs: list[tuple[float, int]]) -> dict:
+    """Best (highest-throughput) repeat; all repeats are kept for the JSON."""
+    ips = [n / s for s, n in runs]
+    i = max(range(len(runs)), key=lambda j: ips[j])
+    return {"images_per_s": ips[i], "seconds": runs[i][0], "images": runs[i][1],
+            "images_per_s_all": ips, "images_per_s_median": statistics.median(ips)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--model", default="resnet20", choices=sorted(MODELS))
+    ap.add_argument("--images", type=int, default=None,
+                    help="images per epoch (default: 50000 on CUDA, 4096 on the CPU)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="DataLoader worker processes for (b) (default: min(8, cpu count))")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps before each timed epoch")
+    ap.add_argument("--repeats", type=int, default=1, help="timed epochs per pipeline; the best is reported")
+    ap.add_argument("--no-train-run", action="store_true",
+                    help="skip the cross-check epoch through budgetnet.train.train_run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
+    args = ap.parse_args(argv)
+
+    device = resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but CUDA is not available")
+    n = args.images if args.images is not None else (50_000 if device.type == "cuda" else 4096)
+    bs = args.batch_size
+    if n < bs:
+        ap.error(f"--images ({n}) must be at least --batch-size ({bs})")
+    steps = n // bs
+    clock = Clock(device)
+    model_cfg = MODELS[args.model]
+    tc = TrainConfig(batch_size=bs)
+    load_before = os.getloadavg()
+    t_all = time.perf_counter()
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    print(f"device {device} ({dev_name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs, load {load_before[0]:.2f}")
+    print(f"model {args.model} ({budget.count_params(model_cfg, SHAPE):,} params), {n} images "
+          f"({steps} steps of {bs}), workers {args.workers}, warmup {args.warmup}, repeats {args.repeats}")
+
+    # Fabricated CIFAR-shaped data: CHW uint8 for budgetnet, an HWC copy for the PIL/torchvision path.
+    rng = np.random.default_rng(args.seed)
+    np_images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    np_labels = rng.integers(0, INFO.num_classes, n).astype(np.int64)
+    images = torch.from_numpy(np_images).to(device)
+    labels = torch.from_numpy(np_labels).to(device)
+    ds = CifarLikeDataset(np.ascontiguousarray(np_images.transpose(0, 2, 3, 1)), np_labels.tolist(),
+                          torchvision_transform())
+    loader = DataLoader(ds, batch_size=bs, shuffle=True, num_workers=args.workers, drop_last=True,
+                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+                        generator=torch.Generator().manual_seed(args.seed))
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    tr = Trainer(model_cfg, tc, device, args.seed)
+
+    runs: dict[str, list[tuple[float, int]]] = {"a": [], "b": [], "c": [], "aug_batched": [], "aug_per_sample": []}
+    for r in range(args.repeats):
+        runs["c"].append(bench_model_only(tr, images, labels, bs, steps, args.warmup, clock))
+        runs["a"].append(bench_device_resident(tr, images, labels, bs, args.warmup, clock, gen))
+        runs["b"].append(bench_dataloader(tr, loader, args.warmup, clock))
+        runs["aug_batched"].append(bench_augment_batched(images, bs, device, clock, gen, args.warmup))
+        runs["aug_per_sample"].append(bench_augment_per_sample(ds, args.seed + r, args.warmup))
+        print(f"  repeat {r + 1}/{args.repeats}: " + ", ".join(
+            f"{k} {v[-1][1] / v[-1][0]:,.0f} img/s" for k, v in runs.items()), flush=True)
+    del loader  # shuts the persistent workers down
+    del tr
+
+    res = {k: best(v) for k, v in runs.items()}
+    train_run_ips = None
+    if not args.no_train_run:
+        data = DeviceData(INFO, [str(i) for i in range(INFO.num_classes)], ImageSet(images, labels), None)
+        cfg = RunConfig(model=model_cfg, train=tc, data=DataConfig(crop_padding=4, flip=True), seed=args.seed)
+        rr = train_run(cfg, data, device=device, epochs=1)
+        train_run_ips = rr.images_per_s if rr.status == "complete" else None
+        print(f"  train_run cross-check: status {rr.status}, {rr.steps} steps, {rr.images_per_s:,.0f} img/s")
+
+    ratio = {
+        "a_over_c": res["a"]["images_per_s"] / res["c"]["images_per_s"],
+        "a_over_b": res["a"]["images_per_s"] / res["b"]["images_per_s"],
+        "aug_batched_over_per_sample": res["aug_batched"]["images_per_s"] / res["aug_per_sample"]["images_per_s"],
+    }
+    targets = {  # (threshold, where the target applies)
+        "a_over_c": (0.90, "cuda"), "a_over_b": (3.0, "cuda"), "aug_batched_over_per_sample": (20.0, "cpu"),
+    }
+    epoch_50k_a = REF_IMAGES / res["a"]["images_per_s"]
+    load_after = os.getloadavg()
+    total_s = time.perf_counter() - t_all
+
+    # -- report -------------------------------------------------------------------------------------
+    names = {
+        "a": "(a) device-resident: budgetnet `augment` + `normalizer`",
+        "b": f"(b) torchvision transforms + DataLoader ({args.workers} workers)",
+        "c": "(c) model only (pre-made, pre-normalised batches)",
+        "aug_batched": "augmentation only: budgetnet batched `augment` + normalise",
+        "aug_per_sample": "augmentation only: torchvision per-sample transforms, Python loop",
+    }
+    print()
+    print(f"{args.model}, batch {bs}, {n} images, {device} ({dev_name}), bf16 autocast + channels_last")
+    print()
+    print("| pipeline | images/s | s per epoch (timed images) | s per 50k images |")
+    print("|---|---:|---:|---:|")
+    for k in ("a", "b", "c", "aug_batched", "aug_per_sample"):
+        v = res[k]
+        print(f"| {names[k]} | {v['images_per_s']:,.0f} | {v['seconds']:.2f} ({v['images']}) "
+              f"| {REF_IMAGES / v['images_per_s']:.1f} |")
+    if train_run_ips:
+        print(f"| cross-check: `budgetnet.train.train_run`, 1 epoch, own host-timed figure | "
+              f"{train_run_ips:,.0f} | - | {REF_IMAGES / train_run_ips:.1f} |")
+    print()
+    print("| ratio | measured | target | met |")
+    print("|---|---:|---:|---|")
+    for k, label in (("a_over_c", "a / c"), ("a_over_b", "a / b"),
+                     ("aug_batched_over_per_sample", "augmentation: batched / per-sample")):
+        thr, where = targets[k]
+        met = ("yes" if ratio[k] >= thr else "NO") if device.type == where else f"n/a (target is for {where})"
+        shown = f"{ratio[k]:.0%}" if k == "a_over_c" else f"{ratio[k]:.1f}x"
+        tshown = f">= {thr:.0%} on {where}" if k == "a_over_c" else f">= {thr:g}x on {where}"
+        print(f"| {label} | {shown} | {tshown} | {met} |")
+    print()
+    line = f"(a) epoch time extrapolated to {REF_IMAGES:,} images: {epoch_50k_a:.2f} s"
+    if args.model == "resnet56":
+        line += " (target: <= 2 s on an H100)"
+    print(line)
+    print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; total {total_s:.0f} s")
+
+    if args.json is not None:
+        out = {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "device": str(device), "device_name": dev_name, "torch": torch.__version__,
+            "torchvision": __import__("torchvision").__version__, "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "model": args.model, "params": budget.count_params(model_cfg, SHAPE), "images": n,
+            "batch_size": bs, "workers": args.workers, "warmup": args.warmup, "repeats": args.repeats,
+            "precision": "bf16 autocast + channels_last",
+            "results": res, "train_run_images_per_s": train_run_ips, "ratios": ratio,
+            "targets": {k: {"min": t, "applies_to": w} for k, (t, w) in targets.items()},
+            "epoch_seconds_per_50k_images_a": epoch_50k_a,
+            "load_average_before": load_before, "load_average_after": load_after, "total_seconds": total_s,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

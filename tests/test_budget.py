@@ -1,0 +1,169 @@
+"""The budget guard: exact counts on the meta device, fast, and never a real allocation."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from budgetnet.budget import BudgetExceeded, check_params, count_flops, count_params
+from budgetnet.config import INITS, MobileNetConfig, PlainConfig, ResNetConfig, Shape
+from budgetnet.models import build_model
+
+CIFAR100 = Shape(3, 100, 32)
+# ~1.2e10 parameters (48 GB of fp32): a real build would fail or take minutes; a meta build takes ms
+HUGE = ResNetConfig(depths=(1, 1, 1), widths=(16384, 16384, 16384))
+HUGE_PARAMS = 12_083_790_404
+
+
+class DeviceRecorder(TorchDispatchMode):
+    """Records the device of every tensor any aten op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices: dict[str, set[str]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.devices.setdefault(t.device.type, set()).add(str(func))
+        return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    count_params.cache_clear()
+    yield
+    count_params.cache_clear()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm():
+    """First meta build in a process pays one-off lazy imports; keep them out of the timings."""
+    count_params(ResNetConfig(depths=(1,), widths=(4,)), CIFAR100)
+    count_flops(ResNetConfig(depths=(1,), widths=(4,)), CIFAR100)
+    with DeviceRecorder():
+        count_params.cache_clear()
+        count_params(ResNetConfig(depths=(1,), widths=(4,)), CIFAR100)
+
+
+def test_check_params_under_cap_returns_count():
+    n = count_params(ResNetConfig(), CIFAR100)
+    assert check_params(ResNetConfig(), CIFAR100, 1_000_000) == n == 275_588
+    assert check_params(ResNetConfig(), CIFAR100, n) == n  # the cap itself is allowed
+
+
+@pytest.mark.parametrize("cap", [275_587, 100_000, 1.5e5])
+def test_check_params_over_cap_raises_with_numbers(cap):
+    with pytest.raises(BudgetExceeded) as info:
+        check_params(ResNetConfig(), CIFAR100, cap)
+    e = info.value
+    assert e.value == 275_588
+    assert e.cap == cap
+    assert e.what == "parameters"
+    assert "275,588" in str(e)
+
+
+def test_huge_config_rejected_quickly_without_allocating():
+    t = time.perf_counter()
+    with DeviceRecorder() as rec, pytest.raises(BudgetExceeded) as info:
+        check_params(HUGE, CIFAR100, 1_000_000)
+    elapsed = time.perf_counter() - t
+    assert info.value.value == HUGE_PARAMS
+    assert elapsed < 1.0, f"check_params took {elapsed:.2f} s on a 1.2e10-parameter config"
+    assert rec.devices, "the recorder saw no tensor op at all: it is not measuring anything"
+    assert set(rec.devices) == {"meta"}, f"real tensors created: {rec.devices}"
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_count_params_on_huge_config_is_fast_for_every_init(init):
+    # a real orthogonal init of a 16384 x 147456 matrix would take minutes: the meta build must skip it
+    cfg = ResNetConfig(depths=(1, 1, 1), widths=(16384, 16384, 16384), init=init)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    t = time.perf_counter()
+    with DeviceRecorder() as rec:
+        n = count_params(cfg, CIFAR100)
+    elapsed = time.perf_counter() - t
+    assert n == HUGE_PARAMS
+    assert elapsed < 1.0
+    assert set(rec.devices) == {"meta"}
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200 * 1024  # < 200 MiB
+
+
+def test_count_params_does_not_move_or_allocate(monkeypatch):
+    """Belt and braces: nothing calls Module.to / Tensor.to on the way to a count."""
+
+    def boom(*a, **k):
+        raise AssertionError("count_params moved a module or tensor")
+
+    monkeypatch.setattr(torch.nn.Module, "to", boom)
+    monkeypatch.setattr(torch.nn.Module, "to_empty", boom)
+    assert count_params(HUGE, CIFAR100) == HUGE_PARAMS
+
+
+def test_count_flops_is_meta_and_fast_on_huge_config():
+    t = time.perf_counter()
+    flops = count_flops(HUGE, CIFAR100)
+    assert time.perf_counter() - t < 2.0
+    w = 16384  # multiply-adds: stem, stage 1 at 32x32, stages 2 and 3 at 16x16 and 8x8, head
+    macs = 16 * 3 * 9 * 32**2 + w * 16 * 9 * 32**2 + w * w * 9 * 32**2 + 2 * w * w * 9 * 16**2 \
+        + 2 * w * w * 9 * 8**2 + w * 100
+    assert flops == 2 * macs
+
+
+def test_count_params_cache():
+    cfg = PlainConfig()
+    a = count_params(cfg, CIFAR100)
+    hits = count_params.cache_info().hits
+    assert count_params(PlainConfig(), CIFAR100) == a  # equal config, equal key
+    assert count_params.cache_info().hits == hits + 1
+
+
+GUARD_CONFIGS = [
+    ResNetConfig(),  # ResNet-20
+    ResNetConfig(depths=(9, 9, 9)),  # ResNet-56
+    ResNetConfig(block="bottleneck", depths=(3, 3, 3), widths=(16, 32, 64)),
+    PlainConfig(),
+    PlainConfig(n_conv=8, convs_per_block=2, width=64, width_pattern="equal", hidden=(512, 256)),
+    MobileNetConfig(),
+    MobileNetConfig(widths=(16, 24, 32, 64, 96, 160), depths=(1, 2, 3, 4, 3, 3), strides=(1, 1, 2, 2, 1, 2),
+                    activation="prelu", init="kaiming"),
+]
+
+
+@pytest.mark.parametrize("cfg", GUARD_CONFIGS, ids=lambda c: f"{c.family}")
+def test_param_check_under_50ms(cfg):
+    times = []
+    for _ in range(7):
+        count_params.cache_clear()
+        t = time.perf_counter()
+        check_params(cfg, CIFAR100, 1e12)
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    assert median < 0.050, f"param check median {median * 1e3:.1f} ms (all: {[round(x * 1e3, 1) for x in times]})"
+
+
+@pytest.mark.parametrize("cfg", GUARD_CONFIGS, ids=lambda c: f"{c.family}")
+def test_guard_count_equals_real_count(cfg):
+    model = build_model(cfg, CIFAR100)
+    assert count_params(cfg, CIFAR100) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="BUG/PERF (budgetnet/budget.py count_params): the meta build costs ~0.7 ms per residual "
+                   "block on this CPU, so deep narrow nets that fit the 1M budget miss the 50 ms guard target "
+                   "(depths (30,30,30) x widths (8,16,32), 730k params: ~120 ms; (18,18,18) x (12,24,48): ~80 ms)")
+def test_param_check_under_50ms_deep_narrow_resnet():
+    cfg = ResNetConfig(depths=(30, 30, 30), widths=(8, 16, 32), stem_width=8)
+    times = []
+    for _ in range(5):
+        count_params.cache_clear()
+        t = time.perf_counter()
+        assert check_params(cfg, CIFAR100, 1_000_000) < 1_000_000
+        times.append(time.perf_counter() - t)
+    assert statistics.median(times) < 0.050, f"median {statistics.median(times) * 1e3:.1f} ms"

@@ -1,0 +1,137 @@
+"""Checkpoints round-trip without pickled code; evaluate reads a fabricated CIFAR-100 test file."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from conftest import write_cifar100
+
+from budgetnet.budget import count_flops, count_params
+from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from budgetnet.cli import main
+from budgetnet.config import DataConfig, PlainConfig, RunConfig, TrainConfig
+from budgetnet.data import DATASET_INFO, load_data
+from budgetnet.evaluate import evaluate_checkpoint
+from budgetnet.train import train_run
+
+
+def _tiny_cifar_checkpoint(tmp_path, n_train=64, n_test=40):
+    write_cifar100(tmp_path, n_train, n_test)
+    cfg = RunConfig(model=PlainConfig(n_conv=2, width=8, hidden=(16,)),
+                    train=TrainConfig(batch_size=16, eval_points=2),
+                    data=DataConfig(dataset="cifar100", val_size=16))
+    data = load_data(cfg.data, tmp_path)
+    result = train_run(cfg, data, device="cpu", epochs=1)
+    shape = DATASET_INFO["cifar100"].shape
+    path = save_checkpoint(tmp_path / "best.pt", cfg, result.state_dict, metrics=result.metrics,
+                           n_params=count_params(cfg.model, shape), flops=count_flops(cfg.model, shape),
+                           classes=data.classes, train_seconds=result.seconds, extra={"phase": "test"})
+    return cfg, path, result
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
+    cfg, path, result = _tiny_cifar_checkpoint(tmp_path)
+    raw = torch.load(path, weights_only=True)  # nothing in it needs pickled code
+    assert raw["format"] == "budgetnet-checkpoint" and raw["dataset"] == "cifar100"
+    assert raw["normalization"]["mean"] == list(DATASET_INFO["cifar100"].mean)
+    assert len(raw["classes"]) == 100 and raw["versions"]["torch"] == str(torch.__version__)
+    ckpt = load_checkpoint(path)
+    assert ckpt["run_config"] == cfg
+    model = model_from_checkpoint(ckpt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, result.state_dict[k]), k
+    assert not list(tmp_path.glob(".best.pt.*"))  # the temp file was renamed away
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    cfg, path, _ = _tiny_cifar_checkpoint(tmp_path)
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, cfg, {}, metrics={}, n_params=1, flops=1, classes=[], train_seconds=0)
+    assert path.read_bytes() == before  # the old best.pt is intact
+    assert not list(tmp_path.glob(".best.pt.*"))
+
+
+def test_evaluate_on_fabricated_cifar100_test_split(tmp_path):
+    cfg, path, _ = _tiny_cifar_checkpoint(tmp_path)
+    report = evaluate_checkpoint(path, tmp_path, "cpu", plots=tmp_path / "plots", latency_repeats=2)
+    assert report["test_images"] == 40
+    assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
+    assert report["loss"] > 0
+    assert report["n_params_match"] and report["n_params"] == count_params(cfg.model, DATASET_INFO["cifar100"].shape)
+    assert report["flops"] > 0
+    assert [lat["batch_size"] for lat in report["latency"]] == [1, 256]
+    assert all(lat["latency_ms"] > 0 and lat["images_per_s"] > 0 for lat in report["latency"])
+    assert len(report["worst_classes"]) == 5
+    png = tmp_path / "plots" / "confusion.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # top-1 recomputed independently from the fabricated test file
+    model = model_from_checkpoint(load_checkpoint(path))
+    test = write_cifar100(tmp_path / "again", 64, 40)["test"]
+    x = torch.from_numpy(test[0]).view(-1, 3, 32, 32).float() / 255
+    mean = torch.tensor(DATASET_INFO["cifar100"].mean).view(1, 3, 1, 1)
+    std = torch.tensor(DATASET_INFO["cifar100"].std).view(1, 3, 1, 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = model(((x - mean) / std).contiguous(memory_format=torch.channels_last)).float().argmax(1)
+    expected = (pred == torch.from_numpy(test[1])).float().mean().item()
+    assert report["top1"] == pytest.approx(expected, abs=1 / 40 + 1e-9)
+
+
+def test_evaluate_cli_json(tmp_path, capsys):
+    _tiny_cifar_checkpoint(tmp_path)
+    assert main(["evaluate", str(tmp_path / "best.pt"), "--data-dir", str(tmp_path), "--device", "cpu",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dataset"] == "cifar100" and report["test_images"] == 40
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize("kind", ["missing", "random", "truncated", "not_budgetnet", "pickled_code", "bad_config"])
+def test_bad_checkpoints_give_one_line_and_exit_2(tmp_path, capsys, kind):
+    path = tmp_path / "bad.pt"
+    if kind == "random":
+        path.write_bytes(bytes(range(256)) * 10)
+    elif kind == "truncated":
+        cfg, good, _ = _tiny_cifar_checkpoint(tmp_path)
+        path.write_bytes(good.read_bytes()[:2000])
+    elif kind == "not_budgetnet":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif kind == "pickled_code":
+        torch.save({"format": "budgetnet-checkpoint", "x": _Evil()}, path)
+    elif kind == "bad_config":
+        torch.save({"format": "budgetnet-checkpoint", "format_version": 1, "config": '{"model": {"family": "x"}}'},
+                   path)
+    code = main(["evaluate", str(path), "--device", "cpu"])
+    out = capsys.readouterr()
+    assert code == 2
+    assert "pwned" not in out.out
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("budgetnet: error:") and "Traceback" not in out.err
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_bad_checkpoint_exit_code_from_the_real_command(tmp_path):
+    path = tmp_path / "junk.pt"
+    with zipfile.ZipFile(path, "w") as z:  # a zip, but not a torch file
+        z.writestr("data.pkl", pickle.dumps({"a": 1}))
+    proc = subprocess.run([sys.executable, "-m", "budgetnet", "evaluate", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

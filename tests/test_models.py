@@ -1,0 +1,334 @@
+"""Model families: meta counts equal real counts, forward shapes, reference counts, layer choices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from budgetnet.budget import count_flops, count_params
+from budgetnet.config import ACTIVATIONS, INITS, MobileNetConfig, PlainConfig, ResNetConfig, Shape
+from budgetnet.models import build_model, families
+
+
+def real_param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# -- property: meta count == real count, and the forward pass works ------------------------------------
+
+_common = dict(
+    activation=st.sampled_from(ACTIVATIONS),
+    init=st.sampled_from(INITS),
+    dropout=st.sampled_from([0.0, 0.3]),
+)
+
+
+@st.composite
+def resnet_configs(draw):
+    n = draw(st.integers(1, 3))
+    return ResNetConfig(
+        block=draw(st.sampled_from(["basic", "bottleneck"])),
+        depths=tuple(draw(st.lists(st.integers(1, 2), min_size=n, max_size=n))),
+        widths=tuple(draw(st.lists(st.integers(1, 12), min_size=n, max_size=n))),  # may narrow: projection
+        stem_width=draw(st.integers(1, 12)),
+        stem_bias=draw(st.booleans()),
+        **{k: draw(v) for k, v in _common.items()},
+    )
+
+
+@st.composite
+def plain_configs(draw):
+    per_block = draw(st.integers(1, 2))
+    return PlainConfig(
+        n_conv=per_block * draw(st.integers(1, 3)),
+        convs_per_block=per_block,
+        width=draw(st.integers(1, 8)),
+        width_pattern=draw(st.sampled_from(["equal", "doubling", "halving"])),
+        kernel=draw(st.sampled_from([1, 3, 5])),
+        kernel_pattern=draw(st.sampled_from(["constant", "increasing", "decreasing"])),
+        hidden=tuple(draw(st.lists(st.integers(1, 24), max_size=2))),
+        batch_norm=draw(st.booleans()),
+        conv_bias=draw(st.booleans()),
+        pool=draw(st.sampled_from(["max", "avg"])),
+        **{k: draw(v) for k, v in _common.items()},
+    )
+
+
+@st.composite
+def mobilenet_configs(draw):
+    n = draw(st.integers(1, 3))
+    return MobileNetConfig(
+        stem_width=draw(st.integers(1, 12)),
+        widths=tuple(draw(st.lists(st.integers(1, 12), min_size=n, max_size=n))),
+        depths=tuple(draw(st.lists(st.integers(1, 2), min_size=n, max_size=n))),
+        strides=tuple(draw(st.lists(st.sampled_from([1, 2]), min_size=n, max_size=n))),
+        expansion=draw(st.integers(1, 4)),
+        kernel=draw(st.sampled_from([1, 3, 5])),
+        head_width=draw(st.sampled_from([0, 1, 8, 16])),
+        **{k: draw(v) for k, v in _common.items()},
+    )
+
+
+CONFIG_STRATEGIES = {"resnet": resnet_configs(), "plain": plain_configs(), "mobilenet": mobilenet_configs()}
+
+shapes = st.builds(Shape, channels=st.sampled_from([1, 3]), num_classes=st.sampled_from([10, 100]),
+                   image_size=st.sampled_from([28, 32]))
+
+
+def test_every_registered_family_is_sampled():
+    assert families(), "no model family registered"
+    assert set(families()) <= set(CONFIG_STRATEGIES), "add a strategy for the new family to this test"
+
+
+@pytest.mark.parametrize("family", families())
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), shape=shapes)
+def test_meta_count_matches_real_model_and_forward_works(family, data, shape):
+    cfg = data.draw(CONFIG_STRATEGIES[family], label="config")
+    assert cfg.family == family
+    meta = count_params(cfg, shape)
+    model = build_model(cfg, shape)  # real CPU tensors
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert meta == real_param_count(model)
+    x = torch.randn(2, shape.channels, shape.image_size, shape.image_size)
+    model.train()
+    out = model(x)
+    assert out.shape == (2, shape.num_classes)
+    assert torch.isfinite(out).all()
+    out.float().sum().backward()  # the graph reaches the first layer's weights
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (2, shape.num_classes)
+
+
+def test_count_params_is_stable_and_cached():
+    cfg, shape = ResNetConfig(depths=(1, 1), widths=(4, 8)), Shape(3, 10, 32)
+    assert count_params(cfg, shape) == count_params(ResNetConfig(depths=(1, 1), widths=(4, 8)), shape)
+    # the shape matters: classes change the head, channels the stem
+    assert count_params(cfg, Shape(3, 100, 32)) - count_params(cfg, shape) == 90 * 8 + 90
+    assert count_params(cfg, Shape(1, 10, 32)) - count_params(cfg, shape) == -2 * 9 * 16
+
+
+# -- reference counts -------------------------------------------------------------------------------------
+
+CIFAR100 = Shape(3, 100, 32)
+
+
+@pytest.mark.parametrize("n, expected", [(3, 275_588), (5, 470_020), (7, 664_452), (9, 858_884)],
+                         ids=["resnet20", "resnet32", "resnet44", "resnet56"])
+def test_resnet_reference_counts(n, expected):
+    cfg = ResNetConfig(depths=(n, n, n), widths=(16, 32, 64))
+    assert count_params(cfg, CIFAR100) == expected
+    if n == 3:
+        assert cfg == ResNetConfig()  # the default is ResNet-20
+        assert real_param_count(build_model(cfg, CIFAR100)) == expected
+
+
+def test_resnet20_without_stem_bias_is_the_paper_count():
+    # 269,722 is the well-known option-A ResNet-20 for 10 classes (no stem bias)
+    assert count_params(ResNetConfig(stem_bias=False), Shape(3, 10, 32)) == 269_722
+    assert count_params(ResNetConfig(stem_bias=False), CIFAR100) == 275_588 - 16
+
+
+def test_resnet20_flops():
+    assert count_flops(ResNetConfig(), CIFAR100) == 81_113_600
+
+
+def test_report_plain_net_count():
+    cfg = PlainConfig(n_conv=3, convs_per_block=1, width=32, width_pattern="doubling", kernel=3, hidden=(420,),
+                      batch_norm=True, conv_bias=True, pool="max")
+    assert count_params(cfg, CIFAR100) == 996_376
+    assert real_param_count(build_model(cfg, CIFAR100)) == 996_376
+
+
+def test_option_a_shortcuts_have_no_parameters():
+    model = build_model(ResNetConfig(), CIFAR100)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 19  # stem + 9 blocks x 2: no 1x1 projections
+    assert all(m.kernel_size == (3, 3) for m in convs)
+
+
+def test_narrowing_bottleneck_uses_projection():
+    cfg = ResNetConfig(block="bottleneck", depths=(1, 1), widths=(8, 2))  # 32 -> 8 channels
+    model = build_model(cfg, Shape(3, 10, 32))
+    one_by_one = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 32
+                  and m.out_channels == 8]
+    assert len(one_by_one) == 1 and one_by_one[0].stride == (2, 2)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# -- activations and initialisers ---------------------------------------------------------------------------
+
+ACT_TYPES = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "prelu": nn.PReLU, "gelu": nn.GELU, "silu": nn.SiLU,
+             "mish": nn.Mish}
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("family_cfg", [
+    ResNetConfig(depths=(1, 1), widths=(4, 8), stem_width=4),
+    PlainConfig(n_conv=2, width=4, hidden=(8,)),
+    MobileNetConfig(stem_width=4, widths=(4, 8), depths=(1, 1), strides=(1, 2), expansion=2, head_width=8),
+], ids=lambda c: c.family)
+def test_each_activation_builds_and_runs(family_cfg, activation):
+    cfg = type(family_cfg)(**{**vars(family_cfg), "activation": activation})
+    shape = Shape(3, 10, 32)
+    model = build_model(cfg, shape)
+    acts = [m for m in model.modules() if isinstance(m, tuple(ACT_TYPES.values()))]
+    assert acts and all(type(m) is ACT_TYPES[activation] for m in acts)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    base = count_params(type(family_cfg)(**{**vars(family_cfg), "activation": "relu"}), shape)
+    if activation == "prelu":  # one learnable slope per channel
+        assert count_params(cfg, shape) == base + sum(m.weight.numel() for m in acts)
+        assert count_params(cfg, shape) > base
+    else:
+        assert count_params(cfg, shape) == base
+
+
+def test_leaky_relu_has_a_slope():
+    model = build_model(PlainConfig(n_conv=1, width=2, hidden=(), activation="leaky_relu", batch_norm=False),
+                        Shape(1, 2, 28))
+    act = next(m for m in model.modules() if isinstance(m, nn.LeakyReLU))
+    assert act(torch.tensor([-1.0])).item() == pytest.approx(-0.1)
+
+
+# conv2: 16 -> 32 channels, 3x3: fan_in 144, fan_out 288
+INIT_NET = PlainConfig(n_conv=2, width=16, width_pattern="doubling", hidden=(64,), batch_norm=True)
+INIT_SHAPE = Shape(3, 10, 32)
+
+
+def _build(init: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(PlainConfig(**{**vars(INIT_NET), "init": init}), INIT_SHAPE)
+
+
+def _conv2(model: nn.Module) -> nn.Conv2d:
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)][1]
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_each_init_builds_and_runs(init):
+    model = _build(init)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert count_params(PlainConfig(**{**vars(INIT_NET), "init": init}), INIT_SHAPE) == real_param_count(model)
+
+
+@pytest.mark.parametrize("init", [i for i in INITS if i != "default"])
+def test_non_default_inits_change_weights_and_zero_biases(init):
+    default, other = _build("default"), _build(init)
+    for (name, a), b in zip(default.named_parameters(), other.parameters()):
+        if a.ndim > 1:  # conv / linear weights
+            assert not torch.equal(a, b), name
+    for m in other.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            assert torch.count_nonzero(m.bias) == 0
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight))
+            assert torch.equal(m.bias, torch.zeros_like(m.bias))
+
+
+def test_default_init_is_pytorch_default():
+    w = _conv2(_build("default")).weight
+    bound = 1 / math.sqrt(144)  # kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert w.abs().max() <= bound
+    assert torch.count_nonzero(_conv2(_build("default")).bias) > 0
+
+
+def test_xavier_bound():
+    model = _build("xavier")
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            fan_out = m.weight.shape[0] * m.weight[0, 0].numel()
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            assert m.weight.abs().max() <= bound + 1e-7
+    w = _conv2(model).weight
+    # xavier's bound (0.118) is above PyTorch's default (1/12 = 0.083): the default would never get here
+    assert w.abs().max() > 1 / math.sqrt(144) * 1.2
+    assert w.std().item() == pytest.approx(math.sqrt(6 / 432) / math.sqrt(3), rel=0.1)
+
+
+def test_kaiming_fan_out_std():
+    w = _conv2(_build("kaiming")).weight
+    assert w.std().item() == pytest.approx(math.sqrt(2 / 288), rel=0.1)
+    assert abs(w.mean().item()) < 0.01
+    w_default = _conv2(_build("default")).weight
+    assert w_default.std().item() < 0.7 * math.sqrt(2 / 288)
+
+
+def test_orthogonal_rows():
+    for model, orthonormal in ((_build("orthogonal"), True), (_build("default"), False)):
+        w = _conv2(model).weight.reshape(32, -1)  # 32 x 144: rows orthonormal
+        gram = w @ w.T
+        assert torch.allclose(gram, torch.eye(32), atol=1e-4) is orthonormal
+    lin = [m for m in _build("orthogonal").modules() if isinstance(m, nn.Linear)][0].weight  # 64 x 2048
+    assert torch.allclose(lin @ lin.T, torch.eye(64), atol=1e-4)
+
+
+def test_init_is_seeded():
+    for init in INITS:
+        a, b, c = _build(init, 1), _build(init, 1), _build(init, 2)
+        assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+        assert not torch.equal(_conv2(a).weight, _conv2(c).weight)
+
+
+# -- PlainConfig patterns ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("width, pattern, expected", [
+    (16, "equal", (16, 16, 16, 16)),
+    (16, "doubling", (16, 32, 64, 128)),
+    (16, "halving", (16, 8, 4, 2)),
+    (4, "halving", (4, 2, 1, 1)),  # never below one channel
+])
+def test_width_patterns(width, pattern, expected):
+    cfg = PlainConfig(n_conv=4, width=width, width_pattern=pattern, hidden=())
+    assert cfg.layer_widths() == expected
+    convs = [m for m in build_model(cfg, Shape(3, 10, 32)).modules() if isinstance(m, nn.Conv2d)]
+    assert tuple(m.out_channels for m in convs) == expected
+    assert tuple(m.in_channels for m in convs) == (3,) + expected[:-1]
+
+
+@pytest.mark.parametrize("kernel, pattern, expected", [
+    (3, "constant", (3, 3, 3, 3)),
+    (3, "increasing", (3, 5, 7, 9)),
+    (7, "decreasing", (7, 5, 3, 1)),
+    (3, "decreasing", (3, 1, 1, 1)),  # never below 1
+    (1, "constant", (1, 1, 1, 1)),
+])
+def test_kernel_patterns(kernel, pattern, expected):
+    cfg = PlainConfig(n_conv=4, width=4, width_pattern="equal", kernel=kernel, kernel_pattern=pattern, hidden=())
+    assert cfg.layer_kernels() == expected
+    model = build_model(cfg, Shape(1, 10, 28))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert tuple(m.kernel_size for m in convs) == tuple((k, k) for k in expected)
+    assert tuple(m.padding for m in convs) == tuple((k // 2, k // 2) for k in expected)  # "same" padding
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_plain_layout_pools_bn_bias():
+    cfg = PlainConfig(n_conv=4, convs_per_block=2, width=4, width_pattern="equal", hidden=(8,), batch_norm=False,
+                      conv_bias=False, pool="avg")
+    model = build_model(cfg, Shape(3, 10, 32))
+    kinds = [type(m) for m in model]
+    assert kinds.count(nn.AvgPool2d) == 2 and nn.MaxPool2d not in kinds
+    assert nn.BatchNorm2d not in kinds
+    assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(4 * 8 * 8, 8), (8, 10)]
+
+
+def test_plain_stops_pooling_at_one_pixel():
+    cfg = PlainConfig(n_conv=6, width=4, width_pattern="equal", hidden=())
+    model = build_model(cfg, Shape(1, 10, 28))  # 28 -> 14 -> 7 -> 3 -> 1, then no more pools
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model) == 4
+    assert [m for m in model if isinstance(m, nn.Linear)][0].in_features == 4
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)

@@ -1,0 +1,220 @@
+"""One training run: time slices, schedules, evaluation marks, divergence, stopping, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import budgetnet.train as bt
+from budgetnet.config import SCHEDULES, DataConfig, PlainConfig, RunConfig, TrainConfig
+from budgetnet.models import build_model
+from budgetnet.train import COMPLETE, DIVERGED, STOPPED, lr_factor, train_run
+
+TINY = PlainConfig(n_conv=2, width=8, hidden=(32,))
+MARKS = [pytest.approx((k + 1) / 10) for k in range(10)]
+
+
+def run_cfg(**train) -> RunConfig:
+    return RunConfig(model=TINY, train=TrainConfig(**{"batch_size": 64, "lr": 0.05, **train}),
+                     data=DataConfig(dataset="synthetic"))
+
+
+@pytest.fixture
+def lr_log(monkeypatch):
+    """Records, per optimizer step, the lr the run set (without changing train.py)."""
+    log = {"lrs": [], "opts": []}
+    real = bt.make_optimizer
+
+    def make(model, cfg):
+        opt = real(model, cfg)
+        step = opt.step
+
+        def logged_step(*a, **k):
+            log["lrs"].append(opt.param_groups[0]["lr"])
+            assert all(g["lr"] == opt.param_groups[0]["lr"] for g in opt.param_groups)
+            return step(*a, **k)
+
+        opt.step = logged_step
+        log["opts"].append(opt)
+        return opt
+
+    monkeypatch.setattr(bt, "make_optimizer", make)
+    return log
+
+
+# -- lr schedule ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule, end", [("cosine", 0.0), ("linear", 0.0), ("onecycle", 0.0), ("step", 0.01)])
+@pytest.mark.parametrize("warmup", [0.0, 0.05, 0.3])
+def test_lr_factor_ends_annealed(schedule, end, warmup):
+    cfg = TrainConfig(schedule=schedule, warmup=warmup)
+    assert lr_factor(cfg, 1.0) == pytest.approx(end, abs=1e-9)
+    assert lr_factor(cfg, 1.5) == lr_factor(cfg, 1.0)  # clamped
+    assert lr_factor(cfg, 0.999) <= 0.011
+
+
+def test_every_schedule_is_tested():
+    assert set(SCHEDULES) == {"cosine", "linear", "onecycle", "step"}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("warmup", [0.05, 0.2])
+def test_lr_factor_warms_up_then_decays(schedule, warmup):
+    cfg = TrainConfig(schedule=schedule, warmup=warmup)
+    warm = max(warmup, 0.25) if schedule == "onecycle" else warmup
+    ps = np.linspace(0, 1, 2001)
+    f = np.array([lr_factor(cfg, float(p)) for p in ps])
+    assert np.all((f >= 0) & (f <= 1 + 1e-12))
+    rising, falling = f[ps < warm], f[ps >= warm]
+    assert np.all(np.diff(rising) > 0), "warm-up must increase strictly"
+    assert np.all(np.diff(falling) <= 1e-12), "after warm-up the factor must not increase"
+    assert lr_factor(cfg, warm) == pytest.approx(1.0)  # the peak is reached at the end of the warm-up
+    assert f[0] == pytest.approx(0.04 if schedule == "onecycle" else 0.0)
+    assert lr_factor(cfg, -1.0) == f[0]
+
+
+def test_lr_factor_shapes():
+    cos = TrainConfig(schedule="cosine", warmup=0.0)
+    assert lr_factor(cos, 0.0) == 1.0 and lr_factor(cos, 0.5) == pytest.approx(0.5)
+    lin = TrainConfig(schedule="linear", warmup=0.0)
+    assert lr_factor(lin, 0.25) == pytest.approx(0.75)
+    step = TrainConfig(schedule="step", warmup=0.0)
+    assert [lr_factor(step, p) for p in (0.49, 0.5, 0.74, 0.75)] == pytest.approx([1, 0.1, 0.1, 0.01])
+
+
+# -- time-sliced run ----------------------------------------------------------------------------------------
+
+def test_time_slice_ends_on_time_annealed_with_all_marks(synthetic_data, warm_torch, lr_log):
+    calls = []
+
+    def hook(p, metrics):
+        calls.append((p, dict(metrics)))
+        return False
+
+    cfg = run_cfg(lr=0.05, warmup=0.1, schedule="cosine")
+    r = train_run(cfg, synthetic_data, device="cpu", seconds=3, hook=hook)
+    assert r.status == COMPLETE, r.reason
+    assert 2.5 <= r.seconds <= 3 + 1.5, f"a 3 s slice took {r.seconds:.2f} s"
+    assert [h["progress"] for h in r.history] == MARKS
+    assert [p for p, _ in calls] == MARKS  # the hook saw every mark, in order
+    assert r.metrics == r.history[-1]
+    for h in r.history:
+        assert {"val_acc", "val_loss", "train_loss", "steps", "epoch", "seconds", "images_per_s"} <= set(h)
+    assert [h["seconds"] for h in r.history] == sorted(h["seconds"] for h in r.history)
+    assert r.history[-1]["seconds"] <= 3 + 1.5
+    # evaluation marks spread over the slice (time-based progress, not all at the end)
+    assert r.history[0]["seconds"] < 1.5
+    assert r.steps > 20 and r.images_per_s > 0
+    # the lr actually applied: warmed up from ~0, peaked near cfg.lr, annealed at the end of the slice
+    lrs = lr_log["lrs"]
+    assert len(lrs) == r.steps
+    assert lrs[0] < 0.5 * cfg.train.lr and lrs[0] < lrs[len(lrs) // 10]
+    assert max(lrs) <= cfg.train.lr + 1e-12 and max(lrs) > 0.9 * cfg.train.lr
+    assert lrs[-1] < 0.05 * cfg.train.lr, f"final lr {lrs[-1]:.2e} is not annealed"
+    assert lr_log["opts"][-1].param_groups[0]["lr"] == lrs[-1]
+    assert r.state_dict is not None and all(t.device.type == "cpu" for t in r.state_dict.values())
+
+
+def test_epoch_budget_steps_and_marks(synthetic_data, lr_log):
+    r = train_run(run_cfg(batch_size=128), synthetic_data, device="cpu", epochs=1)
+    assert r.status == COMPLETE
+    assert r.steps == len(synthetic_data.train) // 128 == 15
+    assert [h["progress"] for h in r.history] == MARKS
+    assert r.history[-1]["steps"] == 15
+    assert r.history[-1]["epoch"] == pytest.approx(15 * 128 / 2000)
+    # progress is step / total_steps: the lr of step k is lr * factor(k / 15)
+    tc = run_cfg(batch_size=128).train
+    assert lr_log["lrs"] == pytest.approx([tc.lr * lr_factor(tc, k / 15) for k in range(15)])
+
+
+def test_two_epochs(synthetic_data):
+    r = train_run(run_cfg(batch_size=256), synthetic_data, device="cpu", epochs=2)
+    assert r.status == COMPLETE and r.steps == 2 * (2000 // 256)
+
+
+def test_learns_the_synthetic_task(synthetic_data):
+    r = train_run(run_cfg(), synthetic_data, device="cpu", epochs=2)
+    assert r.status == COMPLETE
+    assert r.metrics["val_acc"] > 0.6  # chance is 0.1
+    assert r.history[-1]["val_loss"] < r.history[0]["val_loss"]
+    assert r.history[-1]["train_loss"] < r.history[0]["train_loss"]
+
+
+def test_same_seed_same_weights(synthetic_data):
+    a = train_run(run_cfg(), synthetic_data, device="cpu", epochs=1)
+    b = train_run(run_cfg(), synthetic_data, device="cpu", epochs=1)
+    c = train_run(run_cfg().replace(seed=1), synthetic_data, device="cpu", epochs=1)
+    assert a.state_dict.keys() == b.state_dict.keys()
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
+    assert any(not torch.equal(a.state_dict[k], c.state_dict[k]) for k in a.state_dict)
+
+
+# -- endings -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_huge_lr_diverges_without_exception(synthetic_data, batch_norm):
+    cfg = RunConfig(model=PlainConfig(n_conv=2, width=8, hidden=(32,), batch_norm=batch_norm),
+                    train=TrainConfig(optimizer="sgd", lr=1e6, warmup=0.0, batch_size=64),
+                    data=DataConfig(dataset="synthetic"))
+    r = train_run(cfg, synthetic_data, device="cpu", epochs=3)
+    assert r.status == DIVERGED
+    assert "non-finite" in r.reason
+    assert r.state_dict is None
+    assert r.steps < 3 * (2000 // 64)  # stopped early, not at the end of the budget
+
+
+def test_hook_returning_true_stops(synthetic_data):
+    seen = []
+
+    def hook(p, metrics):
+        seen.append(p)
+        return True
+
+    r = train_run(run_cfg(), synthetic_data, device="cpu", epochs=5, hook=hook)
+    assert r.status == STOPPED and r.reason == "stopped by hook"
+    assert seen == [pytest.approx(0.1)]
+    assert len(r.history) == 1 and r.metrics == r.history[0]
+    assert r.steps == math.ceil(0.1 * 5 * (2000 // 64))  # the first mark, not the end of 5 epochs
+    assert r.state_dict is not None
+
+
+def test_stop_callable_stops(synthetic_data):
+    polls = []
+
+    def stop():
+        polls.append(1)
+        return len(polls) >= 5
+
+    r = train_run(run_cfg(), synthetic_data, device="cpu", epochs=5, stop=stop)
+    assert r.status == STOPPED and r.reason == "stop requested"
+    assert r.steps <= 4 + bt.SYNC_EVERY  # "at once": within one poll interval of the request
+    assert r.steps < 5 * (2000 // 64)
+
+
+def test_stop_before_the_first_step(synthetic_data):
+    r = train_run(run_cfg(), synthetic_data, device="cpu", seconds=60, stop=lambda: True)
+    assert r.status == STOPPED and r.steps == 0 and r.seconds < 30
+
+
+def test_exactly_one_budget():
+    with pytest.raises(ValueError):
+        train_run(run_cfg(), None, device="cpu")
+    with pytest.raises(ValueError):
+        train_run(run_cfg(), None, device="cpu", seconds=1, epochs=1)
+
+
+@pytest.mark.parametrize("train", [dict(optimizer="adamw", lr=3e-3, schedule="onecycle"),
+                                   dict(ema=0.9, schedule="step", eval_points=3)],
+                         ids=["adamw-onecycle", "ema-step"])
+def test_other_optimizer_paths_run(synthetic_data, train):
+    r = train_run(run_cfg(**train), synthetic_data, device="cpu", epochs=1)
+    assert r.status == COMPLETE
+    assert len(r.history) == run_cfg(**train).train.eval_points
+    # EMA weights come back under the plain model's names
+    assert set(r.state_dict) == set(build_model(TINY, synthetic_data.info.shape).state_dict())
+    assert all(torch.isfinite(v.float()).all() for v in r.state_dict.values())
+
