@@ -213,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     def data_flags(sp):
         sp.add_argument("--data-dir", default=None, help="folder holding the dataset in torchvision's layout "
                         "(default ./data; Fashion-MNIST also looks in /usr/share/datasets/fashion-mnist)")
-        sp.add_argument("--download", action="store_true", help="download a missing dataset (needs a network)")
+        sp.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                        help="fetch a missing CIFAR/Fashion-MNIST into --data-dir when a network is reachable "
+                        "(default; offline it fails fast with the expected path); --no-download never tries")
         sp.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
 
     s = sub.add_parser("search", help="search architectures and schedules under a parameter and time budget")

@@ -114,7 +114,7 @@ _CIFAR_LAYOUT = {  # folder, train files, test files, meta file, label key, clas
 def _missing(name: str, where: str, data_dir: Path) -> DatasetNotFound:
     return DatasetNotFound(
         f"{name} not found: expected {where} under --data-dir {data_dir} "
-        f"(pass --data-dir DIR pointing at the folder that holds it, use --download where a network exists, "
+        f"(pass --data-dir DIR pointing at the folder that holds it, let --download fetch it where a network exists, "
         f"or --dataset synthetic for a smoke run)"
     )
 
@@ -148,9 +148,12 @@ def _download_cifar(name: str, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             cls(str(data_dir), train=train, download=True)
-    except Exception as e:  # no network, proxy, disk: all end in the one "not found" message
-        raise DatasetNotFound(f"{name} could not be downloaded into {data_dir} ({type(e).__name__}: {e}); "
-                              f"place torchvision's CIFAR folder there and pass --data-dir") from None
+    except Exception as e:  # noqa: BLE001 - no network, proxy, disk: all end in the one "not found" message
+        folder = _CIFAR_LAYOUT[name][0]
+        raise DatasetNotFound(f"{name} not found and not downloadable ({type(e).__name__}: {e}): expected "
+                              f"{folder}/ (torchvision's CIFAR layout) under --data-dir {data_dir}; pass --data-dir "
+                              f"DIR pointing at the folder that holds it, or --dataset synthetic for a smoke "
+                              f"run") from None
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -63,6 +63,7 @@ class SearchOptions:
 
 TRIALS_PER_SEARCH = 12  # full-length trial slices per search phase; median stopping fits in more trials
 MIN_SLICE_S = 10.0  # shorter trials rank models by their start-up, not their learning
+PROBE_STEPS = 16  # training steps of the speed probe (batch 128)
 MIN_EPOCHS_PER_TRIAL = 0.5  # the FLOP cap lets every sampled model see half its training split per slice
 
 
@@ -255,7 +256,7 @@ class Objective:
                         extra={"phase": "search", "study": self.study.study_name, "trial": trial.number})
 
 
-def time_feasible_flops(data: DeviceData, device: str, slice_s: float) -> float:
+def time_feasible_flops(data: DeviceData, device: str, slice_s: float) -> float | None:
     """Forward FLOPs per image a model may have so that one trial slice covers the training split once.
 
     Measures this device's training throughput on a small reference ResNet for a couple of seconds; the
@@ -265,8 +266,12 @@ def time_feasible_flops(data: DeviceData, device: str, slice_s: float) -> float:
     ref = RunConfig(model=ResNetConfig(depths=(2, 2, 2)), train=TrainConfig(batch_size=128, eval_points=1),
                     data=DataConfig(dataset=data.info.name))
     probe = DeviceData(data.info, data.classes, data.train, None)
-    result = train_run(ref, probe, device=device, seconds=min(3.0, 0.2 * slice_s))
+    # A fixed number of steps, not seconds: one-off start-up costs (the first optimizer build in a
+    # process takes ~2 s) must not eat the probe. images_per_s excludes them.
+    result = train_run(ref, probe, device=device, epochs=PROBE_STEPS * 128 / len(data.train))
     rate = result.images_per_s * count_flops(ref.model, data.info.shape)  # forward FLOPs per second
+    if result.status != COMPLETE or not rate > 0:
+        return None
     return rate * slice_s / (MIN_EPOCHS_PER_TRIAL * len(data.train))
 
 
@@ -330,7 +335,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
     max_flops = None
     if opts.grid is None:
         max_flops = time_feasible_flops(data, opts.device, slice_s)
-        study.set_user_attr("time_feasible_flops", max_flops)
+        study.set_user_attr("time_feasible_flops", max_flops or 0.0)
     with Interrupt() as interrupt:
         objective = Objective(opts, data, clock, search_end, slice_s, interrupt, reporter, study, max_flops)
 

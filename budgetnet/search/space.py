@@ -75,7 +75,7 @@ def max_width(cfg: ModelConfig, shape: Shape, max_params: float, max_flops: floa
     the FLOP cap); results are cached per (config without width, shape, caps).
     """
     w = _largest(lambda x: count_params(_with_width(cfg, x), shape) <= max_params, limit)
-    if max_flops is not None and w > 0 and count_flops(_with_width(cfg, w), shape) > max_flops:
+    if max_flops and w > 0 and count_flops(_with_width(cfg, w), shape) > max_flops:
         w = _largest(lambda x: count_flops(_with_width(cfg, x), shape) <= max_flops, w)
     return w
 

@@ -1,0 +1,165 @@
+"""User mistakes get one line and exit code 2, and leave stored studies untouched; the dashboard serves."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pytest
+
+from budgetnet.cli import main, parse_count
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.mark.parametrize("text,value", [("1e6", 1e6), ("1M", 1e6), ("250k", 250e3), ("1,000,000", 1e6),
+                                        ("2.5m", 2.5e6)])
+def test_parse_count(text, value):
+    assert parse_count(text) == value
+
+
+def _search(tmp_path, *args):
+    return ["search", "--dataset", "synthetic", "--storage", f"sqlite:///{tmp_path / 'keep.db'}",
+            "--out", str(tmp_path / "best.pt"), "--artifact-dir", str(tmp_path / "art"), *args]
+
+
+BAD = {
+    "zero hours": ["--hours", "0"],
+    "negative hours": ["--hours", "-1"],
+    "nan hours": ["--hours", "nan"],
+    "non-numeric params": ["--max-params", "lots"],
+    "zero params": ["--max-params", "0"],
+    "unknown dataset": ["--dataset", "imagenet"],
+    "malformed storage": ["--storage", "sqlite:/nope"],
+    "unsupported storage": ["--storage", "redis://localhost/0"],
+    "unwritable out": ["--out", "/proc/budgetnet/best.pt"],
+    "out is a directory": ["--out", "/tmp"],
+    "final fraction 1": ["--final-fraction", "1"],
+    "grid without file": ["--sampler", "grid"],
+    "missing grid file": ["--sampler", "grid", "--grid", "/nonexistent/grid.json"],
+    "unknown flag": ["--frobnicate"],
+    "cuda without gpu": ["--device", "cuda"],
+}
+
+
+@pytest.fixture
+def stored_study(tmp_path):
+    """A study with one completed trial, and a best.pt, that a bad command must not touch."""
+    storage = f"sqlite:///{tmp_path / 'keep.db'}"
+    study = optuna.create_study(study_name="keep", storage=storage, direction="maximize")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    (tmp_path / "best.pt").write_bytes(b"precious")
+    return storage, (tmp_path / "keep.db").read_bytes()
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_search_input_is_one_line_exit_2_and_touches_nothing(tmp_path, capsys, stored_study, case):
+    import torch
+
+    if case == "cuda without gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    args = _search(tmp_path, *BAD[case])
+    if case.startswith("unwritable") or case == "out is a directory":
+        args = [a for a in args if a != str(tmp_path / "best.pt")]  # keep only the bad --out value
+        args.remove("--out")
+        args += BAD[case]
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("budgetnet: error:"), err
+    storage, db_bytes = stored_study
+    assert (tmp_path / "keep.db").read_bytes() == db_bytes  # no study row changed
+    assert (tmp_path / "best.pt").read_bytes() == b"precious"
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["keep"]
+
+
+def test_missing_dataset_names_the_path_and_flags(tmp_path, capsys):
+    code = main(["search", "--dataset", "cifar100", "--data-dir", str(tmp_path / "nowhere"),
+                 "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--out", str(tmp_path / "best.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert str(tmp_path / "nowhere") in err[0] and "cifar-100-python" in err[0] and "--data-dir" in err[0]
+    assert not (tmp_path / "x.db").exists()  # no empty study left behind
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "budgetnet", *(_search(tmp_path, "--hours", "-2"))],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_train_command_bad_config_and_success(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": {"family": "plain", "widht": 8}}')
+    assert main(["train", "--config", str(bad), "--epochs", "1", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "widht" in capsys.readouterr().err
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"model": {"family": "plain", "n_conv": 2, "width": 4, "hidden": []},
+                                "train": {"batch_size": 64, "eval_points": 2},
+                                "data": {"dataset": "synthetic"}}))
+    assert main(["train", "--config", str(good), "--epochs", "1", "--out", str(tmp_path / "m.pt"),
+                 "--device", "cpu"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "m.pt"), "--device", "cpu"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    # the guard on the train command
+    assert main(["train", "--config", str(good), "--epochs", "1", "--max-params", "100",
+                 "--out", str(tmp_path / "m2.pt")]) == 2
+    assert "exceed the cap" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_serves_the_study_on_localhost(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'dash.db'}"
+    study = optuna.create_study(study_name="dash-study", storage=storage, direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr("n_params", 12345)
+    trial.set_user_attr("flops", 678)
+    trial.report(0.5, step=10)
+    study.tell(trial, 0.75)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "budgetnet", "dashboard", "--storage", storage, "--port",
+                             str(port), "--artifact-dir", str(tmp_path / "art")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        studies = None
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"{base}/api/studies", timeout=2) as r:
+                    studies = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert studies is not None, proc.stderr.read() if proc.poll() is not None else "dashboard never answered"
+        (entry,) = [s for s in studies["study_summaries"] if s["study_name"] == "dash-study"]
+        with urllib.request.urlopen(f"{base}/api/studies/{entry['study_id']}", timeout=5) as r:
+            detail = json.loads(r.read())
+        (t,) = detail["trials"]
+        attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+        assert attrs["n_params"] in (12345, "12345") and t["values"] == [0.75]
+        # bound to the loopback interface only
+        out = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout if _has("ss") else ""
+        if out:
+            lines = [line for line in out.splitlines() if f":{port} " in line]
+            assert lines and all("127.0.0.1:" in line for line in lines), lines
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _has(cmd: str) -> bool:
+    import shutil
+
+    return shutil.which(cmd) is not None
