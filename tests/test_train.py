@@ -218,3 +218,36 @@ def test_other_optimizer_paths_run(synthetic_data, train):
     assert set(r.state_dict) == set(build_model(TINY, synthetic_data.info.shape).state_dict())
     assert all(torch.isfinite(v.float()).all() for v in r.state_dict.values())
 
+
+
+def test_out_of_memory_ends_with_a_typed_result(synthetic_data, monkeypatch):
+    import budgetnet.train as bt
+
+    real_autocast = bt.autocast
+    calls = {"n": 0}
+
+    def exploding_autocast(device):
+        calls["n"] += 1
+        if calls["n"] > 3:  # a few good steps, then the allocator gives up
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_autocast(device)
+
+    monkeypatch.setattr(bt, "autocast", exploding_autocast)
+    cfg = RunConfig(model=PlainConfig(n_conv=2, width=4, hidden=()), train=TrainConfig(batch_size=64),
+                    data=DataConfig(dataset="synthetic"))
+    result = bt.train_run(cfg, synthetic_data, device="cpu", epochs=1)
+    assert result.status == "oom" and "out of memory" in result.reason
+    assert result.state_dict is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_path_bf16_channels_last():
+    from budgetnet.data import load_data
+
+    data = load_data(DataConfig(dataset="synthetic"), device="cuda")
+    assert data.train.images.is_cuda and data.train.images.dtype == torch.uint8
+    cfg = RunConfig(model=PlainConfig(n_conv=2, width=16, hidden=(64,)), train=TrainConfig(batch_size=128),
+                    data=DataConfig(dataset="synthetic"))
+    result = train_run(cfg, data, device="cuda", seconds=5)
+    assert result.status == "complete" and result.metrics["val_acc"] > 0.5

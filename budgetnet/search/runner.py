@@ -119,7 +119,7 @@ def make_sampler(name: str, seed: int, grid: dict | None = None) -> optuna.sampl
     if name == "grid":
         return optuna.samplers.GridSampler(grid, seed=seed)
     # group=True: the space is conditional (per-family knobs), so TPE models each sub-space jointly.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True, group=True)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True, group=True)
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
