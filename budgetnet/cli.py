@@ -88,6 +88,22 @@ def _check_writable(path: str) -> None:
         raise UserError(f"cannot write --out {path}: {e.strerror or e}") from None
 
 
+def _check_not_someone_elses(out: str, study_name: str) -> None:
+    """Never overwrite a model that another study (or something else) left at --out."""
+    from budgetnet.checkpoint import CheckpointError, load_checkpoint
+
+    if not Path(out).exists():
+        return
+    try:
+        owner = load_checkpoint(out)["extra"].get("study")
+    except CheckpointError:
+        raise UserError(f"--out {out} exists and is not a budgetnet checkpoint; move it or choose another "
+                        f"--out") from None
+    if owner != study_name:
+        raise UserError(f"--out {out} holds the model of study {owner!r}, not {study_name!r}; move it or "
+                        f"choose another --out")
+
+
 def _check_storage(url: str) -> None:
     """Reject a malformed storage before anything is created."""
     if url.endswith((".log", ".jsonl")) and "://" not in url:
@@ -111,7 +127,7 @@ def _check_storage(url: str) -> None:
 def cmd_search(args) -> int:
     from budgetnet.config import ConfigError
     from budgetnet.search.report import Reporter
-    from budgetnet.search.runner import SearchOptions, run_search
+    from budgetnet.search.runner import SearchOptions, default_study_name, run_search
     from budgetnet.search.space import load_grid
 
     if (args.sampler == "grid") != (args.grid is not None):
@@ -126,9 +142,11 @@ def cmd_search(args) -> int:
             raise UserError(f"bad --grid {args.grid}: {e}") from None
     _check_writable(args.out)
     _check_storage(args.storage)
+    study_name = args.study_name or default_study_name(args.dataset, args.max_params, args.hours)
+    _check_not_someone_elses(args.out, study_name)
     opts = SearchOptions(
         max_params=args.max_params, budget_seconds=args.hours * 3600, dataset=args.dataset,
-        data_dir=args.data_dir, storage=args.storage, study_name=args.study_name, out=args.out,
+        data_dir=args.data_dir, storage=args.storage, study_name=study_name, out=args.out,
         seed=args.seed, pruner=args.pruner, sampler=args.sampler, grid=grid,
         final_fraction=args.final_fraction, trial_seconds=args.trial_seconds,
         device=str(_device(args.device)), artifact_dir=args.artifact_dir, download=args.download,

@@ -78,6 +78,13 @@ def test_bad_search_input_is_one_line_exit_2_and_touches_nothing(tmp_path, capsy
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["keep"]
 
 
+def test_a_model_left_at_out_by_something_else_is_never_overwritten(tmp_path, capsys, stored_study):
+    code = main(_search(tmp_path, "--hours", "0.01", "--max-params", "20k"))  # otherwise a valid command
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not a budgetnet checkpoint" in err[0]
+    assert (tmp_path / "best.pt").read_bytes() == b"precious"
+
+
 def test_missing_dataset_names_the_path_and_flags(tmp_path, capsys):
     code = main(["search", "--dataset", "cifar100", "--data-dir", str(tmp_path / "nowhere"),
                  "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--out", str(tmp_path / "best.pt")])
