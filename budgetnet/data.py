@@ -288,21 +288,25 @@ def augment(x: torch.Tensor, cfg: DataConfig, gen: torch.Generator) -> torch.Ten
 
     Every op is a batched tensor op on ``x``'s device; ``gen`` must live on that device.
     """
-    b, _, h, w = x.shape
+    b, ch, h, w = x.shape
     dev = x.device
-    if cfg.crop_padding:
-        p = cfg.crop_padding
-        padded = F.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (b, 1), device=dev, generator=gen)
-        dx = torch.randint(0, 2 * p + 1, (b, 1), device=dev, generator=gen)
-        rows = (dy + torch.arange(h, device=dev))[:, None, :, None]  # B x 1 x H x 1
-        cols = (dx + torch.arange(w, device=dev))[:, None, None, :]  # B x 1 x 1 x W
-        bidx = torch.arange(b, device=dev)[:, None, None, None]
-        cidx = torch.arange(x.shape[1], device=dev)[None, :, None, None]
-        x = padded[bidx, cidx, rows, cols]
-    if cfg.flip:
-        flip = torch.rand(b, device=dev, generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    p = cfg.crop_padding
+    if p or cfg.flip:
+        # Translate and flip are two gathers with per-sample index tensors: rows (dim 2), then columns
+        # (dim 3), with the flip folded into the column index. (Four-tensor advanced indexing computes
+        # the same thing ~6x slower on a CPU.)
+        dy = torch.randint(0, 2 * p + 1, (b, 1), device=dev, generator=gen) if p else None
+        dx = torch.randint(0, 2 * p + 1, (b, 1), device=dev, generator=gen) if p else None
+        cols = torch.arange(w, device=dev).expand(b, w)
+        if cfg.flip:
+            flip = torch.rand(b, device=dev, generator=gen) < 0.5
+            cols = torch.where(flip[:, None], cols.flip(1), cols)
+        if p:
+            x = F.pad(x, (p, p, p, p))
+            rows = (dy + torch.arange(h, device=dev))[:, None, :, None].expand(b, ch, h, w + 2 * p)
+            x = x.gather(2, rows)
+            cols = cols + dx
+        x = x.gather(3, cols[:, None, None, :].expand(b, ch, h, w))
     if cfg.cutout:
         c = cfg.cutout  # a c x c square whose top-left corner may lie outside the image (clipped)
         y0 = torch.randint(-(c // 2), h - c // 2, (b, 1), device=dev, generator=gen)
