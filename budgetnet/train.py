@@ -171,8 +171,12 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
 
     def run_eval(p: float) -> str | None:
         """Evaluate once and record it for every mark reached; returns a final status or None."""
-        nonlocal eval_reserve, loss_sum, loss_count
+        nonlocal eval_reserve, loss_sum, loss_count, train_time
         te = time.perf_counter()
+        if device.type == "cuda":  # queued training steps belong to training time, not to evaluation
+            torch.cuda.synchronize(device)
+            train_time += time.perf_counter() - te
+            te = time.perf_counter()
         metrics = {"steps": step, "epoch": images / n, "train_loss": loss_sum.item() / max(loss_count, 1)}
         loss_sum, loss_count = torch.zeros((), device=device), 0
         final = p >= marks[-1]
