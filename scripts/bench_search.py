@@ -97,7 +97,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None, help="default: budgetnet's search order (Debian's folder too)")
     p.add_argument("--out-dir", default=None, help="where databases, checkpoints and logs go")
-    p.add_argument("--json", default="bench_search.json", help="results file")
+    p.add_argument("--json", default=None, help="results file (default: OUT_DIR/results.json)")
     args = p.parse_args()
 
     out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="bench_search_"))
@@ -109,7 +109,7 @@ def main() -> int:
           f"files in {out_dir}", flush=True)
     with ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(lambda job: run_one(*job, args, out_dir, grid_file), jobs))
-    Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    Path(args.json or out_dir / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
     print("\n| method | test acc (mean) | per seed | best val acc | trials c/p/r/f | max overshoot |")
     print("|---|---|---|---|---|---|")
