@@ -136,7 +136,7 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
 
 def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: float | None,
            epochs: float | None, hook: Hook | None, stop: Callable[[], bool] | None) -> RunResult:
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # the slice covers setup too (the first optimizer build in a process takes ~2 s)
     tc = cfg.train
     torch.manual_seed(cfg.seed)  # weight init
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
@@ -162,12 +162,11 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     status, reason = COMPLETE, ""
-    t_start = t0  # the slice covers setup too (the first optimizer build in a process takes ~2 s)
 
     def progress() -> float:
         if total_steps is not None:
             return step / total_steps
-        return (time.perf_counter() - t_start) / max(seconds - eval_reserve, 1e-3)
+        return (time.perf_counter() - t0) / max(seconds - eval_reserve, 1e-3)
 
     def run_eval(p: float) -> str | None:
         """Evaluate once and record it for every mark reached; returns a final status or None."""
@@ -190,7 +189,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
         eval_reserve = time.perf_counter() - te
         if val is not None and not final:  # the final evaluation scores more images: keep room for it
             eval_reserve *= len(data.val) / max(len(val), 1)
-        metrics["seconds"] = time.perf_counter() - t_start
+        metrics["seconds"] = time.perf_counter() - t0
         metrics["images_per_s"] = images / max(train_time, 1e-9)
         if not all(math.isfinite(metrics.get(k, 0.0)) for k in ("train_loss", "val_loss")):
             history.append({"progress": marks[len(history)], **metrics})

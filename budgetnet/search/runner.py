@@ -332,8 +332,9 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
 
     search_end = opts.budget_seconds * (1 - opts.final_fraction)
     slice_s = opts.trial_seconds or max(MIN_SLICE_S, search_end / TRIALS_PER_SEARCH)
+    searching = study.user_attrs.get("phase", "search") == "search" and search_end - clock.used() >= 0.5 * slice_s
     max_flops = None
-    if opts.grid is None:
+    if searching and opts.grid is None:  # the speed probe only matters when trials will be sampled
         max_flops = time_feasible_flops(data, opts.device, slice_s)
         study.set_user_attr("time_feasible_flops", max_flops or 0.0)
     with Interrupt() as interrupt:
@@ -344,7 +345,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
             if interrupt.event.is_set() or search_end - clock.used() < 0.5 * slice_s:
                 study.stop()
 
-        if study.user_attrs.get("phase", "search") == "search" and search_end - clock.used() >= 0.5 * slice_s:
+        if searching and search_end - clock.used() >= 0.5 * slice_s:  # re-checked after the probe
             reporter.message(f"study {study_name!r}: {opts.sampler} sampler, {opts.pruner} pruner, "
                              f"{slice_s:.0f} s per trial, final training {opts.final_fraction:.0%} of the budget, "
                              f"device {opts.device}" + (f", models up to {max_flops / 1e6:,.0f} MFLOPs/image "
