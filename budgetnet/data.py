@@ -316,13 +316,31 @@ def augment(x: torch.Tensor, cfg: DataConfig, gen: torch.Generator) -> torch.Ten
     return x
 
 
-def normalizer(info: DatasetInfo, device: torch.device | str):
-    """Return ``fn(uint8 batch) -> float32 normalised batch`` as one fused multiply-add per element."""
+def train_batch(split: ImageSet, idx: torch.Tensor, cfg: DataConfig, gen: torch.Generator,
+                normalize) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch from a device-resident split: rows ``idx``, augmented, normalised.
+
+    The hot path of every training step (``budgetnet.train`` and ``scripts/bench_pipeline.py`` use it).
+    ``index_select`` rather than ``images[idx]``: the same rows, ~8x faster on a CPU.
+    """
+    x = normalize(augment(split.images.index_select(0, idx), cfg, gen))
+    return x, split.labels.index_select(0, idx)
+
+
+def normalizer(info: DatasetInfo, device: torch.device | str,
+               memory_format: torch.memory_format = torch.contiguous_format):
+    """Return ``fn(uint8 batch) -> float32 normalised batch`` in ``memory_format``.
+
+    One float copy, then an in-place multiply and add on it (no further temporaries), then the layout
+    change, if any, on the float result. On a CPU this is ~1.5x faster than ``addcmul`` followed by a
+    channels_last copy; the input is never modified.
+    """
     std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
     scale = 1.0 / (255.0 * std)
     shift = -torch.tensor(info.mean, device=device).view(1, -1, 1, 1) / std
 
     def normalize(x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(shift, x.float(), scale)
+        y = x.to(torch.float32, copy=True).mul_(scale).add_(shift)
+        return y.contiguous(memory_format=memory_format)
 
     return normalize

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from budgetnet.config import RunConfig, TrainConfig
-from budgetnet.data import DeviceData, ImageSet, augment, normalizer
+from budgetnet.data import DeviceData, ImageSet, normalizer, train_batch
 from budgetnet.models import build_model
 
 Hook = Callable[[float, dict], bool]
@@ -147,7 +147,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema), use_buffers=True)
     opt = make_optimizer(model, tc)
-    normalize = normalizer(data.info, device)
+    normalize = normalizer(data.info, device, fmt)
     train = data.train
     n = len(train)
     bs = min(tc.batch_size, n)
@@ -223,8 +223,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
             for group in opt.param_groups:
                 group["lr"] = tc.lr * lr_factor(tc, p)
             idx = perm[b * bs:(b + 1) * bs]
-            x = normalize(augment(train.images[idx], cfg.data, gen)).contiguous(memory_format=fmt)
-            y = train.labels[idx]
+            x, y = train_batch(train, idx, cfg.data, gen, normalize)
             with autocast(device):
                 loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
             opt.zero_grad(set_to_none=True)

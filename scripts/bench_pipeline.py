@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from budgetnet import budget  # noqa: E402
 from budgetnet.config import DataConfig, ResNetConfig, RunConfig, Shape, TrainConfig  # noqa: E402
-from budgetnet.data import DATASET_INFO, DeviceData, ImageSet, augment, normalizer  # noqa: E402
+from budgetnet.data import DATASET_INFO, DeviceData, ImageSet, normalizer, train_batch  # noqa: E402
 from budgetnet.models import build_model  # noqa: E402
 from budgetnet.train import (  # noqa: E402
     SYNC_EVERY,
@@ -208,14 +208,13 @@ def bench_device_resident(tr: Trainer, images: torch.Tensor, labels: torch.Tenso
                           clock: Clock, gen: torch.Generator) -> Timing:
     """(a): gather by index, budgetnet augment + normalise on the device, step (as budgetnet.train)."""
     dcfg = DataConfig(crop_padding=4, flip=True, cutout=0)
-    normalize = normalizer(INFO, tr.device)
+    normalize = normalizer(INFO, tr.device, tr.fmt)
+    split = ImageSet(images, labels)
     n = len(labels)
     steps = n // bs
 
     def batch(perm, b):
-        idx = perm[b * bs:(b + 1) * bs]
-        x = normalize(augment(images[idx], dcfg, gen)).contiguous(memory_format=tr.fmt)
-        return x, labels[idx]
+        return train_batch(split, perm[b * bs:(b + 1) * bs], dcfg, gen, normalize)
 
     perm = torch.randperm(n, device=tr.device, generator=gen)
     for b in range(warmup):
@@ -266,19 +265,20 @@ def bench_model_only(tr: Trainer, images: torch.Tensor, labels: torch.Tensor, bs
 
 def bench_augment_batched(images: torch.Tensor, bs: int, device: torch.device, clock: Clock,
                           gen: torch.Generator, warmup: int) -> Timing:
-    """budgetnet's batched path for all N images: gather, augment, normalise, channels_last copy."""
+    """budgetnet's batched path for all N images: ``budgetnet.data.train_batch`` (gather, augment,
+    normalise into channels_last), exactly as a training step makes its batch."""
     dcfg = DataConfig(crop_padding=4, flip=True, cutout=0)
-    normalize = normalizer(INFO, device)
-    fmt = memory_format(device)
+    normalize = normalizer(INFO, device, memory_format(device))
+    split = ImageSet(images, torch.zeros(len(images), dtype=torch.long, device=device))
     n = len(images)
     perm = torch.randperm(n, device=device, generator=gen)
     for b in range(warmup):
-        normalize(augment(images[perm[b * bs:(b + 1) * bs]], dcfg, gen)).contiguous(memory_format=fmt)
+        train_batch(split, perm[b * bs:(b + 1) * bs], dcfg, gen, normalize)
     sizes = []
     clock.start()
     perm = torch.randperm(n, device=device, generator=gen)
     for i in range(0, n, bs):
-        normalize(augment(images[perm[i:i + bs]], dcfg, gen)).contiguous(memory_format=fmt)
+        train_batch(split, perm[i:i + bs], dcfg, gen, normalize)
         clock.mark()
         sizes.append(min(bs, n - i))
     return _timing(clock, sizes)

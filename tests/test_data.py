@@ -21,6 +21,7 @@ from budgetnet.data import (
     load_test,
     normalizer,
     read_split,
+    train_batch,
 )
 
 OFF = DataConfig(crop_padding=0, flip=False, cutout=0)
@@ -168,6 +169,33 @@ def test_normalizer_standardises_data_with_the_dataset_statistics(name):
     assert torch.allclose(y.std(dim=(0, 2, 3)), torch.ones(c), atol=0.02)
     expected = (x.float() / 255 - mean) / std
     assert torch.allclose(y, expected, atol=1e-5)
+
+
+def test_normalizer_writes_the_requested_layout_and_leaves_its_input_alone():
+    info = DATASET_INFO["cifar100"]
+    x = random_images(8)
+    before = x.clone()
+    y = normalizer(info, "cpu", torch.channels_last)(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert torch.equal(x, before)
+    assert torch.allclose(y, normalizer(info, "cpu")(x), atol=1e-6)
+    f = x.float()  # a float input must not be normalised in place either
+    normalizer(info, "cpu")(f)
+    assert torch.equal(f, before.float())
+
+
+def test_train_batch_is_the_augmented_normalised_rows_and_their_labels():
+    from budgetnet.data import ImageSet
+
+    info = DATASET_INFO["cifar100"]
+    split = ImageSet(random_images(50), torch.arange(50))
+    idx = torch.tensor([7, 3, 41, 3, 0])
+    cfg = DataConfig(crop_padding=4, flip=True, cutout=8)
+    norm = normalizer(info, "cpu", torch.channels_last)
+    x, y = train_batch(split, idx, cfg, gen(9), norm)
+    assert torch.equal(y, idx)
+    expected = norm(augment(split.images[idx], cfg, gen(9)))  # the same draws from the same generator
+    assert torch.equal(x, expected) and x.is_contiguous(memory_format=torch.channels_last)
 
 
 # -- synthetic: splits ----------------------------------------------------------------------------------
