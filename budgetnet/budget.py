@@ -3,16 +3,25 @@
 ``check_params`` is the cheap gate (a meta build, a few ms); ``count_flops`` runs a meta forward pass
 under ``torch.utils.flop_counter`` (tens of ms). Neither touches real memory, so an oversized config is
 rejected before it costs a byte of GPU memory or a second of training.
+
+Staged families (a ``depths`` field: the ResNets and the inverted-residual net) are counted by depth
+additivity, so the cost does not grow with depth: every block of a stage after its first has the same
+input and output width, stride 1 and the same resolution, so each adds the same parameters and FLOPs.
+The count of ``depths=(d1, d2, d3)`` is then the count of the all-ones net plus, per stage, ``d - 1``
+times what a second block adds there: ``1 + len(depths)`` meta builds of shallow nets, each exact.
+A plain net with equal widths and a constant kernel is counted the same way over ``convs_per_block``.
+``tests/test_models.py`` checks it against real builds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from budgetnet.config import ModelConfig, Shape
+from budgetnet.config import ModelConfig, PlainConfig, Shape
 from budgetnet.models import build_model
 
 
@@ -29,20 +38,67 @@ def _meta_model(cfg: ModelConfig, shape: Shape) -> torch.nn.Module:
         return build_model(cfg, shape)
 
 
+def _repeats(cfg: ModelConfig):
+    """(depths, rebuild) for a config made of repeated identical layers, else None.
+
+    Staged families repeat blocks per stage (``depths``). A plain net with equal widths and a constant
+    kernel repeats identical convs within each of its blocks (``convs_per_block``)."""
+    if getattr(cfg, "depths", None):
+        return cfg.depths, lambda d: dataclasses.replace(cfg, depths=d)
+    if isinstance(cfg, PlainConfig) and cfg.width_pattern == "equal" and cfg.kernel_pattern == "constant":
+        blocks = cfg.n_conv // cfg.convs_per_block
+        return (cfg.convs_per_block,), lambda d: dataclasses.replace(cfg, convs_per_block=d[0],
+                                                                     n_conv=d[0] * blocks)
+    return None
+
+
+def _by_depth(count, cfg: ModelConfig, shape: Shape) -> int:
+    """``count(cfg, shape)`` from shallow builds for nets of repeated layers (see the module docstring);
+    a direct build for everything else and for nets that are shallow already."""
+    rep = _repeats(cfg)
+    if rep is None or max(rep[0]) <= 2:
+        return count(cfg, shape)
+    depths, rebuild = rep
+    ones = (1,) * len(depths)
+    base = count(rebuild(ones), shape)
+    total = base
+    for i, d in enumerate(depths):
+        if d > 1:
+            two = ones[:i] + (2,) + ones[i + 1:]
+            total += (d - 1) * (count(rebuild(two), shape) - base)
+    return total
+
+
 @functools.lru_cache(maxsize=4096)
-def count_params(cfg: ModelConfig, shape: Shape) -> int:
-    """Exact number of trainable parameters, from a meta-device build (no memory allocated)."""
+def _params_built(cfg: ModelConfig, shape: Shape) -> int:
     return sum(p.numel() for p in _meta_model(cfg, shape).parameters() if p.requires_grad)
 
 
 @functools.lru_cache(maxsize=1024)
-def count_flops(cfg: ModelConfig, shape: Shape) -> int:
-    """Forward FLOPs for one image (2 per multiply-add), counted on the meta device."""
+def _flops_built(cfg: ModelConfig, shape: Shape) -> int:
     model = _meta_model(cfg, shape).eval()
     x = torch.empty(1, shape.channels, shape.image_size, shape.image_size, device="meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     return int(counter.get_total_flops())
+
+
+@functools.lru_cache(maxsize=4096)
+def count_params(cfg: ModelConfig, shape: Shape) -> int:
+    """Exact number of trainable parameters, from meta-device builds (no memory allocated)."""
+    return _by_depth(_params_built, cfg, shape)
+
+
+@functools.lru_cache(maxsize=1024)
+def count_flops(cfg: ModelConfig, shape: Shape) -> int:
+    """Forward FLOPs for one image (2 per multiply-add), counted on the meta device."""
+    return _by_depth(_flops_built, cfg, shape)
+
+
+def clear_caches() -> None:
+    """Forget every cached count (benchmarks and tests that time or watch a cold count)."""
+    for fn in (count_params, count_flops, _params_built, _flops_built):
+        fn.cache_clear()
 
 
 def check_params(cfg: ModelConfig, shape: Shape, max_params: float) -> int:

@@ -2,7 +2,7 @@
 
     python scripts/bench_guard.py [--samples 100]
 
-Each parameter check starts from a cold cache (``count_params.cache_clear()``), so the numbers are what a
+Each parameter check starts from a cold cache (``budget.clear_caches()``), so the numbers are what a
 new config costs. The target is under 50 ms for a parameter check and under 100 ms for a whole rejected
 trial (sampling the config included). The baseline in the same run is building the same model for real on
 the CPU, which is what a guard without the meta device would have to do.
@@ -17,7 +17,7 @@ import time
 import optuna
 import torch
 
-from budgetnet.budget import BudgetExceeded, check_params, count_flops, count_params
+from budgetnet.budget import BudgetExceeded, check_params, clear_caches, count_flops, count_params
 from budgetnet.config import DataConfig, MobileNetConfig, PlainConfig, ResNetConfig
 from budgetnet.data import DATASET_INFO
 from budgetnet.models import build_model
@@ -30,7 +30,10 @@ CONFIGS = {
     "ResNet bottleneck 3x3": ResNetConfig(block="bottleneck", depths=(3, 3, 3)),
     "ResNet 18x3 blocks, widths 12/24/48": ResNetConfig(depths=(18, 18, 18), widths=(12, 24, 48)),
     "ResNet 30x3 blocks, widths 8/16/32": ResNetConfig(depths=(30, 30, 30), widths=(8, 16, 32), stem_width=8),
+    "ResNet-1202 (200x3 blocks, 16/32/64)": ResNetConfig(depths=(200, 200, 200)),
     "plain (course net)": PlainConfig(),
+    "plain, 48 convs (3 blocks of 16, width 16)": PlainConfig(n_conv=48, convs_per_block=16, width=16,
+                                                              width_pattern="equal", hidden=()),
     "MobileNetV2-style": MobileNetConfig(),
 }
 
@@ -38,8 +41,7 @@ CONFIGS = {
 def timed(fn, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
-        count_params.cache_clear()
-        count_flops.cache_clear()
+        clear_caches()
         t = time.perf_counter()
         fn()
         out.append(time.perf_counter() - t)

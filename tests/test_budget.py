@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from budgetnet.budget import BudgetExceeded, check_params, count_flops, count_params
+from budgetnet.budget import BudgetExceeded, check_params, clear_caches, count_flops, count_params
 from budgetnet.config import INITS, MobileNetConfig, PlainConfig, ResNetConfig, Shape
 from budgetnet.models import build_model
 
@@ -36,9 +36,9 @@ class DeviceRecorder(TorchDispatchMode):
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    count_params.cache_clear()
+    clear_caches()
     yield
-    count_params.cache_clear()
+    clear_caches()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +47,7 @@ def _warm():
     count_params(ResNetConfig(depths=(1,), widths=(4,)), CIFAR100)
     count_flops(ResNetConfig(depths=(1,), widths=(4,)), CIFAR100)
     with DeviceRecorder():
-        count_params.cache_clear()
+        clear_caches()
         count_params(ResNetConfig(depths=(1,), widths=(4,)), CIFAR100)
 
 

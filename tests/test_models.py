@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -33,7 +34,7 @@ def resnet_configs(draw):
     n = draw(st.integers(1, 3))
     return ResNetConfig(
         block=draw(st.sampled_from(["basic", "bottleneck"])),
-        depths=tuple(draw(st.lists(st.integers(1, 2), min_size=n, max_size=n))),
+        depths=tuple(draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))),  # > 2: depth-additive count
         widths=tuple(draw(st.lists(st.integers(1, 12), min_size=n, max_size=n))),  # may narrow: projection
         stem_width=draw(st.integers(1, 12)),
         stem_bias=draw(st.booleans()),
@@ -65,7 +66,7 @@ def mobilenet_configs(draw):
     return MobileNetConfig(
         stem_width=draw(st.integers(1, 12)),
         widths=tuple(draw(st.lists(st.integers(1, 12), min_size=n, max_size=n))),
-        depths=tuple(draw(st.lists(st.integers(1, 2), min_size=n, max_size=n))),
+        depths=tuple(draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))),
         strides=tuple(draw(st.lists(st.sampled_from([1, 2]), min_size=n, max_size=n))),
         expansion=draw(st.integers(1, 4)),
         kernel=draw(st.sampled_from([1, 3, 5])),
@@ -106,6 +107,38 @@ def test_meta_count_matches_real_model_and_forward_works(family, data, shape):
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (2, shape.num_classes)
+
+
+@pytest.mark.parametrize("family", ["resnet", "mobilenet", "plain"])
+@settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), shape=shapes)
+def test_depth_additive_counts_equal_direct_meta_counts(family, data, shape):
+    """Nets of repeated layers are counted from shallow builds (budget._by_depth); a direct meta build
+    must agree, for the parameters and for the FLOPs of a forward pass."""
+    from budgetnet.budget import _flops_built, _params_built
+
+    cfg = data.draw(CONFIG_STRATEGIES[family], label="config")
+    if family == "plain":  # every pattern: equal/constant ones take the shortcut, the others must not
+        p = cfg.convs_per_block + 2
+        deep = dataclasses.replace(cfg, convs_per_block=p, n_conv=p * (cfg.n_conv // cfg.convs_per_block))
+    else:
+        deep = dataclasses.replace(cfg, depths=tuple(d + 2 for d in cfg.depths))  # at least 3 per stage
+    assert count_params(deep, shape) == _params_built(deep, shape)
+    assert count_flops(deep, shape) == _flops_built(deep, shape)
+
+
+@pytest.mark.parametrize("cfg", [
+    PlainConfig(n_conv=40, convs_per_block=20, width=6, width_pattern="equal", kernel_pattern="constant",
+                hidden=(12,), batch_norm=True),
+    ResNetConfig(block="bottleneck", depths=(7, 1, 4), widths=(4, 8, 8)),
+    MobileNetConfig(depths=(5, 1, 3, 1, 6)),
+], ids=["plain-40-convs", "resnet-bottleneck", "mobilenet"])
+def test_deep_nets_counted_from_shallow_builds_match_real_builds(cfg):
+    from budgetnet.budget import _flops_built
+
+    shape = Shape(3, 100, 32)
+    assert count_params(cfg, shape) == real_param_count(build_model(cfg, shape))
+    assert count_flops(cfg, shape) == _flops_built(cfg, shape)
 
 
 def test_count_params_is_stable_and_cached():

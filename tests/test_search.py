@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from optuna.trial import TrialState
 import budgetnet.search.runner as runner
 from budgetnet.budget import count_flops, count_params
 from budgetnet.checkpoint import load_checkpoint
-from budgetnet.config import DataConfig, PlainConfig
+from budgetnet.config import DataConfig, MobileNetConfig, PlainConfig, ResNetConfig
 from budgetnet.data import DATASET_INFO
 from budgetnet.evaluate import evaluate_checkpoint
 from budgetnet.search.report import Reporter
@@ -42,6 +43,34 @@ def test_space_is_feasible_by_construction(cap, seed):
             # under a 20k cap): then the guard rejects it, the safety net behind the space.
             assert max_width(_with_width(cfg.model, 1), CIFAR, cap) == 0
         study.tell(trial, 0.0)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(a=st.floats(0, 50), b=st.floats(0, 5000), c=st.floats(0, 1e5), kink=st.integers(1, 1024),
+       jump=st.floats(0, 1e6), cap=st.floats(1, 6e7), limit=st.integers(1, 1024))
+def test_largest_width_equals_a_full_scan(a, b, c, kink, jump, cap, limit):
+    """The quadratic guess only steers; the answer must be the exact largest fitting width even for
+    counts that are not quadratic (a jump at ``kink``, rounding)."""
+    from budgetnet.search.space import _largest
+
+    def count(w):
+        return math.floor(a * w * w + b * w + c + (jump if w >= kink else 0.0)) + w  # strictly increasing
+
+    expected = max((w for w in range(1, limit + 1) if count(w) <= cap), default=0)
+    assert _largest(count, cap, limit) == expected
+
+
+@pytest.mark.parametrize("cfg", [ResNetConfig(depths=(5, 5, 5)), PlainConfig(width_pattern="halving", n_conv=4),
+                                 MobileNetConfig(), PlainConfig(hidden=(256,), n_conv=2)],
+                         ids=["resnet32", "plain-halving", "mobilenet", "plain-hidden"])
+@pytest.mark.parametrize("cap", [3e4, 2.5e5, 1e6])
+def test_max_width_is_the_exact_bound(cfg, cap):
+    w = max_width(cfg, CIFAR, cap)
+    if w == 0:
+        assert count_params(_with_width(cfg, 1), CIFAR) > cap
+        return
+    assert count_params(_with_width(cfg, w), CIFAR) <= cap
+    assert w == 1024 or count_params(_with_width(cfg, w + 1), CIFAR) > cap
 
 
 def test_space_respects_a_flop_cap():
