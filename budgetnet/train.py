@@ -25,14 +25,15 @@ from budgetnet.models import build_model
 
 Hook = Callable[[float, dict], bool]
 
-COMPLETE, STOPPED, DIVERGED, OOM = "complete", "stopped", "diverged", "oom"
+COMPLETE, STOPPED, DIVERGED, OOM, TOO_SLOW = "complete", "stopped", "diverged", "oom", "too_slow"
 EVAL_SUBSET = 2000  # validation images scored at intermediate marks (all of them at the last mark)
 SYNC_EVERY = 8  # steps between host syncs (divergence check, stop poll); bounds how far the CPU runs ahead
+SPEED_CHECK_AT = 0.05  # progress at which a time-sliced run with ``min_epochs`` checks its own speed
 
 
 @dataclass
 class RunResult:
-    """What a run produced. ``status`` is one of complete, stopped, diverged, oom."""
+    """What a run produced. ``status`` is one of complete, stopped, diverged, oom, too_slow."""
 
     status: str
     reason: str = ""
@@ -109,18 +110,21 @@ def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.de
 
 def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, seconds: float | None = None,
               epochs: float | None = None, hook: Hook | None = None,
-              stop: Callable[[], bool] | None = None) -> RunResult:
+              stop: Callable[[], bool] | None = None, min_epochs: float | None = None) -> RunResult:
     """Train ``cfg`` on ``data.train`` for ``seconds`` of wall time or ``epochs`` epochs.
 
     ``hook(progress, metrics)`` is called at each evaluation mark; returning True stops the run.
     ``stop()`` is polled every few steps (a deadline, Ctrl-C); True stops the run at once.
+    ``min_epochs`` (time slices only): at ``SPEED_CHECK_AT`` of the slice, before the first evaluation,
+    the run projects its measured training rate over the slice and ends ``too_slow`` if that covers
+    fewer epochs. A model that cannot see its data in the time it has is not worth the rest of it.
     Divergence and out-of-memory end the run with a typed status instead of an exception.
     """
     if (seconds is None) == (epochs is None):
         raise ValueError("give exactly one of seconds or epochs")
     device = torch.device(device)
     try:
-        return _train(cfg, data, device, seconds, epochs, hook, stop)
+        return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs)
     except torch.OutOfMemoryError as e:
         reason = str(e).splitlines()[0]
     except RuntimeError as e:  # the CPU allocator reports exhaustion as a plain RuntimeError
@@ -135,7 +139,8 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
 
 
 def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: float | None,
-           epochs: float | None, hook: Hook | None, stop: Callable[[], bool] | None) -> RunResult:
+           epochs: float | None, hook: Hook | None, stop: Callable[[], bool] | None,
+           min_epochs: float | None) -> RunResult:
     t0 = time.perf_counter()  # the slice covers setup too (the first optimizer build in a process takes ~2 s)
     tc = cfg.train
     torch.manual_seed(cfg.seed)  # weight init
@@ -162,6 +167,8 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     status, reason = COMPLETE, ""
+    speed_check = seconds is not None and bool(min_epochs)
+    first_step_s = 0.0  # training time of step 1 (one-off kernel selection), left out of the speed check
 
     def progress() -> float:
         if total_steps is not None:
@@ -207,6 +214,18 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
         perm = torch.randperm(n, device=device, generator=gen)
         for b in range(steps_per_epoch):
             p = progress()
+            if speed_check and p >= SPEED_CHECK_AT:
+                speed_check = False
+                if step >= 2:
+                    rate = (images - bs) / max(train_time - first_step_s, 1e-9)
+                else:  # not even two steps in 5% of the slice
+                    rate = images / max(time.perf_counter() - t0, 1e-9)
+                projected = rate * seconds / n
+                if projected < min_epochs:
+                    status, done = TOO_SLOW, True
+                    reason = (f"{projected:.2f} epochs projected in the {seconds:.0f} s slice at {rate:,.0f} "
+                              f"img/s; needs {min_epochs:g}")
+                    break
             if p >= marks[len(history)]:
                 ended = run_eval(p)
                 if ended is not None:
@@ -239,10 +258,12 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
                 status, reason, done = DIVERGED, f"non-finite loss at step {step}", True
                 break
             train_time += time.perf_counter() - ts
+            if step == 1:
+                first_step_s = train_time
 
     final = ema.module if ema is not None else model
     state = None
-    if status != DIVERGED:
+    if status not in (DIVERGED, TOO_SLOW):
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in final.state_dict().items()}
     return RunResult(
         status=status, reason=reason, metrics=history[-1] if history else {}, history=history,

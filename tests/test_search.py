@@ -175,6 +175,20 @@ def test_diverging_trial_is_recorded_and_the_search_goes_on(tmp_path):
     assert summary["checkpoint"]
 
 
+def test_trials_too_slow_for_their_slice_are_pruned_early_and_the_search_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "MIN_EPOCHS_PER_TRIAL", 1e5)  # no model can see 1e5 epochs in 3 s
+    summary = run_search(_opts(tmp_path, final_fraction=0.0, budget_seconds=12.0, trial_seconds=3.0),
+                         Reporter("quiet"))
+    study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp_path / 'study.db'}")
+    slow = [t for t in study.trials if t.user_attrs.get("state") == "too slow"]
+    assert len(slow) >= 3  # each ends at 5% of its slice, so many fit where 3 full slices would
+    for t in slow:
+        assert t.state == TrialState.PRUNED and "epochs projected" in t.user_attrs["reason"]
+        assert t.user_attrs["seconds"] < 3.0 * 0.5
+    assert summary["trials"]["complete"] == 0 and summary["checkpoint"] is None
+    assert not (tmp_path / "best.pt").exists()
+
+
 def _cli(tmp_path, *extra, budget_h="0.012"):
     return [sys.executable, "-m", "budgetnet", "search", "--dataset", "synthetic", "--max-params", "30k",
             "--hours", budget_h, "--trial-seconds", "3", "--storage", f"sqlite:///{tmp_path / 's.db'}",

@@ -200,6 +200,23 @@ def test_stop_before_the_first_step(synthetic_data):
     assert r.status == STOPPED and r.steps == 0 and r.seconds < 30
 
 
+def test_a_run_too_slow_for_its_slice_ends_early_with_its_projection(synthetic_data, warm_torch):
+    hooked = []
+    r = train_run(run_cfg(), synthetic_data, device="cpu", seconds=4, min_epochs=1e4,
+                  hook=lambda p, m: hooked.append(p))
+    assert r.status == bt.TOO_SLOW
+    assert r.seconds < 4 * 0.5  # decided at 5% of the slice (plus a step), not at its end
+    assert not hooked  # before the first evaluation
+    assert "epochs projected in the 4 s slice" in r.reason and "needs 10000" in r.reason
+    assert r.state_dict is None
+
+
+def test_a_run_fast_enough_for_its_slice_is_not_stopped(synthetic_data, warm_torch):
+    # the synthetic split is ~2k images; any model here sees it many times in 2 s
+    r = train_run(run_cfg(), synthetic_data, device="cpu", seconds=2, min_epochs=0.5)
+    assert r.status == COMPLETE and r.metrics["epoch"] > 0.5
+
+
 def test_exactly_one_budget():
     with pytest.raises(ValueError):
         train_run(run_cfg(), None, device="cpu")

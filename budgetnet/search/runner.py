@@ -34,7 +34,7 @@ from budgetnet.config import DataConfig, ResNetConfig, RunConfig, TrainConfig
 from budgetnet.data import DeviceData, load_data
 from budgetnet.search.report import Reporter
 from budgetnet.search.space import WARM_START, suggest_config, suggest_grid_config
-from budgetnet.train import COMPLETE, DIVERGED, OOM, STOPPED, train_run
+from budgetnet.train import COMPLETE, DIVERGED, OOM, STOPPED, TOO_SLOW, train_run
 
 REPORT_STEPS = 100  # intermediate values are reported on a 0..100 (percent of the trial's slice) axis
 WRITE_RESERVE_S = 3.0  # kept back at the end for the FLOP count, checkpoint write and artifact upload
@@ -226,8 +226,12 @@ class Objective:
             self.save_clock()
             return trial.should_prune()
 
+        # Sampled trials must be able to see MIN_EPOCHS_PER_TRIAL of their data in the slice; the run
+        # measures its own speed at 5% of the slice and ends "too slow" otherwise. FLOPs predict speed
+        # poorly on a CPU (depthwise convs, norms and activations are memory-bound): this is the real test.
         result = train_run(cfg, self.data, device=opts.device, seconds=slice_s, hook=hook,
-                           stop=lambda: self.interrupt.event.is_set() or self.clock.used() > deadline)
+                           stop=lambda: self.interrupt.event.is_set() or self.clock.used() > deadline,
+                           min_epochs=MIN_EPOCHS_PER_TRIAL if opts.grid is None else None)
         trial.set_user_attr("seconds", round(result.seconds, 2))
         trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
         trial.set_user_attr("epochs", round(result.metrics.get("epoch", 0.0), 2))
@@ -235,6 +239,8 @@ class Objective:
             self._prune(trial, row, "diverged", result.reason)
         if result.status == OOM:
             self._prune(trial, row, "out of memory", result.reason)
+        if result.status == TOO_SLOW:
+            self._prune(trial, row, "too slow", result.reason)
         if result.status == STOPPED:
             if result.reason == "stopped by hook":
                 self._prune(trial, row, "pruned", f"below the median at {row['progress']:.0%}")

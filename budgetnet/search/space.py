@@ -182,14 +182,17 @@ def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: D
 
 
 # A sound, cheap starting point queued as the first trial of every new study (docs/search.md): a
-# 3-conv plain net with BN at half the widest that fits, SGD with one-cycle. It learns quickly on any
-# device, so the median pruner has a reasonable bar from the first trial on.
+# 3-conv plain net without batch norm (BN costs ~40% of a small net's step on a CPU), a 512-unit hidden
+# layer, 35% of the widest width that fits, SGD with one-cycle and flips only. It was the pattern of the
+# best trials of earlier 10-minute Fashion-MNIST studies on one CPU core (over 90% validation accuracy
+# in a 33 s slice, where the previous BN warm start reached 78-84%): it learns quickly on any device,
+# so the median pruner has a high bar from the first trial on, and TPE a good region to start from.
 WARM_START: dict[str, Any] = {
-    "activation": "relu", "init": "kaiming", "dropout": 0.0, "family": "plain", "plain_blocks": 3,
-    "plain_convs_per_block": 1, "plain_hidden": 128, "plain_width_pattern": "doubling", "plain_kernel": 3,
-    "plain_kernel_pattern": "constant", "plain_batch_norm": True, "width_frac": 0.5, "optimizer": "sgd",
-    "sgd_lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128, "warmup": 0.05,
-    "schedule": "onecycle", "label_smoothing": 0.1, "crop_padding": 2, "flip": True, "cutout_frac": 0.0,
+    "activation": "relu", "init": "kaiming", "dropout": 0.2, "family": "plain", "plain_blocks": 3,
+    "plain_convs_per_block": 1, "plain_hidden": 512, "plain_width_pattern": "doubling", "plain_kernel": 3,
+    "plain_kernel_pattern": "constant", "plain_batch_norm": False, "width_frac": 0.35, "optimizer": "sgd",
+    "sgd_lr": 0.09, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128, "warmup": 0.05,
+    "schedule": "onecycle", "label_smoothing": 0.1, "crop_padding": 0, "flip": True, "cutout_frac": 0.0,
 }
 
 
