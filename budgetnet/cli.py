@@ -290,9 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     from budgetnet.checkpoint import CheckpointError
     from budgetnet.config import ConfigError
     from budgetnet.data import DatasetNotFound
+    from budgetnet.train import tune_cpu_allocator
 
     try:
         args = build_parser().parse_args(argv)
+        tune_cpu_allocator()
         return args.fn(args)
     except (UserError, ConfigError, DatasetNotFound, CheckpointError, BudgetExceeded) as e:
         print(f"budgetnet: error: {e}", file=sys.stderr)

@@ -69,6 +69,7 @@ from budgetnet.train import (  # noqa: E402
     memory_format,
     resolve_device,
     train_run,
+    tune_cpu_allocator,
 )
 
 MODELS = {
@@ -328,9 +329,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the cross-check epoch through budgetnet.train.train_run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
+    ap.add_argument("--untuned-allocator", action="store_true",
+                    help="leave glibc's malloc thresholds at their defaults (the baseline for that change)")
     ap.add_argument("--only-augment", action="store_true",
                     help="time only the augmentation comparison (no model); quick, ~1 core for ~20 s")
     args = ap.parse_args(argv)
+    tuned = False if args.untuned_allocator else tune_cpu_allocator()  # as the budgetnet CLI does
+    print(f"glibc allocator thresholds raised (budgetnet.train.tune_cpu_allocator): {tuned}")
 
     device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
