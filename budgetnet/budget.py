@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -34,8 +35,16 @@ class BudgetExceeded(Exception):
 
 
 def _meta_model(cfg: ModelConfig, shape: Shape) -> torch.nn.Module:
-    with torch.device("meta"):
-        return build_model(cfg, shape)
+    # A build creates thousands of small objects; with the collector on, one of them may trigger a full
+    # collection of a large process (an Optuna study, a loaded dataset) and stall the count 100+ ms.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.device("meta"):
+            return build_model(cfg, shape)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _repeats(cfg: ModelConfig):
@@ -54,11 +63,15 @@ def _repeats(cfg: ModelConfig):
 
 def _by_depth(count, cfg: ModelConfig, shape: Shape) -> int:
     """``count(cfg, shape)`` from shallow builds for nets of repeated layers (see the module docstring);
-    a direct build for everything else and for nets that are shallow already."""
+    a direct build for everything else, and wherever the shallow builds would hold as many blocks as the
+    net itself (ResNet-20, the 5-stage inverted-residual net)."""
     rep = _repeats(cfg)
-    if rep is None or max(rep[0]) <= 2:
+    if rep is None:
         return count(cfg, shape)
     depths, rebuild = rep
+    deep = sum(d > 1 for d in depths)
+    if len(depths) + deep * (len(depths) + 1) >= sum(depths):  # shallow builds would not build fewer blocks
+        return count(cfg, shape)
     ones = (1,) * len(depths)
     base = count(rebuild(ones), shape)
     total = base

@@ -65,8 +65,6 @@ def _largest(count, cap: float, limit: int) -> int:
     (galloping out, then bisecting) confirm it. About five counts instead of a ten-step bisection; the
     answer is exact either way, because only exact counts decide.
     """
-    if count(1) > cap:
-        return 0
     xs = [x for x in FIT_POINTS if x <= limit]
     guess = limit
     if len(xs) == 3:
@@ -85,11 +83,15 @@ def _largest(count, cap: float, limit: int) -> int:
         while lo < limit and fits(min(limit, lo + step)):
             lo, step = min(limit, lo + step), 2 * step
         hi = min(limit, lo + step) - 1 if lo < limit else limit
-    else:  # gallop down to a width that fits (width 1 does)
+    else:  # gallop down to a width that fits; 0 when not even width 1 does
         hi, step = guess - 1, 1
-        while not fits(max(1, hi - step + 1)):
-            hi, step = max(1, hi - step + 1) - 1, 2 * step
-        lo = max(1, hi - step + 1)
+        while True:
+            lo = max(1, hi - step + 1)
+            if fits(lo):
+                break
+            if lo == 1:
+                return 0
+            hi, step = lo - 1, 2 * step
     while lo < hi:  # invariant: fits(lo); everything above hi does not fit
         mid = (lo + hi + 1) // 2
         if fits(mid):
