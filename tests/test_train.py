@@ -205,7 +205,7 @@ def test_a_run_too_slow_for_its_slice_ends_early_with_its_projection(synthetic_d
     r = train_run(run_cfg(), synthetic_data, device="cpu", seconds=4, min_epochs=1e4,
                   hook=lambda p, m: hooked.append(p))
     assert r.status == bt.TOO_SLOW
-    assert r.seconds < 4 * 0.5  # decided at 5% of the slice (plus a step), not at its end
+    assert r.seconds < 3.0  # decided at 5% of the slice (plus start-up and a step), not at its end
     assert not hooked  # before the first evaluation
     assert "epochs projected in the 4 s slice" in r.reason and "needs 10000" in r.reason
     assert r.state_dict is None
