@@ -8,8 +8,9 @@ Staged families (a ``depths`` field: the ResNets and the inverted-residual net) 
 additivity, so the cost does not grow with depth: every block of a stage after its first has the same
 input and output width, stride 1 and the same resolution, so each adds the same parameters and FLOPs.
 The count of ``depths=(d1, d2, d3)`` is then the count of the all-ones net plus, per stage, ``d - 1``
-times what a second block adds there: ``1 + len(depths)`` meta builds of shallow nets, each exact.
-A plain net with equal widths and a constant kernel is counted the same way over ``convs_per_block``.
+times what a second block adds there: one meta build of the all-ones net and one per stage deeper than
+1, each exact, used wherever they hold fewer blocks than the net itself. A plain net with equal widths
+and a constant kernel is counted the same way over ``convs_per_block``.
 ``tests/test_models.py`` checks it against real builds.
 """
 

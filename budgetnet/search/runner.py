@@ -65,6 +65,8 @@ TRIALS_PER_SEARCH = 12  # full-length trial slices per search phase; median stop
 MIN_SLICE_S = 10.0  # shorter trials rank models by their start-up, not their learning
 PROBE_STEPS = 16  # training steps of the speed probe (batch 128)
 MIN_EPOCHS_PER_TRIAL = 0.5  # the FLOP cap lets every sampled model see half its training split per slice
+# Runs that ended without a result worth ranking: recorded as PRUNED with this state and the run's reason.
+FAILED_RUN_STATES = {DIVERGED: "diverged", OOM: "out of memory", TOO_SLOW: "too slow"}
 
 
 def default_study_name(dataset: str, max_params: float, hours: float) -> str:
@@ -235,12 +237,8 @@ class Objective:
         trial.set_user_attr("seconds", round(result.seconds, 2))
         trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
         trial.set_user_attr("epochs", round(result.metrics.get("epoch", 0.0), 2))
-        if result.status == DIVERGED:
-            self._prune(trial, row, "diverged", result.reason)
-        if result.status == OOM:
-            self._prune(trial, row, "out of memory", result.reason)
-        if result.status == TOO_SLOW:
-            self._prune(trial, row, "too slow", result.reason)
+        if result.status in FAILED_RUN_STATES:
+            self._prune(trial, row, FAILED_RUN_STATES[result.status], result.reason)
         if result.status == STOPPED:
             if result.reason == "stopped by hook":
                 self._prune(trial, row, "pruned", f"below the median at {row['progress']:.0%}")
@@ -263,7 +261,8 @@ class Objective:
 
 
 def time_feasible_flops(data: DeviceData, device: str, slice_s: float) -> float | None:
-    """Forward FLOPs per image a model may have so that one trial slice covers the training split once.
+    """Forward FLOPs per image a model may have so that one trial slice covers ``MIN_EPOCHS_PER_TRIAL``
+    of the training split (a FLOP-based guess; ``train_run(min_epochs=)`` then checks the real speed).
 
     Measures this device's training throughput on a small reference ResNet for a couple of seconds; the
     cap scales that rate to the slice. On a GPU it is far above any net under a 1M-parameter cap; on a

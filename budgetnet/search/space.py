@@ -3,11 +3,12 @@
 The space is feasible by construction. Each family has one width knob, sampled as a fraction of the
 widest net that still fits the parameter cap given every other sampled choice (depth, block, kernel,
 hidden layer, activation, ...). That maximum is found on the meta device, so the sampler almost never
-proposes an oversized model and TPE sees fixed distributions (a fraction in [0.25, 1]) instead of ranges
-that move with depth. The budget guard stays behind it as a safety net.
+proposes an oversized model and TPE sees fixed distributions (a fraction in [0.15, 1], log scale) instead
+of ranges that move with depth. The budget guard stays behind it as a safety net.
 
 The "widest that fits" also respects a FLOP cap derived from the device's speed and the trial's time
-slice, so a slow device (a CPU) is not handed 1M-parameter nets it cannot train even once per trial.
+slice, so a slow device (a CPU) is not handed 1M-parameter nets that cannot see even half their
+training split in a trial (``runner.MIN_EPOCHS_PER_TRIAL``).
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: D
     """Sample an architecture and a schedule for ``trial``.
 
     The model fits ``max_params`` by construction, and ``max_flops`` (forward FLOPs per image) when given:
-    the search derives that from the device's measured speed so that every trial can at least see its
-    training split once in its time slice (see ``runner.time_feasible_flops``).
+    the search derives that from the device's measured speed so that every trial can see at least half
+    its training split in its time slice (see ``runner.time_feasible_flops``).
     """
     common = dict(
         activation=trial.suggest_categorical("activation", ACTIVATIONS),
