@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from budgetnet.config import RunConfig, TrainConfig
-from budgetnet.data import DeviceData, ImageSet, normalizer, train_batch
+from budgetnet.data import DeviceData, ImageSet, normalizer, train_batches
 from budgetnet.models import build_model
 
 Hook = Callable[[float, dict], bool]
@@ -177,6 +177,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     opt = make_optimizer(model, tc)
     normalize = normalizer(data.info, device, fmt)
     train = data.train
+    batch = train_batches(train, cfg.data, normalize)
     n = len(train)
     bs = min(tc.batch_size, n)
     steps_per_epoch = n // bs  # drop the last partial batch: one compiled shape, unbiased BN statistics
@@ -265,7 +266,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
             for group in opt.param_groups:
                 group["lr"] = tc.lr * lr_factor(tc, p)
             idx = perm[b * bs:(b + 1) * bs]
-            x, y = train_batch(train, idx, cfg.data, gen, normalize)
+            x, y = batch(idx, gen)
             with autocast(device):
                 loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
             opt.zero_grad(set_to_none=True)

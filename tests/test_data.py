@@ -21,7 +21,7 @@ from budgetnet.data import (
     load_test,
     normalizer,
     read_split,
-    train_batch,
+    train_batches,
 )
 
 OFF = DataConfig(crop_padding=0, flip=False, cutout=0)
@@ -184,7 +184,7 @@ def test_normalizer_writes_the_requested_layout_and_leaves_its_input_alone():
     assert torch.equal(f, before.float())
 
 
-def test_train_batch_is_the_augmented_normalised_rows_and_their_labels():
+def test_train_batches_are_the_augmented_normalised_rows_and_their_labels():
     from budgetnet.data import ImageSet
 
     info = DATASET_INFO["cifar100"]
@@ -192,10 +192,45 @@ def test_train_batch_is_the_augmented_normalised_rows_and_their_labels():
     idx = torch.tensor([7, 3, 41, 3, 0])
     cfg = DataConfig(crop_padding=4, flip=True, cutout=8)
     norm = normalizer(info, "cpu", torch.channels_last)
-    x, y = train_batch(split, idx, cfg, gen(9), norm)
+    x, y = train_batches(split, cfg, norm)(idx, gen(9))
     assert torch.equal(y, idx)
     expected = norm(augment(split.images[idx], cfg, gen(9)))  # the same draws from the same generator
     assert torch.equal(x, expected) and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_crop_and_flip_together_are_a_translate_of_the_image_or_its_mirror():
+    p = 2
+    x = copies(64)
+    out = augment(x, DataConfig(crop_padding=p, flip=True, cutout=0), gen(4))
+    kinds = set()
+    for o in out:
+        found = [(f, dy, dx) for f in (False, True) for dy in range(-p, p + 1) for dx in range(-p, p + 1)
+                 if torch.equal(o, _shift(x[0].flip(2) if f else x[0], dy, dx))]
+        assert len(found) == 1, "not a zero-padded translate of the image or of its mirror"
+        kinds.add(found[0])
+    assert {f for f, _, _ in kinds} == {False, True} and len(kinds) > 16
+
+
+def test_a_split_keeps_its_augmenter_for_the_same_padding_and_flip():
+    from budgetnet.data import ImageSet
+
+    split = ImageSet(random_images(20), torch.arange(20))
+    a = split.augmenter(4, True)
+    assert split.augmenter(4, True) is a  # the next run with the same translate and flip reuses the store
+    b = split.augmenter(2, True)
+    assert b is not a and (b.padding, b.flip) == (2, True)
+    assert split.augmenter(2, True) is b
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_normalizer_reads_contiguous_and_channels_last_batches_alike(c):
+    info = DATASET_INFO["fashion_mnist" if c == 1 else "cifar10"]
+    x = random_images(6, c, 28)
+    norm = normalizer(info, "cpu", torch.channels_last)
+    a, b = norm(x), norm(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(a, b) and b.is_contiguous(memory_format=torch.channels_last)
+    mean, std = torch.tensor(info.mean).view(1, c, 1, 1), torch.tensor(info.std).view(1, c, 1, 1)
+    assert torch.allclose(a, (x.float() / 255 - mean) / std, atol=1e-5)
 
 
 # -- synthetic: splits ----------------------------------------------------------------------------------
@@ -209,6 +244,7 @@ def test_synthetic_default_split(synthetic_data):
     assert len(d.train) == 2000 and len(d.val) == 400
     assert d.train.images.shape == (2000, 3, 32, 32) and d.train.images.dtype == torch.uint8
     assert d.train.labels.dtype == torch.int64 and d.train.images.device.type == "cpu"
+    assert d.train.images.is_contiguous(memory_format=torch.channels_last)  # rows of W x C for normalizer
     assert d.info.shape == DATASET_INFO["synthetic"].shape
     assert len(d.classes) == 10
     images, labels, _ = read_split("synthetic", None, train=True)
