@@ -4,9 +4,9 @@
 One run, one process, one model and optimiser, three ways to feed one training epoch of CIFAR-shaped
 data (3x32x32 uint8, 100 classes, random images fabricated in memory; no dataset needed):
 
-  (a) device-resident: the uint8 split lives on the device; each batch is gathered by index, augmented by
-      ``budgetnet.data.augment`` (crop_padding=4, flip=True) and normalised by ``budgetnet.data.normalizer``
-      (exactly what ``budgetnet.train`` does);
+  (a) device-resident: the uint8 split lives on the device; each batch is ``budgetnet.data.train_batches``
+      (crop_padding=4, flip=True): translated, flipped rows selected by index from the split's augmentation
+      store, normalised by ``budgetnet.data.normalizer`` (exactly what ``budgetnet.train`` does);
   (b) torchvision: a CIFAR-style Dataset of HWC uint8 numpy images -> ``PIL.Image.fromarray`` ->
       RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize, batched by a
       ``torch.utils.data.DataLoader`` with ``--workers`` worker processes (pin_memory on CUDA);
@@ -21,7 +21,8 @@ pipelines run ``--repeats`` times, interleaved (c, a, b, augmentation; default 3
 epoch and, as a figure a noisy neighbour on a shared machine disturbs far less, the median per-step rate.
 
 Separately it times the augmentation alone over all N images (no model): budgetnet's batched
-``augment`` + normalise (in batches of ``--batch-size``, index gather and channels_last copy included) vs
+``train_batches`` (in batches of ``--batch-size``, row selection and normalisation into channels_last
+included; the one-off store build is timed and printed apart) vs
 the per-sample torchvision transforms (Dataset ``__getitem__``: fromarray + the four transforms) in a plain
 single-process Python loop (no collation, which favours torchvision).
 
@@ -447,10 +448,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- report -------------------------------------------------------------------------------------
     names = {
-        "a": "(a) device-resident: budgetnet `augment` + `normalizer` + step",
+        "a": "(a) device-resident: budgetnet `train_batches` + step",
         "b": f"(b) torchvision transforms + DataLoader ({args.workers} workers) + step",
         "c": "(c) model only: step on pre-made, pre-normalised batches",
-        "aug_batched": "augmentation only: budgetnet batched `augment` + normalise",
+        "aug_batched": "augmentation only: budgetnet batched `train_batches`",
         "aug_per_sample": "augmentation only: torchvision per-sample transforms, Python loop",
     }
     print()
