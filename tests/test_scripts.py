@@ -1,0 +1,52 @@
+"""The benchmark scripts run end to end at toy sizes (their numbers are measured in docs/benchmarks.md,
+never asserted here): a GPU session has minutes, not retries, to spend on them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_pipeline_reports_every_pipeline_and_ratio(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = _load("bench_pipeline").main(["--device", "cpu", "--images", "64", "--batch-size", "32", "--workers", "0",
+                                       "--warmup", "1", "--repeats", "1", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"a", "b", "c", "aug_batched", "aug_per_sample"}
+    for k, r in report["results"].items():
+        assert r["images"] == 64 and r["images_per_s"] > 0, k
+    assert report["results"]["aug_batched"]["setup_seconds"] > 0  # the store build is timed apart
+    assert set(report["ratios"]) == {"a_over_c", "a_over_b", "aug_batched_over_per_sample"}
+    assert report["train_run_images_per_s"] > 0  # the cross-check epoch through train_run completed
+    printed = capsys.readouterr().out
+    assert "| augmentation: batched / per-sample |" in printed and "augmentation store build" in printed
+
+
+def test_bench_pipeline_only_augment(tmp_path):
+    out = tmp_path / "aug.json"
+    rc = _load("bench_pipeline").main(["--device", "cpu", "--images", "64", "--batch-size", "32", "--warmup", "1",
+                                       "--repeats", "2", "--only-augment", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert len(report["aug_batched"]["images_per_s_all"]) == 2 and report["aug_per_sample"]["images"] == 64
+
+
+def test_bench_pipeline_rejects_fewer_images_than_a_batch():
+    with pytest.raises(SystemExit) as e:
+        _load("bench_pipeline").main(["--device", "cpu", "--images", "16", "--batch-size", "32"])
+    assert e.value.code == 2
