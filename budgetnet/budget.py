@@ -23,16 +23,28 @@ import gc
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from budgetnet.config import ModelConfig, PlainConfig, Shape
+from budgetnet.config import ModelConfig, PlainConfig, Shape, TrainConfig
 from budgetnet.models import build_model
 
 
 class BudgetExceeded(Exception):
     """A config is over a cap. Carries the numbers so a search can record them."""
 
-    def __init__(self, what: str, value: float, cap: float):
+    def __init__(self, what: str, value: float, cap: float, message: str | None = None):
         self.what, self.value, self.cap = what, value, cap
-        super().__init__(f"{what} {value:,.0f} exceed the cap of {cap:,.0f}")
+        super().__init__(message or f"{what} {value:,.0f} exceed the cap of {cap:,.0f}")
+
+
+INT64_MAX = 2**63 - 1
+
+
+class ModelTooLarge(BudgetExceeded):
+    """A config so large that a layer's size overflows 64 bits: it can be neither built nor counted, and
+    is over any cap. ``value`` is 2^63 - 1, a lower bound on its parameters."""
+
+    def __init__(self, detail: str, cap: float = INT64_MAX):
+        super().__init__("parameters", INT64_MAX, cap,
+                         f"parameters exceed any cap: a layer's size overflows 64 bits ({detail})")
 
 
 def _meta_model(cfg: ModelConfig, shape: Shape) -> torch.nn.Module:
@@ -43,6 +55,10 @@ def _meta_model(cfg: ModelConfig, shape: Shape) -> torch.nn.Module:
     try:
         with torch.device("meta"):
             return build_model(cfg, shape)
+    except RuntimeError as e:
+        if "overflow" not in str(e):
+            raise
+        raise ModelTooLarge(str(e).splitlines()[0][:120]) from None
     finally:
         if enabled:
             gc.enable()
@@ -117,7 +133,64 @@ def clear_caches() -> None:
 
 def check_params(cfg: ModelConfig, shape: Shape, max_params: float) -> int:
     """Return the parameter count, or raise :class:`BudgetExceeded` if it is over ``max_params``."""
-    n = count_params(cfg, shape)
+    try:
+        n = count_params(cfg, shape)
+    except ModelTooLarge as e:
+        e.cap = max_params
+        raise
     if n > max_params:
         raise BudgetExceeded("parameters", n, max_params)
+    return n
+
+
+# -- memory: what training holds besides activations --------------------------------------------------
+
+def state_bytes(n_params: int, tc: TrainConfig) -> int:
+    """Bytes training keeps for a model of ``n_params`` fp32 parameters whatever the batch: weights,
+    gradients, optimizer state (AdamW: two moments; SGD: momentum, if any) and the EMA copy, if any."""
+    per = 8 + {"adamw": 8, "sgd": 4 if tc.momentum > 0 else 0}[tc.optimizer] + (4 if tc.ema else 0)
+    return n_params * per
+
+
+def _read_int(path: str, key: str | None = None) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if key is None:
+                    return int(line.split()[0])
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # /proc/meminfo counts kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can still get on ``device``; None where it cannot be told.
+
+    CUDA: the driver's free memory. CPU (Linux): MemAvailable, and what the cgroup v2 limit leaves.
+    """
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    free = [v for v in (_read_int("/proc/meminfo", "MemAvailable"),) if v is not None]
+    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:  # memory.max reads "max" (no int) when unlimited
+        free.append(max(limit - used, 0))
+    return min(free) if free else None
+
+
+def check_memory(cfg: ModelConfig, tc: TrainConfig, shape: Shape, device: torch.device | str) -> int:
+    """Return the parameter count, or raise :class:`BudgetExceeded` if the model's training state alone
+    (``state_bytes``) cannot fit in ``device``'s free memory. Activations come on top: passing this does
+    not promise a run fits (a CUDA run that does not ends with a typed out-of-memory result), but failing
+    it proves the run cannot, before a byte is allocated. On a CPU an allocation that big may get the
+    process killed rather than raise, so this is the only clean place to stop it."""
+    n = count_params(cfg, shape)
+    need, have = state_bytes(n, tc), available_memory(torch.device(device))
+    if have is not None and need > have:
+        raise BudgetExceeded("bytes", need, have, f"the model's {n:,} parameters need {need / 2**30:,.1f} GiB "
+                             f"for weights, gradients and optimizer state; {device} has {have / 2**30:,.1f} "
+                             "GiB free")
     return n

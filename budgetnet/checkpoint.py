@@ -89,10 +89,17 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tor
 
     cfg: RunConfig = ckpt["run_config"]
     info = DATASET_INFO[cfg.data.dataset]
-    model = build_model(cfg.model, Shape(info.channels, len(ckpt["classes"]) or info.num_classes,
-                                         info.image_size))
+    shape = Shape(info.channels, len(ckpt["classes"]) or info.num_classes, info.image_size)
+    # Built on the meta device and given the file's tensors (assign): a config that does not match them,
+    # however large it claims to be, is refused before any memory is allocated, and nothing is initialised
+    # only to be overwritten.
     try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
+        with torch.device("meta"):
+            model = build_model(cfg.model, shape)
+        model.load_state_dict(ckpt["state_dict"], strict=True, assign=True)
     except (RuntimeError, KeyError) as e:
         raise CheckpointError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"checkpoint weights do not match its config: no values for {', '.join(left[:3])}")
     return model.to(device).eval()

@@ -156,7 +156,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from budgetnet.budget import check_params, count_flops
+    from budgetnet.budget import check_memory, check_params, count_flops
     from budgetnet.checkpoint import save_checkpoint
     from budgetnet.config import ConfigError, RunConfig
     from budgetnet.data import DATASET_INFO, load_data
@@ -172,8 +172,10 @@ def cmd_train(args) -> int:
         raise UserError(f"bad --config {args.config}: {e}") from None
     _check_writable(args.out)
     shape = DATASET_INFO[cfg.data.dataset].shape
-    n_params = check_params(cfg.model, shape, args.max_params) if args.max_params else None
+    if args.max_params:
+        check_params(cfg.model, shape, args.max_params)
     device = _device(args.device)
+    n_params = check_memory(cfg.model, cfg.train, shape, device)  # before the data and the model are loaded
     data = load_data(cfg.data, args.data_dir, device, merge_val=args.full, download=args.download)
 
     def hook(progress: float, m: dict) -> bool:
@@ -186,9 +188,6 @@ def cmd_train(args) -> int:
     if result.status != COMPLETE:
         print(f"budgetnet: training ended: {result.status} ({result.reason})", file=sys.stderr)
         return 1
-    from budgetnet.budget import count_params
-
-    n_params = n_params or count_params(cfg.model, shape)
     save_checkpoint(args.out, cfg, result.state_dict, metrics=result.metrics, n_params=n_params,
                     flops=count_flops(cfg.model, shape), classes=data.classes, train_seconds=result.seconds,
                     extra={"phase": "train"})

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from budgetnet.budget import BudgetExceeded, check_memory
 from budgetnet.config import RunConfig, TrainConfig
 from budgetnet.data import DeviceData, ImageSet, normalizer, train_batches
 from budgetnet.models import build_model
@@ -146,6 +147,10 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     if (seconds is None) == (epochs is None):
         raise ValueError("give exactly one of seconds or epochs")
     device = torch.device(device)
+    try:  # a model whose weights and optimizer state alone cannot fit is refused before any allocation
+        check_memory(cfg.model, cfg.train, data.info.shape, device)
+    except BudgetExceeded as e:
+        return RunResult(OOM, reason=f"out of memory: {e}")
     try:
         return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs)
     except torch.OutOfMemoryError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import budgetnet.budget as bb
 from budgetnet.budget import BudgetExceeded, check_params, clear_caches, count_flops, count_params
-from budgetnet.config import INITS, MobileNetConfig, PlainConfig, ResNetConfig, Shape
+from budgetnet.config import INITS, MobileNetConfig, PlainConfig, ResNetConfig, Shape, TrainConfig
 from budgetnet.models import build_model
 
 CIFAR100 = Shape(3, 100, 32)
@@ -92,6 +94,48 @@ def test_count_params_on_huge_config_is_fast_for_every_init(init):
     assert elapsed < 1.0
     assert set(rec.devices) == {"meta"}
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200 * 1024  # < 200 MiB
+
+
+def test_a_config_whose_layer_sizes_overflow_is_over_any_cap():
+    cfg = PlainConfig(n_conv=64, width=8, convs_per_block=64, hidden=())  # doubling: the 28th conv has 2^30 outputs
+    with DeviceRecorder() as rec, pytest.raises(bb.ModelTooLarge) as info:
+        count_params(cfg, CIFAR100)
+    assert isinstance(info.value, BudgetExceeded) and "overflows 64 bits" in str(info.value)
+    assert set(rec.devices) <= {"meta"}
+    with pytest.raises(BudgetExceeded) as info:
+        check_params(cfg, CIFAR100, 1e6)
+    assert info.value.cap == 1e6 and info.value.value == bb.INT64_MAX and int(info.value.value) > 1e6
+    with pytest.raises(bb.ModelTooLarge):
+        count_flops(cfg, CIFAR100)
+
+
+@pytest.mark.parametrize("tc, per_param", [
+    (TrainConfig(optimizer="sgd", momentum=0.9), 12), (TrainConfig(optimizer="sgd", momentum=0.0), 8),
+    (TrainConfig(optimizer="adamw"), 16), (TrainConfig(optimizer="adamw", ema=0.99), 20),
+])
+def test_state_bytes_counts_weights_gradients_optimizer_state_and_ema(tc, per_param):
+    assert bb.state_bytes(1000, tc) == 1000 * per_param
+
+
+def test_check_memory_refuses_a_model_whose_training_state_cannot_fit(monkeypatch):
+    n = count_params(ResNetConfig(), CIFAR100)
+    need = bb.state_bytes(n, TrainConfig())
+    monkeypatch.setattr(bb, "available_memory", lambda device: need - 1)
+    with pytest.raises(BudgetExceeded, match="GiB for weights, gradients and optimizer state") as info:
+        bb.check_memory(ResNetConfig(), TrainConfig(), CIFAR100, "cpu")
+    assert (info.value.value, info.value.cap) == (need, need - 1)
+    monkeypatch.setattr(bb, "available_memory", lambda device: need)
+    assert bb.check_memory(ResNetConfig(), TrainConfig(), CIFAR100, "cpu") == n
+    monkeypatch.setattr(bb, "available_memory", lambda device: None)  # unknown: no refusal
+    assert bb.check_memory(ResNetConfig(), TrainConfig(), CIFAR100, "cpu") == n
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux only")
+def test_available_memory_on_this_cpu_is_a_plausible_number_of_bytes():
+    free = bb.available_memory(torch.device("cpu"))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 0 < free <= total
+    assert bb.available_memory(torch.device("meta")) is None
 
 
 def test_count_params_does_not_move_or_allocate(monkeypatch):

@@ -128,6 +128,19 @@ def test_bad_checkpoints_give_one_line_and_exit_2(tmp_path, capsys, kind):
         load_checkpoint(path)
 
 
+def test_a_checkpoint_whose_config_claims_a_huge_model_is_refused_before_building_it(tmp_path, capsys):
+    cfg, good, _ = _tiny_cifar_checkpoint(tmp_path)
+    ckpt = torch.load(good, weights_only=True)
+    # the same weights, but a config whose model would take 4.6 TiB (or overflow) to build for real
+    for n_conv in (16, 64):
+        huge = cfg.replace(model=PlainConfig(n_conv=n_conv, width=8, convs_per_block=n_conv, hidden=()))
+        torch.save({**ckpt, "config": huge.to_json()}, tmp_path / "huge.pt")
+        with pytest.raises(CheckpointError, match="do not match its config"):
+            model_from_checkpoint(load_checkpoint(tmp_path / "huge.pt"))
+        assert main(["evaluate", str(tmp_path / "huge.pt"), "--device", "cpu"]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
 def test_bad_checkpoint_exit_code_from_the_real_command(tmp_path):
     path = tmp_path / "junk.pt"
     with zipfile.ZipFile(path, "w") as z:  # a zip, but not a torch file

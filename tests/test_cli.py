@@ -121,6 +121,20 @@ def test_train_command_bad_config_and_success(tmp_path, capsys):
     assert "exceed the cap" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("n_conv, says", [(16, "GiB for weights, gradients and optimizer state"),
+                                          (64, "overflows 64 bits")])
+def test_train_command_refuses_a_model_that_cannot_fit_before_allocating_it(tmp_path, capsys, n_conv, says):
+    # doubling widths from 8: 16 convs hold ~4e11 parameters (4.6 TiB to train), 64 overflow int64.
+    # Building either for real would exhaust memory (on Linux the process may be killed, not raise).
+    cfg = tmp_path / "huge.json"
+    cfg.write_text(json.dumps({"model": {"family": "plain", "n_conv": n_conv, "width": 8, "convs_per_block": n_conv,
+                                         "hidden": []}, "data": {"dataset": "synthetic"}}))
+    code = main(["train", "--config", str(cfg), "--seconds", "5", "--out", str(tmp_path / "m.pt"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.pt").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

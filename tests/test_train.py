@@ -257,6 +257,15 @@ def test_out_of_memory_ends_with_a_typed_result(synthetic_data, monkeypatch):
     assert result.state_dict is None
 
 
+def test_a_model_whose_training_state_cannot_fit_ends_oom_before_allocating(synthetic_data):
+    # doubling widths from 8 over 16 convs: ~4e11 parameters, 4.6 TiB of weights, gradients and momentum
+    cfg = RunConfig(model=PlainConfig(n_conv=16, width=8, convs_per_block=16, hidden=()),
+                    data=DataConfig(dataset="synthetic"))
+    result = train_run(cfg, synthetic_data, device="cpu", seconds=5)
+    assert result.status == "oom" and "GiB for weights, gradients and optimizer state" in result.reason
+    assert result.state_dict is None and result.steps == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_path_bf16_channels_last():
