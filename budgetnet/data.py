@@ -75,12 +75,15 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def augmenter(self, padding: int, flip: bool) -> Augmenter:
-        """This set's ``Augmenter`` for ``padding`` and ``flip``. The last one built is kept, so the
-        trials of a search that share them share its store; another pair replaces it."""
+    def augmenter(self, cfg: DataConfig) -> Augmenter:
+        """An ``Augmenter`` of this set that serves ``cfg``. It is kept: the next run whose padding and
+        flip it covers reuses it; otherwise it is replaced by one that covers both the old and the new
+        (the largest padding, flip if either flips), so a search builds at most a few."""
         a = self._augmenter
-        if a is None or (a.padding, a.flip) != (padding, flip):
-            self._augmenter = None  # free the old store before the new one is allocated
+        if a is None or not a.serves(cfg):
+            padding = max(cfg.crop_padding, a.padding if a else 0)
+            flip = cfg.flip or (a.flip if a else False)
+            self._augmenter = a = None  # free the old store before the new one is allocated
             a = self._augmenter = Augmenter(self.images, padding, flip)
         return a
 
@@ -299,17 +302,20 @@ def load_test(name: str, data_dir=None, device: torch.device | str = "cpu", down
 class Augmenter:
     """Random translate (zero padding) and horizontal flip, then cutout, for rows of one uint8 image set.
 
-    Built once per image set and (``padding``, ``flip``): it keeps a zero-padded copy of the images in
-    NHWC order, and a horizontally flipped copy next to it when ``flip`` is on (for CIFAR's 45k training
-    images and padding 4, 432 MB). Every output row of a batch (W pixels x C channels, contiguous) is then
-    one contiguous run of that store, starting at a per-sample random offset: a translated, maybe flipped
-    row. So a whole batch is a single ``index_select`` of rows from a window view of the store, not a
+    It keeps a copy of the images in NHWC order, zero-padded by ``padding`` on every side, and a
+    horizontally flipped copy next to it when ``flip`` is on (for CIFAR's 45k training images, padding 4
+    and flip, 432 MB). Every output row of a batch (W pixels x C channels, contiguous) is then one
+    contiguous run of that store, starting at a per-sample random offset: a translated, maybe flipped row.
+    So a whole batch is a single ``index_select`` of rows from a window view of the store, not a
     per-pixel gather: on a CPU core that is ~10x less work than gathering every byte, and on a GPU it is
     one coalesced copy. Flipping the padded image before cropping it at offset ``dx`` is cropping at
     ``2p - dx`` and flipping; the offsets are uniform, so the distribution is the same.
 
+    One store serves every ``DataConfig`` with ``crop_padding <= padding`` (offsets are drawn around the
+    centre) and, if it holds the flipped copy, with either ``flip``: the trials of a search share it.
     The randomness (offsets, flips, cutout squares) is drawn per sample from ``gen``, on the images'
-    device. The output is uint8 N x C x H x W in channels_last memory (what ``normalizer`` reads fastest).
+    device, in the same order whatever the store. The output is uint8 N x C x H x W in channels_last
+    memory (what ``normalizer`` reads fastest).
     """
 
     def __init__(self, images: torch.Tensor, padding: int, flip: bool):
@@ -328,31 +334,40 @@ class Augmenter:
         self.windows = store.reshape(-1).unfold(0, w * c, c)
         self.shape = (c, h, w)
 
-    def __call__(self, idx: torch.Tensor, gen: torch.Generator, cutout: int = 0) -> torch.Tensor:
-        """Rows ``idx`` of the image set, augmented: uint8 len(idx) x C x H x W (channels_last)."""
+    def serves(self, cfg: DataConfig) -> bool:
+        return cfg.crop_padding <= self.padding and (self.flip or not cfg.flip)
+
+    def __call__(self, idx: torch.Tensor, gen: torch.Generator, cfg: DataConfig) -> torch.Tensor:
+        """Rows ``idx`` of the image set with ``cfg``'s augmentation: uint8 len(idx) x C x H x W
+        (channels_last)."""
+        if not self.serves(cfg):
+            raise ValueError(f"this store (padding {self.padding}, flip {self.flip}) cannot serve "
+                             f"crop_padding={cfg.crop_padding}, flip={cfg.flip}")
         c, h, w = self.shape
-        p, b, dev = self.padding, idx.numel(), idx.device
-        hp, wp = h + 2 * p, w + 2 * p
-        dy = torch.randint(0, 2 * p + 1, (b, 1), device=dev, generator=gen) if p else 0
-        dx = torch.randint(0, 2 * p + 1, (b, 1), device=dev, generator=gen) if p else 0
+        p, big, b, dev = cfg.crop_padding, self.padding, idx.numel(), idx.device
+        hp, wp = h + 2 * big, w + 2 * big
+        # offsets into the store's padding: big - p .. big + p (the unshifted image sits at big, big)
+        dy = torch.randint(big - p, big + p + 1, (b, 1), device=dev, generator=gen) if p else big
+        dx = torch.randint(big - p, big + p + 1, (b, 1), device=dev, generator=gen) if p else big
         image = idx[:, None]
-        if self.flip:  # flipped copies follow the n originals in the store
+        if cfg.flip:  # flipped copies follow the n originals in the store
             image = image + self.n * (torch.rand(b, 1, device=dev, generator=gen) < 0.5)
         start = ((image * hp + torch.arange(h, device=dev) + dy) * wp + dx).view(-1)  # b*h row starts
         x = self.windows.index_select(0, start).view(b, h, w, c).permute(0, 3, 1, 2)
-        if cutout:  # a c x c square whose top-left corner may lie outside the image (clipped)
-            y0 = torch.randint(-(cutout // 2), h - cutout // 2, (b, 1), device=dev, generator=gen)
-            x0 = torch.randint(-(cutout // 2), w - cutout // 2, (b, 1), device=dev, generator=gen)
+        if cfg.cutout:  # a c x c square whose top-left corner may lie outside the image (clipped)
+            k = cfg.cutout
+            y0 = torch.randint(-(k // 2), h - k // 2, (b, 1), device=dev, generator=gen)
+            x0 = torch.randint(-(k // 2), w - k // 2, (b, 1), device=dev, generator=gen)
             ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
-            in_y = ((ys >= y0) & (ys < y0 + cutout))[:, :, None]  # B x H x 1
-            in_x = ((xs >= x0) & (xs < x0 + cutout))[:, None, :]  # B x 1 x W
+            in_y = ((ys >= y0) & (ys < y0 + k))[:, :, None]  # B x H x 1
+            in_x = ((xs >= x0) & (xs < x0 + k))[:, None, :]  # B x 1 x W
             x.masked_fill_((in_y & in_x)[:, None], 0)
         return x
 
 
 def augment(x: torch.Tensor, cfg: DataConfig, gen: torch.Generator) -> torch.Tensor:
     """``cfg``'s augmentation of one uint8 batch (an ``Augmenter`` over just these images)."""
-    return Augmenter(x, cfg.crop_padding, cfg.flip)(torch.arange(len(x), device=x.device), gen, cfg.cutout)
+    return Augmenter(x, cfg.crop_padding, cfg.flip)(torch.arange(len(x), device=x.device), gen, cfg)
 
 
 def train_batches(split: ImageSet, cfg: DataConfig, normalize):
@@ -360,10 +375,10 @@ def train_batches(split: ImageSet, cfg: DataConfig, normalize):
     their labels. The hot path of every training step (``budgetnet.train`` and
     ``scripts/bench_pipeline.py`` use it); the split's ``Augmenter`` is built here, once per run.
     """
-    aug = split.augmenter(cfg.crop_padding, cfg.flip)
+    aug = split.augmenter(cfg)
 
     def batch(idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return normalize(aug(idx, gen, cfg.cutout)), split.labels.index_select(0, idx)
+        return normalize(aug(idx, gen, cfg)), split.labels.index_select(0, idx)
 
     return batch
 

@@ -211,15 +211,35 @@ def test_crop_and_flip_together_are_a_translate_of_the_image_or_its_mirror():
     assert {f for f, _, _ in kinds} == {False, True} and len(kinds) > 16
 
 
-def test_a_split_keeps_its_augmenter_for_the_same_padding_and_flip():
+def test_a_split_keeps_one_augmenter_that_grows_to_serve_every_config():
     from budgetnet.data import ImageSet
 
     split = ImageSet(random_images(20), torch.arange(20))
-    a = split.augmenter(4, True)
-    assert split.augmenter(4, True) is a  # the next run with the same translate and flip reuses the store
-    b = split.augmenter(2, True)
+    a = split.augmenter(DataConfig(crop_padding=2, flip=False))
+    assert (a.padding, a.flip) == (2, False)
+    assert split.augmenter(DataConfig(crop_padding=0, flip=False)) is a  # less padding: the same store
+    b = split.augmenter(DataConfig(crop_padding=1, flip=True))  # a flip it lacks: rebuilt to cover both
     assert b is not a and (b.padding, b.flip) == (2, True)
-    assert split.augmenter(2, True) is b
+    c = split.augmenter(DataConfig(crop_padding=4, flip=False))
+    assert (c.padding, c.flip) == (4, True)
+    for p, f in [(0, False), (2, True), (4, True), (3, False)]:
+        assert split.augmenter(DataConfig(crop_padding=p, flip=f)) is c
+    with pytest.raises(ValueError, match="cannot serve"):
+        a(torch.arange(3), gen(), DataConfig(crop_padding=4))
+
+
+@pytest.mark.parametrize("cfg", [DataConfig(crop_padding=2, flip=False, cutout=0),
+                                 DataConfig(crop_padding=0, flip=True, cutout=6),
+                                 DataConfig(crop_padding=3, flip=True, cutout=4), OFF])
+def test_a_larger_store_gives_the_same_batch_as_a_store_built_for_the_config(cfg):
+    from budgetnet.data import Augmenter
+
+    x = random_images(12)
+    idx = torch.tensor([5, 0, 11, 5])
+    exact = Augmenter(x, cfg.crop_padding, cfg.flip)(idx, gen(3), cfg)
+    shared = Augmenter(x, 4, True)(idx, gen(3), cfg)
+    assert torch.equal(exact, shared)
+    assert torch.equal(exact, augment(x[idx], cfg, gen(3)))
 
 
 @pytest.mark.parametrize("c", [1, 3])
