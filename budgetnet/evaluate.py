@@ -23,7 +23,7 @@ def test_metrics(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     k = min(5, num_classes)
     for i in range(0, len(labels), batch_size):
-        x = normalize(images[i:i + batch_size]).contiguous(memory_format=memory_format(device))
+        x = normalize(images[i:i + batch_size])  # in the layout the normalizer was made for
         y = labels[i:i + batch_size]
         with autocast(device):
             logits = model(x).float()
@@ -68,7 +68,8 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
     test, classes = load_test(cfg.data.dataset, data_dir, device, download=download)
     if list(classes) != list(ckpt["classes"]):
         raise CheckpointError(f"{path}: the test data's classes differ from the checkpoint's")
-    m = test_metrics(model, test.images, test.labels, normalizer(info, device), device, len(classes))
+    m = test_metrics(model, test.images, test.labels, normalizer(info, device, memory_format(device)), device,
+                     len(classes))
     confusion = m.pop("confusion")
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
     worst = sorted(range(len(classes)), key=lambda c: per_class[c])[:5]

@@ -253,9 +253,9 @@ def bench_dataloader(tr: Trainer, loader: DataLoader, warmup: int, clock: Clock)
 def bench_model_only(tr: Trainer, images: torch.Tensor, labels: torch.Tensor, bs: int, steps: int,
                      warmup: int, clock: Clock, n_batches: int = 4) -> Timing:
     """(c): the step alone, cycling through a few batches normalised on the device beforehand."""
-    normalize = normalizer(INFO, tr.device)
+    normalize = normalizer(INFO, tr.device, tr.fmt)
     k = max(1, min(n_batches, len(labels) // bs))
-    xs = [normalize(images[i * bs:(i + 1) * bs]).contiguous(memory_format=tr.fmt) for i in range(k)]
+    xs = [normalize(images[i * bs:(i + 1) * bs]) for i in range(k)]
     ys = [labels[i * bs:(i + 1) * bs] for i in range(k)]
     for b in range(warmup):
         tr.step(xs[b % k], ys[b % k], 0.5)
