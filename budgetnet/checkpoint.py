@@ -27,8 +27,9 @@ class CheckpointError(Exception):
 
 def save_checkpoint(path: str | os.PathLike, cfg: RunConfig, state_dict: dict, *, metrics: dict,
                     n_params: int, flops: int, classes: list[str], train_seconds: float,
-                    extra: dict | None = None) -> Path:
-    """Write a checkpoint atomically (temp file + rename) and return its path."""
+                    precision: str = "fp32", extra: dict | None = None) -> Path:
+    """Write a checkpoint atomically (temp file + rename) and return its path. ``precision`` is what the
+    weights were trained in (fp32, bf16 or fp16 autocast); they are stored in fp32 either way."""
     info = DATASET_INFO[cfg.data.dataset]
     payload = {
         "format": FORMAT,
@@ -43,6 +44,7 @@ def save_checkpoint(path: str | os.PathLike, cfg: RunConfig, state_dict: dict, *
         "normalization": {"mean": list(info.mean), "std": list(info.std)},
         "input_shape": [info.channels, info.image_size, info.image_size],
         "train_seconds": float(train_seconds),
+        "precision": str(precision),
         "versions": {"budgetnet": __version__, "torch": str(torch.__version__)},  # str: TorchVersion is a class
         "extra": dict(extra or {}),
     }
@@ -90,13 +92,21 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tor
     cfg: RunConfig = ckpt["run_config"]
     info = DATASET_INFO[cfg.data.dataset]
     shape = Shape(info.channels, len(ckpt["classes"]) or info.num_classes, info.image_size)
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError("checkpoint has no state dict")
+    # Refused from the config's numbers alone, before a layer is built: building a net whose config claims
+    # more layers than the file holds tensors would take time in proportion to the claim, not to the file.
+    if cfg.model.min_layers() > len(state):
+        raise CheckpointError(f"checkpoint weights do not match its config: it claims at least "
+                              f"{cfg.model.min_layers():,} layers, the file holds {len(state):,} tensors")
     # Built on the meta device and given the file's tensors (assign): a config that does not match them,
     # however large it claims to be, is refused before any memory is allocated, and nothing is initialised
     # only to be overwritten.
     try:
         with torch.device("meta"):
             model = build_model(cfg.model, shape)
-        model.load_state_dict(ckpt["state_dict"], strict=True, assign=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except (RuntimeError, KeyError) as e:
         raise CheckpointError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

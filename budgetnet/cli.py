@@ -60,10 +60,21 @@ def fraction(text: str) -> float:
     return _number(text, lambda v: 0 <= v < 1, "between 0 and 1 (1 excluded)")
 
 
+def dataset_name(text: str) -> str:
+    """The dataset as users type it: fashion_mnist, fashion-mnist, FashionMNIST, CIFAR-100, ..."""
+    from budgetnet.config import DATASETS
+
+    key = re.sub(r"[-_\s]", "", text.lower())
+    for name in DATASETS:
+        if name.replace("_", "") == key:
+            return name
+    raise argparse.ArgumentTypeError(f"unknown dataset {text!r} (choose from {', '.join(DATASETS)})")
+
+
 def _device(name: str):
     import torch
 
-    from budgetnet.train import resolve_device
+    from budgetnet.device import resolve_device
 
     try:
         device = resolve_device(name)
@@ -148,10 +159,12 @@ def cmd_search(args) -> int:
         seed=args.seed, pruner=args.pruner, sampler=args.sampler, grid=grid,
         final_fraction=args.final_fraction, trial_seconds=args.trial_seconds,
         device=str(_device(args.device)), artifact_dir=args.artifact_dir, download=args.download,
-        warm_start=not args.no_warm_start,
+        warm_start=not args.no_warm_start, precision=args.precision,
     )
     mode = "json" if args.json else "quiet" if args.quiet else "text"
     summary = run_search(opts, Reporter(mode), started=STARTED)
+    if summary.get("error"):
+        print(f"budgetnet: nothing trained: {summary['error']}", file=sys.stderr)
     return 0 if summary["checkpoint"] or summary["interrupted"] else 1
 
 
@@ -184,14 +197,15 @@ def cmd_train(args) -> int:
               f"{m['images_per_s']:,.0f} images/s", flush=True)
         return False
 
-    result = train_run(cfg, data, device=device, seconds=args.seconds, epochs=args.epochs, hook=hook)
+    result = train_run(cfg, data, device=device, seconds=args.seconds, epochs=args.epochs, hook=hook,
+                       precision=args.precision)
     if result.status != COMPLETE:
         print(f"budgetnet: training ended: {result.status} ({result.reason})", file=sys.stderr)
         return 1
     save_checkpoint(args.out, cfg, result.state_dict, metrics=result.metrics, n_params=n_params,
                     flops=count_flops(cfg.model, shape), classes=data.classes, train_seconds=result.seconds,
-                    extra={"phase": "train"})
-    print(f"wrote {args.out} ({n_params:,} params, {result.seconds:.1f} s); "
+                    precision=result.precision, extra={"phase": "train"})
+    print(f"wrote {args.out} ({n_params:,} params, {result.seconds:.1f} s in {result.precision}); "
           f"evaluate with: budgetnet evaluate {args.out}")
     return 0
 
@@ -200,7 +214,7 @@ def cmd_evaluate(args) -> int:
     from budgetnet.evaluate import evaluate_checkpoint, format_report
 
     report = evaluate_checkpoint(args.checkpoint, args.data_dir, _device(args.device), plots=args.plots,
-                                 download=args.download)
+                                 download=args.download, precision=args.precision)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -221,6 +235,8 @@ def cmd_dashboard(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from budgetnet.config import DATASETS
+    from budgetnet.device import PRECISIONS
+    from budgetnet.search.clock import MIN_SLICE_S, MIN_TRIALS, TRIALS_PER_SEARCH
 
     p = _Parser(prog="budgetnet", description="Find the best small CNN a parameter cap and a time budget buy.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -232,12 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fetch a missing CIFAR/Fashion-MNIST into --data-dir when a network is reachable "
                         "(default; offline it fails fast with the expected path); --no-download never tries")
         sp.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+        sp.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto (default) decides on this machine: bf16 on GPUs from compute capability 8.0, "
+                        "fp16 with loss scaling on 7.x, and on a CPU bf16 only where it is native and measured "
+                        "faster than fp32; fp32, bf16 or fp16 force one")
 
     s = sub.add_parser("search", help="search architectures and schedules under a parameter and time budget")
     s.add_argument("--max-params", type=parse_count, default=1e6, help="parameter cap, e.g. 1e6, 1M, 250k")
     s.add_argument("--hours", type=positive_float, default=1.0,
                    help="wall-clock budget for the whole command (search + final training)")
-    s.add_argument("--dataset", choices=DATASETS, default="cifar100")
+    s.add_argument("--dataset", type=dataset_name, default="cifar100",
+                   help=f"{', '.join(DATASETS)} (fashion-mnist, FashionMNIST and the like are accepted)")
     data_flags(s)
     s.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL, or a journal file (*.log)")
     s.add_argument("--study-name", default=None, help="default: from the dataset and the caps")
@@ -250,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the budget for training the best config on train+validation (default 0.35; "
                    "0 = no final phase, best.pt is the best search trial's model)")
     s.add_argument("--trial-seconds", type=positive_float, default=None,
-                   help="time slice of one trial (default: search time / 16)")
+                   help=f"time slice of one trial (default: search time / {TRIALS_PER_SEARCH}, at least "
+                   f"{MIN_SLICE_S:g} s, shorter only where {MIN_TRIALS} such slices would not fit)")
     s.add_argument("--artifact-dir", default=DEFAULT_ARTIFACTS)
     s.add_argument("--no-warm-start", action="store_true", help="do not queue the built-in first trial")
     out = s.add_mutually_exclusive_group()

@@ -57,6 +57,11 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
+    def min_layers(self) -> int:
+        """A lower bound on the weight layers (convs and linears) the config builds, from its numbers
+        alone: a file whose state dict holds fewer tensors cannot be this model (checked before building)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class ResNetConfig(ModelConfig):
@@ -81,6 +86,9 @@ class ResNetConfig(ModelConfig):
         _check_positive("stem_width", self.stem_width)
         if len(self.depths) != len(self.widths):
             raise ConfigError("depths and widths must have one entry per stage")
+
+    def min_layers(self) -> int:
+        return 2 + sum(self.depths) * (2 if self.block == "basic" else 3)  # stem, blocks, head
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,9 @@ class PlainConfig(ModelConfig):
             raise ConfigError("n_conv must be a multiple of convs_per_block")
         if self.hidden:
             _check_positive("hidden", self.hidden)
+
+    def min_layers(self) -> int:
+        return self.n_conv + len(self.hidden) + 1
 
     def layer_widths(self) -> tuple[int, ...]:
         """Output channels of every conv layer, from ``width`` and ``width_pattern``."""
@@ -163,6 +174,9 @@ class MobileNetConfig(ModelConfig):
             raise ConfigError(f"kernel must be a positive odd integer, got {self.kernel}")
         if self.head_width < 0:
             raise ConfigError("head_width must be >= 0")
+
+    def min_layers(self) -> int:
+        return 2 + 2 * sum(self.depths)  # stem, head; each block has at least a depthwise and a projection
 
 
 MODEL_CONFIGS: dict[str, type[ModelConfig]] = {

@@ -12,21 +12,33 @@ import torch.nn.functional as F
 from budgetnet.budget import count_flops, count_params
 from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from budgetnet.data import DATASET_INFO, load_test, normalizer
-from budgetnet.train import autocast, memory_format
+from budgetnet.device import DTYPES, memory_format, resolve_precision
+
+
+def inference_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """The model with its weights cast once to ``precision`` (fp32: unchanged). Autocast would cast every
+    weight again on every call, which is not what a deployed model pays; the inputs are cast per batch
+    (``model_input``)."""
+    return model if precision == "fp32" else model.to(dtype=DTYPES[precision])
+
+
+def model_input(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype of the model's weights."""
+    return x.to(next(model.parameters()).dtype)
 
 
 @torch.no_grad()
 def test_metrics(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize,
                  device: torch.device, num_classes: int, batch_size: int = 1024) -> dict:
-    """Top-1, top-5, mean loss and the confusion matrix (rows: true class, columns: predicted)."""
+    """Top-1, top-5, mean loss and the confusion matrix (rows: true class, columns: predicted), in the
+    precision of the model's weights."""
     loss_sum, top1, top5 = 0.0, 0, 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     k = min(5, num_classes)
     for i in range(0, len(labels), batch_size):
         x = normalize(images[i:i + batch_size])  # in the layout the normalizer was made for
         y = labels[i:i + batch_size]
-        with autocast(device):
-            logits = model(x).float()
+        logits = model(model_input(model, x)).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         topk = logits.topk(k, dim=1).indices
         top1 += (topk[:, 0] == y).sum().item()
@@ -39,15 +51,16 @@ def test_metrics(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
 @torch.no_grad()
 def measure_latency(model: torch.nn.Module, shape: tuple[int, int, int], device: torch.device,
                     batch_size: int, repeats: int = 20, warmup: int = 5) -> dict:
-    """Median forward latency (ms) and throughput (images/s) at a batch size, with device sync."""
+    """Median forward latency (ms) and throughput (images/s) at a batch size, with device sync, in the
+    precision of the model's weights."""
     x = torch.randn(batch_size, *shape, device=device).contiguous(memory_format=memory_format(device))
+    x = model_input(model, x)
     times = []
     for i in range(warmup + repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t = time.perf_counter()
-        with autocast(device):
-            model(x)
+        model(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= warmup:
@@ -58,13 +71,17 @@ def measure_latency(model: torch.nn.Module, shape: tuple[int, int, int], device:
 
 def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.device = "cpu", *,
                         plots: str | Path | None = None, latency_repeats: int = 20,
-                        download: bool = False) -> dict:
-    """Evaluate a checkpoint on its dataset's test split. Raises CheckpointError for a bad file."""
+                        download: bool = False, precision: str = "auto") -> dict:
+    """Evaluate a checkpoint on its dataset's test split. Raises CheckpointError for a bad file.
+
+    Accuracy and latency are measured in ``precision`` ("auto": the device's best, as for training), with
+    the weights cast once; the report says which, and what the checkpoint was trained in."""
     device = torch.device(device)
     ckpt = load_checkpoint(path)
     cfg = ckpt["run_config"]
     info = DATASET_INFO[cfg.data.dataset]
-    model = model_from_checkpoint(ckpt, device).to(memory_format=memory_format(device))
+    precision = resolve_precision(device, precision)
+    model = inference_model(model_from_checkpoint(ckpt, device).to(memory_format=memory_format(device)), precision)
     test, classes = load_test(cfg.data.dataset, data_dir, device, download=download)
     if list(classes) != list(ckpt["classes"]):
         raise CheckpointError(f"{path}: the test data's classes differ from the checkpoint's")
@@ -86,6 +103,8 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
         "n_params_match": n_params == ckpt["n_params"],
         "flops": count_flops(cfg.model, info.shape),
         "device": str(device),
+        "precision": precision,
+        "trained_precision": ckpt.get("precision", "unknown"),  # files written before it was recorded: unknown
         "latency": [measure_latency(model, (info.channels, info.image_size, info.image_size), device, bs,
                                     repeats=latency_repeats) for bs in (1, 256)],
         "worst_classes": [{"class": classes[c], "accuracy": per_class[c]} for c in worst],
@@ -134,7 +153,7 @@ def format_report(r: dict) -> str:
         f"{r['n_params_recorded']:,})   FLOPs/image {r['flops'] / 1e6:.1f} M",
     ]
     for lat in r["latency"]:
-        lines.append(f"  batch {lat['batch_size']:>3} on {r['device']}: {lat['latency_ms']:.2f} ms, "
+        lines.append(f"  batch {lat['batch_size']:>3} on {r['device']} in {r['precision']}: {lat['latency_ms']:.2f} ms, "
                      f"{lat['images_per_s']:,.0f} images/s")
     lines.append("  worst classes: " + ", ".join(f"{w['class']} {w['accuracy']:.0%}" for w in r["worst_classes"]))
     if r["top_confusions"]:

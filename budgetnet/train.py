@@ -9,6 +9,7 @@ nor ray: the search adapts hooks to its tuner.
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import time
@@ -22,6 +23,7 @@ from torch import nn
 from budgetnet.budget import BudgetExceeded, check_memory
 from budgetnet.config import RunConfig, TrainConfig
 from budgetnet.data import DeviceData, ImageSet, normalizer, train_batches
+from budgetnet.device import autocast, grad_scaler, memory_format, prepare, resolve_precision, synchronize
 from budgetnet.models import build_model
 
 Hook = Callable[[float, dict], bool]
@@ -42,8 +44,9 @@ class RunResult:
     history: list[dict] = field(default_factory=list)  # one entry per evaluation
     seconds: float = 0.0  # wall time of the whole run, evaluations included
     steps: int = 0
-    images_per_s: float = 0.0  # training throughput, evaluations excluded
+    images_per_s: float = 0.0  # training throughput after the first step (one-off kernel selection), evaluations excluded
     state_dict: dict | None = None  # final weights (the EMA weights when EMA is on), on the CPU
+    precision: str = "fp32"  # what the run trained in: fp32, bf16 or fp16 (autocast)
 
 
 # glibc's malloc hands blocks over 128 KiB back to the OS when they are freed (munmap, heap trimming), so
@@ -67,13 +70,6 @@ def tune_cpu_allocator() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' picks CUDA when present. Only entry points (CLI, scripts) should call this with 'auto'."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def lr_factor(cfg: TrainConfig, p: float) -> float:
@@ -101,21 +97,37 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA and on CPU (2.5x faster ResNet training on these CPUs); plain fp32 elsewhere."""
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
+class EMA:
+    """Exponential moving average of a model's weights and float buffers, kept on the model's device.
 
+    One foreach lerp per step over tensors paired once at the start (the optimizer and BN update the
+    model's tensors in place), and a host-side update count: unlike ``torch.optim.swa_utils.AveragedModel``,
+    whose update tests a device counter, it never waits for the device.
+    """
 
-def memory_format(device: torch.device) -> torch.memory_format:
-    return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values(), strict=True))
+        self._float = [(a, m) for a, m in pairs if a.is_floating_point()]
+        self._other = [(a, m) for a, m in pairs if not a.is_floating_point()]  # counters: copied
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        averaged, current = [a for a, _ in self._float], [m for _, m in self._float]
+        if self.updates == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
+        if self._other:
+            torch._foreach_copy_([a for a, _ in self._other], [m for _, m in self._other])
+        self.updates += 1
 
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.device,
-                   batch_size: int = 1024) -> dict:
-    """Loss and top-1 accuracy of ``model`` on a device-resident split (eval mode, autocast)."""
+                   batch_size: int = 1024, precision: str = "fp32") -> dict:
+    """Loss and top-1 accuracy of ``model`` on a device-resident split (eval mode, ``precision`` autocast)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device)
@@ -123,7 +135,7 @@ def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.de
     for i in range(0, len(data), batch_size):
         x = normalize(data.images[i:i + batch_size])  # in the layout the normalizer was made for
         y = data.labels[i:i + batch_size]
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
@@ -134,7 +146,8 @@ def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.de
 
 def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, seconds: float | None = None,
               epochs: float | None = None, hook: Hook | None = None,
-              stop: Callable[[], bool] | None = None, min_epochs: float | None = None) -> RunResult:
+              stop: Callable[[], bool] | None = None, min_epochs: float | None = None,
+              precision: str = "auto") -> RunResult:
     """Train ``cfg`` on ``data.train`` for ``seconds`` of wall time or ``epochs`` epochs.
 
     ``hook(progress, metrics)`` is called at each evaluation mark; returning True stops the run.
@@ -142,17 +155,23 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     ``min_epochs`` (time slices only): at ``SPEED_CHECK_AT`` of the slice, before the first evaluation,
     the run projects its measured training rate over the slice and ends ``too_slow`` if that covers
     fewer epochs. A model that cannot see its data in the time it has is not worth the rest of it.
+    ``precision`` is "auto" (the device's best, ``budgetnet.device.resolve_precision``), fp32, bf16 or fp16.
     Divergence and out-of-memory end the run with a typed status instead of an exception.
     """
     if (seconds is None) == (epochs is None):
         raise ValueError("give exactly one of seconds or epochs")
+    budget = seconds if seconds is not None else epochs
+    if not (budget > 0 and math.isfinite(budget)):
+        raise ValueError(f"a run needs a positive, finite budget, got {'seconds' if seconds is not None else 'epochs'}"
+                         f"={budget}")
     device = torch.device(device)
+    precision = resolve_precision(device, precision)
     try:  # a model whose weights and optimizer state alone cannot fit is refused before any allocation
         check_memory(cfg.model, cfg.train, data.info.shape, device)
     except BudgetExceeded as e:
         return RunResult(OOM, reason=f"out of memory: {e}")
     try:
-        return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs)
+        return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs, precision)
     except torch.OutOfMemoryError as e:
         reason = str(e).splitlines()[0]
     except RuntimeError as e:  # the CPU allocator reports exhaustion as a plain RuntimeError
@@ -168,18 +187,17 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
 
 def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: float | None,
            epochs: float | None, hook: Hook | None, stop: Callable[[], bool] | None,
-           min_epochs: float | None) -> RunResult:
+           min_epochs: float | None, precision: str) -> RunResult:
     t0 = time.perf_counter()  # the slice covers setup too (the first optimizer build in a process takes ~2 s)
     tc = cfg.train
+    prepare(device)
     torch.manual_seed(cfg.seed)  # weight init
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
     fmt = memory_format(device)
     model = build_model(cfg.model, data.info.shape).to(device, memory_format=fmt)
-    ema = None
-    if tc.ema:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema), use_buffers=True)
+    ema = EMA(model, tc.ema) if tc.ema else None
     opt = make_optimizer(model, tc)
+    scaler = grad_scaler(device, precision)
     normalize = normalizer(data.info, device, fmt)
     train = data.train
     batch = train_batches(train, cfg.data, normalize)
@@ -199,6 +217,12 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     speed_check = seconds is not None and bool(min_epochs)
     first_step_s = 0.0  # training time of step 1 (one-off kernel selection), left out of the speed check
 
+    def steady_rate() -> float:
+        """Images per second of training after step 1 (its one-off kernel selection is not the speed)."""
+        if step >= 2:
+            return (images - bs) / max(train_time - first_step_s, 1e-9)
+        return images / max(train_time, 1e-9)
+
     def progress() -> float:
         if total_steps is not None:
             return step / total_steps
@@ -209,7 +233,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
         nonlocal eval_reserve, loss_sum, loss_count, train_time
         te = time.perf_counter()
         if device.type == "cuda":  # queued training steps belong to training time, not to evaluation
-            torch.cuda.synchronize(device)
+            synchronize(device)
             train_time += time.perf_counter() - te
             te = time.perf_counter()
         metrics = {"steps": step, "epoch": images / n, "train_loss": loss_sum.item() / max(loss_count, 1)}
@@ -220,13 +244,14 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
             # Intermediate marks score a fixed subset (the split is random, so its head is a random
             # sample): on slow devices full evaluations would eat the slice. The last mark scores all.
             val = data.val if final else ImageSet(data.val.images[:EVAL_SUBSET], data.val.labels[:EVAL_SUBSET])
-            metrics.update(evaluate_model(ema.module if ema is not None else model, val, normalize, device))
+            metrics.update(evaluate_model(ema.module if ema is not None else model, val, normalize, device,
+                                          precision=precision))
             metrics["val_images"] = len(val)
         eval_reserve = time.perf_counter() - te
         if val is not None and not final:  # the final evaluation scores more images: keep room for it
             eval_reserve *= len(data.val) / max(len(val), 1)
         metrics["seconds"] = time.perf_counter() - t0
-        metrics["images_per_s"] = images / max(train_time, 1e-9)
+        metrics["images_per_s"] = steady_rate()
         if not all(math.isfinite(metrics.get(k, 0.0)) for k in ("train_loss", "val_loss")):
             history.append({"progress": marks[len(history)], **metrics})
             return DIVERGED
@@ -245,10 +270,8 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
             p = progress()
             if speed_check and p >= SPEED_CHECK_AT:
                 speed_check = False
-                if step >= 2:
-                    rate = (images - bs) / max(train_time - first_step_s, 1e-9)
-                else:  # not even two steps in 5% of the slice
-                    rate = images / max(time.perf_counter() - t0, 1e-9)
+                # not even two steps in 5% of the slice: the wall time since the start is the best guess
+                rate = steady_rate() if step >= 2 else images / max(time.perf_counter() - t0, 1e-9)
                 projected = rate * seconds / n
                 if projected < min_epochs:
                     status, done = TOO_SLOW, True
@@ -272,13 +295,18 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
                 group["lr"] = tc.lr * lr_factor(tc, p)
             idx = perm[b * bs:(b + 1) * bs]
             x, y = batch(idx, gen)
-            with autocast(device):
+            with autocast(device, precision):
                 loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:  # fp16: scaled loss; steps with inf/nan gradients are skipped and the scale lowered
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             if ema is not None:
-                ema.update_parameters(model)
+                ema.update(model)
             loss_sum += loss.detach().float()
             loss_count += 1
             step += 1
@@ -297,5 +325,5 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     return RunResult(
         status=status, reason=reason, metrics=history[-1] if history else {}, history=history,
         seconds=time.perf_counter() - t0, steps=step,
-        images_per_s=images / max(train_time, 1e-9), state_dict=state,
+        images_per_s=steady_rate(), state_dict=state, precision=precision,
     )

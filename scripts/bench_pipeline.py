@@ -61,17 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from budgetnet import budget  # noqa: E402
 from budgetnet.config import DataConfig, ResNetConfig, RunConfig, Shape, TrainConfig  # noqa: E402
 from budgetnet.data import DATASET_INFO, DeviceData, ImageSet, normalizer, train_batches  # noqa: E402
+from budgetnet.device import PRECISIONS, autocast, memory_format, resolve_device, resolve_precision  # noqa: E402
 from budgetnet.models import build_model  # noqa: E402
-from budgetnet.train import (  # noqa: E402
-    SYNC_EVERY,
-    autocast,
-    lr_factor,
-    make_optimizer,
-    memory_format,
-    resolve_device,
-    train_run,
-    tune_cpu_allocator,
-)
+from budgetnet.train import SYNC_EVERY, lr_factor, make_optimizer, train_run, tune_cpu_allocator  # noqa: E402
 
 MODELS = {
     "resnet20": ResNetConfig(),  # depths (3, 3, 3): 0.28M parameters at 100 classes
@@ -127,9 +119,10 @@ class Clock:
 class Trainer:
     """One model + optimiser shared by every pipeline, so they differ only in how batches arrive."""
 
-    def __init__(self, model_cfg: ResNetConfig, tc: TrainConfig, device: torch.device, seed: int):
+    def __init__(self, model_cfg: ResNetConfig, tc: TrainConfig, device: torch.device, seed: int,
+                 precision: str):
         torch.manual_seed(seed)
-        self.device, self.tc = device, tc
+        self.device, self.tc, self.precision = device, tc, precision
         self.fmt = memory_format(device)
         self.model = build_model(model_cfg, SHAPE).to(device, memory_format=self.fmt)
         self.model.train()
@@ -142,7 +135,7 @@ class Trainer:
         tc = self.tc
         for group in self.opt.param_groups:
             group["lr"] = tc.lr * lr_factor(tc, p)
-        with autocast(self.device):
+        with autocast(self.device, self.precision):
             loss = F.cross_entropy(self.model(x), y, label_smoothing=tc.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -348,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-train-run", action="store_true",
                     help="skip the cross-check epoch through budgetnet.train.train_run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="training precision; auto decides on this machine, as budgetnet does")
     ap.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     ap.add_argument("--untuned-allocator", action="store_true",
                     help="leave glibc's malloc thresholds at their defaults (the baseline for that change)")
@@ -358,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"glibc allocator thresholds raised (budgetnet.train.tune_cpu_allocator): {tuned}")
 
     device = resolve_device(args.device)
+    precision = resolve_precision(device, args.precision)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but CUDA is not available")
     n = args.images if args.images is not None else (50_000 if device.type == "cuda" else 4096)
@@ -390,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
                         generator=torch.Generator().manual_seed(args.seed))
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    tr = Trainer(model_cfg, tc, device, args.seed)
+    tr = Trainer(model_cfg, tc, device, args.seed, precision)
 
     if args.only_augment:
         del loader
@@ -425,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_train_run:
         data = DeviceData(INFO, [str(i) for i in range(INFO.num_classes)], ImageSet(images, labels), None)
         cfg = RunConfig(model=model_cfg, train=tc, data=DataConfig(crop_padding=4, flip=True), seed=args.seed)
-        rr = train_run(cfg, data, device=device, epochs=1)
+        rr = train_run(cfg, data, device=device, epochs=1, precision=precision)
         train_run_ips = rr.images_per_s if rr.status == "complete" else None
         print(f"  train_run cross-check: status {rr.status}, {rr.steps} steps, {rr.images_per_s:,.0f} img/s")
 
@@ -455,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "aug_per_sample": "augmentation only: torchvision per-sample transforms, Python loop",
     }
     print()
-    print(f"{args.model}, batch {bs}, {n} images, {device} ({dev_name}), bf16 autocast + channels_last, "
+    print(f"{args.model}, batch {bs}, {n} images, {device} ({dev_name}), {precision} + channels_last, "
           f"best of {args.repeats}")
     print()
     print("| pipeline | images/s (epoch) | s per epoch (images) | s per 50k images | images/s (median step) |")
@@ -498,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "model": args.model, "params": budget.count_params(model_cfg, SHAPE), "images": n,
             "batch_size": bs, "workers": args.workers, "warmup": args.warmup, "repeats": args.repeats,
-            "precision": "bf16 autocast + channels_last",
+            "precision": precision, "memory_format": str(memory_format(device)),
             "results": res, "train_run_images_per_s": train_run_ips,
             "ratios": ratio, "ratios_median_step": ratio_step,
             "targets": {k: {"min": t, "applies_to": w} for k, (t, w) in targets.items()},

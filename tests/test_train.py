@@ -243,11 +243,11 @@ def test_out_of_memory_ends_with_a_typed_result(synthetic_data, monkeypatch):
     real_autocast = bt.autocast
     calls = {"n": 0}
 
-    def exploding_autocast(device):
+    def exploding_autocast(device, precision):
         calls["n"] += 1
         if calls["n"] > 3:  # a few good steps, then the allocator gives up
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real_autocast(device)
+        return real_autocast(device, precision)
 
     monkeypatch.setattr(bt, "autocast", exploding_autocast)
     cfg = RunConfig(model=PlainConfig(n_conv=2, width=4, hidden=()), train=TrainConfig(batch_size=64),

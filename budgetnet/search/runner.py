@@ -15,6 +15,7 @@ Budget semantics (docs/search.md has the long form):
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -30,8 +31,21 @@ from optuna.trial import TrialState
 
 from budgetnet.budget import BudgetExceeded, check_params, count_flops
 from budgetnet.checkpoint import save_checkpoint
-from budgetnet.config import DataConfig, ResNetConfig, RunConfig, TrainConfig
+from budgetnet.config import ConfigError, DataConfig, ResNetConfig, RunConfig, TrainConfig
 from budgetnet.data import DeviceData, load_data
+from budgetnet.device import resolve_precision
+from budgetnet.search.clock import (
+    CLOCK_SAVE_MAX_S,
+    CLOCK_SAVE_MIN_S,
+    CLOCK_SAVE_SHARE,
+    PROBE_MAX_S,
+    PROBE_MIN_S,
+    PROBE_SHARE,
+    SLICE_GRACE,
+    Clock,
+    clamp,
+    slice_seconds,
+)
 from budgetnet.search.report import Reporter
 from budgetnet.search.space import WARM_START, suggest_config, suggest_grid_config
 from budgetnet.train import COMPLETE, DIVERGED, OOM, STOPPED, TOO_SLOW, train_run
@@ -59,11 +73,13 @@ class SearchOptions:
     artifact_dir: str = "studies/artifacts"
     download: bool = False
     warm_start: bool = True
+    precision: str = "auto"  # auto (the device's best, decided on this machine), fp32, bf16 or fp16
 
 
-TRIALS_PER_SEARCH = 12  # full-length trial slices per search phase; median stopping fits in more trials
-MIN_SLICE_S = 10.0  # shorter trials rank models by their start-up, not their learning
-PROBE_STEPS = 16  # training steps of the speed probe (batch 128)
+class StudyMismatch(ConfigError):
+    """A resume asked for a different cap or dataset than the study was started with (a user mistake)."""
+
+
 MIN_EPOCHS_PER_TRIAL = 0.5  # the FLOP cap lets every sampled model see half its training split per slice
 # Runs that ended without a result worth ranking: recorded as PRUNED with this state and the run's reason.
 FAILED_RUN_STATES = {DIVERGED: "diverged", OOM: "out of memory", TOO_SLOW: "too slow"}
@@ -77,19 +93,6 @@ def default_study_name(dataset: str, max_params: float, hours: float) -> str:
         return f"{x:g}"
 
     return f"{dataset}-{short(max_params)}params-{hours * 60:g}min"
-
-
-class Clock:
-    """Budget time: seconds used by earlier runs of this study plus this process's elapsed time."""
-
-    def __init__(self, total: float, used_before: float, started: float):
-        self.total, self.used_before, self.started = total, used_before, started
-
-    def used(self) -> float:
-        return self.used_before + time.perf_counter() - self.started
-
-    def left(self) -> float:
-        return self.total - self.used()
 
 
 class Interrupt:
@@ -161,15 +164,12 @@ class Objective:
 
     def __init__(self, opts: SearchOptions, data: DeviceData, clock: Clock, search_end: float,
                  slice_s: float, interrupt: Interrupt, reporter: Reporter, study: optuna.Study,
-                 max_flops: float | None = None):
+                 max_flops: float | None = None, precision: str = "fp32"):
         self.opts, self.data, self.clock, self.max_flops = opts, data, clock, max_flops
-        self.search_end, self.slice_s = search_end, slice_s
+        self.search_end, self.slice_s, self.precision = search_end, slice_s, precision
         self.interrupt, self.reporter, self.study = interrupt, reporter, study
         self.shape = data.info.shape
         self.base_data = DataConfig(dataset=opts.dataset)
-
-    def save_clock(self) -> None:
-        self.study.set_user_attr("seconds_used", round(self.clock.used(), 3))
 
     def __call__(self, trial: optuna.Trial) -> float:
         row = {"number": trial.number, "family": None, "n_params": None, "flops": None, "progress": None,
@@ -186,7 +186,7 @@ class Objective:
         finally:
             row["seconds"] = time.perf_counter() - t0
             trial.set_user_attr("state", row.get("state", "failed"))
-            self.save_clock()
+            self.clock.save()
             self.reporter.trial(row, self.clock.used(), self.clock.total)
 
     def _prune(self, trial: optuna.Trial, row: dict, state: str, reason: str) -> None:
@@ -219,21 +219,27 @@ class Objective:
         trial.set_user_attr("flops", flops)
         trial.set_constraint("params", float(n_params - opts.max_params))
 
-        slice_s = min(self.slice_s, self.search_end - self.clock.used())
-        deadline = self.search_end + min(5.0, 0.02 * self.slice_s)  # the safety net behind the slice
+        # Every trial trains for the full slice, so that all of them are ranked on equal terms. One that
+        # would not fit before the search phase ends is not started: that time goes to the final phase.
+        slice_s, grace = self.slice_s, SLICE_GRACE * self.slice_s
+        if self.clock.used() + slice_s > self.search_end + grace:
+            self._prune(trial, row, "stopped", "no full slice left in the search phase")
+        deadline = self.search_end + 2 * grace  # the safety net behind the slice
 
         def hook(progress: float, metrics: dict) -> bool:
             row.update(progress=progress, val_acc=metrics["val_acc"])
             trial.report(metrics["val_acc"], step=round(progress * REPORT_STEPS))
-            self.save_clock()
+            self.clock.save()
             return trial.should_prune()
 
         # Sampled trials must be able to see MIN_EPOCHS_PER_TRIAL of their data in the slice; the run
         # measures its own speed at 5% of the slice and ends "too slow" otherwise. FLOPs predict speed
         # poorly on a CPU (depthwise convs, norms and activations are memory-bound): this is the real test.
         result = train_run(cfg, self.data, device=opts.device, seconds=slice_s, hook=hook,
-                           stop=lambda: self.interrupt.event.is_set() or self.clock.used() > deadline,
-                           min_epochs=MIN_EPOCHS_PER_TRIAL if opts.grid is None else None)
+                           stop=lambda: (self.interrupt.event.is_set() or self.clock.used() > deadline
+                                         or self.clock.tick()),
+                           min_epochs=MIN_EPOCHS_PER_TRIAL if opts.grid is None else None,
+                           precision=self.precision)
         trial.set_user_attr("seconds", round(result.seconds, 2))
         trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
         trial.set_user_attr("epochs", round(result.metrics.get("epoch", 0.0), 2))
@@ -257,27 +263,34 @@ class Objective:
             return
         save_checkpoint(self.opts.out, cfg, result.state_dict, metrics={"val_acc": value, **_numbers(result.metrics)},
                         n_params=n_params, flops=flops, classes=self.data.classes, train_seconds=result.seconds,
+                        precision=result.precision,
                         extra={"phase": "search", "study": self.study.study_name, "trial": trial.number})
 
 
-def time_feasible_flops(data: DeviceData, device: str, slice_s: float) -> float | None:
-    """Forward FLOPs per image a model may have so that one trial slice covers ``MIN_EPOCHS_PER_TRIAL``
-    of the training split (a FLOP-based guess; ``train_run(min_epochs=)`` then checks the real speed).
+PROBE_MODEL = ResNetConfig(depths=(2, 2, 2))  # a small reference net: 16-32-64 channels, 14 convs
 
-    Measures this device's training throughput on a small reference ResNet for a couple of seconds; the
-    cap scales that rate to the slice. On a GPU it is far above any net under a 1M-parameter cap; on a
-    CPU it keeps the search among nets that can learn something in a slice.
-    """
-    ref = RunConfig(model=ResNetConfig(depths=(2, 2, 2)), train=TrainConfig(batch_size=128, eval_points=1),
+
+def probe_speed(data: DeviceData, device: str, seconds: float, *, precision: str = "auto",
+                stop=None) -> float | None:
+    """This device's training throughput (images/s, after the first step) of ``PROBE_MODEL`` at batch
+    128, measured for at most ``seconds`` of wall time, start-up included. ``stop()`` ends it early.
+    None if it could not finish one step."""
+    ref = RunConfig(model=PROBE_MODEL, train=TrainConfig(batch_size=128, eval_points=1),
                     data=DataConfig(dataset=data.info.name))
     probe = DeviceData(data.info, data.classes, data.train, None)
-    # A fixed number of steps, not seconds: one-off start-up costs (the first optimizer build in a
-    # process takes ~2 s) must not eat the probe. images_per_s excludes them.
-    result = train_run(ref, probe, device=device, epochs=PROBE_STEPS * 128 / len(data.train))
-    rate = result.images_per_s * count_flops(ref.model, data.info.shape)  # forward FLOPs per second
-    if result.status != COMPLETE or not rate > 0:
+    result = train_run(ref, probe, device=device, seconds=seconds, stop=stop, precision=precision)
+    if result.status not in (COMPLETE, STOPPED) or result.steps < 1 or not result.images_per_s > 0:
         return None
-    return rate * slice_s / (MIN_EPOCHS_PER_TRIAL * len(data.train))
+    return result.images_per_s
+
+
+def feasible_flops(images_per_s: float, shape, train_images: int, slice_s: float) -> float:
+    """Forward FLOPs per image a model may have so that one trial slice covers ``MIN_EPOCHS_PER_TRIAL``
+    of the training split, scaled from the probe's rate (a FLOP-based guess; ``train_run(min_epochs=)``
+    then checks each trial's real speed). On a GPU it is far above any net under a 1M-parameter cap; on
+    a CPU it keeps the search among nets that can learn something in a slice."""
+    rate = images_per_s * count_flops(PROBE_MODEL, shape)  # forward FLOPs per second
+    return rate * slice_s / (MIN_EPOCHS_PER_TRIAL * train_images)
 
 
 def _numbers(d: dict) -> dict:
@@ -301,10 +314,23 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(done, key=lambda t: t.value) if done else None
 
 
+def _check_same_study(study: optuna.Study, opts: SearchOptions) -> None:
+    """A resume must search the same problem: another cap or dataset would rank (and final-train) models
+    against trials they cannot be compared with."""
+    for key, new in (("max_params", opts.max_params), ("dataset", opts.dataset)):
+        old = study.user_attrs.get(key)
+        same = old is None or (math.isclose(old, new) if key == "max_params" else old == new)
+        if not same:
+            flag = "--" + key.replace("_", "-")
+            raise StudyMismatch(f"study {study.study_name!r} was started with {flag} {old}, not {new}; resume "
+                                f"it with {flag} {old}, or give a new --study-name")
+
+
 def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: float | None = None) -> dict:
     """Run (or resume) a budgeted search and the final training; return the summary dict.
 
     ``started`` is the perf_counter time the command began (the budget covers everything after it).
+    A summary with an ``error`` says, in one line, why nothing could be trained.
     """
     started = time.perf_counter() if started is None else started
     reporter = reporter or Reporter()
@@ -315,49 +341,72 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
 
     # Load the data before touching storage: a missing dataset leaves no empty study behind.
     data = load_data(DataConfig(dataset=opts.dataset), opts.data_dir, opts.device, download=opts.download)
+    train_images, final_images = len(data.train), len(data.train) + (len(data.val) if data.val else 0)
     storage = make_storage(opts.storage)
     sampler = make_sampler(opts.sampler, opts.seed, opts.grid[1] if opts.grid else None)
     study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                 sampler=sampler, pruner=make_pruner(opts.pruner), load_if_exists=True)
+    _check_same_study(study, opts)  # before anything is written to it
     attrs = study.user_attrs
     used_before = float(attrs.get("seconds_used", 0.0))
     if "budget_seconds" in attrs and not math.isclose(attrs["budget_seconds"], opts.budget_seconds):
         reporter.message(f"note: this study was started with a {attrs['budget_seconds']:.0f} s budget; "
                          f"using the new {opts.budget_seconds:.0f} s")
+    precision = resolve_precision(opts.device, opts.precision)
     for key, value in (("budget_seconds", opts.budget_seconds), ("max_params", opts.max_params),
-                       ("dataset", opts.dataset)):
+                       ("dataset", opts.dataset), ("precision", precision)):
         study.set_user_attr(key, value)
-    clock = Clock(opts.budget_seconds, used_before, started)
+    clock = Clock(opts.budget_seconds, used_before, started, study,
+                  save_every=clamp(CLOCK_SAVE_SHARE * opts.budget_seconds, CLOCK_SAVE_MIN_S, CLOCK_SAVE_MAX_S))
     orphans = fail_orphans(study)
+    phase = attrs.get("phase", "search")
     if used_before or orphans:
-        reporter.message(f"resuming study {study_name!r}: {len(study.trials)} trials, {used_before:.0f} s used"
-                         + (f", {orphans} interrupted trial(s) marked failed" if orphans else ""))
+        reporter.message(f"resuming study {study_name!r} in its {phase} phase: {len(study.trials)} trials, "
+                         f"{used_before:.0f} s used" + (f", {orphans} interrupted trial(s) marked failed"
+                                                        if orphans else ""))
     if opts.warm_start and opts.grid is None and not study.trials:
         study.enqueue_trial(WARM_START, skip_if_exists=True)
 
     search_end = opts.budget_seconds * (1 - opts.final_fraction)
-    slice_s = opts.trial_seconds or max(MIN_SLICE_S, search_end / TRIALS_PER_SEARCH)
-    searching = study.user_attrs.get("phase", "search") == "search" and search_end - clock.used() >= 0.5 * slice_s
-    max_flops = None
-    if searching and opts.grid is None:  # the speed probe only matters when trials will be sampled
-        max_flops = time_feasible_flops(data, opts.device, slice_s)
-        study.set_user_attr("time_feasible_flops", max_flops or 0.0)
+    sample = opts.grid is None
+    probe_s = clamp(PROBE_SHARE * opts.budget_seconds, PROBE_MIN_S, PROBE_MAX_S) if sample else 0.0
+    # The slice is fixed once per study, so that trials of a resumed search compare on equal terms.
+    slice_s = opts.trial_seconds or attrs.get("slice_seconds") or slice_seconds(opts.trial_seconds, search_end,
+                                                                                  clock.used() + probe_s)
+    study.set_user_attr("slice_seconds", slice_s)
+
+    def fits(extra: float = 0.0) -> bool:  # a full slice (give or take SLICE_GRACE) fits in the search phase
+        return clock.used() + extra + slice_s <= search_end + SLICE_GRACE * slice_s
+
     with Interrupt() as interrupt:
-        objective = Objective(opts, data, clock, search_end, slice_s, interrupt, reporter, study, max_flops)
+        searching = phase == "search" and fits(probe_s)
+        max_flops = images_per_s = None
+        if searching and sample:  # the speed probe only matters when trials will be sampled
+            images_per_s = probe_speed(data, opts.device, probe_s, precision=precision,
+                                       stop=lambda: interrupt.event.is_set() or clock.tick())
+            if images_per_s:
+                max_flops = feasible_flops(images_per_s, data.info.shape, train_images, slice_s)
+            study.set_user_attr("probe_images_per_s", images_per_s or 0.0)
+            study.set_user_attr("time_feasible_flops", max_flops or 0.0)
+        objective = Objective(opts, data, clock, search_end, slice_s, interrupt, reporter, study, max_flops,
+                              precision)
 
         def enough_time(study: optuna.Study, _trial=None) -> None:
-            # Start a trial only with at least half a slice left; the rest goes to the final phase.
-            if interrupt.event.is_set() or search_end - clock.used() < 0.5 * slice_s:
+            # Start a trial only if its full slice fits; the rest goes to the final phase.
+            if interrupt.event.is_set() or not fits():
                 study.stop()
 
-        if searching and search_end - clock.used() >= 0.5 * slice_s:  # re-checked after the probe
+        if searching and fits() and not interrupt.event.is_set():  # re-checked after the probe
             reporter.message(f"study {study_name!r}: {opts.sampler} sampler, {opts.pruner} pruner, "
                              f"{slice_s:.0f} s per trial, final training {opts.final_fraction:.0%} of the budget, "
-                             f"device {opts.device}" + (f", models up to {max_flops / 1e6:,.0f} MFLOPs/image "
-                                                        "(time-feasible on this device)" if max_flops else ""))
+                             f"device {opts.device} in {precision}"
+                             + (f" ({opts.precision})" if opts.precision != "auto" else " (auto)")
+                             + (f", {images_per_s:,.0f} images/s on the probe net, models up to "
+                                f"{max_flops / 1e6:,.0f} MFLOPs/image (time-feasible on this device)"
+                                if max_flops else ""))
             study.optimize(objective, callbacks=[enough_time], catch=(Exception,), gc_after_trial=False)
         study.set_user_attr("phase", "final")
-        objective.save_clock()
+        clock.save()
 
         best = _best_trial(study)
         checkpoint_phase = "search" if best is not None else None
@@ -365,20 +414,27 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         if study.user_attrs.get("final_done") and Path(opts.out).is_file():
             checkpoint_phase = "final"  # an earlier run of this command finished; nothing left to do
         elif best is not None and opts.final_fraction > 0 and not interrupt.event.is_set():
-            final_s = clock.left() - WRITE_RESERVE_S
-            if final_s >= 1.0:
-                del data  # free the search split before loading train+validation
-                checkpoint_phase, final_metrics = _final_training(opts, study, best, clock, final_s,
-                                                                  interrupt, reporter)
-        objective.save_clock()
+            too_short = _final_too_short(best, clock.left() - WRITE_RESERVE_S, final_images, opts.out)
+            if too_short:
+                reporter.message(too_short)
+            else:
+                objective.data = data = None  # free the search split before loading train+validation
+                gc.collect()
+                checkpoint_phase, final_metrics = _final_training(opts, study, best, clock, interrupt, reporter,
+                                                                  precision)
+        clock.save()
 
+    counts = _counts(study)
     summary = {
         "study": study_name,
         "storage": opts.storage,
-        "trials": _counts(study),
+        "trials": counts,
         "seconds_used": clock.used(),
         "budget_seconds": opts.budget_seconds,
         "overshoot_s": max(0.0, clock.used() - opts.budget_seconds),
+        "precision": precision,
+        "slice_seconds": slice_s,
+        "probe_images_per_s": study.user_attrs.get("probe_images_per_s"),
         "best_trial": best.number if best else None,
         "best_val_acc": best.value if best else None,
         "family": best.user_attrs.get("family") if best else None,
@@ -391,6 +447,8 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         "interrupted": interrupt.event.is_set(),
         "dashboard_command": dashboard_command(opts.storage, opts.artifact_dir),
     }
+    if best is None and not interrupt.event.is_set():
+        summary["error"] = nothing_trained(study, opts, slice_s, search_end, train_images, precision)
     if checkpoint_phase:
         summary_path = Path(opts.out).with_name(Path(opts.out).stem + ".json")
         _atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str))
@@ -399,15 +457,57 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
     return summary
 
 
-def _final_training(opts: SearchOptions, study, best, clock: Clock, final_s: float, interrupt: Interrupt,
-                    reporter: Reporter) -> tuple[str, dict]:
+def nothing_trained(study: optuna.Study, opts: SearchOptions, slice_s: float, search_end: float,
+                    train_images: int, precision: str) -> str:
+    """One line: why a search completed no trial, and what to change."""
+    trials = study.get_trials(deepcopy=False)
+    states = [t.user_attrs.get("state") for t in trials]
+    more = "give more --hours or a smaller --max-params"
+    if not any(s not in (None, "stopped", "failed") for s in states):  # nothing was ever trained
+        return (f"no trial could run: the {search_end:.0f} s search phase cannot hold one {slice_s:.0f} s trial "
+                f"slice after start-up; give more --hours (or a smaller --trial-seconds)")
+    if all(s in ("too slow", "stopped") for s in states):
+        rate = study.user_attrs.get("probe_images_per_s") or 0.0
+        return (f"no model could learn in its slice: this {opts.device} trains {rate:,.0f} images/s in {precision} "
+                f"(a reference ResNet-14), so a {slice_s:.0f} s slice cannot show a sampled model "
+                f"{MIN_EPOCHS_PER_TRIAL:g} epoch of the {train_images:,} training images; {more}")
+    if all(s in ("rejected", "stopped") for s in states):
+        return f"every sampled model was over the {opts.max_params:,.0f}-parameter cap; raise --max-params"
+    seen = ", ".join(f"{n} {s}" for s, n in sorted(
+        {s: states.count(s) for s in set(states) if s}.items(), key=lambda kv: -kv[1]))
+    return f"no trial completed ({seen}); see the reasons in the study (budgetnet dashboard); {more}"
+
+
+def _final_too_short(best: optuna.trial.FrozenTrial, seconds: float, images: int, out: str) -> str | None:
+    """Why a final phase of ``seconds`` is not worth running, or None. It must show the best config's data
+    at least as many epochs as its trial did: a shorter run from scratch would end below that trial."""
+    rate, trial_epochs = best.user_attrs.get("images_per_s", 0.0), best.user_attrs.get("epochs", 0.0)
+    epochs = rate * max(seconds, 0.0) / max(images, 1)
+    if seconds >= 1.0 and epochs >= trial_epochs:
+        return None
+    return (f"final training skipped: {max(seconds, 0):.0f} s left would train trial {best.number}'s config for "
+            f"about {epochs:.2f} epochs, fewer than its {trial_epochs:.2f} in the search; {out} keeps that "
+            f"trial's model")
+
+
+def _final_training(opts: SearchOptions, study, best, clock: Clock, interrupt: Interrupt,
+                    reporter: Reporter, precision: str) -> tuple[str, dict]:
     cfg = RunConfig.from_json(best.user_attrs["config"])
     cfg = cfg.replace(seed=opts.seed)
-    reporter.message(f"final training: trial {best.number}'s config on train+validation for {final_s:.0f} s")
+    runs = int(study.user_attrs.get("final_runs", 0)) + 1
+    study.set_user_attr("final_runs", runs)
+    again = " (again: an earlier run of it was interrupted)" if runs > 1 else ""
+    reporter.message(f"final training{again}: trial {best.number}'s config on train+validation for "
+                     f"{clock.left() - WRITE_RESERVE_S:.0f} s")
     data = load_data(cfg.data, opts.data_dir, opts.device, merge_val=True, download=opts.download)
+    seconds = clock.left() - WRITE_RESERVE_S  # what is left once the data is loaded
+    if seconds < 1.0:
+        reporter.message(f"final training skipped: loading the data left {seconds:.1f} s; "
+                         f"keeping trial {best.number}'s model in {opts.out}")
+        return "search", {}
     deadline = opts.budget_seconds - WRITE_RESERVE_S + 1.0
-    result = train_run(cfg, data, device=opts.device, seconds=clock.left() - WRITE_RESERVE_S,
-                       stop=lambda: interrupt.event.is_set() or clock.used() > deadline)
+    result = train_run(cfg, data, device=opts.device, seconds=seconds, precision=precision,
+                       stop=lambda: interrupt.event.is_set() or clock.used() > deadline or clock.tick())
     if result.status != COMPLETE:
         reporter.message(f"final training ended early ({result.status}: {result.reason}); "
                          f"keeping trial {best.number}'s model in {opts.out}")
@@ -415,7 +515,7 @@ def _final_training(opts: SearchOptions, study, best, clock: Clock, final_s: flo
     metrics = {"best_trial_val_acc": best.value, **_numbers(result.metrics)}
     n_params, flops = best.user_attrs["n_params"], best.user_attrs["flops"]
     path = save_checkpoint(opts.out, cfg, result.state_dict, metrics=metrics, n_params=n_params, flops=flops,
-                           classes=data.classes, train_seconds=result.seconds,
+                           classes=data.classes, train_seconds=result.seconds, precision=result.precision,
                            extra={"phase": "final", "study": study.study_name, "trial": best.number})
     _upload_artifact(study, path, opts.artifact_dir, reporter)
     study.set_user_attr("final_done", True)

@@ -130,7 +130,7 @@ def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: D
 
     The model fits ``max_params`` by construction, and ``max_flops`` (forward FLOPs per image) when given:
     the search derives that from the device's measured speed so that every trial can see at least half
-    its training split in its time slice (see ``runner.time_feasible_flops``).
+    its training split in its time slice (see ``runner.feasible_flops``).
     """
     common = dict(
         activation=trial.suggest_categorical("activation", ACTIVATIONS),

@@ -1,0 +1,170 @@
+"""What the running machine does well, decided on the running machine: device, precision, memory layout.
+
+Nothing here is a constant measured once somewhere else. A speed choice is made from the device's own
+capability, or from a micro-benchmark of a few milliseconds run once per process, and every choice can be
+overridden (``--precision``).
+
+- **CUDA:** bf16 autocast where the GPU has bf16 tensor cores (compute capability 8.0 and up), fp16
+  autocast with a gradient scaler where it has fp16 tensor cores (7.0 up to 8.0), fp32 below. TF32 is
+  allowed for fp32 matmuls and convolutions, and cuDNN picks the fastest kernels for the training loop's
+  fixed shapes (``prepare``).
+- **CPU:** bf16 only where it is native (oneDNN reports bf16 support) *and* a small conv net's training
+  step measured here really runs faster in bf16 than in fp32; on a CPU without native bf16 (AVX2 only)
+  every bf16 op is emulated and a step ran 11x slower. Otherwise fp32.
+
+``autocast(device, precision)`` and ``grad_scaler(device, precision)`` are what the training loop and
+the evaluation use; this module imports nothing of budgetnet's, so every other module may use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BF16_MIN_SPEEDUP = 1.15  # bf16 must beat fp32 by this much on the CPU to be worth its lower precision
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' picks CUDA when present. Only entry points (CLI, scripts) should call this with 'auto'."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# -- precision ------------------------------------------------------------------------------------------
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def cuda_precision(capability: tuple[int, int]) -> str:
+    """bf16 from Ampere (8.0) on, fp16 with loss scaling on Volta and Turing (7.x), fp32 below."""
+    if capability >= (8, 0):
+        return "bf16"
+    if capability >= (7, 0):
+        return "fp16"
+    return "fp32"
+
+
+def _native_bf16() -> bool:
+    """oneDNN's own answer to "does this CPU do bf16 in hardware" (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: let the measurement decide
+        return True
+
+
+@dataclass(frozen=True)
+class CpuProfile:
+    """The CPU's measured training speed on a small conv net, and the precision chosen from it."""
+
+    capability: str  # torch.backends.cpu.get_cpu_capability(): DEFAULT, AVX2, AVX512, ...
+    native_bf16: bool
+    fp32_ms: float  # best training step in fp32
+    bf16_ms: float | None  # best step in bf16 autocast; None when not measured (not native)
+    precision: str
+
+    @property
+    def bf16_speedup(self) -> float | None:
+        return self.fp32_ms / self.bf16_ms if self.bf16_ms else None
+
+
+def _probe_net() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(32 * 8 * 8, 10),
+    ).to(memory_format=torch.channels_last)
+    x = torch.randn(32, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    return net, x, torch.randint(0, 10, (32,))
+
+
+def _step_ms(precision: str, repeats: int = 3, give_up_ms: float = float("inf")) -> float:
+    """Best time of one forward/backward/SGD step of ``_probe_net`` (after one untimed warm-up step).
+    Stops early once a step takes longer than ``give_up_ms``: an emulated dtype need not be timed twice."""
+    net, x, y = _probe_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    best = float("inf")
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        with autocast(torch.device("cpu"), precision):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ms = (time.perf_counter() - t) * 1e3
+        if i:
+            best = min(best, ms)
+            if ms > give_up_ms:
+                break
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_profile() -> CpuProfile:
+    """Measure once per process (tens of ms; far less where bf16 is not native and is not timed)."""
+    native = _native_bf16()
+    fp32 = _step_ms("fp32")
+    bf16 = _step_ms("bf16", give_up_ms=2 * fp32) if native else None
+    fast = bf16 is not None and fp32 / bf16 >= BF16_MIN_SPEEDUP
+    return CpuProfile(torch.backends.cpu.get_cpu_capability(), native, fp32, bf16, "bf16" if fast else "fp32")
+
+
+def resolve_precision(device: torch.device | str, requested: str = "auto") -> str:
+    """The training precision for ``device``: ``requested`` unless it is "auto", else the device's best."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    device = torch.device(device)
+    if device.type == "cuda":
+        return cuda_precision(_cuda_capability(device))
+    if device.type == "cpu":
+        return cpu_profile().precision
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision (fp32: none at all)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+# -- layout and device flags ----------------------------------------------------------------------------
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on CUDA and on the CPU: NHWC convolutions were 15-40% faster than NCHW in fp32 on
+    both CPUs measured (Intel with AMX, AMD with AVX2 only; docs/benchmarks.md), and the resident data
+    is NHWC already. Other backends keep the default layout."""
+    return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
+
+
+def prepare(device: torch.device) -> None:
+    """Process-wide settings for training on ``device`` (idempotent).
+
+    CUDA: cuDNN benchmarks its algorithms once per shape (the loop's shapes are fixed: one batch size,
+    the last partial batch dropped), and fp32 matmuls and convolutions may use TF32 tensor cores.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (CUDA kernels run asynchronously); a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

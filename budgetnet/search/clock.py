@@ -1,0 +1,69 @@
+"""Budget time: the clock stored in the study, and how the budget is cut into a speed probe and slices.
+
+Every number here is a share of the budget or a bound on one, none a speed: what a device can do in a
+slice is measured on the device (``runner.probe_speed``, ``train_run(min_epochs=)``). This module imports
+neither torch nor optuna, so the command line can show these rules in its help without loading either.
+"""
+
+from __future__ import annotations
+
+import time
+
+TRIALS_PER_SEARCH = 12  # full-length trial slices per search phase; median stopping fits in more trials
+MIN_SLICE_S = 10.0  # shorter trials rank models by their start-up, not their learning ...
+MIN_TRIALS = 3  # ... except in a search phase too short for this many such slices: then it is shortened
+ABS_MIN_SLICE_S = 3.0  # ... down to this, never further
+SLICE_GRACE = 0.1  # a trial starts only if its full slice fits before the search phase ends, give or take this share
+PROBE_SHARE = 0.03  # of the budget, for the speed probe, between these bounds (seconds):
+PROBE_MIN_S, PROBE_MAX_S = 1.0, 10.0
+CLOCK_SAVE_SHARE = 0.005  # the clock is saved to the study this often (share of the budget, 1 to 5 s):
+CLOCK_SAVE_MIN_S, CLOCK_SAVE_MAX_S = 1.0, 5.0  # a kill -9 loses at most that much of the accounting
+
+
+class Clock:
+    """Budget time: seconds used by earlier runs of this study plus this process's elapsed time.
+
+    ``save()`` stores the seconds used in the study; ``tick()``, called as often as one likes (every few
+    training steps), saves when ``save_every`` seconds have passed, so a killed process loses at most that
+    much of the accounting, in any phase.
+    """
+
+    def __init__(self, total: float, used_before: float, started: float, study=None,
+                 save_every: float = CLOCK_SAVE_MIN_S):
+        self.total, self.used_before, self.started = total, used_before, started
+        self.study, self.save_every = study, save_every
+        self._saved_at = time.perf_counter()
+
+    def used(self) -> float:
+        return self.used_before + time.perf_counter() - self.started
+
+    def left(self) -> float:
+        return self.total - self.used()
+
+    def save(self) -> None:
+        if self.study is not None:
+            self.study.set_user_attr("seconds_used", round(self.used(), 3))
+        self._saved_at = time.perf_counter()
+
+    def tick(self) -> bool:
+        """Save if due. Returns False, so that ``stop=lambda: ... or clock.tick()`` reads naturally."""
+        if time.perf_counter() - self._saved_at >= self.save_every:
+            self.save()
+        return False
+
+
+def clamp(x: float, lo: float, hi: float) -> float:
+    return min(max(x, lo), hi)
+
+
+def slice_seconds(trial_seconds: float | None, search_end: float, used: float) -> float:
+    """One trial's time slice: ``--trial-seconds``, else the search phase over ``TRIALS_PER_SEARCH``, at
+    least ``MIN_SLICE_S``; in a search phase too short for ``MIN_TRIALS`` such slices, short enough that
+    that many fit in what is left (with room for the time between trials), but at least ``ABS_MIN_SLICE_S``."""
+    if trial_seconds:
+        return trial_seconds
+    slice_s = max(MIN_SLICE_S, search_end / TRIALS_PER_SEARCH)
+    left = search_end - used
+    if left < MIN_TRIALS * slice_s:
+        slice_s = max(ABS_MIN_SLICE_S, min(slice_s, left / (MIN_TRIALS + 0.5)))
+    return slice_s
