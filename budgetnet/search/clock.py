@@ -11,7 +11,8 @@ import time
 
 TRIALS_PER_SEARCH = 12  # full-length trial slices per search phase; median stopping fits in more trials
 MIN_SLICE_S = 10.0  # shorter trials rank models by their start-up, not their learning ...
-MIN_TRIALS = 3  # ... except in a search phase too short for this many such slices: then it is shortened
+MIN_TRIALS = 4  # ... except in a search phase too short for this many such slices (one may be lost to a
+# model too slow for the device, which ends at its first step): then it is shortened
 ABS_MIN_SLICE_S = 3.0  # ... down to this, never further
 SLICE_GRACE = 0.1  # a trial starts only if its full slice fits before the search phase ends, give or take this share
 PROBE_SHARE = 0.03  # of the budget, for the speed probe, between these bounds (seconds):
