@@ -27,7 +27,7 @@ class CheckpointError(Exception):
 
 def save_checkpoint(path: str | os.PathLike, cfg: RunConfig, state_dict: dict, *, metrics: dict,
                     n_params: int, flops: int, classes: list[str], train_seconds: float,
-                    precision: str = "fp32", extra: dict | None = None) -> Path:
+                    precision: str, extra: dict | None = None) -> Path:
     """Write a checkpoint atomically (temp file + rename) and return its path. ``precision`` is what the
     weights were trained in (fp32, bf16 or fp16 autocast); they are stored in fp32 either way."""
     info = DATASET_INFO[cfg.data.dataset]

@@ -31,8 +31,7 @@ Hook = Callable[[float, dict], bool]
 COMPLETE, STOPPED, DIVERGED, OOM, TOO_SLOW = "complete", "stopped", "diverged", "oom", "too_slow"
 EVAL_SUBSET = 2000  # validation images scored at intermediate marks (all of them at the last mark)
 SYNC_EVERY = 8  # steps between host syncs (divergence check, stop poll); bounds how far the CPU runs ahead
-SPEED_CHECK_AT = 0.05  # progress from which a time-sliced run with ``min_epochs`` checks its own speed, once it
-SPEED_CHECK_LATEST = 0.25  # has two steps (the first pays one-off kernel set-up), or from here on after one
+SPEED_CHECK_AT = 0.05  # progress from which a time-sliced run with ``min_epochs`` checks its own speed
 
 
 @dataclass
@@ -153,9 +152,10 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
 
     ``hook(progress, metrics)`` is called at each evaluation mark; returning True stops the run.
     ``stop()`` is polled every few steps (a deadline, Ctrl-C); True stops the run at once.
-    ``min_epochs`` (time slices only): from ``SPEED_CHECK_AT`` of the slice, before the first evaluation,
-    the run projects its training rate after the first step over the slice and ends ``too_slow`` if that
-    covers fewer epochs. (A run whose first step alone reaches ``SPEED_CHECK_LATEST`` is judged on it.) A model that cannot see its data in the time it has is not worth the rest of it.
+    ``min_epochs`` (time slices only): from ``SPEED_CHECK_AT`` of the slice, the run projects its training
+    rate over the slice and ends ``too_slow`` if that covers fewer epochs. It judges the rate after the
+    first step (which pays one-off kernel set-up) once it has two steps, or the first step's own rate when
+    the first evaluation is due before a second step: a model that slow is not worth evaluating. A model that cannot see its data in the time it has is not worth the rest of it.
     ``precision`` is "auto" (the device's best, ``budgetnet.device.resolve_precision``), fp32, bf16 or fp16.
     Divergence and out-of-memory end the run with a typed status instead of an exception.
     """
@@ -269,7 +269,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
         perm = torch.randperm(n, device=device, generator=gen)
         for b in range(steps_per_epoch):
             p = progress()
-            if speed_check and p >= SPEED_CHECK_AT and (step >= 2 or (step == 1 and p >= SPEED_CHECK_LATEST)):
+            if speed_check and p >= SPEED_CHECK_AT and (step >= 2 or (step == 1 and p >= marks[0])):
                 speed_check = False
                 rate = steady_rate()
                 projected = rate * seconds / n

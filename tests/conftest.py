@@ -195,3 +195,16 @@ def warm_torch():
     make_optimizer(model, TrainConfig())
     make_optimizer(model, TrainConfig(optimizer="adamw"))
     return True
+
+
+@pytest.fixture(scope="session")
+def slice_s(synthetic_data) -> float:
+    """A trial slice for the search tests, from this machine's measured speed, not a fixed guess: long
+    enough for ~60 training steps of a small synthetic-task net (at batch 64), and at least 3 s."""
+    from budgetnet.config import DataConfig, PlainConfig, RunConfig, TrainConfig
+    from budgetnet.train import train_run
+
+    cfg = RunConfig(model=PlainConfig(n_conv=2, width=8, hidden=(32,)), train=TrainConfig(batch_size=64),
+                    data=DataConfig(dataset="synthetic"))
+    result = train_run(cfg, synthetic_data, device="cpu", epochs=0.5)
+    return max(3.0, 60 * 64 / result.images_per_s)

@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -15,7 +16,7 @@ from conftest import write_cifar100
 from budgetnet.budget import count_flops, count_params
 from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from budgetnet.cli import main
-from budgetnet.config import DataConfig, PlainConfig, RunConfig, TrainConfig
+from budgetnet.config import DataConfig, MobileNetConfig, PlainConfig, ResNetConfig, RunConfig, TrainConfig
 from budgetnet.data import DATASET_INFO, load_data
 from budgetnet.evaluate import evaluate_checkpoint
 from budgetnet.train import train_run
@@ -31,7 +32,8 @@ def _tiny_cifar_checkpoint(tmp_path, n_train=64, n_test=40):
     shape = DATASET_INFO["cifar100"].shape
     path = save_checkpoint(tmp_path / "best.pt", cfg, result.state_dict, metrics=result.metrics,
                            n_params=count_params(cfg.model, shape), flops=count_flops(cfg.model, shape),
-                           classes=data.classes, train_seconds=result.seconds, extra={"phase": "test"})
+                           classes=data.classes, train_seconds=result.seconds, precision=result.precision,
+                           extra={"phase": "test"})
     return cfg, path, result
 
 
@@ -59,15 +61,17 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        save_checkpoint(path, cfg, {}, metrics={}, n_params=1, flops=1, classes=[], train_seconds=0)
+        save_checkpoint(path, cfg, {}, metrics={}, n_params=1, flops=1, classes=[], train_seconds=0,
+                        precision="fp32")
     assert path.read_bytes() == before  # the old best.pt is intact
     assert not list(tmp_path.glob(".best.pt.*"))
 
 
 def test_evaluate_on_fabricated_cifar100_test_split(tmp_path):
     cfg, path, _ = _tiny_cifar_checkpoint(tmp_path)
-    report = evaluate_checkpoint(path, tmp_path, "cpu", plots=tmp_path / "plots", latency_repeats=2)
-    assert report["test_images"] == 40
+    report = evaluate_checkpoint(path, tmp_path, "cpu", plots=tmp_path / "plots", latency_repeats=2,
+                                 precision="fp32")
+    assert report["test_images"] == 40 and report["precision"] == "fp32"
     assert 0.0 <= report["top1"] <= report["top5"] <= 1.0
     assert report["loss"] > 0
     assert report["n_params_match"] and report["n_params"] == count_params(cfg.model, DATASET_INFO["cifar100"].shape)
@@ -84,10 +88,39 @@ def test_evaluate_on_fabricated_cifar100_test_split(tmp_path):
     x = torch.from_numpy(test[0]).view(-1, 3, 32, 32).float() / 255
     mean = torch.tensor(DATASET_INFO["cifar100"].mean).view(1, 3, 1, 1)
     std = torch.tensor(DATASET_INFO["cifar100"].std).view(1, 3, 1, 1)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        pred = model(((x - mean) / std).contiguous(memory_format=torch.channels_last)).float().argmax(1)
+    with torch.no_grad():
+        pred = model(((x - mean) / std).contiguous(memory_format=torch.channels_last)).argmax(1)
     expected = (pred == torch.from_numpy(test[1])).float().mean().item()
     assert report["top1"] == pytest.approx(expected, abs=1 / 40 + 1e-9)
+
+
+def test_evaluate_measures_in_the_precision_it_reports_with_weights_cast_once(tmp_path):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from budgetnet.evaluate import inference_model, model_input
+
+    cfg, path, result = _tiny_cifar_checkpoint(tmp_path)
+    assert load_checkpoint(path)["precision"] == result.precision  # what the run trained in
+    report = evaluate_checkpoint(path, tmp_path, "cpu", latency_repeats=1, precision="bf16")
+    assert report["precision"] == "bf16" and report["trained_precision"] == result.precision
+    assert 0.0 <= report["top1"] <= 1.0
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    model = inference_model(model_from_checkpoint(load_checkpoint(path)), "bf16")
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), Casts() as casts:
+        for _ in range(3):
+            assert model(model_input(model, x)).dtype == torch.bfloat16
+    assert casts.n == 3  # the input, once a call; never a weight (autocast re-casts every weight every call)
 
 
 def test_evaluate_cli_json(tmp_path, capsys):
@@ -126,6 +159,23 @@ def test_bad_checkpoints_give_one_line_and_exit_2(tmp_path, capsys, kind):
     assert len(lines) == 1 and lines[0].startswith("budgetnet: error:") and "Traceback" not in out.err
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_claiming_a_very_deep_net_is_refused_in_bounded_time(tmp_path, capsys, monkeypatch):
+    import budgetnet.models as models
+
+    cfg, good, _ = _tiny_cifar_checkpoint(tmp_path)
+    ckpt = torch.load(good, weights_only=True)
+    monkeypatch.setattr(models, "build_model", lambda *a: pytest.fail("built a model the file cannot hold"))
+    for deep in (ResNetConfig(depths=(10**9, 1, 1)), MobileNetConfig(depths=(1, 1, 10**8, 1, 1)),
+                 PlainConfig(n_conv=10**7, width=8, width_pattern="equal", hidden=())):
+        torch.save({**ckpt, "config": cfg.replace(model=deep).to_json()}, tmp_path / "deep.pt")
+        t0 = time.perf_counter()
+        with pytest.raises(CheckpointError, match="claims at least .* layers, the file holds"):
+            model_from_checkpoint(load_checkpoint(tmp_path / "deep.pt"))
+        assert time.perf_counter() - t0 < 5.0
+        assert main(["evaluate", str(tmp_path / "deep.pt"), "--device", "cpu"]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_a_checkpoint_whose_config_claims_a_huge_model_is_refused_before_building_it(tmp_path, capsys):

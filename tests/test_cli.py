@@ -184,3 +184,34 @@ def _has(cmd: str) -> bool:
     import shutil
 
     return shutil.which(cmd) is not None
+
+
+@pytest.mark.parametrize("typed", ["fashion_mnist", "fashion-mnist", "FashionMNIST", "Fashion-MNIST"])
+def test_dataset_accepts_the_spellings_users_type(typed):
+    from budgetnet.cli import build_parser
+
+    assert build_parser().parse_args(["search", "--dataset", typed]).dataset == "fashion_mnist"
+    assert build_parser().parse_args(["search", "--dataset", "CIFAR-100"]).dataset == "cifar100"
+
+
+def test_trial_seconds_help_states_the_rule_the_code_uses(capsys):
+    from budgetnet.search.clock import MIN_SLICE_S, TRIALS_PER_SEARCH
+
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"search time / {TRIALS_PER_SEARCH}, at least {MIN_SLICE_S:g} s" in help_text
+    assert "--precision {auto,fp32,bf16,fp16}" in help_text
+
+
+def test_a_trial_line_for_a_trial_that_failed_before_its_family_was_known():
+    import io
+
+    from budgetnet.search.report import Reporter
+
+    out = io.StringIO()
+    row = {"number": 3, "family": None, "n_params": None, "flops": None, "progress": None, "val_acc": None,
+           "seconds": 0.1, "state": "failed", "reason": "ConfigError: bad grid point"}
+    Reporter("text", out).trial(row, 10.0, 60.0)
+    first = out.getvalue().splitlines()[0]
+    assert first.startswith("trial    3  -") and first.endswith("failed (ConfigError: bad grid point)")

@@ -50,3 +50,17 @@ def test_bench_pipeline_rejects_fewer_images_than_a_batch():
     with pytest.raises(SystemExit) as e:
         _load("bench_pipeline").main(["--device", "cpu", "--images", "16", "--batch-size", "32"])
     assert e.value.code == 2
+
+
+def test_bench_precision_reports_every_model_and_precision_against_fp32(tmp_path, capsys):
+    out = tmp_path / "prec.json"
+    rc = _load("bench_precision").main(["--batch-size", "8", "--steps", "1", "--warmup", "1", "--repeats", "1",
+                                        "--fp16", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert {(r["model"], r["precision"]) for r in report["results"]} == {
+        (m, p) for m in ("resnet20", "plain") for p in ("fp32", "bf16", "fp16")}
+    assert all(r["images_per_s"] > 0 for r in report["results"])
+    assert [r["vs_fp32"] for r in report["results"] if r["precision"] == "fp32"] == [1.0, 1.0]
+    assert report["auto"] == report["profile"]["precision"] in ("fp32", "bf16")
+    assert "auto picks" in capsys.readouterr().out

@@ -105,20 +105,23 @@ def test_grid_file_applies_points_on_a_base_config():
         load_grid(json.dumps({"grid": {"model.nonsense": [1]}}))
 
 
-def _opts(tmp_path, **kw) -> SearchOptions:
-    defaults = dict(max_params=30_000, budget_seconds=30.0, dataset="synthetic",
+def _opts(tmp_path, slice_s=3.0, **kw) -> SearchOptions:
+    """Options for a search test: budgets are given in slices (``slice_s``, measured on this machine)."""
+    defaults = dict(max_params=30_000, budget_seconds=10 * slice_s, dataset="synthetic",
                     storage=f"sqlite:///{tmp_path / 'study.db'}", out=str(tmp_path / "best.pt"),
-                    artifact_dir=str(tmp_path / "artifacts"), trial_seconds=3.0, device="cpu")
+                    artifact_dir=str(tmp_path / "artifacts"), trial_seconds=slice_s, device="cpu")
     defaults.update(kw)
     return SearchOptions(**defaults)
 
 
-def test_end_to_end_search_writes_best_pt_that_evaluates(tmp_path):
+@pytest.mark.timing
+def test_end_to_end_search_writes_best_pt_that_evaluates(tmp_path, slice_s):
     t0 = time.perf_counter()
-    summary = run_search(_opts(tmp_path, budget_seconds=30.0), Reporter("quiet"), started=t0)
+    budget = 10 * slice_s
+    summary = run_search(_opts(tmp_path, slice_s, budget_seconds=budget), Reporter("quiet"), started=t0)
     wall = time.perf_counter() - t0
-    assert wall <= 30.0 + 15.0  # overshoot at most max(1%, 15 s)
-    assert summary["seconds_used"] <= 30.0 + 15.0
+    assert wall <= budget + max(0.01 * budget, 15.0)  # the promised overshoot bound
+    assert summary["seconds_used"] <= budget + max(0.01 * budget, 15.0)
     assert summary["trials"]["complete"] >= 1
     assert summary["checkpoint_phase"] == "final"
     ckpt = load_checkpoint(tmp_path / "best.pt")
@@ -136,9 +139,11 @@ def test_end_to_end_search_writes_best_pt_that_evaluates(tmp_path):
         assert {"n_params", "flops", "seconds", "images_per_s", "config", "family"} <= set(t.user_attrs)
         assert set(t.intermediate_values) <= set(range(10, 101, 10))  # the shared progress axis
         assert 100 in t.intermediate_values
+        assert t.user_attrs["seconds"] >= 0.9 * slice_s  # ranked only after a full slice
+    assert summary["precision"] == study.user_attrs["precision"] == ckpt["precision"]
 
 
-def test_tiny_cap_never_trains_an_oversized_model(tmp_path, monkeypatch):
+def test_tiny_cap_never_trains_an_oversized_model(tmp_path, monkeypatch, slice_s):
     trained = []
     real_train_run = runner.train_run
 
@@ -151,8 +156,8 @@ def test_tiny_cap_never_trains_an_oversized_model(tmp_path, monkeypatch):
     grid = load_grid(json.dumps({"base": {"model": {"family": "plain", "n_conv": 2, "hidden": [16]},
                                           "train": {"batch_size": 64}},
                                  "grid": {"model.width": [2, 64, 4]}}))
-    summary = run_search(_opts(tmp_path, max_params=10_000, sampler="grid", grid=grid, final_fraction=0.0,
-                               budget_seconds=25.0, trial_seconds=4.0), Reporter("quiet"))
+    summary = run_search(_opts(tmp_path, 1.33 * slice_s, max_params=10_000, sampler="grid", grid=grid,
+                               final_fraction=0.0, budget_seconds=8.3 * slice_s), Reporter("quiet"))
     assert trained and all(n <= 10_000 for n in trained)
     assert summary["trials"]["rejected"] == 1
     study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp_path / 'study.db'}")
@@ -162,12 +167,12 @@ def test_tiny_cap_never_trains_an_oversized_model(tmp_path, monkeypatch):
     assert not rejected.intermediate_values and "seconds" not in rejected.user_attrs
 
 
-def test_diverging_trial_is_recorded_and_the_search_goes_on(tmp_path):
+def test_diverging_trial_is_recorded_and_the_search_goes_on(tmp_path, slice_s):
     grid = load_grid(json.dumps({"base": {"model": {"family": "plain", "n_conv": 2, "width": 4, "hidden": []},
                                           "train": {"batch_size": 64, "warmup": 0.0}},
                                  "grid": {"train.lr": [1e6, 0.05]}}))
-    summary = run_search(_opts(tmp_path, sampler="grid", grid=grid, final_fraction=0.0, budget_seconds=20.0,
-                               trial_seconds=3.0), Reporter("quiet"))
+    summary = run_search(_opts(tmp_path, slice_s, sampler="grid", grid=grid, final_fraction=0.0,
+                               budget_seconds=7 * slice_s), Reporter("quiet"))
     study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp_path / 'study.db'}")
     states = {json.loads(t.params["train.lr"]): (t.state, t.user_attrs.get("state")) for t in study.trials}
     assert states[1e6] == (TrialState.PRUNED, "diverged")
@@ -175,9 +180,10 @@ def test_diverging_trial_is_recorded_and_the_search_goes_on(tmp_path):
     assert summary["checkpoint"]
 
 
-def test_trials_too_slow_for_their_slice_are_pruned_early_and_the_search_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "MIN_EPOCHS_PER_TRIAL", 1e5)  # no model can see 1e5 epochs in 3 s
-    summary = run_search(_opts(tmp_path, final_fraction=0.0, budget_seconds=20.0, trial_seconds=3.0),
+@pytest.mark.timing
+def test_trials_too_slow_for_their_slice_are_pruned_early_and_the_search_goes_on(tmp_path, monkeypatch, slice_s):
+    monkeypatch.setattr(runner, "MIN_EPOCHS_PER_TRIAL", 1e5)  # no model can see 1e5 epochs in a slice
+    summary = run_search(_opts(tmp_path, slice_s, final_fraction=0.0, budget_seconds=7 * slice_s),
                          Reporter("quiet"))
     study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp_path / 'study.db'}")
     slow = [t for t in study.trials if t.user_attrs.get("state") == "too slow"]
@@ -188,14 +194,17 @@ def test_trials_too_slow_for_their_slice_are_pruned_early_and_the_search_goes_on
     for t in slow:
         assert t.state == TrialState.PRUNED and "epochs projected" in t.user_attrs["reason"]
         assert not t.intermediate_values  # stopped before its first evaluation (at 10% of the slice)
-        assert t.user_attrs["seconds"] < 3.0  # well inside its slice, start-up (model build, step 1) included
+        assert t.user_attrs["seconds"] < slice_s  # inside its slice, start-up (model build, step 1) included
     assert summary["trials"]["complete"] == 0 and summary["checkpoint"] is None
     assert not (tmp_path / "best.pt").exists()
+    # one line that says why, with the measured speed and what to change
+    assert "images/s" in summary["error"] and "give more --hours or a smaller --max-params" in summary["error"]
+    assert not study.get_trials(states=(TrialState.RUNNING,)) and study.user_attrs["phase"] == "final"
 
 
-def _cli(tmp_path, *extra, budget_h="0.012"):
+def _cli(tmp_path, *extra, budget_h="0.012", slice_s=3.0):
     return [sys.executable, "-m", "budgetnet", "search", "--dataset", "synthetic", "--max-params", "30k",
-            "--hours", budget_h, "--trial-seconds", "3", "--storage", f"sqlite:///{tmp_path / 's.db'}",
+            "--hours", budget_h, "--trial-seconds", f"{slice_s:.2f}", "--storage", f"sqlite:///{tmp_path / 's.db'}",
             "--artifact-dir", str(tmp_path / "art"), "--out", str(tmp_path / "best.pt"), "--device", "cpu",
             "--json", *extra]
 
@@ -220,12 +229,15 @@ def _complete_trials(tmp_path) -> list:
         return []
 
 
-def test_kill_9_then_the_same_command_resumes(tmp_path):
-    budget = 0.012 * 3600  # 43.2 s
+@pytest.mark.timing
+def test_kill_9_then_the_same_command_resumes(tmp_path, slice_s):
+    budget_h = f"{14.4 * slice_s / 3600:.5f}"  # 43.2 s with 3 s slices
+    budget = float(budget_h) * 3600
+    cmd = _cli(tmp_path, budget_h=budget_h, slice_s=slice_s)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(_cli(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    assert _wait_for(lambda: len(_complete_trials(tmp_path)) >= 2, 60), "no trial completed"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert _wait_for(lambda: len(_complete_trials(tmp_path)) >= 2, 60 + 10 * slice_s), "no trial completed"
     time.sleep(1.0)  # kill mid-trial
     proc.kill()
     proc.wait()
@@ -233,7 +245,7 @@ def test_kill_9_then_the_same_command_resumes(tmp_path):
     before = {t.number: t.value for t in _complete_trials(tmp_path)}
 
     t1 = time.perf_counter()
-    second = subprocess.run(_cli(tmp_path), capture_output=True, text=True, env=env, timeout=120)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120 + budget)
     second_wall = time.perf_counter() - t1
     assert second.returncode == 0, second.stderr
     events = [json.loads(line) for line in second.stdout.splitlines() if line.startswith("{")]
@@ -252,10 +264,11 @@ def test_kill_9_then_the_same_command_resumes(tmp_path):
     assert load_checkpoint(tmp_path / "best.pt")["n_params"] <= 30_000
 
 
-def test_ctrl_c_stops_gracefully_and_keeps_best_so_far(tmp_path):
-    proc = subprocess.Popen(_cli(tmp_path, budget_h="0.05"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert _wait_for(lambda: (tmp_path / "best.pt").exists(), 60)
+@pytest.mark.timing
+def test_ctrl_c_stops_gracefully_and_keeps_best_so_far(tmp_path, slice_s):
+    proc = subprocess.Popen(_cli(tmp_path, budget_h="0.05", slice_s=slice_s), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert _wait_for(lambda: (tmp_path / "best.pt").exists(), 60 + 10 * slice_s)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
@@ -265,9 +278,165 @@ def test_ctrl_c_stops_gracefully_and_keeps_best_so_far(tmp_path):
     assert load_checkpoint(tmp_path / "best.pt")["extra"]["phase"] == "search"
 
 
-def test_no_final_phase_keeps_the_best_trial_model(tmp_path):
-    summary = run_search(_opts(tmp_path, final_fraction=0.0, budget_seconds=12.0), Reporter("quiet"))
+@pytest.mark.timing
+def test_no_final_phase_keeps_the_best_trial_model(tmp_path, slice_s):
+    summary = run_search(_opts(tmp_path, slice_s, final_fraction=0.0, budget_seconds=4 * slice_s),
+                         Reporter("quiet"))
     ckpt = load_checkpoint(tmp_path / "best.pt")
     assert ckpt["extra"]["phase"] == "search" and ckpt["extra"]["trial"] == summary["best_trial"]
     assert ckpt["metrics"]["val_acc"] == pytest.approx(summary["best_val_acc"])
     assert torch.is_tensor(next(iter(ckpt["state_dict"].values())))
+
+
+def _study_attrs(tmp_path) -> dict:
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+        studies = storage.get_all_studies()
+        return storage.get_study_user_attrs(studies[0]._study_id) if studies else {}
+    except Exception:  # noqa: BLE001 - the file may be mid-creation
+        return {}
+
+
+@pytest.mark.timing
+def test_kill_9_in_the_final_phase_then_resume_runs_no_second_full_final_phase(tmp_path, slice_s):
+    budget_h = f"{16 * slice_s / 3600:.5f}"  # 48 s with 3 s slices: ~24 s of search, ~24 s of final training
+    budget = float(budget_h) * 3600
+    cmd = _cli(tmp_path, "--final-fraction", "0.5", budget_h=budget_h, slice_s=slice_s)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert _wait_for(lambda: _study_attrs(tmp_path).get("final_runs") == 1, budget + 30), "no final phase"
+    time.sleep(0.25 * 0.5 * budget)  # a quarter into the final phase
+    proc.kill()
+    proc.wait()
+    first_wall = time.perf_counter() - t0
+    used_at_kill = _study_attrs(tmp_path)["seconds_used"]
+    assert used_at_kill >= first_wall - 1.0 - 5.0  # saved as it ran (every second here), less start-up
+    assert load_checkpoint(tmp_path / "best.pt")["extra"]["phase"] == "search"  # the search's model is safe
+
+    t1 = time.perf_counter()
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120 + budget)
+    second_wall = time.perf_counter() - t1
+    assert second.returncode == 0, second.stderr
+    events = [json.loads(line) for line in second.stdout.splitlines() if line.startswith("{")]
+    assert any("resuming" in e.get("text", "") and "final phase" in e.get("text", "") for e in events)
+    assert not [e for e in events if e["event"] == "trial"]  # no trial: the search phase was over
+    ckpt = load_checkpoint(tmp_path / "best.pt")
+    if ckpt["extra"]["phase"] == "final":  # a final run in the time that was left, not a full one again
+        assert ckpt["train_seconds"] <= budget - used_at_kill
+        assert _study_attrs(tmp_path)["final_runs"] == 2
+    else:  # or none at all, when what was left was too short
+        assert any("final training skipped" in e.get("text", "") for e in events)
+    # both runs together: within the budget, the promised overshoot and the interpreter start-up twice
+    assert first_wall + second_wall <= budget + 15.0 + 5.0
+    assert events[-1]["seconds_used"] <= budget + 15.0
+
+
+@pytest.mark.timing
+def test_a_final_phase_too_short_to_learn_keeps_the_search_model(tmp_path, slice_s):
+    import io
+
+    out = io.StringIO()
+    # Trials of 3 slices; the final phase gets 10% of the budget plus what no full trial could use, less
+    # the write reserve: under 2.1 slices, which would show the merged data (1.2x the trials' split) fewer
+    # epochs than a trial saw.
+    summary = run_search(_opts(tmp_path, 3 * slice_s, budget_seconds=10 * slice_s, final_fraction=0.1),
+                         Reporter("text", out))
+    assert summary["checkpoint_phase"] == "search" and summary["trials"]["complete"] >= 1
+    ckpt = load_checkpoint(tmp_path / "best.pt")
+    assert ckpt["extra"] == {"phase": "search", "study": summary["study"], "trial": summary["best_trial"]}
+    skipped = [line for line in out.getvalue().splitlines() if line.startswith("final training skipped")]
+    assert len(skipped) == 1 and "fewer than its" in skipped[0]
+    study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert "final_runs" not in study.user_attrs and not study.user_attrs.get("final_done")
+
+
+def test_train_run_refuses_an_empty_budget(synthetic_data):
+    from budgetnet.config import RunConfig
+
+    for kw in (dict(seconds=0), dict(seconds=-1.0), dict(epochs=0), dict(seconds=math.inf)):
+        with pytest.raises(ValueError, match="positive, finite budget"):
+            runner.train_run(RunConfig(), synthetic_data, device="cpu", **kw)
+
+
+def test_a_resume_with_another_cap_or_dataset_is_refused(tmp_path, capsys):
+    from budgetnet.cli import main
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="mine", storage=storage, direction="maximize")
+    study.set_user_attr("max_params", 30_000.0)
+    study.set_user_attr("dataset", "synthetic")
+    study.set_user_attr("seconds_used", 12.5)
+    base = ["search", "--study-name", "mine", "--storage", storage, "--hours", "0.01", "--device", "cpu",
+            "--out", str(tmp_path / "best.pt"), "--artifact-dir", str(tmp_path / "art")]
+    # refused before the data is read: no CIFAR-10 is needed to learn that the study is a synthetic one
+    for changed, expected in ((["--dataset", "synthetic", "--max-params", "40k"], "--max-params 30000, not 40000"),
+                              (["--dataset", "CIFAR-10", "--max-params", "30k", "--data-dir", str(tmp_path)],
+                               "--dataset synthetic, not cifar10")):
+        assert main(base + changed) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "was started with" in err[0] and expected in err[0]
+    after = optuna.load_study(study_name="mine", storage=storage)
+    assert after.user_attrs == {"max_params": 30_000.0, "dataset": "synthetic", "seconds_used": 12.5}
+    assert not after.trials and not (tmp_path / "best.pt").exists()
+
+
+def test_a_budget_too_short_for_one_slice_exits_non_zero_with_one_line(tmp_path):
+    proc = subprocess.run(_cli(tmp_path, budget_h="0.002", slice_s=30.0), capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert proc.returncode == 1
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("budgetnet: nothing trained:"), proc.stderr
+    assert "cannot hold one 30 s trial slice" in err[0] and "--hours" in err[0]
+    assert not (tmp_path / "best.pt").exists()
+    study = optuna.load_study(study_name=json.loads(proc.stdout.splitlines()[-1])["study"],
+                              storage=f"sqlite:///{tmp_path / 's.db'}")
+    assert not study.trials and study.user_attrs["phase"] == "final"
+
+
+@pytest.mark.timing
+def test_the_speed_probe_is_bounded_and_stoppable(synthetic_data):
+    t0 = time.perf_counter()
+    rate = runner.probe_speed(synthetic_data, "cpu", 1.0)
+    took = time.perf_counter() - t0
+    one_step = 128 / rate
+    assert rate > 0 and took <= 1.0 + 2 * one_step + 0.5  # its bound, overshot by at most a step or so
+    t0 = time.perf_counter()
+    assert runner.probe_speed(synthetic_data, "cpu", 60.0, stop=lambda: True) is None  # stopped at once
+    assert time.perf_counter() - t0 < 5.0
+
+
+def test_a_search_gives_its_probe_a_small_share_of_the_budget(tmp_path, monkeypatch, slice_s):
+    asked = []
+    real = runner.probe_speed
+
+    def spy(data, device, seconds, **kw):
+        asked.append(seconds)
+        assert kw.get("stop") is not None
+        return real(data, device, seconds, **kw)
+
+    monkeypatch.setattr(runner, "probe_speed", spy)
+    run_search(_opts(tmp_path, slice_s, budget_seconds=400.0, trial_seconds=500.0), Reporter("quiet"))
+    assert not asked  # no slice fits: not even the probe runs
+    run_search(_opts(tmp_path, slice_s, budget_seconds=3 * slice_s, final_fraction=0.0, study_name="b"),
+               Reporter("quiet"))
+    assert asked == [runner.PROBE_MIN_S]  # 3% of a short budget is under the 1 s floor
+
+
+def test_the_search_split_is_freed_before_the_final_phase_loads_its_own(tmp_path, monkeypatch, slice_s):
+    import weakref
+
+    real = runner.load_data
+    loaded = []
+
+    def spy(cfg, *a, merge_val=False, **kw):
+        if merge_val:  # the final phase: the search's images must be gone by now
+            assert all(ref() is None for ref in loaded), "the search split is still alive"
+        data = real(cfg, *a, merge_val=merge_val, **kw)
+        if not merge_val:
+            loaded.append(weakref.ref(data.train.images))
+        return data
+
+    monkeypatch.setattr(runner, "load_data", spy)
+    summary = run_search(_opts(tmp_path, slice_s, budget_seconds=8 * slice_s), Reporter("quiet"))
+    assert loaded and summary["checkpoint_phase"] == "final"

@@ -314,16 +314,21 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(done, key=lambda t: t.value) if done else None
 
 
-def _check_same_study(study: optuna.Study, opts: SearchOptions) -> None:
+def _check_same_study(storage: optuna.storages.BaseStorage, name: str, opts: SearchOptions) -> None:
     """A resume must search the same problem: another cap or dataset would rank (and final-train) models
-    against trials they cannot be compared with."""
+    against trials they cannot be compared with. Checked before the data is loaded or anything written."""
+    try:
+        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+    except KeyError:  # a new study
+        return
     for key, new in (("max_params", opts.max_params), ("dataset", opts.dataset)):
-        old = study.user_attrs.get(key)
-        same = old is None or (math.isclose(old, new) if key == "max_params" else old == new)
-        if not same:
-            flag = "--" + key.replace("_", "-")
-            raise StudyMismatch(f"study {study.study_name!r} was started with {flag} {old}, not {new}; resume "
-                                f"it with {flag} {old}, or give a new --study-name")
+        old = attrs.get(key)
+        if old is None or (math.isclose(old, new) if key == "max_params" else old == new):
+            continue
+        flag = "--" + key.replace("_", "-")
+        old_s, new_s = (f"{old:.0f}", f"{new:.0f}") if key == "max_params" else (old, new)
+        raise StudyMismatch(f"study {name!r} was started with {flag} {old_s}, not {new_s}; resume it with "
+                            f"{flag} {old_s}, or give a new --study-name")
 
 
 def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: float | None = None) -> dict:
@@ -339,14 +344,14 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
     hours = opts.budget_seconds / 3600
     study_name = opts.study_name or default_study_name(opts.dataset, opts.max_params, hours)
 
-    # Load the data before touching storage: a missing dataset leaves no empty study behind.
+    storage = make_storage(opts.storage)
+    _check_same_study(storage, study_name, opts)
+    # Load the data before creating the study: a missing dataset leaves no empty study behind.
     data = load_data(DataConfig(dataset=opts.dataset), opts.data_dir, opts.device, download=opts.download)
     train_images, final_images = len(data.train), len(data.train) + (len(data.val) if data.val else 0)
-    storage = make_storage(opts.storage)
     sampler = make_sampler(opts.sampler, opts.seed, opts.grid[1] if opts.grid else None)
     study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                 sampler=sampler, pruner=make_pruner(opts.pruner), load_if_exists=True)
-    _check_same_study(study, opts)  # before anything is written to it
     attrs = study.user_attrs
     used_before = float(attrs.get("seconds_used", 0.0))
     if "budget_seconds" in attrs and not math.isclose(attrs["budget_seconds"], opts.budget_seconds):

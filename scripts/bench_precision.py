@@ -1,0 +1,139 @@
+"""Training throughput by precision on this machine, and what ``--precision auto`` picks here.
+
+For a small ResNet (ResNet-20) and a plain net, it times budgetnet's own training step (``train_run``'s
+pieces: ``build_model``, ``make_optimizer``, ``autocast``, channels_last, cross-entropy with label
+smoothing) at batch 128 on CIFAR-shaped random data, in fp32 and in bf16 autocast (fp16 too with
+``--fp16``), interleaved over ``--repeats`` rounds. A round times ``--steps`` steps after ``--warmup``
+untimed ones. The ratio against fp32 in the same run is the number to read; the absolute rate means
+something only on a GPU.
+
+    .venv/bin/python scripts/bench_precision.py
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python scripts/bench_precision.py  # emulated AVX2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from budgetnet.config import PlainConfig, ResNetConfig, Shape, TrainConfig  # noqa: E402
+from budgetnet.device import (  # noqa: E402
+    autocast,
+    cpu_profile,
+    grad_scaler,
+    memory_format,
+    prepare,
+    resolve_device,
+    resolve_precision,
+    synchronize,
+)
+from budgetnet.models import build_model  # noqa: E402
+from budgetnet.train import make_optimizer  # noqa: E402
+
+MODELS = {
+    "resnet20": ResNetConfig(),
+    "plain": PlainConfig(n_conv=3, width=32, hidden=(256,), batch_norm=False),
+}
+SHAPE = Shape(3, 100, 32)
+
+
+def time_steps(cfg, precision: str, device: torch.device, batch: int, steps: int, warmup: int) -> float:
+    """Images per second of ``steps`` training steps after ``warmup`` untimed ones."""
+    torch.manual_seed(0)
+    fmt = memory_format(device)
+    model = build_model(cfg, SHAPE).to(device, memory_format=fmt).train()
+    tc = TrainConfig(batch_size=batch)
+    opt, scaler = make_optimizer(model, tc), grad_scaler(device, precision)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, SHAPE.num_classes, (batch,), device=device)
+
+    def step():
+        with autocast(device, precision):
+            loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return batch * steps / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--fp16", action="store_true", help="time fp16 autocast with a grad scaler too")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device)
+    prepare(device)
+
+    t = time.perf_counter()
+    auto = resolve_precision(device, "auto")
+    decide_ms = (time.perf_counter() - t) * 1e3
+    profile = cpu_profile() if device.type == "cpu" else None
+    env = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS") if k in os.environ}
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, env {env or '-'}")
+    if profile:
+        print(f"auto picks {auto} (decided in {decide_ms:.0f} ms): native bf16 {profile.native_bf16}, "
+              f"probe step fp32 {profile.fp32_ms:.1f} ms, bf16 "
+              + (f"{profile.bf16_ms:.1f} ms" if profile.bf16_ms else "not timed (not native)"))
+    else:
+        print(f"auto picks {auto}")
+
+    precisions = ["fp32", "bf16"] + (["fp16"] if args.fp16 else [])
+    rates: dict[str, dict[str, list[float]]] = {m: {p: [] for p in precisions} for m in args.models}
+    for _ in range(args.repeats):  # interleaved, so that drift on the host hits every precision alike
+        for m in args.models:
+            for p in precisions:
+                rates[m][p].append(time_steps(MODELS[m], p, device, args.batch_size, args.steps, args.warmup))
+
+    print()
+    print(f"| model | precision | images/s (median of {args.repeats}) | vs fp32 |")
+    print("|---|---|---:|---:|")
+    table = []
+    for m in args.models:
+        base = statistics.median(rates[m]["fp32"])
+        for p in precisions:
+            med = statistics.median(rates[m][p])
+            table.append({"model": m, "precision": p, "images_per_s": med, "vs_fp32": med / base,
+                          "rounds": rates[m][p]})
+            print(f"| {m} | {p} | {med:,.0f} | {med / base:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
+            "device": str(device), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "env": env, "auto": auto, "decide_ms": decide_ms,
+            "profile": profile.__dict__ if profile else None, "results": table}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
