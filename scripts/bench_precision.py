@@ -3,7 +3,8 @@
 For a small ResNet (ResNet-20) and a plain net, it times budgetnet's own training step (``train_run``'s
 pieces: ``build_model``, ``make_optimizer``, ``autocast``, channels_last, cross-entropy with label
 smoothing) at batch 128 on CIFAR-shaped random data, in fp32 and in bf16 autocast (fp16 too with
-``--fp16``), interleaved over ``--repeats`` rounds. A round times ``--steps`` steps after ``--warmup``
+``--fp16``), and in fp32 with the NCHW layout (``fp32-nchw``: budgetnet's channels_last choice against the
+default layout), interleaved over ``--repeats`` rounds. A round times ``--steps`` steps after ``--warmup``
 untimed ones. The ratio against fp32 in the same run is the number to read; the absolute rate means
 something only on a GPU.
 
@@ -49,9 +50,12 @@ SHAPE = Shape(3, 100, 32)
 
 
 def time_steps(cfg, precision: str, device: torch.device, batch: int, steps: int, warmup: int) -> float:
-    """Images per second of ``steps`` training steps after ``warmup`` untimed ones."""
+    """Images per second of ``steps`` training steps after ``warmup`` untimed ones. ``fp32-nchw``: fp32 in
+    the default (NCHW) layout instead of budgetnet's ``memory_format``."""
     torch.manual_seed(0)
     fmt = memory_format(device)
+    if precision == "fp32-nchw":
+        precision, fmt = "fp32", torch.contiguous_format
     model = build_model(cfg, SHAPE).to(device, memory_format=fmt).train()
     tc = TrainConfig(batch_size=batch)
     opt, scaler = make_optimizer(model, tc), grad_scaler(device, precision)
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"auto picks {auto}")
 
-    precisions = ["fp32", "bf16"] + (["fp16"] if args.fp16 else [])
+    precisions = ["fp32", "bf16"] + (["fp16"] if args.fp16 else []) + ["fp32-nchw"]
     rates: dict[str, dict[str, list[float]]] = {m: {p: [] for p in precisions} for m in args.models}
     for _ in range(args.repeats):  # interleaved, so that drift on the host hits every precision alike
         for m in args.models:

@@ -68,6 +68,7 @@ def test_the_cpu_is_measured_once_per_process(monkeypatch, fresh_profile):
     assert calls == ["fp32", "bf16"]
 
 
+@pytest.mark.timing
 def test_the_real_measurement_agrees_with_its_own_numbers(fresh_profile):
     p = dev.cpu_profile()
     assert p.fp32_ms > 0 and p.capability == torch.backends.cpu.get_cpu_capability()
