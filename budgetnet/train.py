@@ -314,6 +314,8 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
             if step % SYNC_EVERY == 0 and not math.isfinite(loss.item()):  # .item() syncs the device
                 status, reason, done = DIVERGED, f"non-finite loss at step {step}", True
                 break
+            if step == 1:  # on CUDA the first step's kernel selection runs after its launch: wait for it,
+                synchronize(device)  # so that the rate after it (the speed check, the probe) excludes it
             train_time += time.perf_counter() - ts
             if step == 1:
                 first_step_s = train_time

@@ -1,6 +1,6 @@
 """Training throughput by precision on this machine, and what ``--precision auto`` picks here.
 
-For a small ResNet (ResNet-20) and a plain net, it times budgetnet's own training step (``train_run``'s
+For a small ResNet (ResNet-20) and a plain net (the warm start's shape, without and with batch norm), it times budgetnet's own training step (``train_run``'s
 pieces: ``build_model``, ``make_optimizer``, ``autocast``, channels_last, cross-entropy with label
 smoothing) at batch 128 on CIFAR-shaped random data, in fp32 and in bf16 autocast (fp16 too with
 ``--fp16``), and in fp32 with the NCHW layout (``fp32-nchw``: budgetnet's channels_last choice against the
@@ -44,7 +44,8 @@ from budgetnet.train import make_optimizer  # noqa: E402
 
 MODELS = {
     "resnet20": ResNetConfig(),
-    "plain": PlainConfig(n_conv=3, width=32, hidden=(256,), batch_norm=False),
+    "plain": PlainConfig(n_conv=3, width=32, hidden=(256,), batch_norm=False),  # the warm start's shape
+    "plain-bn": PlainConfig(n_conv=3, width=32, hidden=(256,), batch_norm=True),  # what BN costs it
 }
 SHAPE = Shape(3, 100, 32)
 
