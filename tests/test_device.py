@@ -128,15 +128,19 @@ def test_auto_on_the_cpu_trains_in_what_the_measurement_chose(synthetic_data):
 
 # -- CUDA flags, set by the same code the CPU tests run ---------------------------------------------------
 
-def test_prepare_turns_on_cudnn_benchmark_and_tf32_for_cuda_only(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    dev.prepare(CPU)
-    assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
-    dev.prepare(CUDA)  # only sets flags: runs without a GPU
-    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
-    assert torch.backends.cudnn.allow_tf32
+def test_prepare_turns_on_cudnn_benchmark_and_tf32_for_cuda_only():
+    saved = (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = False, False
+        torch.set_float32_matmul_precision("highest")
+        dev.prepare(CPU)
+        assert not torch.backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "highest"
+        dev.prepare(CUDA)  # only sets flags: runs without a GPU
+        assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cudnn.benchmark, _, torch.backends.cudnn.allow_tf32 = saved
+        torch.set_float32_matmul_precision(saved[1])
 
 
 # -- EMA: on the device, no host sync per step ------------------------------------------------------------

@@ -314,9 +314,14 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(done, key=lambda t: t.value) if done else None
 
 
-def _check_same_study(storage: optuna.storages.BaseStorage, name: str, opts: SearchOptions) -> None:
+def _check_same_study(url: str, name: str, opts: SearchOptions) -> None:
     """A resume must search the same problem: another cap or dataset would rank (and final-train) models
-    against trials they cannot be compared with. Checked before the data is loaded or anything written."""
+    against trials they cannot be compared with. Checked before the data is loaded or anything written:
+    a local storage file that does not exist yet holds no study, and is not created here."""
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url if "://" not in url else None
+    if path is not None and not Path(path).exists():
+        return
+    storage = make_storage(url)
     try:
         attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
     except KeyError:  # a new study
@@ -344,11 +349,11 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
     hours = opts.budget_seconds / 3600
     study_name = opts.study_name or default_study_name(opts.dataset, opts.max_params, hours)
 
-    storage = make_storage(opts.storage)
-    _check_same_study(storage, study_name, opts)
-    # Load the data before creating the study: a missing dataset leaves no empty study behind.
+    _check_same_study(opts.storage, study_name, opts)
+    # Load the data before touching storage: a missing dataset leaves no empty study behind.
     data = load_data(DataConfig(dataset=opts.dataset), opts.data_dir, opts.device, download=opts.download)
     train_images, final_images = len(data.train), len(data.train) + (len(data.val) if data.val else 0)
+    storage = make_storage(opts.storage)
     sampler = make_sampler(opts.sampler, opts.seed, opts.grid[1] if opts.grid else None)
     study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                 sampler=sampler, pruner=make_pruner(opts.pruner), load_if_exists=True)
@@ -471,7 +476,7 @@ def nothing_trained(study: optuna.Study, opts: SearchOptions, slice_s: float, se
     if not any(s not in (None, "stopped", "failed") for s in states):  # nothing was ever trained
         return (f"no trial could run: the {search_end:.0f} s search phase cannot hold one {slice_s:.0f} s trial "
                 f"slice after start-up; give more --hours (or a smaller --trial-seconds)")
-    if all(s in ("too slow", "stopped") for s in states):
+    if "too slow" in states and all(s in ("too slow", "stopped", "rejected") for s in states):
         rate = study.user_attrs.get("probe_images_per_s") or 0.0
         return (f"no model could learn in its slice: this {opts.device} trains {rate:,.0f} images/s in {precision} "
                 f"(a reference ResNet-14), so a {slice_s:.0f} s slice cannot show a sampled model "
