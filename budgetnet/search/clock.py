@@ -60,11 +60,12 @@ def clamp(x: float, lo: float, hi: float) -> float:
 def slice_seconds(trial_seconds: float | None, search_end: float, used: float) -> float:
     """One trial's time slice: ``--trial-seconds``, else the search phase over ``TRIALS_PER_SEARCH``, at
     least ``MIN_SLICE_S``; in a search phase too short for ``MIN_TRIALS`` such slices, short enough that
-    that many fit in what is left (with room for the time between trials), but at least ``ABS_MIN_SLICE_S``."""
+    that many fit in what is left with one slice to spare (the time between trials: sampling, width
+    fitting, storage writes), but at least ``ABS_MIN_SLICE_S``."""
     if trial_seconds:
         return trial_seconds
     slice_s = max(MIN_SLICE_S, search_end / TRIALS_PER_SEARCH)
     left = search_end - used
     if left < MIN_TRIALS * slice_s:
-        slice_s = max(ABS_MIN_SLICE_S, min(slice_s, left / (MIN_TRIALS + 0.5)))
+        slice_s = max(ABS_MIN_SLICE_S, min(slice_s, left / (MIN_TRIALS + 1)))
     return slice_s
