@@ -2,9 +2,9 @@
 # Set up (a virtual environment in .venv with budgetnet and its test extras) and run the test suite.
 # This is the README's test command; .ci/run calls it. pytest's "no tests ran" (exit 5) is a failure.
 #
-# With no arguments it runs the whole suite, then the time-behaviour tests (-m timing: slices, budgets,
-# search end to end) once more as a CPU without AVX-512, AMX or native bf16 sees it: oneDNN limited to
-# AVX2 and ATen's kernels to AVX2. A precision or speed choice tuned to a fast CPU then fails here, on
+# With no arguments it runs the whole suite, then the time-behaviour tests (-m "timing and not slow":
+# slices, the probe, budgets, search end to end; the two kill -9 resumes are left to the first pass) once
+# more as a CPU without AVX-512, AMX or native bf16 sees it: oneDNN limited to AVX2 and ATen's kernels to AVX2. A precision or speed choice tuned to a fast CPU then fails here, on
 # any CI machine, instead of on a user's. BUDGETNET_NO_EMULATION=1 skips that second pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,5 +33,5 @@ run_pytest() {
 run_pytest .venv/bin/python -m pytest -q "$@"
 if [ "$#" -eq 0 ] && [ "${BUDGETNET_NO_EMULATION:-0}" != 1 ]; then
   echo "time-behaviour tests again, as an AVX2-only CPU (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2):"
-  run_pytest env ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python -m pytest -q -m timing
+  run_pytest env ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python -m pytest -q -m "timing and not slow"
 fi

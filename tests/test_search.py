@@ -230,6 +230,7 @@ def _complete_trials(tmp_path) -> list:
 
 
 @pytest.mark.timing
+@pytest.mark.slow
 def test_kill_9_then_the_same_command_resumes(tmp_path, slice_s):
     budget_h = f"{14.4 * slice_s / 3600:.5f}"  # 43.2 s with 3 s slices
     budget = float(budget_h) * 3600
@@ -298,6 +299,7 @@ def _study_attrs(tmp_path) -> dict:
 
 
 @pytest.mark.timing
+@pytest.mark.slow
 def test_kill_9_in_the_final_phase_then_resume_runs_no_second_full_final_phase(tmp_path, slice_s):
     budget_h = f"{16 * slice_s / 3600:.5f}"  # 48 s with 3 s slices: ~24 s of search, ~24 s of final training
     budget = float(budget_h) * 3600
@@ -441,3 +443,16 @@ def test_the_search_split_is_freed_before_the_final_phase_loads_its_own(tmp_path
     monkeypatch.setattr(runner, "load_data", spy)
     summary = run_search(_opts(tmp_path, slice_s, budget_seconds=8 * slice_s), Reporter("quiet"))
     assert loaded and summary["checkpoint_phase"] == "final"
+
+
+@pytest.mark.parametrize("search_end, used, expected", [
+    (2340.0, 5.0, 2340.0 / 12),  # an hour, 65% of it searching: 12 slices
+    (390.0, 5.0, 32.5),  # 10 minutes: 12 slices of 32.5 s
+    (78.0, 5.0, 10.0),  # 2 minutes: 12 slices would be 6.5 s; at least 10 s, and 4 of those still fit
+    (23.4, 5.0, (23.4 - 5.0) / 5),  # 36 s: 4 slices of 10 s do not fit; 4 shorter ones and one spare do
+    (10.0, 5.0, 3.0),  # never under 3 s
+])
+def test_slices_are_shares_of_the_budget_with_floors(search_end, used, expected):
+    from budgetnet.search.clock import slice_seconds
+
+    assert slice_seconds(search_end, used) == pytest.approx(expected)

@@ -57,13 +57,12 @@ def clamp(x: float, lo: float, hi: float) -> float:
     return min(max(x, lo), hi)
 
 
-def slice_seconds(trial_seconds: float | None, search_end: float, used: float) -> float:
-    """One trial's time slice: ``--trial-seconds``, else the search phase over ``TRIALS_PER_SEARCH``, at
-    least ``MIN_SLICE_S``; in a search phase too short for ``MIN_TRIALS`` such slices, short enough that
+def slice_seconds(search_end: float, used: float) -> float:
+    """One trial's time slice when ``--trial-seconds`` does not give it: the search phase (ending at
+    ``search_end`` seconds of budget, ``used`` of them gone) over ``TRIALS_PER_SEARCH``, at least
+    ``MIN_SLICE_S``; in a search phase too short for ``MIN_TRIALS`` such slices, short enough that
     that many fit in what is left with one slice to spare (the time between trials: sampling, width
     fitting, storage writes), but at least ``ABS_MIN_SLICE_S``."""
-    if trial_seconds:
-        return trial_seconds
     slice_s = max(MIN_SLICE_S, search_end / TRIALS_PER_SEARCH)
     left = search_end - used
     if left < MIN_TRIALS * slice_s:

@@ -381,8 +381,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
     sample = opts.grid is None
     probe_s = clamp(PROBE_SHARE * opts.budget_seconds, PROBE_MIN_S, PROBE_MAX_S) if sample else 0.0
     # The slice is fixed once per study, so that trials of a resumed search compare on equal terms.
-    slice_s = opts.trial_seconds or attrs.get("slice_seconds") or slice_seconds(opts.trial_seconds, search_end,
-                                                                                  clock.used() + probe_s)
+    slice_s = opts.trial_seconds or attrs.get("slice_seconds") or slice_seconds(search_end, clock.used() + probe_s)
     study.set_user_attr("slice_seconds", slice_s)
 
     def fits(extra: float = 0.0) -> bool:  # a full slice (give or take SLICE_GRACE) fits in the search phase
@@ -473,7 +472,7 @@ def nothing_trained(study: optuna.Study, opts: SearchOptions, slice_s: float, se
     trials = study.get_trials(deepcopy=False)
     states = [t.user_attrs.get("state") for t in trials]
     more = "give more --hours or a smaller --max-params"
-    if not any(s not in (None, "stopped", "failed") for s in states):  # nothing was ever trained
+    if all(s in (None, "stopped") for s in states):  # nothing trained (None: the queued warm start)
         return (f"no trial could run: the {search_end:.0f} s search phase cannot hold one {slice_s:.0f} s trial "
                 f"slice after start-up; give more --hours (or a smaller --trial-seconds)")
     if "too slow" in states and all(s in ("too slow", "stopped", "rejected") for s in states):
