@@ -151,6 +151,7 @@ def format_report(r: dict) -> str:
         f"  top-1 {r['top1']:.2%}   top-5 {r['top5']:.2%}   loss {r['loss']:.4f}",
         f"  params {r['n_params']:,} ({'matches' if r['n_params_match'] else 'DIFFERS FROM'} the file's "
         f"{r['n_params_recorded']:,})   FLOPs/image {r['flops'] / 1e6:.1f} M",
+        f"  evaluated in {r['precision']} (trained in {r['trained_precision']})",
     ]
     for lat in r["latency"]:
         lines.append(f"  batch {lat['batch_size']:>3} on {r['device']} in {r['precision']}: {lat['latency_ms']:.2f} ms, "

@@ -35,6 +35,7 @@ BAD = {
     "non-numeric params": ["--max-params", "lots"],
     "zero params": ["--max-params", "0"],
     "unknown dataset": ["--dataset", "imagenet"],
+    "unknown precision": ["--precision", "fp8"],
     "malformed storage": ["--storage", "sqlite:/nope"],
     "unsupported storage": ["--storage", "redis://localhost/0"],
     "unwritable out": ["--out", "/proc/budgetnet/best.pt"],
