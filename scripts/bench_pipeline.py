@@ -27,7 +27,7 @@ the per-sample torchvision transforms (Dataset ``__getitem__``: fromarray + the 
 single-process Python loop (no collation, which favours torchvision).
 
 As a cross-check of (a) it also runs ``budgetnet.train.train_run`` for one epoch on the same images and
-reports the throughput that function measures itself (host-timed, no warm-up, fresh model).
+reports the throughput that function measures itself (host-timed, after its first step, fresh model).
 
     .venv/bin/python scripts/bench_pipeline.py                      # device auto, ResNet-20
     .venv/bin/python scripts/bench_pipeline.py --device cuda --model resnet56 --json bench.json

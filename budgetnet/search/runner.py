@@ -1,15 +1,18 @@
 """The search service: an Optuna study under a hard wall-clock budget, then a final training run.
 
 Budget semantics (docs/search.md has the long form):
-- ``budget_seconds`` bounds the whole command: search, final training and writing ``best.pt``. The
-  seconds already used live in the study's user attrs, so running the same command again resumes with
-  what is left.
-- The search phase gets ``1 - final_fraction`` of the budget. Each trial trains for a fixed time slice
-  with the time-aware schedule, reports validation accuracy at 10%, 20%, ... 100% of its own slice (one
-  shared step axis for the median pruner) and is stopped inside the slice when the budget runs out,
-  because Optuna's ``timeout`` only acts between trials.
+- ``budget_seconds`` bounds the whole command from its first second: the precision decision, data
+  loading, the speed probe, search, final training and writing ``best.pt``. The seconds already used
+  live in the study's user attrs (``search/clock.py``), saved as the command runs, so running the same
+  command again resumes with what is left, in any phase.
+- The search phase gets ``1 - final_fraction`` of the budget. Each trial trains for a full time slice
+  with the time-aware schedule (a trial whose slice no longer fits is not started), reports validation
+  accuracy at 10%, 20%, ... 100% of its own slice (one shared step axis for the median pruner), and is
+  stopped inside the slice on Ctrl-C or past the deadline, because Optuna's ``timeout`` only acts
+  between trials.
 - The final phase trains the best configuration on train+validation for what is left, ending annealed
-  just before the deadline, and writes ``best.pt`` atomically.
+  just before the deadline, and writes ``best.pt`` atomically; it is skipped when what is left would
+  show the data fewer epochs than the best trial saw.
 """
 
 from __future__ import annotations
@@ -233,7 +236,7 @@ class Objective:
             return trial.should_prune()
 
         # Sampled trials must be able to see MIN_EPOCHS_PER_TRIAL of their data in the slice; the run
-        # measures its own speed at 5% of the slice and ends "too slow" otherwise. FLOPs predict speed
+        # measures its own speed early in the slice and ends "too slow" otherwise. FLOPs predict speed
         # poorly on a CPU (depthwise convs, norms and activations are memory-bound): this is the real test.
         result = train_run(cfg, self.data, device=opts.device, seconds=slice_s, hook=hook,
                            stop=lambda: (self.interrupt.event.is_set() or self.clock.used() > deadline
