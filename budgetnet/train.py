@@ -124,6 +124,19 @@ class EMA:
         self.updates += 1
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """Zero the gradients, backpropagate ``loss`` and step. With fp16's scaler the loss is scaled, and a
+    step whose gradients hold inf or nan is skipped and the scale lowered."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
 @torch.no_grad()
 def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.device,
                    batch_size: int = 1024, precision: str = "fp32") -> dict:
@@ -297,14 +310,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
             x, y = batch(idx, gen)
             with autocast(device, precision):
                 loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            if scaler is None:
-                loss.backward()
-                opt.step()
-            else:  # fp16: scaled loss; steps with inf/nan gradients are skipped and the scale lowered
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+            optimizer_step(loss, opt, scaler)
             if ema is not None:
                 ema.update(model)
             loss_sum += loss.detach().float()

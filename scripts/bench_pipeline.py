@@ -61,9 +61,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from budgetnet import budget  # noqa: E402
 from budgetnet.config import DataConfig, ResNetConfig, RunConfig, Shape, TrainConfig  # noqa: E402
 from budgetnet.data import DATASET_INFO, DeviceData, ImageSet, normalizer, train_batches  # noqa: E402
-from budgetnet.device import PRECISIONS, autocast, memory_format, resolve_device, resolve_precision  # noqa: E402
+from budgetnet.device import (  # noqa: E402
+    PRECISIONS,
+    autocast,
+    grad_scaler,
+    memory_format,
+    resolve_device,
+    resolve_precision,
+)
 from budgetnet.models import build_model  # noqa: E402
-from budgetnet.train import SYNC_EVERY, lr_factor, make_optimizer, train_run, tune_cpu_allocator  # noqa: E402
+from budgetnet.train import (  # noqa: E402
+    SYNC_EVERY,
+    lr_factor,
+    make_optimizer,
+    optimizer_step,
+    train_run,
+    tune_cpu_allocator,
+)
 
 MODELS = {
     "resnet20": ResNetConfig(),  # depths (3, 3, 3): 0.28M parameters at 100 classes
@@ -126,7 +140,7 @@ class Trainer:
         self.fmt = memory_format(device)
         self.model = build_model(model_cfg, SHAPE).to(device, memory_format=self.fmt)
         self.model.train()
-        self.opt = make_optimizer(self.model, tc)
+        self.opt, self.scaler = make_optimizer(self.model, tc), grad_scaler(device, precision)
         self.loss_sum = torch.zeros((), device=device)
         self.step_count = 0
 
@@ -137,9 +151,7 @@ class Trainer:
             group["lr"] = tc.lr * lr_factor(tc, p)
         with autocast(self.device, self.precision):
             loss = F.cross_entropy(self.model(x), y, label_smoothing=tc.label_smoothing)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        optimizer_step(loss, self.opt, self.scaler)
         self.loss_sum += loss.detach().float()
         self.step_count += 1
         if self.step_count % SYNC_EVERY == 0:

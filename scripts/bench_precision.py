@@ -40,7 +40,7 @@ from budgetnet.device import (  # noqa: E402
     synchronize,
 )
 from budgetnet.models import build_model  # noqa: E402
-from budgetnet.train import make_optimizer  # noqa: E402
+from budgetnet.train import make_optimizer, optimizer_step  # noqa: E402
 
 MODELS = {
     "resnet20": ResNetConfig(),
@@ -66,14 +66,7 @@ def time_steps(cfg, precision: str, device: torch.device, batch: int, steps: int
     def step():
         with autocast(device, precision):
             loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        optimizer_step(loss, opt, scaler)
 
     for _ in range(warmup):
         step()
