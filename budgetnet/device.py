@@ -1,7 +1,7 @@
 """What the running machine does well, decided on the running machine: device, precision, memory layout.
 
 Nothing here is a constant measured once somewhere else. A speed choice is made from the device's own
-capability, or from a micro-benchmark of a few milliseconds run once per process, and every choice can be
+capability, or from a micro-benchmark of tens of milliseconds run once per process, and every choice can be
 overridden (``--precision``).
 
 - **CUDA:** bf16 autocast where the GPU has bf16 tensor cores (compute capability 8.0 and up), fp16
@@ -10,7 +10,7 @@ overridden (``--precision``).
   fixed shapes (``prepare``).
 - **CPU:** bf16 only where it is native (oneDNN reports bf16 support) *and* a small conv net's training
   step measured here really runs faster in bf16 than in fp32; on a CPU without native bf16 (AVX2 only)
-  every bf16 op is emulated and a step ran 11x slower. Otherwise fp32.
+  every bf16 op is emulated and a step ran 11-15x slower. Otherwise fp32.
 
 ``autocast(device, precision)`` and ``grad_scaler(device, precision)`` are what the training loop and
 the evaluation use; this module imports nothing of budgetnet's, so every other module may use it.
@@ -146,9 +146,9 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | 
 # -- layout and device flags ----------------------------------------------------------------------------
 
 def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last on CUDA and on the CPU: NHWC convolutions were 15-40% faster than NCHW in fp32 on
-    both CPUs measured (Intel with AMX, AMD with AVX2 only; docs/benchmarks.md), and the resident data
-    is NHWC already. Other backends keep the default layout."""
+    """channels_last on CUDA and on the CPU: fp32 training steps ran 1.26-1.52x faster than in NCHW on an
+    AVX2-only CPU, and NHWC was the faster layout on an AMX CPU too (docs/benchmarks.md); the resident
+    data are NHWC already. Other backends keep the default layout."""
     return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
 
 

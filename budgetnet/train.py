@@ -44,7 +44,7 @@ class RunResult:
     history: list[dict] = field(default_factory=list)  # one entry per evaluation
     seconds: float = 0.0  # wall time of the whole run, evaluations included
     steps: int = 0
-    images_per_s: float = 0.0  # training throughput after the first step (one-off kernel selection), evaluations excluded
+    images_per_s: float = 0.0  # training throughput after step 1 (one-off kernel set-up), evaluations excluded
     state_dict: dict | None = None  # final weights (the EMA weights when EMA is on), on the CPU
     precision: str = "fp32"  # what the run trained in: fp32, bf16 or fp16 (autocast)
 
@@ -168,7 +168,8 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     ``min_epochs`` (time slices only): from ``SPEED_CHECK_AT`` of the slice, the run projects its training
     rate over the slice and ends ``too_slow`` if that covers fewer epochs. It judges the rate after the
     first step (which pays one-off kernel set-up) once it has two steps, or the first step's own rate when
-    the first evaluation is due before a second step: a model that slow is not worth evaluating. A model that cannot see its data in the time it has is not worth the rest of it.
+    the first evaluation is due before a second step. A model that cannot see its data in the time it has
+    is not worth evaluating, nor the rest of its slice.
     ``precision`` is "auto" (the device's best, ``budgetnet.device.resolve_precision``), fp32, bf16 or fp16.
     Divergence and out-of-memory end the run with a typed status instead of an exception.
     """
