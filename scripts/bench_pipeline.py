@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {names[k]} | {v['images_per_s']:,.0f} | {v['seconds']:.2f} ({v['images']}) "
               f"| {REF_IMAGES / v['images_per_s']:.1f} | {v['images_per_s_median_step']:,.0f} |")
     if train_run_ips:
-        print(f"| cross-check: `budgetnet.train.train_run`, 1 epoch, its own figure (no warm-up) | "
+        print(f"| cross-check: `budgetnet.train.train_run`, 1 epoch, its own figure (after its first step) | "
               f"{train_run_ips:,.0f} | - | {REF_IMAGES / train_run_ips:.1f} | - |")
     print()
     print("| ratio | from epoch rates | from median-step rates | target | met (epoch) |")

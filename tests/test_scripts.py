@@ -64,3 +64,19 @@ def test_bench_precision_reports_every_model_and_precision_against_fp32(tmp_path
     assert [r["vs_fp32"] for r in report["results"] if r["precision"] == "fp32"] == [1.0, 1.0]
     assert report["auto"] == report["profile"]["precision"] in ("fp32", "bf16")
     assert "auto picks" in capsys.readouterr().out
+
+
+def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
+    import subprocess
+
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    block = (tmp_path / "gpu_check.md").read_text()
+    assert block in proc.stdout
+    assert "`--precision auto` picks **" in block
+    assert "| plain | fp16 |" in block  # the precision table
+    assert "| a / c |" in block  # the pipeline's ratios
+    (row,) = [line for line in block.splitlines() if line.startswith("| synthetic, 14 s |")]
+    assert "| ok," in row and "overshoot" in row
+    assert (tmp_path / "precision.json").exists() and (tmp_path / "synthetic, 14 s" / "study.db").exists()
