@@ -86,13 +86,18 @@ def test_a_model_left_at_out_by_something_else_is_never_overwritten(tmp_path, ca
     assert (tmp_path / "best.pt").read_bytes() == b"precious"
 
 
-def test_missing_dataset_names_the_path_and_flags(tmp_path, capsys):
+def test_missing_dataset_names_the_path_and_flags(tmp_path, capsys, monkeypatch):
+    import torchvision.datasets
+
+    downloads = []  # the default makes no network access: torchvision's downloader is never reached
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", lambda *a, **k: downloads.append(k))
     code = main(["search", "--dataset", "cifar100", "--data-dir", str(tmp_path / "nowhere"),
                  "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--out", str(tmp_path / "best.pt")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert str(tmp_path / "nowhere") in err[0] and "cifar-100-python" in err[0] and "--data-dir" in err[0]
     assert not (tmp_path / "x.db").exists()  # no empty study left behind
+    assert downloads == []
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
