@@ -202,6 +202,8 @@ class TrainConfig:
     schedule: str = "cosine"  # decay shape after warm-up: "onecycle", "cosine", "linear", "step"
     ema: float = 0.0  # EMA decay of weights per step (0 = off); evaluation then uses the average
     eval_points: int = 10  # validation evaluations per run, at equal progress steps
+    distill: float = 0.0  # weight of a teacher's softened outputs in the loss (0 = labels only; needs a teacher)
+    distill_temperature: float = 4.0  # softmax temperature of that term (Hinton et al.; 4 is the common choice)
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -220,6 +222,10 @@ class TrainConfig:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.distill <= 1:
+            raise ConfigError(f"distill must be in [0, 1], got {self.distill}")
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            raise ConfigError(f"distill_temperature must be a finite number > 0, got {self.distill_temperature}")
 
 
 DATASETS = ("cifar100", "cifar10", "fashion_mnist", "synthetic")

@@ -137,6 +137,24 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch
         scaler.update()
 
 
+def training_loss(logits: torch.Tensor, y: torch.Tensor, tc: TrainConfig,
+                  teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy with ``tc.label_smoothing``; with a teacher, knowledge distillation (Hinton et al.,
+    2015): ``(1 - a) * CE + a * T^2 * KL(teacher_T || student_T)`` with ``a = tc.distill`` and both
+    distributions softened by ``T = tc.distill_temperature`` (T^2 keeps the soft term's gradients on the
+    scale of the hard term's)."""
+    ce = F.cross_entropy(logits, y, label_smoothing=tc.label_smoothing)
+    if teacher_logits is None:
+        return ce
+    if teacher_logits.shape != logits.shape:
+        raise ValueError(f"the teacher's outputs {tuple(teacher_logits.shape)} do not match the student's "
+                         f"{tuple(logits.shape)}")
+    t = tc.distill_temperature
+    kd = F.kl_div(F.log_softmax(logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+                  reduction="batchmean", log_target=True) * (t * t)
+    return (1 - tc.distill) * ce + tc.distill * kd
+
+
 @torch.no_grad()
 def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.device,
                    batch_size: int = 1024, precision: str = "fp32") -> dict:
@@ -160,7 +178,7 @@ def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.de
 def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, seconds: float | None = None,
               epochs: float | None = None, hook: Hook | None = None,
               stop: Callable[[], bool] | None = None, min_epochs: float | None = None,
-              precision: str = "auto") -> RunResult:
+              precision: str = "auto", teacher: nn.Module | None = None) -> RunResult:
     """Train ``cfg`` on ``data.train`` for ``seconds`` of wall time or ``epochs`` epochs.
 
     ``hook(progress, metrics)`` is called at each evaluation mark; returning True stops the run.
@@ -171,10 +189,15 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     the first evaluation is due before a second step. A model that cannot see its data in the time it has
     is not worth evaluating, nor the rest of its slice.
     ``precision`` is "auto" (the device's best, ``budgetnet.device.resolve_precision``), fp32, bf16 or fp16.
+    ``teacher`` (with ``cfg.train.distill > 0``, and only then): a trained model of the same classes whose
+    outputs on each augmented batch the student also learns from (``training_loss``). It is frozen, and
+    its forward passes run inside this run's time, so a time slice pays for them.
     Divergence and out-of-memory end the run with a typed status instead of an exception.
     """
     if (seconds is None) == (epochs is None):
         raise ValueError("give exactly one of seconds or epochs")
+    if (teacher is None) != (cfg.train.distill == 0):
+        raise ValueError("a teacher and train.distill > 0 go together")
     budget = seconds if seconds is not None else epochs
     if not (budget > 0 and math.isfinite(budget)):
         raise ValueError(f"a run needs a positive, finite budget, got {'seconds' if seconds is not None else 'epochs'}"
@@ -186,7 +209,7 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     except BudgetExceeded as e:
         return RunResult(OOM, reason=f"out of memory: {e}")
     try:
-        return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs, precision)
+        return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs, precision, teacher)
     except torch.OutOfMemoryError as e:
         reason = str(e).splitlines()[0]
     except RuntimeError as e:  # the CPU allocator reports exhaustion as a plain RuntimeError
@@ -202,7 +225,7 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
 
 def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: float | None,
            epochs: float | None, hook: Hook | None, stop: Callable[[], bool] | None,
-           min_epochs: float | None, precision: str) -> RunResult:
+           min_epochs: float | None, precision: str, teacher: nn.Module | None) -> RunResult:
     t0 = time.perf_counter()  # the slice covers setup too (the first optimizer build in a process takes ~2 s)
     tc = cfg.train
     prepare(device)
@@ -211,6 +234,8 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     fmt = memory_format(device)
     model = build_model(cfg.model, data.info.shape).to(device, memory_format=fmt)
     ema = EMA(model, tc.ema) if tc.ema else None
+    if teacher is not None:
+        teacher = teacher.to(device, memory_format=fmt).eval().requires_grad_(False)
     opt = make_optimizer(model, tc)
     scaler = grad_scaler(device, precision)
     normalize = normalizer(data.info, device, fmt)
@@ -310,7 +335,11 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
             idx = perm[b * bs:(b + 1) * bs]
             x, y = batch(idx, gen)
             with autocast(device, precision):
-                loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
+                soft = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        soft = teacher(x)
+                loss = training_loss(model(x), y, tc, soft)
             optimizer_step(loss, opt, scaler)
             if ema is not None:
                 ema.update(model)

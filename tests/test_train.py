@@ -242,6 +242,67 @@ def test_other_optimizer_paths_run(synthetic_data, train):
 
 
 
+# -- distillation ---------------------------------------------------------------------------------------------
+
+class ConstantTeacher(torch.nn.Module):
+    """A 'teacher' that always says ``favourite``, whatever the image (``delay_s`` seconds per call)."""
+
+    def __init__(self, favourite: int, num_classes: int = 10, delay_s: float = 0.0):
+        super().__init__()
+        self.favourite, self.num_classes, self.delay_s, self.calls = favourite, num_classes, delay_s, 0
+
+    def forward(self, x):
+        import time
+
+        self.calls += 1
+        time.sleep(self.delay_s)
+        logits = torch.zeros(len(x), self.num_classes, device=x.device)
+        logits[:, self.favourite] = 8.0
+        return logits
+
+
+def test_distillation_loss_is_the_weighted_sum_of_label_and_softened_teacher_terms():
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(16, 10, generator=g), torch.randn(16, 10, generator=g), torch.randint(0, 10, (16,), generator=g)
+    tc = TrainConfig(label_smoothing=0.1, distill=0.7, distill_temperature=3.0)
+    ce = torch.nn.functional.cross_entropy(s, y, label_smoothing=0.1)
+    p_t = torch.softmax(t / 3, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s / 3, 1))).sum(1).mean()  # KL(teacher || student), per image
+    assert bt.training_loss(s, y, tc, t).item() == pytest.approx((0.3 * ce + 0.7 * 9 * kl).item(), rel=1e-5)
+    assert bt.training_loss(s, y, tc).item() == pytest.approx(ce.item())  # no teacher: labels only
+    with pytest.raises(ValueError, match="do not match"):
+        bt.training_loss(s, y, tc, t[:, :5])
+
+
+def test_a_distilled_student_learns_what_its_teacher_says(synthetic_data):
+    teacher = ConstantTeacher(favourite=3)
+    r = train_run(run_cfg(distill=1.0, distill_temperature=1.0, label_smoothing=0.0), synthetic_data,
+                  device="cpu", epochs=1, teacher=teacher)
+    assert r.status == COMPLETE and teacher.calls == r.steps  # one teacher pass per training batch
+    model = build_model(TINY, synthetic_data.info.shape)
+    model.load_state_dict(r.state_dict)
+    with torch.no_grad():
+        from budgetnet.data import normalizer
+
+        x = normalizer(synthetic_data.info, "cpu")(synthetic_data.val.images)
+        predicted = model.eval()(x).argmax(1)
+    # the labels are uniform over 10 classes; the teacher's answer, not the labels, is what was learnt
+    assert (predicted == 3).float().mean() > 0.9
+    with pytest.raises(ValueError, match="go together"):
+        train_run(run_cfg(), synthetic_data, device="cpu", epochs=1, teacher=teacher)
+    with pytest.raises(ValueError, match="go together"):
+        train_run(run_cfg(distill=0.5), synthetic_data, device="cpu", epochs=1)
+
+
+@pytest.mark.timing
+def test_the_teachers_time_counts_against_the_students_slice(synthetic_data, warm_torch):
+    slow = ConstantTeacher(favourite=0, delay_s=0.1)  # far slower than the tiny student's own step
+    r = train_run(run_cfg(distill=0.5, eval_points=2), synthetic_data, device="cpu", seconds=3.0, teacher=slow)
+    assert r.status == COMPLETE
+    assert r.seconds <= 3.0 + 1.5  # the slice holds with the teacher's passes inside it (one late step and an evaluation)
+    assert slow.calls == r.steps <= 3.0 / 0.1  # every step paid for its teacher pass out of the slice
+
+
 def test_out_of_memory_ends_with_a_typed_result(synthetic_data, monkeypatch):
     import budgetnet.train as bt
 
