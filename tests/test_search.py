@@ -96,6 +96,26 @@ def test_tpe_study_of_100_trials_proposes_under_5_percent_oversized():
     assert oversized <= 5
 
 
+def test_the_warm_start_fixes_every_parameter_its_branch_samples():
+    study = optuna.create_study(direction="maximize", sampler=runner.make_sampler("tpe", seed=0))
+    study.enqueue_trial(WARM_START)
+    trial = study.ask()
+    cfg = suggest_config(trial, CIFAR, 1e6, DataConfig())
+    assert trial.params == WARM_START  # nothing of the first trial is left to chance
+    assert cfg.train.ema == 0.0 and cfg.train.label_smoothing == 0.1
+
+
+def test_the_space_samples_ema_and_label_smoothing_up_to_0_3():
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    emas, smoothings = set(), []
+    for _ in range(60):
+        cfg = suggest_config(study.ask(), CIFAR, 1e6, DataConfig())
+        emas.add(cfg.train.ema)
+        smoothings.append(cfg.train.label_smoothing)
+    assert emas == {0.0, 0.99, 0.999}
+    assert 0.2 < max(smoothings) <= 0.3
+
+
 def test_grid_file_applies_points_on_a_base_config():
     base, grid = load_grid(json.dumps({"base": {"model": {"family": "plain", "n_conv": 2}},
                                        "grid": {"model.width": [8, 16], "model.hidden": [[50], [100]]}}))
