@@ -198,14 +198,15 @@ def cmd_train(args) -> int:
         return False
 
     result = train_run(cfg, data, device=device, seconds=args.seconds, epochs=args.epochs, hook=hook,
-                       precision=args.precision)
+                       precision=args.precision, compile=args.compile)
     if result.status != COMPLETE:
         print(f"budgetnet: training ended: {result.status} ({result.reason})", file=sys.stderr)
         return 1
     save_checkpoint(args.out, cfg, result.state_dict, metrics=result.metrics, n_params=n_params,
                     flops=count_flops(cfg.model, shape), classes=data.classes, train_seconds=result.seconds,
                     precision=result.precision, extra={"phase": "train"})
-    print(f"wrote {args.out} ({n_params:,} params, {result.seconds:.1f} s in {result.precision}); "
+    compiled = f", compiled (first step {result.first_step_s:.1f} s)" if args.compile else ""
+    print(f"wrote {args.out} ({n_params:,} params, {result.seconds:.1f} s in {result.precision}{compiled}); "
           f"evaluate with: budgetnet evaluate {args.out}")
     return 0
 
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="model.pt")
     t.add_argument("--full", action="store_true", help="train on train+validation (no validation metrics)")
     t.add_argument("--max-params", type=parse_count, default=None, help="refuse a config over this cap")
+    t.add_argument("--compile", action="store_true", help="train through torch.compile; the compilation is "
+                   "paid out of --seconds (measure first: scripts/bench_precision.py --compile)")
     data_flags(t)
     t.set_defaults(fn=cmd_train)
 

@@ -45,6 +45,7 @@ class RunResult:
     seconds: float = 0.0  # wall time of the whole run, evaluations included
     steps: int = 0
     images_per_s: float = 0.0  # training throughput after step 1 (one-off kernel set-up), evaluations excluded
+    first_step_s: float = 0.0  # wall time of step 1: kernel selection, and compilation when compiled
     state_dict: dict | None = None  # final weights (the EMA weights when EMA is on), on the CPU
     precision: str = "fp32"  # what the run trained in: fp32, bf16 or fp16 (autocast)
 
@@ -178,7 +179,7 @@ def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.de
 def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, seconds: float | None = None,
               epochs: float | None = None, hook: Hook | None = None,
               stop: Callable[[], bool] | None = None, min_epochs: float | None = None,
-              precision: str = "auto", teacher: nn.Module | None = None) -> RunResult:
+              precision: str = "auto", teacher: nn.Module | None = None, compile: bool = False) -> RunResult:
     """Train ``cfg`` on ``data.train`` for ``seconds`` of wall time or ``epochs`` epochs.
 
     ``hook(progress, metrics)`` is called at each evaluation mark; returning True stops the run.
@@ -192,6 +193,9 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     ``teacher`` (with ``cfg.train.distill > 0``, and only then): a trained model of the same classes whose
     outputs on each augmented batch the student also learns from (``training_loss``). It is frozen, and
     its forward passes run inside this run's time, so a time slice pays for them.
+    ``compile``: train through ``torch.compile(model)``. Compilation happens in step 1, inside the run's
+    time (a time slice pays for it, and ``first_step_s`` says what it cost); the rate is measured after
+    it. Evaluation runs the same weights uncompiled, so train/eval mode and batch shapes never recompile.
     Divergence and out-of-memory end the run with a typed status instead of an exception.
     """
     if (seconds is None) == (epochs is None):
@@ -209,7 +213,7 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     except BudgetExceeded as e:
         return RunResult(OOM, reason=f"out of memory: {e}")
     try:
-        return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs, precision, teacher)
+        return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs, precision, teacher, compile)
     except torch.OutOfMemoryError as e:
         reason = str(e).splitlines()[0]
     except RuntimeError as e:  # the CPU allocator reports exhaustion as a plain RuntimeError
@@ -225,7 +229,7 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
 
 def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: float | None,
            epochs: float | None, hook: Hook | None, stop: Callable[[], bool] | None,
-           min_epochs: float | None, precision: str, teacher: nn.Module | None) -> RunResult:
+           min_epochs: float | None, precision: str, teacher: nn.Module | None, compile: bool) -> RunResult:
     t0 = time.perf_counter()  # the slice covers setup too (the first optimizer build in a process takes ~2 s)
     tc = cfg.train
     prepare(device)
@@ -233,6 +237,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
     fmt = memory_format(device)
     model = build_model(cfg.model, data.info.shape).to(device, memory_format=fmt)
+    step_model = torch.compile(model) if compile else model  # shares model's parameters
     ema = EMA(model, tc.ema) if tc.ema else None
     if teacher is not None:
         teacher = teacher.to(device, memory_format=fmt).eval().requires_grad_(False)
@@ -339,7 +344,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
                 if teacher is not None:
                     with torch.no_grad():
                         soft = teacher(x)
-                loss = training_loss(model(x), y, tc, soft)
+                loss = training_loss(step_model(x), y, tc, soft)
             optimizer_step(loss, opt, scaler)
             if ema is not None:
                 ema.update(model)
@@ -363,5 +368,5 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     return RunResult(
         status=status, reason=reason, metrics=history[-1] if history else {}, history=history,
         seconds=time.perf_counter() - t0, steps=step,
-        images_per_s=steady_rate(), state_dict=state, precision=precision,
+        images_per_s=steady_rate(), first_step_s=first_step_s, state_dict=state, precision=precision,
     )

@@ -8,6 +8,11 @@ default layout), interleaved over ``--repeats`` rounds. A round times ``--steps`
 untimed ones. The ratio against fp32 in the same run is the number to read; the absolute rate means
 something only on a GPU.
 
+``--compile BACKEND`` times something else: eager against ``torch.compile(model, backend=BACKEND)``
+(``inductor`` is torch's default; ``eager`` only traces, for a smoke run) in the precision ``auto`` picks,
+for three configs of the space (ResNet-20, the warm start's plain net, a MobileNetV2-style net), and the
+seconds the compiled model's warm-up steps took (compilation included): what a run pays before it is faster.
+
     .venv/bin/python scripts/bench_precision.py
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python scripts/bench_precision.py  # emulated AVX2
 """
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from budgetnet.config import PlainConfig, ResNetConfig, Shape, TrainConfig  # noqa: E402
+from budgetnet.config import MobileNetConfig, PlainConfig, ResNetConfig, Shape, TrainConfig  # noqa: E402
 from budgetnet.device import (  # noqa: E402
     autocast,
     cpu_profile,
@@ -46,13 +51,17 @@ MODELS = {
     "resnet20": ResNetConfig(),
     "plain": PlainConfig(n_conv=3, width=32, hidden=(256,), batch_norm=False),  # the warm start's shape
     "plain-bn": PlainConfig(n_conv=3, width=32, hidden=(256,), batch_norm=True),  # what BN costs it
+    "mobilenet": MobileNetConfig(),
 }
+DEFAULT_MODELS = ["resnet20", "plain", "plain-bn"]
 SHAPE = Shape(3, 100, 32)
 
 
-def time_steps(cfg, precision: str, device: torch.device, batch: int, steps: int, warmup: int) -> float:
-    """Images per second of ``steps`` training steps after ``warmup`` untimed ones. ``fp32-nchw``: fp32 in
-    the default (NCHW) layout instead of budgetnet's ``memory_format``."""
+def time_steps(cfg, precision: str, device: torch.device, batch: int, steps: int, warmup: int,
+               backend: str | None = None) -> tuple[float, float]:
+    """Images per second of ``steps`` training steps after ``warmup`` untimed ones, and the seconds the
+    warm-up took. ``fp32-nchw``: fp32 in the default (NCHW) layout instead of budgetnet's ``memory_format``.
+    ``backend``: the steps run ``torch.compile(model, backend=backend)`` (compiled during the warm-up)."""
     torch.manual_seed(0)
     fmt = memory_format(device)
     if precision == "fp32-nchw":
@@ -60,35 +69,42 @@ def time_steps(cfg, precision: str, device: torch.device, batch: int, steps: int
     model = build_model(cfg, SHAPE).to(device, memory_format=fmt).train()
     tc = TrainConfig(batch_size=batch)
     opt, scaler = make_optimizer(model, tc), grad_scaler(device, precision)
+    forward = torch.compile(model, backend=backend) if backend else model
     x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, SHAPE.num_classes, (batch,), device=device)
 
     def step():
         with autocast(device, precision):
-            loss = F.cross_entropy(model(x), y, label_smoothing=tc.label_smoothing)
+            loss = F.cross_entropy(forward(x), y, label_smoothing=tc.label_smoothing)
         optimizer_step(loss, opt, scaler)
 
+    t = time.perf_counter()
     for _ in range(warmup):
         step()
     synchronize(device)
+    warmup_s = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(steps):
         step()
     synchronize(device)
-    return batch * steps / (time.perf_counter() - t)
+    return batch * steps / (time.perf_counter() - t), warmup_s
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=None, choices=list(MODELS),
+                    help=f"default: {' '.join(DEFAULT_MODELS)} (with --compile: resnet20 plain mobilenet)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fp16", action="store_true", help="time fp16 autocast with a grad scaler too")
+    ap.add_argument("--compile", default=None, metavar="BACKEND",
+                    help="time eager against torch.compile with this backend (inductor, or eager for a smoke run)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    args.models = args.models or (["resnet20", "plain", "mobilenet"] if args.compile else DEFAULT_MODELS)
     device = resolve_device(args.device)
     prepare(device)
 
@@ -106,12 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"auto picks {auto}")
 
+    if args.compile:
+        return compare_compiled(args, device, auto, env)
     precisions = ["fp32", "bf16"] + (["fp16"] if args.fp16 else []) + ["fp32-nchw"]
     rates: dict[str, dict[str, list[float]]] = {m: {p: [] for p in precisions} for m in args.models}
     for _ in range(args.repeats):  # interleaved, so that drift on the host hits every precision alike
         for m in args.models:
             for p in precisions:
-                rates[m][p].append(time_steps(MODELS[m], p, device, args.batch_size, args.steps, args.warmup))
+                rates[m][p].append(time_steps(MODELS[m], p, device, args.batch_size, args.steps, args.warmup)[0])
 
     print()
     print(f"| model | precision | images/s (median of {args.repeats}) | vs fp32 |")
@@ -124,13 +142,40 @@ def main(argv: list[str] | None = None) -> int:
             table.append({"model": m, "precision": p, "images_per_s": med, "vs_fp32": med / base,
                           "rounds": rates[m][p]})
             print(f"| {m} | {p} | {med:,.0f} | {med / base:.2f}x |")
+    write_json(args, device, env, auto, table, decide_ms=decide_ms, profile=profile.__dict__ if profile else None)
+    return 0
+
+
+def compare_compiled(args, device: torch.device, auto: str, env: dict) -> int:
+    """Eager against compiled training steps, in the ``auto`` precision, interleaved over the repeats."""
+    rows = []
+    for m in args.models:
+        eager, compiled, compile_s = [], [], []
+        for _ in range(args.repeats):
+            eager.append(time_steps(MODELS[m], auto, device, args.batch_size, args.steps, args.warmup)[0])
+            rate, warm = time_steps(MODELS[m], auto, device, args.batch_size, args.steps, args.warmup, args.compile)
+            compiled.append(rate)
+            compile_s.append(warm)
+        e, c = statistics.median(eager), statistics.median(compiled)
+        rows.append({"model": m, "precision": auto, "backend": args.compile, "eager_images_per_s": e,
+                     "compiled_images_per_s": c, "vs_eager": c / e, "compiled_warmup_s": statistics.median(compile_s)})
+    print()
+    print(f"| model | {auto} eager, images/s | compiled ({args.compile}), images/s | vs eager | "
+          f"compiled warm-up ({args.warmup} steps), s |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['eager_images_per_s']:,.0f} | {r['compiled_images_per_s']:,.0f} | "
+              f"{r['vs_eager']:.2f}x | {r['compiled_warmup_s']:.1f} |")
+    write_json(args, device, env, auto, rows)
+    return 0
+
+
+def write_json(args, device: torch.device, env: dict, auto: str, results: list[dict], **extra) -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
             "device": str(device), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "env": env, "auto": auto, "decide_ms": decide_ms,
-            "profile": profile.__dict__ if profile else None, "results": table}, indent=2))
-    return 0
+            "threads": torch.get_num_threads(), "env": env, "auto": auto, **extra, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

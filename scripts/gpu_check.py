@@ -5,7 +5,8 @@ under its own time limit, each recorded even when it fails:
 
 1. the machine: GPU, driver, compute capability, torch, and the precision ``--precision auto`` picks;
 2. the CUDA tests (``pytest -m gpu``), where pytest is installed;
-3. training throughput by precision (``bench_precision.py``: fp32, bf16, fp16, NCHW);
+3. training throughput by precision (``bench_precision.py``: fp32, bf16, fp16, NCHW), and eager against
+   ``torch.compile`` for three configs of the space (``bench_precision.py --compile inductor``);
 4. the data pipeline (``bench_pipeline.py``): ResNet-20 and ResNet-56 size, a 50k-image epoch, the device
    pipeline against model-only and a DataLoader;
 5. a 3-minute Fashion-MNIST search and ``budgetnet evaluate`` of its ``best.pt``: trials by state, best
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     block += ["", "**CUDA tests** (`pytest -m gpu`):"]
     has_pytest = subprocess.run([py, "-c", "import pytest"], capture_output=True).returncode == 0
     if has_pytest:
-        rc, text, secs = run([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], 300 if not args.smoke else 60,
+        rc, text, secs = run([py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], 150 if not args.smoke else 60,
                              out / "cuda_tests.log")
         last = [line for line in text.splitlines() if line.strip()][-1:] or ["(no output)"]
         block.append(f"{status(rc, secs)}: {last[0]}" + (" (exit 5: no CUDA test ran here)" if rc == 5 else ""))
@@ -150,6 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         else ["--batch-size", "256", "--steps", "30", "--warmup", "10", "--repeats", "3"]
     rc, text, secs = run([py, "scripts/bench_precision.py", *prec], 180, out / "precision.log")
     block += tables(text) or [f"({status(rc, secs)}; see precision.log)"]
+
+    block += ["", "**Eager against compiled training steps** (`bench_precision.py --compile`, in the precision "
+              "auto picks; the warm-up column includes the compilation):", ""]
+    comp = ["--device", device, "--json", str(out / "compile.json")]
+    comp += ["--compile", "eager", "--models", "plain", "--batch-size", "8", "--steps", "1", "--warmup", "1",
+             "--repeats", "1"] if args.smoke else ["--compile", "inductor", "--batch-size", "256", "--steps", "30",
+                                                  "--warmup", "3", "--repeats", "1"]
+    rc, text, secs = run([py, "scripts/bench_precision.py", *comp], 150, out / "compile.log")
+    block += tables(text) or [f"({status(rc, secs)}; see compile.log)"]
 
     for model, repeats in (("resnet20", 2), ("resnet56", 1)):
         block += ["", f"**Data pipeline, {model}** (`bench_pipeline.py`):", ""]

@@ -107,7 +107,7 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
-def test_train_command_bad_config_and_success(tmp_path, capsys):
+def test_train_command_bad_config_and_success(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.json"
     bad.write_text('{"model": {"family": "plain", "widht": 8}}')
     assert main(["train", "--config", str(bad), "--epochs", "1", "--out", str(tmp_path / "m.pt")]) == 2
@@ -121,6 +121,11 @@ def test_train_command_bad_config_and_success(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["evaluate", str(tmp_path / "m.pt"), "--device", "cpu"]) == 0
     assert "top-1" in capsys.readouterr().out
+    compiled = []  # --compile trains through torch.compile (a spy here: compiling is slow on a CPU)
+    monkeypatch.setattr("torch.compile", lambda model: compiled.append(model) or model)
+    assert main(["train", "--config", str(good), "--epochs", "1", "--out", str(tmp_path / "m.pt"),
+                 "--device", "cpu", "--compile"]) == 0
+    assert len(compiled) == 1 and "compiled (first step" in capsys.readouterr().out
     # the guard on the train command
     assert main(["train", "--config", str(good), "--epochs", "1", "--max-params", "100",
                  "--out", str(tmp_path / "m2.pt")]) == 2

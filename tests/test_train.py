@@ -303,6 +303,30 @@ def test_the_teachers_time_counts_against_the_students_slice(synthetic_data, war
     assert slow.calls == r.steps <= 3.0 / 0.1  # every step paid for its teacher pass out of the slice
 
 
+@pytest.mark.timing
+def test_compilation_is_paid_out_of_the_slice_and_left_out_of_the_rate(synthetic_data, warm_torch, monkeypatch):
+    compiled = []
+
+    def slow_compile(model):  # stands in for torch.compile: 1.5 s of "compilation" on the first call
+        def forward(x):
+            if not compiled:
+                import time
+
+                time.sleep(1.5)
+            compiled.append(len(x))
+            return model(x)
+        return forward
+
+    monkeypatch.setattr(torch, "compile", slow_compile)
+    r = train_run(run_cfg(eval_points=2), synthetic_data, device="cpu", seconds=4.0, compile=True)
+    assert r.status == COMPLETE and len(compiled) == r.steps  # every training step ran the compiled model
+    assert r.first_step_s >= 1.5  # what compilation cost is reported ...
+    assert r.seconds <= 4.0 + 1.5  # ... and was paid out of the slice
+    # the rate is the compiled model's steady rate after step 1: at least the images of the later steps
+    # over the run's time less the 1.5 s (diluted by it, it would be under steps * 64 / seconds)
+    assert r.images_per_s >= (r.steps - 1) * 64 / (r.seconds - 1.5)
+
+
 def test_out_of_memory_ends_with_a_typed_result(synthetic_data, monkeypatch):
     import budgetnet.train as bt
 
