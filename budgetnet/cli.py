@@ -211,11 +211,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from budgetnet.evaluate import evaluate_checkpoint, format_report
+    from budgetnet.evaluate import evaluate_checkpoint, format_report, save_evaluation
 
     report = evaluate_checkpoint(args.checkpoint, args.data_dir, _device(args.device), plots=args.plots,
                                  download=args.download, precision=args.precision)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    try:  # kept for `budgetnet report`; the evaluation itself is already printed
+        saved = save_evaluation(report)
+        if not args.json:
+            print(f"  saved: {saved}")
+    except OSError as e:
+        print(f"budgetnet: note: could not save the evaluation beside {args.checkpoint} ({e.strerror or e})",
+              file=sys.stderr)
     return 0
 
 
@@ -294,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     data_flags(e)
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    e.add_argument("--plots", default=None, help="write confusion.png into this folder")
+    e.add_argument("--plots", default=None, help="write confusion.png (with per-class accuracy bars) and "
+                   "predictions.png (a grid of test images, mistakes in red) into this folder")
     e.set_defaults(fn=cmd_evaluate)
 
     d = sub.add_parser("dashboard", help="serve optuna-dashboard for the study storage")
