@@ -181,7 +181,7 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], out: Path) -> Pa
     bars.axvline(per_class.mean(), color="grey", linestyle="--", linewidth=1)
     if n <= 30:
         for y, acc in enumerate(per_class):
-            bars.text(0.02, y, f"{acc:.0%}", va="center", fontsize=8, color="white")
+            bars.text(0.02, y, f"{acc:.0%}", va="center", fontsize=8, color="black" if acc > 0.5 else "white")
     bars.set_xlim(0, 1)
     bars.set_xlabel("accuracy")
     bars.set_title(f"per class\n(mean {per_class.mean():.0%}, dashed)")

@@ -65,11 +65,12 @@ def test_report_table_matches_the_study_and_every_plot_is_written(searched):
         assert row["params_model.width"] == json.loads(t.params["model.width"])  # grid values are JSON
         if t.intermediate_values:
             assert row["progress"] == max(t.intermediate_values) / 100
-    # the Pareto flags, recomputed: no completed trial with at most as many parameters is more accurate
+    # the Pareto flags, recomputed: a completed trial is off the front if another one dominates it
     done = df[df["state"] == "COMPLETE"]
     for _, row in done.iterrows():
-        beaten = ((done["n_params"] <= row["n_params"]) & (done["val_acc"] > row["val_acc"])).any()
-        assert row["pareto_n_params"] == (not beaten)
+        n, acc = done["n_params"], done["val_acc"]
+        beaten = (((n <= row["n_params"]) & (acc > row["val_acc"])) | ((n < row["n_params"]) & (acc >= row["val_acc"])))
+        assert row["pareto_n_params"] == (not beaten.any())
     assert not df.loc[df["state"] != "COMPLETE", "pareto_n_params"].any()
 
     for plot in PLOTS:
@@ -107,6 +108,14 @@ def test_the_page_renders_offline_in_headless_chromium(searched, tmp_path):
                         dom, re.S)
         assert div is not None, f"{plot.name} was not drawn"
     assert dom.count('class="main-svg"') >= len(PLOTS)
+
+
+def test_pareto_front_keeps_ties_and_drops_dominated_rows():
+    from budgetnet.search.summary import pareto_front
+
+    df = pd.DataFrame({"n_params": [10, 10, 20, 20, 30, 5, None],
+                       "val_acc": [0.5, 0.5, 0.5, 0.7, 0.6, 0.1, 0.9]})
+    assert pareto_front(df, "n_params").tolist() == [True, True, False, True, False, True, False]
 
 
 def test_csv_on_stdout_and_json_summary_write_no_folder(searched, capsys, monkeypatch, tmp_path):

@@ -142,10 +142,13 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 
 
 def pareto_front(df: pd.DataFrame, cost: str) -> pd.Series:
-    """True for the rows no other row beats: none with at most their ``cost`` and a higher ``val_acc``."""
-    d = df[[cost, "val_acc"]].dropna().sort_values([cost, "val_acc"], ascending=[True, False])
-    best_before = d["val_acc"].cummax().shift(fill_value=-math.inf)
-    return (d["val_acc"] > best_before).reindex(df.index, fill_value=False)
+    """True for the rows no other row dominates: none costs less and is at least as accurate, none costs
+    as much and is more accurate. (Equal rows are both on the front.)"""
+    d = df[[cost, "val_acc"]].dropna()
+    best_at = d.groupby(cost)["val_acc"].max()  # ascending cost
+    best_cheaper = best_at.cummax().shift(fill_value=-math.inf)
+    front = (d["val_acc"] > d[cost].map(best_cheaper)) & (d["val_acc"] >= d[cost].map(best_at))
+    return front.reindex(df.index, fill_value=False)
 
 
 def _number(x):
@@ -367,7 +370,7 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.15em .5em;te
 th{background:#f3f3f3;font-weight:600}pre{background:#f7f7f7;padding:.5em;overflow-x:auto;font-size:.8em}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:1em}
 .plots{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:.5em 1.5em}\n@media (max-width:1000px){.plots{grid-template-columns:minmax(0,1fr)}}
-.plot{border-top:1px solid #ddd;min-width:0}.caption{color:#555;margin:.2em 0;font-size:.9em}
+.plot{border-top:1px solid #ddd;min-width:0}.wide{grid-column:1/-1}.caption{color:#555;margin:.2em 0;font-size:.9em}
 .bar{display:inline-block;width:120px;height:10px;background:#eee;vertical-align:middle}
 .bar span{display:block;height:100%;background:#4a7bd0}"""
 
@@ -446,7 +449,8 @@ def write_report(study: optuna.Study, df: pd.DataFrame, summary: dict, out: str 
         path = files[plot.name] = out / f"{plot.name}.html"
         write_atomic(path, lambda f, d=div, c=caption, p=plot: f.write(
             _page(f"{p.title}: {study.study_name}", f"<h2>{html.escape(p.title)}</h2>{c}{d}").encode()))
-        sections.append(f'<section class="plot"><h2><a href="{path.name}">{html.escape(plot.title)}</a></h2>'
+        wide = " wide" if plot is PLOTS[-1] and len(PLOTS) % 2 else ""  # an odd last plot takes the whole row
+        sections.append(f'<section class="plot{wide}"><h2><a href="{path.name}">{html.escape(plot.title)}</a></h2>'
                         f"{caption}{div}</section>")
     summary["files"] = {k: str(v) for k, v in files.items()}
     body = (f"<h1>budgetnet report: {html.escape(study.study_name)}</h1>\n"
