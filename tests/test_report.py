@@ -172,13 +172,16 @@ def two_studies(tmp_path_factory) -> str:
     return storage
 
 
-@pytest.mark.parametrize("case", ["no_file", "no_study", "two_studies", "out_is_a_file", "both_on_stdout",
-                                  "checkpoint_of_another_study"])
+@pytest.mark.parametrize("case", ["no_file", "not_a_database", "no_study", "two_studies", "out_is_a_file",
+                                  "both_on_stdout", "checkpoint_of_another_study"])
 def test_user_mistakes_give_one_line_and_exit_2(two_studies, tmp_path, capsys, case):
     storage = two_studies
     args = ["report", "--storage", storage, "--study-name", "a", "--out", str(tmp_path / "out")]
     if case == "no_file":
         args[2] = f"sqlite:///{tmp_path}/missing.db"
+    elif case == "not_a_database":
+        (tmp_path / "notes.db").write_text("not sqlite")
+        args[2] = f"sqlite:///{tmp_path}/notes.db"
     elif case == "no_study":
         args[4] = "c"
     elif case == "two_studies":
@@ -198,6 +201,8 @@ def test_user_mistakes_give_one_line_and_exit_2(two_studies, tmp_path, capsys, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("budgetnet: error: ") and "\n" not in err
     assert not (tmp_path / "missing.db").exists()  # a storage that does not exist is not created
+    if case == "not_a_database":
+        assert (tmp_path / "notes.db").read_text() == "not sqlite"
     if case == "out_is_a_file":
         assert (tmp_path / "out").read_text() == "keep me"
     else:

@@ -253,7 +253,10 @@ def _learning_curves(study, df: pd.DataFrame, summary: dict):
         return _empty("no trial has reported yet")
     state = dict(zip(df["number"].astype(int), df["budgetnet_state"]))
     for trace in fig.data:  # Optuna names each trace "Trial<number>"
-        number = int(trace.name.removeprefix("Trial"))
+        digits = (trace.name or "").removeprefix("Trial")
+        if not digits.isdigit():
+            continue
+        number = int(digits)
         faded = state.get(number) != "complete"
         trace.update(opacity=0.25 if faded else 1.0, name=f"trial {number} ({state.get(number)})",
                      line={"dash": "dot" if faded else "solid"})
@@ -435,9 +438,8 @@ def write_report(study: optuna.Study, df: pd.DataFrame, summary: dict, out: str 
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file; give a folder for the report")
     files = {"csv": out / "trials.csv", "summary": out / "summary.json", "index": out / "index.html"}
-    js = out / PLOTLY_JS
-    if not js.is_file() or js.stat().st_size == 0:
-        write_atomic(js, lambda f: f.write(plotly.offline.get_plotlyjs().encode()))
+    # Rewritten every time: the figures must meet the plotly.js of the plotly that drew them.
+    write_atomic(out / PLOTLY_JS, lambda f: f.write(plotly.offline.get_plotlyjs().encode()))
     write_atomic(files["csv"], lambda f: df.to_csv(f, index=False))
     sections = []
     for plot in PLOTS:
