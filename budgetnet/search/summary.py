@@ -102,7 +102,7 @@ def open_study(url: str, name: str | None = None) -> optuna.Study:
     if name is None:
         if len(names) > 1:
             raise ReportError(f"--storage {url} holds {len(names)} studies ({', '.join(sorted(names))}); "
-                                f"choose one with --study-name")
+                              f"choose one with --study-name")
         name = names[0]
     elif name not in names:
         raise ReportError(f"no study named {name!r} in {url}; it holds: {', '.join(sorted(names))}")
