@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -48,12 +50,18 @@ def save_checkpoint(path: str | os.PathLike, cfg: RunConfig, state_dict: dict, *
         "versions": {"budgetnet": __version__, "torch": str(torch.__version__)},  # str: TorchVersion is a class
         "extra": dict(extra or {}),
     }
+    return write_atomic(path, lambda f: torch.save(payload, f))
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, sync it and rename it into place, so that
+    ``path`` holds either its old bytes or all of the new ones, never a part. Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

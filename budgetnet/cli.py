@@ -212,11 +212,63 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from budgetnet.evaluate import evaluate_checkpoint, format_report
+    from budgetnet.evaluate import evaluate_checkpoint, format_report, save_evaluation
 
     report = evaluate_checkpoint(args.checkpoint, args.data_dir, _device(args.device), plots=args.plots,
                                  download=args.download, precision=args.precision)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    try:  # kept for `budgetnet report`; the evaluation itself is already printed
+        saved = save_evaluation(report)
+        if not args.json:
+            print(f"  saved: {saved}")
+    except OSError as e:
+        print(f"budgetnet: note: could not save the evaluation beside {args.checkpoint} ({e.strerror or e})",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from budgetnet.checkpoint import CheckpointError, write_atomic
+    from budgetnet.search.summary import (
+        checkpoint_info,
+        open_study,
+        study_summary,
+        trials_frame,
+        write_report,
+    )
+
+    if args.csv == "-" and args.json:
+        raise UserError("--csv - and --json both print on stdout; choose one")
+    out = args.out or (None if args.csv == "-" or args.json else "report")
+    study = open_study(args.storage, args.study_name)
+    checkpoint, note = None, None
+    path = args.checkpoint or "best.pt"  # the search's default --out
+    if args.checkpoint or Path(path).exists():
+        try:
+            checkpoint = checkpoint_info(path, study.study_name)
+        except CheckpointError as e:
+            if args.checkpoint:  # asked for by name: a mistake to report
+                raise UserError(str(e)) from None
+            note = f"{path} is not shown: {e}"
+    df = trials_frame(study)
+    summary = study_summary(study, df, checkpoint, note)
+    if out is not None:
+        summary = write_report(study, df, summary, out)
+    if args.csv not in (None, "-"):
+        write_atomic(args.csv, lambda f: df.to_csv(f, index=False))
+    if args.csv == "-":
+        df.to_csv(sys.stdout, index=False)
+    elif args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        best = summary["best"]
+        counts = ", ".join(f"{n} {state}" for state, n in summary["trials"].items())
+        print(f"study {summary['study']!r}: {summary['n_trials']} trials ({counts or 'none'})")
+        if best:
+            params = "?" if best["n_params"] is None else f"{best['n_params']:,}"
+            print(f"best trial {best['trial']}: {best['family']}, {params} params, val acc {best['val_acc']:.4f}")
+        print(f"wrote {summary['files']['index']} (open it in a browser; it needs no network) and "
+              f"{summary['files']['csv']}")
     return 0
 
 
@@ -298,8 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     data_flags(e)
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    e.add_argument("--plots", default=None, help="write confusion.png into this folder")
+    e.add_argument("--plots", default=None, help="write confusion.png (with per-class accuracy bars) and "
+                   "predictions.png (a grid of test images, mistakes in red) into this folder")
     e.set_defaults(fn=cmd_evaluate)
+
+    r = sub.add_parser("report", help="a study's trials table, plots and summary, in one offline HTML page")
+    r.add_argument("--storage", default=DEFAULT_STORAGE, help="the study's storage URL or journal file")
+    r.add_argument("--study-name", default=None, help="default: the storage's only study")
+    r.add_argument("--out", default=None, help="folder for index.html, trials.csv, summary.json and one HTML "
+                   "file per plot (default report/; with --csv - or --json, none unless given)")
+    r.add_argument("--checkpoint", default=None, help="the study's model, shown with its test accuracy if "
+                   "'budgetnet evaluate' saved one (default: best.pt, if it is this study's)")
+    r.add_argument("--csv", default=None, metavar="FILE", help="also write the trials table here; '-' prints "
+                   "it on stdout")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    r.set_defaults(fn=cmd_report)
 
     d = sub.add_parser("dashboard", help="serve optuna-dashboard for the study storage")
     d.add_argument("--storage", default=DEFAULT_STORAGE)

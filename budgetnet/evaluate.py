@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import time
 from pathlib import Path
@@ -10,9 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from budgetnet.budget import count_flops, count_params
-from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, write_atomic
 from budgetnet.data import DATASET_INFO, load_test, normalizer
 from budgetnet.device import DTYPES, memory_format, resolve_precision
+
+GRID_IMAGES = 32  # test images in the prediction grid (4 rows of 8)
+GRID_SEED = 0  # the same images every time, so grids of two checkpoints compare image by image
 
 
 def inference_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
@@ -85,8 +90,8 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
     test, classes = load_test(cfg.data.dataset, data_dir, device, download=download)
     if list(classes) != list(ckpt["classes"]):
         raise CheckpointError(f"{path}: the test data's classes differ from the checkpoint's")
-    m = test_metrics(model, test.images, test.labels, normalizer(info, device, memory_format(device)), device,
-                     len(classes))
+    normalize = normalizer(info, device, memory_format(device))
+    m = test_metrics(model, test.images, test.labels, normalize, device, len(classes))
     confusion = m.pop("confusion")
     per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
     worst = sorted(range(len(classes)), key=lambda c: per_class[c])[:5]
@@ -115,29 +120,102 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
     }
     if plots is not None:
         report["confusion_png"] = str(plot_confusion(confusion, classes, Path(plots) / "confusion.png"))
+        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(GRID_SEED))[:GRID_IMAGES]
+        idx = idx.sort().values.to(device)
+        images, labels = test.images[idx], test.labels[idx]
+        with torch.no_grad():
+            x = normalize(images.contiguous(memory_format=memory_format(device)))
+            predicted = model(model_input(model, x)).argmax(1)
+        report["predictions_png"] = str(plot_predictions(images, labels, predicted, classes,
+                                                         Path(plots) / "predictions.png"))
     return report
 
 
-def plot_confusion(confusion: torch.Tensor, classes: list[str], out: Path) -> Path:
-    """Row-normalised confusion matrix as a PNG (matplotlib, no display needed)."""
+def evaluation_path(checkpoint: str | Path) -> Path:
+    """Where ``budgetnet evaluate`` keeps its last report of ``checkpoint``: ``best.pt`` -> ``best.eval.json``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + ".eval.json")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256 (hex): ties a saved report to the exact bytes it evaluated."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()  # a checkpoint under the cap: a few MB
+
+
+def save_evaluation(report: dict) -> Path:
+    """Write ``report`` beside its checkpoint (``evaluation_path``), atomically, with the checkpoint's
+    SHA-256, so that ``budgetnet report`` shows its test accuracy only while the file is the one evaluated."""
+    data = {**report, "checkpoint_sha256": file_sha256(report["checkpoint"])}
+    return write_atomic(evaluation_path(report["checkpoint"]), lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], out: Path) -> Path:
+    """Row-normalised confusion matrix as a PNG, with each class's test accuracy as a bar beside its row."""
+    plt = _pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     norm = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1).float()
+    per_class = norm.diag().numpy()
     n = len(classes)
     size = max(6.0, min(24.0, n * 0.22))
-    fig, ax = plt.subplots(figsize=(size, size))
-    im = ax.imshow(norm.numpy(), cmap="viridis", vmin=0, vmax=1)
+    fig, (ax, bars) = plt.subplots(1, 2, sharey=True, figsize=(size * 1.3, size), layout="constrained",
+                                   gridspec_kw={"width_ratios": [4, 1]})
+    im = ax.imshow(norm.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")  # rows as tall as the bars
     if n <= 30:
         ax.set_xticks(range(n), classes, rotation=90, fontsize=8)
         ax.set_yticks(range(n), classes, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion (row-normalised)")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.colorbar(im, ax=[ax, bars], fraction=0.04, label="share of the true class's images")
+    # Bars on the rows' own y positions: a class's accuracy sits beside its row of confusions.
+    bars.barh(range(n), per_class, height=0.8, color=plt.cm.viridis(per_class))
+    bars.axvline(per_class.mean(), color="grey", linestyle="--", linewidth=1)
+    if n <= 30:
+        for y, acc in enumerate(per_class):
+            bars.text(0.02, y, f"{acc:.0%}", va="center", fontsize=8, color="black" if acc > 0.5 else "white")
+    bars.set_xlim(0, 1)
+    bars.set_xlabel("accuracy")
+    bars.set_title(f"per class\n(mean {per_class.mean():.0%}, dashed)")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_predictions(images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, classes: list[str],
+                     out: Path, columns: int = 8) -> Path:
+    """A grid of test images (uint8, N x C x H x W) titled with their predicted class; a mistake is framed
+    and titled in red, with the true class under the prediction."""
+    plt = _pyplot()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pixels = images.permute(0, 2, 3, 1).cpu().numpy()  # N x H x W x C, as imshow wants it
+    labels, predicted = labels.cpu().tolist(), predicted.cpu().tolist()
+    rows = max(1, -(-len(labels) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.5, rows * 1.8), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
+    for ax, img, true, pred in zip(axes.flat, pixels, labels, predicted):
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+        wrong = pred != true
+        ax.set_title(f"{classes[pred]}\n(true: {classes[true]})" if wrong else classes[pred], fontsize=7,
+                     color="red" if wrong else "black")
+        if wrong:
+            ax.set_frame_on(True)
+            for spine in ax.spines.values():
+                spine.set_color("red")
+                spine.set_linewidth(2.5)
+    mistakes = sum(p != t for p, t in zip(predicted, labels))
+    fig.suptitle(f"predictions on {len(labels)} test images: {mistakes} wrong (red, true class below)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -161,5 +239,6 @@ def format_report(r: dict) -> str:
         lines.append("  most confused: " + ", ".join(
             f"{c['true']}->{c['predicted']} ({c['count']})" for c in r["top_confusions"][:3]))
     if "confusion_png" in r:
-        lines.append(f"  confusion matrix: {r['confusion_png']}")
+        lines.append(f"  confusion matrix and per-class accuracy: {r['confusion_png']}")
+        lines.append(f"  prediction grid: {r['predictions_png']}")
     return "\n".join(lines)

@@ -11,11 +11,14 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"
-# The real-data tests need Debian's Fashion-MNIST; without it they skip (install it where apt is usable).
-if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && [ "$(id -u)" = 0 ] \
-   && command -v apt-get >/dev/null; then
-  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
-    || echo "note: dataset-fashion-mnist not installed; real-data tests will skip"
+# Debian packages some tests need; without them those tests skip (installed where apt is usable):
+# the real-data tests read Debian's Fashion-MNIST; the report page is checked in headless chromium.
+debs=()
+[ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || debs+=(dataset-fashion-mnist)
+command -v chromium >/dev/null || debs+=(chromium)
+if [ "${#debs[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}") >/dev/null 2>&1 \
+    || echo "note: ${debs[*]} not installed; the tests that need them will skip"
 fi
 
 run_pytest() {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import subprocess
@@ -79,8 +80,9 @@ def test_evaluate_on_fabricated_cifar100_test_split(tmp_path):
     assert [lat["batch_size"] for lat in report["latency"]] == [1, 256]
     assert all(lat["latency_ms"] > 0 and lat["images_per_s"] > 0 for lat in report["latency"])
     assert len(report["worst_classes"]) == 5
-    png = tmp_path / "plots" / "confusion.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("confusion.png", "predictions.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["predictions_png"] == str(tmp_path / "plots" / "predictions.png")
 
     # top-1 recomputed independently from the fabricated test file
     model = model_from_checkpoint(load_checkpoint(path))
@@ -129,6 +131,31 @@ def test_evaluate_cli_json(tmp_path, capsys):
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["dataset"] == "cifar100" and report["test_images"] == 40
+    # kept beside the checkpoint for `budgetnet report`, tied to the bytes it evaluated
+    saved = json.loads((tmp_path / "best.eval.json").read_text())
+    assert saved["top1"] == report["top1"]
+    assert saved["checkpoint_sha256"] == hashlib.sha256((tmp_path / "best.pt").read_bytes()).hexdigest()
+
+
+def test_prediction_grid_frames_mistakes_in_red(tmp_path):
+    from matplotlib.image import imread
+
+    from budgetnet.evaluate import plot_predictions
+
+    images = torch.full((8, 1, 28, 28), 128, dtype=torch.uint8)  # grey: no red from the images themselves
+    labels = torch.arange(8) % 3
+    classes = ["a", "b", "c"]
+
+    def red_pixels(predicted) -> int:
+        png = plot_predictions(images, labels, predicted, classes, tmp_path / "grid.png", columns=4)
+        rgb = imread(png)[..., :3]
+        return int(((rgb[..., 0] > 0.9) & (rgb[..., 1] < 0.2) & (rgb[..., 2] < 0.2)).sum())
+
+    assert red_pixels(labels.clone()) == 0  # all right: nothing marked
+    one_wrong, two_wrong = labels.clone(), labels.clone()
+    one_wrong[5] = (labels[5] + 1) % 3
+    two_wrong[[1, 5]] = (labels[[1, 5]] + 1) % 3
+    assert 0 < red_pixels(one_wrong) < red_pixels(two_wrong)
 
 
 class _Evil:

@@ -1,0 +1,209 @@
+"""budgetnet report: the table matches the study, every plot is written, and the page renders offline in a
+real browser (headless Chromium) from the files alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+import time
+
+import optuna
+import pandas as pd
+import pytest
+
+from budgetnet.checkpoint import load_checkpoint, save_checkpoint
+from budgetnet.cli import main
+from budgetnet.evaluate import evaluate_checkpoint, save_evaluation
+from budgetnet.search.report import Reporter
+from budgetnet.search.runner import SearchOptions, run_search
+from budgetnet.search.space import load_grid
+from budgetnet.search.summary import PLOTS
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+NETWORK_URL = re.compile(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", re.I)  # http://..., https://..., //cdn...
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A real budgetnet study on the synthetic task: a grid of four tiny nets trained for 0.5 s each and two
+    over the 30k cap (rejected by the guard); best.pt from the search, evaluated on the test split."""
+    tmp = tmp_path_factory.mktemp("report")
+    grid = load_grid(json.dumps({
+        "base": {"model": {"family": "plain", "n_conv": 2, "hidden": [16]}, "train": {"batch_size": 64}},
+        "grid": {"model.width": [4, 8, 96], "train.lr": [0.05, 0.2]}}))  # width 96: over the cap, both lrs
+    opts = SearchOptions(max_params=30_000, budget_seconds=60, dataset="synthetic", storage=f"sqlite:///{tmp}/s.db",
+                         out=str(tmp / "best.pt"), artifact_dir=str(tmp / "art"), trial_seconds=0.5, device="cpu",
+                         sampler="grid", grid=grid, final_fraction=0.0, warm_start=False, precision="fp32")
+    summary = run_search(opts, Reporter("quiet"), started=time.perf_counter())
+    report = evaluate_checkpoint(tmp / "best.pt", device="cpu", latency_repeats=1, precision="fp32")
+    save_evaluation(report)
+    study = optuna.load_study(study_name=summary["study"], storage=opts.storage)
+    assert main(["report", "--storage", opts.storage, "--checkpoint", str(tmp / "best.pt"),
+                 "--out", str(tmp / "report")]) == 0
+    return tmp, study, report
+
+
+def test_report_table_matches_the_study_and_every_plot_is_written(searched):
+    tmp, study, evaluation = searched
+    out = tmp / "report"
+    df = pd.read_csv(out / "trials.csv")
+    trials = study.trials
+    assert len(trials) == 6 and df["number"].tolist() == [t.number for t in trials]
+    states = {t.user_attrs.get("state") for t in trials}
+    assert {"complete", "rejected"} <= states
+    wanted = {"state", "budgetnet_state", "reason", "val_acc", "progress", "family", "n_params", "flops", "seconds",
+              "images_per_s", "epochs"} | {f"params_{k}" for t in trials for k in t.params}
+    assert wanted <= set(df.columns)
+    for t, row in zip(trials, df.to_dict("records")):
+        assert row["state"] == t.state.name and row["budgetnet_state"] == t.user_attrs["state"]
+        assert (math.isnan(row["val_acc"]) if t.value is None else row["val_acc"] == pytest.approx(t.value))
+        assert row["n_params"] == t.user_attrs["n_params"]
+        assert row["params_model.width"] == json.loads(t.params["model.width"])  # grid values are JSON
+        if t.intermediate_values:
+            assert row["progress"] == max(t.intermediate_values) / 100
+    # the Pareto flags, recomputed: a completed trial is off the front if another one dominates it
+    done = df[df["state"] == "COMPLETE"]
+    for _, row in done.iterrows():
+        n, acc = done["n_params"], done["val_acc"]
+        beaten = (((n <= row["n_params"]) & (acc > row["val_acc"])) | ((n < row["n_params"]) & (acc >= row["val_acc"])))
+        assert row["pareto_n_params"] == (not beaten.any())
+    assert not df.loc[df["state"] != "COMPLETE", "pareto_n_params"].any()
+
+    for plot in PLOTS:
+        page = (out / f"{plot.name}.html").read_text()
+        assert f'id="plot-{plot.name}"' in page and 'src="plotly.min.js"' in page
+    index = (out / "index.html").read_text()
+    assert index.count("Plotly.newPlot") == len(PLOTS)
+    assert (out / "plotly.min.js").stat().st_size > 1e6  # plotly.js itself, written once, beside the pages
+    for page in [out / "index.html", *(out / f"{p.name}.html" for p in PLOTS)]:
+        assert NETWORK_URL.findall(page.read_text()) == [], page.name  # nothing to fetch from a network
+
+    summary = json.loads((out / "summary.json").read_text())
+    best = max((t for t in trials if t.value is not None), key=lambda t: t.value)
+    assert summary["best"]["trial"] == best.number and summary["best"]["config"] == json.loads(
+        best.user_attrs["config"])
+    assert summary["budget_seconds"] == 60 and summary["max_params"] == 30_000
+    assert summary["checkpoint"]["test_top1"] == evaluation["top1"]
+    assert f"{evaluation['top1']:.2%}" in index  # the model's test accuracy is on the page
+
+
+def test_the_page_renders_offline_in_headless_chromium(searched, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it where apt-get can run)")
+    index = searched[0] / "report" / "index.html"
+    # Every host name resolves to nothing: the page must draw from the files beside it alone.
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path}",
+           "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=20000", "--dump-dom", index.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert "<h1>budgetnet report:" in dom
+    # plotly marks a div it has drawn into as js-plotly-plot and puts its SVG layers (main-svg) inside it
+    for plot in PLOTS:
+        div = re.search(rf'<div id="plot-{plot.name}"[^>]*class="[^"]*js-plotly-plot[^"]*".*?class="main-svg"',
+                        dom, re.S)
+        assert div is not None, f"{plot.name} was not drawn"
+    assert dom.count('class="main-svg"') >= len(PLOTS)
+
+
+def test_pareto_front_keeps_ties_and_drops_dominated_rows():
+    from budgetnet.search.summary import pareto_front
+
+    df = pd.DataFrame({"n_params": [10, 10, 20, 20, 30, 5, None],
+                       "val_acc": [0.5, 0.5, 0.5, 0.7, 0.6, 0.1, 0.9]})
+    assert pareto_front(df, "n_params").tolist() == [True, True, False, True, False, True, False]
+
+
+def test_csv_on_stdout_and_json_summary_write_no_folder(searched, capsys, monkeypatch, tmp_path):
+    tmp, study, _ = searched
+    monkeypatch.chdir(tmp_path)  # where the default report/ folder would go
+    storage = f"sqlite:///{tmp}/s.db"
+    assert main(["report", "--storage", storage, "--csv", "-"]) == 0
+    df = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert df["number"].tolist() == [t.number for t in study.trials]
+    assert df["val_acc"].dropna().tolist() == pytest.approx([t.value for t in study.trials if t.value is not None])
+    assert main(["report", "--storage", storage, "--json", "--study-name", study.study_name]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_trials"] == len(study.trials) and sum(summary["trials"].values()) == len(study.trials)
+    assert summary["checkpoint"] is None  # no best.pt here: nothing to show
+    assert list(tmp_path.iterdir()) == []  # stdout only: no report folder
+
+
+def test_a_replaced_checkpoint_shows_no_stale_test_accuracy(searched, capsys):
+    tmp, study, _ = searched
+    ckpt = load_checkpoint(tmp / "best.pt")
+    copy = tmp / "other" / "best.pt"
+    save_checkpoint(copy, ckpt["run_config"], ckpt["state_dict"], metrics={"val_acc": 0.5}, n_params=ckpt["n_params"],
+                    flops=ckpt["flops"], classes=ckpt["classes"], train_seconds=1.0, precision="fp32",
+                    extra={"study": study.study_name, "phase": "search"})
+    (tmp / "other" / "best.eval.json").write_text((tmp / "best.eval.json").read_text())  # of other bytes
+    assert main(["report", "--storage", f"sqlite:///{tmp}/s.db", "--checkpoint", str(copy), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["checkpoint"]
+    assert shown["path"] == str(copy) and shown["test_top1"] is None
+
+
+def test_a_running_study_and_an_empty_one_still_report(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    empty = optuna.create_study(study_name="empty", storage=storage, direction="maximize")
+    running = optuna.create_study(study_name="running", storage=storage, direction="maximize")
+    running.enqueue_trial({"x": 0.5})
+    trial = running.ask()
+    trial.suggest_float("x", 0, 1)
+    trial.report(0.4, 10)  # a trial under way, as a live search leaves it
+    for name in ("empty", "running"):
+        assert main(["report", "--storage", storage, "--study-name", name, "--out", str(tmp_path / name)]) == 0
+        for plot in PLOTS:
+            assert (tmp_path / name / f"{plot.name}.html").stat().st_size > 0
+    df = pd.read_csv(tmp_path / "running" / "trials.csv")
+    assert df["budgetnet_state"].tolist() == ["running"] and df["progress"].tolist() == [0.1]
+    assert pd.read_csv(tmp_path / "empty" / "trials.csv").empty
+    assert empty.trials == []
+
+
+@pytest.fixture(scope="module")
+def two_studies(tmp_path_factory) -> str:
+    storage = f"sqlite:///{tmp_path_factory.mktemp('two')}/s.db"
+    for name in ("a", "b"):
+        optuna.create_study(study_name=name, storage=storage)
+    return storage
+
+
+@pytest.mark.parametrize("case", ["no_file", "not_a_database", "no_study", "two_studies", "out_is_a_file",
+                                  "both_on_stdout", "checkpoint_of_another_study"])
+def test_user_mistakes_give_one_line_and_exit_2(two_studies, tmp_path, capsys, case):
+    storage = two_studies
+    args = ["report", "--storage", storage, "--study-name", "a", "--out", str(tmp_path / "out")]
+    if case == "no_file":
+        args[2] = f"sqlite:///{tmp_path}/missing.db"
+    elif case == "not_a_database":
+        (tmp_path / "notes.db").write_text("not sqlite")
+        args[2] = f"sqlite:///{tmp_path}/notes.db"
+    elif case == "no_study":
+        args[4] = "c"
+    elif case == "two_studies":
+        args = args[:3]
+    elif case == "out_is_a_file":
+        (tmp_path / "out").write_text("keep me")
+    elif case == "both_on_stdout":
+        args += ["--csv", "-", "--json"]
+    elif case == "checkpoint_of_another_study":
+        from budgetnet.config import PlainConfig, RunConfig
+
+        cfg = RunConfig(model=PlainConfig(n_conv=1, width=4, hidden=()))
+        save_checkpoint(tmp_path / "best.pt", cfg, {}, metrics={}, n_params=1, flops=1, classes=[],
+                        train_seconds=0, precision="fp32", extra={"study": "someone-else"})
+        args += ["--checkpoint", str(tmp_path / "best.pt")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("budgetnet: error: ") and "\n" not in err
+    assert not (tmp_path / "missing.db").exists()  # a storage that does not exist is not created
+    if case == "not_a_database":
+        assert (tmp_path / "notes.db").read_text() == "not sqlite"
+    if case == "out_is_a_file":
+        assert (tmp_path / "out").read_text() == "keep me"
+    else:
+        assert not (tmp_path / "out").exists()  # nothing written for a refused command
