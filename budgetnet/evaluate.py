@@ -36,8 +36,9 @@ def model_input(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_metrics(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize,
                  device: torch.device, num_classes: int, batch_size: int = 1024) -> dict:
     """Top-1, top-5, mean loss and the confusion matrix (rows: true class, columns: predicted), in the
-    precision of the model's weights."""
-    loss_sum, top1, top5 = 0.0, 0, 0
+    precision of the model's weights; and ``top1_flip``, the top-1 of the mean of the logits over each image
+    and its horizontal mirror (test-time flip averaging), kept apart from the plain numbers."""
+    loss_sum, top1, top5, top1_flip = 0.0, 0, 0, 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     k = min(5, num_classes)
     for i in range(0, len(labels), batch_size):
@@ -48,9 +49,16 @@ def test_metrics(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
         topk = logits.topk(k, dim=1).indices
         top1 += (topk[:, 0] == y).sum().item()
         top5 += (topk == y[:, None]).any(1).sum().item()
+        mirrored = model(model_input(model, x.flip(3).contiguous(memory_format=_layout(x)))).float()
+        top1_flip += ((logits + mirrored).argmax(1) == y).sum().item()  # the mean's argmax: the sum's
         confusion += torch.bincount(y * num_classes + topk[:, 0], minlength=num_classes**2).view_as(confusion)
     n = len(labels)
-    return {"top1": top1 / n, "top5": top5 / n, "loss": loss_sum / n, "confusion": confusion.cpu()}
+    return {"top1": top1 / n, "top5": top5 / n, "loss": loss_sum / n, "top1_flip": top1_flip / n,
+            "confusion": confusion.cpu()}
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 @torch.no_grad()
@@ -226,7 +234,8 @@ def format_report(r: dict) -> str:
     """Human-readable summary of ``evaluate_checkpoint``'s report."""
     lines = [
         f"{r['checkpoint']}  ({r['dataset']} test, {r['test_images']:,} images)",
-        f"  top-1 {r['top1']:.2%}   top-5 {r['top5']:.2%}   loss {r['loss']:.4f}",
+        f"  top-1 {r['top1']:.2%}   top-5 {r['top5']:.2%}   loss {r['loss']:.4f}   "
+        f"(flip-averaged top-1 {r['top1_flip']:.2%})",
         f"  params {r['n_params']:,} ({'matches' if r['n_params_match'] else 'DIFFERS FROM'} the file's "
         f"{r['n_params_recorded']:,})   FLOPs/image {r['flops'] / 1e6:.1f} M",
         f"  evaluated in {r['precision']} (trained in {r['trained_precision']})",

@@ -14,12 +14,13 @@ import pytest
 import torch
 from conftest import write_cifar100
 
+from budgetnet import evaluate
 from budgetnet.budget import count_flops, count_params
 from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from budgetnet.cli import main
 from budgetnet.config import DataConfig, MobileNetConfig, PlainConfig, ResNetConfig, RunConfig, TrainConfig
 from budgetnet.data import DATASET_INFO, load_data
-from budgetnet.evaluate import evaluate_checkpoint
+from budgetnet.evaluate import evaluate_checkpoint, format_report
 from budgetnet.train import train_run
 
 
@@ -94,6 +95,28 @@ def test_evaluate_on_fabricated_cifar100_test_split(tmp_path):
         pred = model(((x - mean) / std).contiguous(memory_format=torch.channels_last)).argmax(1)
     expected = (pred == torch.from_numpy(test[1])).float().mean().item()
     assert report["top1"] == pytest.approx(expected, abs=1 / 40 + 1e-9)
+    # flip averaging, by hand: the mean of the softmax-free logits over each image and its mirror
+    with torch.no_grad():
+        both = model((x - mean) / std) + model(((x - mean) / std).flip(3))
+    expected_flip = ((both / 2).argmax(1) == torch.from_numpy(test[1])).float().mean().item()
+    assert report["top1_flip"] == pytest.approx(expected_flip, abs=1 / 40 + 1e-9)
+    assert "flip-averaged top-1" in format_report(report)
+
+
+def test_flip_averaging_is_the_mean_of_the_logits_over_each_image_and_its_mirror():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (300, 1, 6, 6), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 4))  # left and right weigh differently
+    normalize = lambda u: u.float() / 255 - 0.5  # noqa: E731
+    m = evaluate.test_metrics(model, images, labels, normalize, torch.device("cpu"), 4, batch_size=128)
+    with torch.no_grad():
+        x = normalize(images)
+        plain = model(x)
+        mean = (plain + model(x.flip(3))) / 2
+    assert m["top1"] == (plain.argmax(1) == labels).sum().item() / 300
+    assert m["top1_flip"] == (mean.argmax(1) == labels).sum().item() / 300
+    assert (mean.argmax(1) != plain.argmax(1)).any()  # the two answers differ here: the check can fail
 
 
 def test_evaluate_measures_in_the_precision_it_reports_with_weights_cast_once(tmp_path):
