@@ -61,14 +61,31 @@ def fraction(text: str) -> float:
 
 
 def dataset_name(text: str) -> str:
-    """The dataset as users type it: fashion_mnist, fashion-mnist, FashionMNIST, CIFAR-100, ..."""
-    from budgetnet.config import DATASETS
+    """The dataset as users type it: fashion_mnist, fashion-mnist, FashionMNIST, CIFAR-100, ..., or
+    folder:PATH (an image folder; PATH is made absolute, so the name means the same from any folder)."""
+    from budgetnet.config import DATASETS, FOLDER_PREFIX
 
+    if text.lower().startswith(FOLDER_PREFIX):
+        path = text[len(FOLDER_PREFIX):]
+        if not path.strip():
+            raise argparse.ArgumentTypeError("folder: needs a path, e.g. folder:~/photos")
+        return FOLDER_PREFIX + str(Path(path).expanduser().absolute())
     key = re.sub(r"[-_\s]", "", text.lower())
     for name in DATASETS:
         if name.replace("_", "") == key:
             return name
-    raise argparse.ArgumentTypeError(f"unknown dataset {text!r} (choose from {', '.join(DATASETS)})")
+    raise argparse.ArgumentTypeError(f"unknown dataset {text!r} (choose from {', '.join(DATASETS)}, "
+                                     f"or folder:PATH for a folder of class folders of images)")
+
+
+def image_size(text: str) -> int:
+    """--image-size: a side in pixels within config.IMAGE_SIZE_RANGE."""
+    from budgetnet.config import IMAGE_SIZE_RANGE
+
+    lo, hi = IMAGE_SIZE_RANGE
+    if not text.strip().isdigit() or not lo <= int(text) <= hi:
+        raise argparse.ArgumentTypeError(f"must be a whole number of pixels from {lo} to {hi}, got {text!r}")
+    return int(text)
 
 
 def _device(name: str):
@@ -134,7 +151,7 @@ def _check_storage(url: str) -> None:
 
 
 def cmd_search(args) -> int:
-    from budgetnet.config import ConfigError
+    from budgetnet.config import ConfigError, is_folder
     from budgetnet.search.report import Reporter
     from budgetnet.search.runner import SearchOptions, default_study_name, run_search
     from budgetnet.search.space import load_grid
@@ -149,12 +166,16 @@ def cmd_search(args) -> int:
             raise UserError(f"cannot read --grid {args.grid}: {e.strerror}") from None
         except ConfigError as e:
             raise UserError(f"bad --grid {args.grid}: {e}") from None
+    if args.image_size is not None and not is_folder(args.dataset):
+        raise UserError(f"--image-size applies to folder:PATH datasets only; {args.dataset} has its own size")
     _check_writable(args.out)
     _check_storage(args.storage)
-    study_name = args.study_name or default_study_name(args.dataset, args.max_params, args.hours)
+    named = args.dataset + (f"-{args.image_size}px" if args.image_size else "")  # another size: another study
+    study_name = args.study_name or default_study_name(named, args.max_params, args.hours)
     _check_not_someone_elses(args.out, study_name)
     opts = SearchOptions(
         max_params=args.max_params, budget_seconds=args.hours * 3600, dataset=args.dataset,
+        image_size=args.image_size,
         data_dir=args.data_dir, storage=args.storage, study_name=study_name, out=args.out,
         seed=args.seed, pruner=args.pruner, sampler=args.sampler, grid=grid,
         final_fraction=args.final_fraction, trial_seconds=args.trial_seconds,
@@ -172,7 +193,7 @@ def cmd_train(args) -> int:
     from budgetnet.budget import check_memory, check_params, count_flops
     from budgetnet.checkpoint import save_checkpoint
     from budgetnet.config import ConfigError, RunConfig
-    from budgetnet.data import DATASET_INFO, load_data
+    from budgetnet.data import dataset_info, load_data
     from budgetnet.train import COMPLETE, train_run
 
     if (args.seconds is None) == (args.epochs is None):
@@ -184,7 +205,7 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         raise UserError(f"bad --config {args.config}: {e}") from None
     _check_writable(args.out)
-    shape = DATASET_INFO[cfg.data.dataset].shape
+    shape = dataset_info(cfg.data.dataset, cfg.data.image_size).shape  # a folder is scanned (and cached) here
     if args.max_params:
         check_params(cfg.model, shape, args.max_params)
     device = _device(args.device)
@@ -214,8 +235,56 @@ def cmd_evaluate(args) -> int:
     from budgetnet.evaluate import evaluate_checkpoint, format_report
 
     report = evaluate_checkpoint(args.checkpoint, args.data_dir, _device(args.device), plots=args.plots,
-                                 download=args.download, precision=args.precision)
+                                 download=args.download, precision=args.precision, dataset=args.dataset)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    """List the built-in datasets and where each is looked for, or describe one (a folder: its classes,
+    counts per split, image size and cache state). Reads only: nothing is decoded or written."""
+    from budgetnet.config import DATASETS, FOLDER_IMAGE_SIZE, is_folder
+    from budgetnet.data import DATASET_INFO, builtin_locations
+
+    if args.dataset is not None and is_folder(args.dataset):
+        from budgetnet.folder import describe
+
+        d = describe(args.dataset, args.image_size)
+        if args.json:
+            print(json.dumps(d, indent=2))
+            return 0
+        n = {split: sum(c) for split, c in d["counts"].items()}
+        print(f"{d['dataset']}  ({d['layout']} layout, {len(d['classes'])} classes, {n['train']:,} train and "
+              f"{n['test']:,} test images, at {d['image_size']} px)")
+        width = max(len(c) for c in d["classes"])
+        print(f"  {'class':<{width}}  {'train':>7}  {'test':>7}")
+        for c, tr, te in zip(d["classes"], d["counts"]["train"], d["counts"]["test"]):
+            print(f"  {c:<{width}}  {tr:>7,}  {te:>7,}")
+        cache = {"fresh": "up to date", "stale": "stale (the files changed; the next run rebuilds it)",
+                 "missing": "not built yet (the first run builds it)"}[d["cache"]]
+        print(f"  cache: {cache}" + (f", {d['cache_path']}" if d["cache_path"] else "")
+              + (f"; {d['channels']} channel(s), {d['skipped']} unreadable image(s) skipped"
+                 if d["cache"] == "fresh" else ""))
+        return 0
+    if args.image_size is not None:
+        raise UserError("--image-size describes a folder:PATH dataset only")
+    rows = []
+    for name in [args.dataset] if args.dataset else DATASETS:
+        info, where = DATASET_INFO[name], builtin_locations(name, args.data_dir)
+        found = next((str(p) for p in where if p.is_dir()), None)
+        rows.append({"dataset": name, "classes": info.num_classes, "channels": info.channels,
+                     "image_size": info.image_size, "train_images": info.train_size,
+                     "looked_for_in": [str(p) for p in where], "found": found if where else "generated"})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['dataset']:<14} {r['classes']:>3} classes, {r['channels']}x{r['image_size']}x{r['image_size']}, "
+              f"{r['train_images']:,} training images: "
+              + ("generated in memory" if not r["looked_for_in"] else
+                 f"looked for in {', '.join(r['looked_for_in'])}" + (" (not found)" if not r["found"] else "")))
+    print(f"folder:PATH    your own images: PATH/train/<class>/ and PATH/test/<class>/, or one PATH/<class>/ "
+          f"tree (a test split is kept out); resized to --image-size (default {FOLDER_IMAGE_SIZE} px)")
     return 0
 
 
@@ -234,7 +303,7 @@ def cmd_dashboard(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from budgetnet.config import DATASETS
+    from budgetnet.config import DATASETS, FOLDER_IMAGE_SIZE
     from budgetnet.device import PRECISIONS
     from budgetnet.search.clock import MIN_SLICE_S, MIN_TRIALS, TRIALS_PER_SEARCH
 
@@ -258,7 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hours", type=positive_float, default=1.0,
                    help="wall-clock budget for the whole command (search + final training)")
     s.add_argument("--dataset", type=dataset_name, default="cifar100",
-                   help=f"{', '.join(DATASETS)} (fashion-mnist, FashionMNIST and the like are accepted)")
+                   help=f"{', '.join(DATASETS)} (fashion-mnist, FashionMNIST and the like are accepted), or "
+                   f"folder:PATH: class folders of images (PATH/train/<class>/ + PATH/test/<class>/, or "
+                   f"PATH/<class>/)")
+    s.add_argument("--image-size", type=image_size, default=None,
+                   help=f"folder:PATH datasets: the side images are resized to, in pixels (default "
+                   f"{FOLDER_IMAGE_SIZE}; e.g. 64 or 96)")
     data_flags(s)
     s.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL, or a journal file (*.log)")
     s.add_argument("--study-name", default=None, help="default: from the dataset and the caps")
@@ -295,7 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     data_flags(e)
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     e.add_argument("--plots", default=None, help="write confusion.png into this folder")
+    e.add_argument("--dataset", type=dataset_name, default=None,
+                   help="a model trained on folder:PATH: read the test images from this folder:PATH instead")
     e.set_defaults(fn=cmd_evaluate)
+
+    ds = sub.add_parser("datasets", help="list the built-in datasets and where each is looked for, or "
+                        "describe one (folder:PATH: classes, counts per split, image size, cache state)")
+    ds.add_argument("dataset", nargs="?", type=dataset_name, default=None)
+    ds.add_argument("--image-size", type=image_size, default=None,
+                    help=f"folder:PATH: the cache size to report on (default {FOLDER_IMAGE_SIZE})")
+    ds.add_argument("--data-dir", default=None, help="where the built-in datasets are looked for (default ./data)")
+    ds.add_argument("--json", action="store_true")
+    ds.set_defaults(fn=cmd_datasets)
 
     d = sub.add_parser("dashboard", help="serve optuna-dashboard for the study storage")
     d.add_argument("--storage", default=DEFAULT_STORAGE)
