@@ -41,7 +41,7 @@ def write_jpegs(root: Path, n: int, seed: int = 0) -> None:
         return
     rng = np.random.default_rng(seed)
     for i in range(n):
-        split = "test" if i % 5 == 0 else "train"
+        split = "test" if (i // 10) % 5 == 0 else "train"  # 20% of each class
         d = root / split / f"class{i % 10}"
         d.mkdir(parents=True, exist_ok=True)
         w, h = (int(v) for v in rng.integers(160, 481, 2))
