@@ -244,7 +244,7 @@ def cmd_datasets(args) -> int:
     """List the built-in datasets and where each is looked for, or describe one (a folder: its classes,
     counts per split, image size and cache state). Reads only: nothing is decoded or written."""
     from budgetnet.config import DATASETS, FOLDER_IMAGE_SIZE, is_folder
-    from budgetnet.data import DATASET_INFO, builtin_locations
+    from budgetnet.data import DATASET_INFO, builtin_found, builtin_locations
 
     if args.dataset is not None and is_folder(args.dataset):
         from budgetnet.folder import describe
@@ -271,10 +271,11 @@ def cmd_datasets(args) -> int:
     rows = []
     for name in [args.dataset] if args.dataset else DATASETS:
         info, where = DATASET_INFO[name], builtin_locations(name, args.data_dir)
-        found = next((str(p) for p in where if p.is_dir()), None)
+        found = builtin_found(name, args.data_dir)
         rows.append({"dataset": name, "classes": info.num_classes, "channels": info.channels,
                      "image_size": info.image_size, "train_images": info.train_size,
-                     "looked_for_in": [str(p) for p in where], "found": found if where else "generated"})
+                     "looked_for_in": [str(p) for p in where],
+                     "found": (str(found) if found else None) if where else "generated"})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -282,7 +283,8 @@ def cmd_datasets(args) -> int:
         print(f"{r['dataset']:<14} {r['classes']:>3} classes, {r['channels']}x{r['image_size']}x{r['image_size']}, "
               f"{r['train_images']:,} training images: "
               + ("generated in memory" if not r["looked_for_in"] else
-                 f"looked for in {', '.join(r['looked_for_in'])}" + (" (not found)" if not r["found"] else "")))
+                 f"looked for in {', '.join(r['looked_for_in'])}: "
+                 + (f"found in {r['found']}" if r["found"] else "not found")))
     print(f"folder:PATH    your own images: PATH/train/<class>/ and PATH/test/<class>/, or one PATH/<class>/ "
           f"tree (a test split is kept out); resized to --image-size (default {FOLDER_IMAGE_SIZE} px)")
     return 0

@@ -216,6 +216,22 @@ def builtin_locations(name: str, data_dir: str | os.PathLike | None) -> list[Pat
     return []
 
 
+def builtin_found(name: str, data_dir: str | os.PathLike | None) -> Path | None:
+    """The folder of ``builtin_locations`` that holds a built-in dataset's training files, or None."""
+    data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    if name in _CIFAR_LAYOUT:
+        folder, train_files, _, meta, *_ = _CIFAR_LAYOUT[name]
+        found = all((data_dir / folder / f).is_file() for f in [*train_files, meta])
+        return data_dir / folder if found else None
+    if name == "fashion_mnist":
+        try:
+            files = _fashion_files("train", data_dir)
+        except DatasetNotFound:  # half a split: not usable
+            return None
+        return files[0].parent if files else None
+    return None
+
+
 def _fashion_files(prefix: str, data_dir: Path) -> tuple[Path, Path] | None:
     """Images and labels of one split, from the first folder that holds both (never mixed folders)."""
     for folder in builtin_locations("fashion_mnist", data_dir):

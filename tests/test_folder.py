@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_fashion_mnist
 from PIL import Image
 
 from budgetnet import folder
@@ -269,9 +270,13 @@ def test_folder_names_and_image_sizes_in_configs_and_flags(tmp_path):
 
 
 def test_datasets_lists_the_built_ins_and_describes_a_folder(split_folder, tmp_path, capsys):
+    write_fashion_mnist(tmp_path, 12, 6)
     assert main(["datasets", "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "/usr/share/datasets/fashion-mnist" in out and str(tmp_path / "cifar-100-python") in out
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "/usr/share/datasets/fashion-mnist" in lines["fashion_mnist"]
+    assert lines["fashion_mnist"].endswith(f"found in {tmp_path / 'FashionMNIST' / 'raw'}")
+    assert lines["cifar100"].endswith(f"looked for in {tmp_path / 'cifar-100-python'}: not found")
     assert "folder:PATH" in out
     data = tmp_path / "photos"
     shutil.copytree(split_folder, data)
