@@ -7,6 +7,7 @@ Only this module resolves ``--device auto``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -204,6 +205,12 @@ def cmd_train(args) -> int:
         raise UserError(f"cannot read --config {args.config}: {e.strerror}") from None
     except ConfigError as e:
         raise UserError(f"bad --config {args.config}: {e}") from None
+    if args.dataset is not None or args.image_size is not None:  # the flags override the config's data
+        try:
+            cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset=args.dataset or cfg.data.dataset,
+                                                       image_size=args.image_size))
+        except ConfigError as e:
+            raise UserError(f"--dataset/--image-size: {e}") from None
     _check_writable(args.out)
     shape = dataset_info(cfg.data.dataset, cfg.data.image_size).shape  # a folder is scanned (and cached) here
     if args.max_params:
@@ -363,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="model.pt")
     t.add_argument("--full", action="store_true", help="train on train+validation (no validation metrics)")
     t.add_argument("--max-params", type=parse_count, default=None, help="refuse a config over this cap")
+    t.add_argument("--dataset", type=dataset_name, default=None,
+                   help="train on this dataset instead of the config's (e.g. folder:PATH)")
+    t.add_argument("--image-size", type=image_size, default=None,
+                   help=f"folder:PATH datasets: the side images are resized to (default {FOLDER_IMAGE_SIZE})")
     data_flags(t)
     t.set_defaults(fn=cmd_train)
 

@@ -119,6 +119,24 @@ def test_search_then_best_pt_then_evaluate_on_a_folder(split_folder, tmp_path, c
     assert main(["evaluate", str(out), "--device", "cpu", "--dataset", "cifar10"]) == 2
 
 
+def test_train_on_a_folder_then_evaluate(split_folder, tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"model": {"family": "plain", "n_conv": 2, "width": 4, "hidden": [16]},
+                               "train": {"batch_size": 32}, "data": {"dataset": "synthetic"}}))
+    out, data = tmp_path / "m.pt", tmp_path / "photos"
+    shutil.copytree(split_folder, data)
+    args = ["train", "--config", str(cfg), "--epochs", "1", "--out", str(out), "--device", "cpu"]
+    assert main([*args, "--dataset", _name(data), "--image-size", "16"]) == 0
+    capsys.readouterr()
+    ckpt = load_checkpoint(out)
+    assert ckpt["input_shape"] == [3, 16, 16] and ckpt["run_config"].data.image_size == 16
+    assert main(["evaluate", str(out), "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["test_images"] == 45 and report["latency"][0]["images_per_s"] > 0
+    assert main([*args, "--image-size", "16"]) == 2  # synthetic has its own size
+    assert "folder datasets only" in capsys.readouterr().err
+
+
 # -- the cache -----------------------------------------------------------------------------------------
 
 def test_the_second_run_loads_the_cache_and_a_changed_file_rebuilds_it(split_folder, tmp_path, monkeypatch):
