@@ -193,7 +193,7 @@ def cmd_search(args) -> int:
 def cmd_train(args) -> int:
     from budgetnet.budget import check_memory, check_params, count_flops
     from budgetnet.checkpoint import save_checkpoint
-    from budgetnet.config import ConfigError, RunConfig
+    from budgetnet.config import ConfigError, RunConfig, is_folder
     from budgetnet.data import dataset_info, load_data
     from budgetnet.train import COMPLETE, train_run
 
@@ -206,9 +206,10 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         raise UserError(f"bad --config {args.config}: {e}") from None
     if args.dataset is not None or args.image_size is not None:  # the flags override the config's data
+        dataset = args.dataset or cfg.data.dataset
+        size = args.image_size or (cfg.data.image_size if is_folder(dataset) else None)  # a folder's kept
         try:
-            cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset=args.dataset or cfg.data.dataset,
-                                                       image_size=args.image_size))
+            cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset=dataset, image_size=size))
         except ConfigError as e:
             raise UserError(f"--dataset/--image-size: {e}") from None
     _check_writable(args.out)
