@@ -308,3 +308,15 @@ def test_datasets_lists_the_built_ins_and_describes_a_folder(split_folder, tmp_p
     assert main(["datasets", _name(data)]) == 0
     text = capsys.readouterr().out
     assert "up to date" in text and "3 channel(s), 1 unreadable image(s) skipped" in text and "bees" in text
+
+
+def test_bench_folder_script_runs_at_toy_size(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_folder.py"
+    proc = subprocess.run([sys.executable, str(script), "--n", "40", "--baseline-n", "10", "--root",
+                           str(tmp_path / "jpegs")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| load the cache" in proc.stdout and "40 JPEGs" in proc.stdout
+    assert len(list((tmp_path / "jpegs").glob("test/*/*.jpg"))) == 10  # every class in test/ (one image each here)
