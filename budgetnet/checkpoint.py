@@ -8,16 +8,14 @@ folder and renamed into place, so a crash never leaves a half-written ``best.pt`
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
 from budgetnet import __version__
-from budgetnet.config import ConfigError, RunConfig, Shape
-from budgetnet.data import DATASET_INFO
+from budgetnet.config import ConfigError, RunConfig
+from budgetnet.data import DatasetInfo, dataset_info
+from budgetnet.files import write_atomic
 
 FORMAT = "budgetnet-checkpoint"
 FORMAT_VERSION = 1
@@ -31,8 +29,10 @@ def save_checkpoint(path: str | os.PathLike, cfg: RunConfig, state_dict: dict, *
                     n_params: int, flops: int, classes: list[str], train_seconds: float,
                     precision: str, extra: dict | None = None) -> Path:
     """Write a checkpoint atomically (temp file + rename) and return its path. ``precision`` is what the
-    weights were trained in (fp32, bf16 or fp16 autocast); they are stored in fp32 either way."""
-    info = DATASET_INFO[cfg.data.dataset]
+    weights were trained in (fp32, bf16 or fp16 autocast); they are stored in fp32 either way. The input
+    shape and normalisation are the dataset's (``dataset_info``), so a folder dataset's own mean, std and
+    size travel with the model."""
+    info = dataset_info(cfg.data.dataset, cfg.data.image_size)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -51,24 +51,6 @@ def save_checkpoint(path: str | os.PathLike, cfg: RunConfig, state_dict: dict, *
         "extra": dict(extra or {}),
     }
     return write_atomic(path, lambda f: torch.save(payload, f))
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, sync it and rename it into place, so that
-    ``path`` holds either its old bytes or all of the new ones, never a part. Returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -93,13 +75,29 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
+def recorded_info(ckpt: dict) -> DatasetInfo:
+    """The data a loaded checkpoint was trained on, as the file recorded it: input shape, class count,
+    normalisation. What rebuilding and evaluating the model use, so a folder model needs no dataset to be
+    rebuilt. Raises CheckpointError for a record that does not hold together."""
+    try:
+        c, h, w = (int(v) for v in ckpt["input_shape"])
+        mean = tuple(float(v) for v in ckpt["normalization"]["mean"])
+        std = tuple(float(v) for v in ckpt["normalization"]["std"])
+        n_classes = len(ckpt["classes"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint has no valid input shape, normalization or classes ({e})") from None
+    if not (c >= 1 and h == w >= 1 and len(mean) == len(std) == c and all(s > 0 for s in std) and n_classes >= 1):
+        raise CheckpointError(f"checkpoint records an inconsistent input: shape {[c, h, w]}, {len(mean)} means, "
+                              f"{len(std)} stds, {n_classes} classes")
+    return DatasetInfo(str(ckpt.get("dataset", "")), c, n_classes, h, 0, 0, mean, std)
+
+
 def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild the model a loaded checkpoint describes and load its weights (strictly)."""
     from budgetnet.models import build_model
 
     cfg: RunConfig = ckpt["run_config"]
-    info = DATASET_INFO[cfg.data.dataset]
-    shape = Shape(info.channels, len(ckpt["classes"]) or info.num_classes, info.image_size)
+    shape = recorded_info(ckpt).shape
     state = ckpt.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError("checkpoint has no state dict")

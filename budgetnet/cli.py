@@ -7,6 +7,7 @@ Only this module resolves ``--device auto``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -61,14 +62,31 @@ def fraction(text: str) -> float:
 
 
 def dataset_name(text: str) -> str:
-    """The dataset as users type it: fashion_mnist, fashion-mnist, FashionMNIST, CIFAR-100, ..."""
-    from budgetnet.config import DATASETS
+    """The dataset as users type it: fashion_mnist, fashion-mnist, FashionMNIST, CIFAR-100, ..., or
+    folder:PATH (an image folder; PATH is made absolute, so the name means the same from any folder)."""
+    from budgetnet.config import DATASETS, FOLDER_PREFIX
 
+    if text.lower().startswith(FOLDER_PREFIX):
+        path = text[len(FOLDER_PREFIX):]
+        if not path.strip():
+            raise argparse.ArgumentTypeError("folder: needs a path, e.g. folder:~/photos")
+        return FOLDER_PREFIX + str(Path(path).expanduser().absolute())
     key = re.sub(r"[-_\s]", "", text.lower())
     for name in DATASETS:
         if name.replace("_", "") == key:
             return name
-    raise argparse.ArgumentTypeError(f"unknown dataset {text!r} (choose from {', '.join(DATASETS)})")
+    raise argparse.ArgumentTypeError(f"unknown dataset {text!r} (choose from {', '.join(DATASETS)}, "
+                                     f"or folder:PATH for a folder of class folders of images)")
+
+
+def image_size(text: str) -> int:
+    """--image-size: a side in pixels within config.IMAGE_SIZE_RANGE."""
+    from budgetnet.config import IMAGE_SIZE_RANGE
+
+    lo, hi = IMAGE_SIZE_RANGE
+    if not text.strip().isdigit() or not lo <= int(text) <= hi:
+        raise argparse.ArgumentTypeError(f"must be a whole number of pixels from {lo} to {hi}, got {text!r}")
+    return int(text)
 
 
 def _device(name: str):
@@ -134,7 +152,7 @@ def _check_storage(url: str) -> None:
 
 
 def cmd_search(args) -> int:
-    from budgetnet.config import ConfigError
+    from budgetnet.config import ConfigError, is_folder
     from budgetnet.search.report import Reporter
     from budgetnet.search.runner import SearchOptions, default_study_name, run_search
     from budgetnet.search.space import load_grid
@@ -149,12 +167,16 @@ def cmd_search(args) -> int:
             raise UserError(f"cannot read --grid {args.grid}: {e.strerror}") from None
         except ConfigError as e:
             raise UserError(f"bad --grid {args.grid}: {e}") from None
+    if args.image_size is not None and not is_folder(args.dataset):
+        raise UserError(f"--image-size applies to folder:PATH datasets only; {args.dataset} has its own size")
     _check_writable(args.out)
     _check_storage(args.storage)
-    study_name = args.study_name or default_study_name(args.dataset, args.max_params, args.hours)
+    named = args.dataset + (f"-{args.image_size}px" if args.image_size else "")  # another size: another study
+    study_name = args.study_name or default_study_name(named, args.max_params, args.hours)
     _check_not_someone_elses(args.out, study_name)
     opts = SearchOptions(
         max_params=args.max_params, budget_seconds=args.hours * 3600, dataset=args.dataset,
+        image_size=args.image_size,
         data_dir=args.data_dir, storage=args.storage, study_name=study_name, out=args.out,
         seed=args.seed, pruner=args.pruner, sampler=args.sampler, grid=grid,
         final_fraction=args.final_fraction, trial_seconds=args.trial_seconds,
@@ -171,8 +193,8 @@ def cmd_search(args) -> int:
 def cmd_train(args) -> int:
     from budgetnet.budget import check_memory, check_params, count_flops
     from budgetnet.checkpoint import save_checkpoint
-    from budgetnet.config import ConfigError, RunConfig
-    from budgetnet.data import DATASET_INFO, load_data
+    from budgetnet.config import ConfigError, RunConfig, is_folder
+    from budgetnet.data import dataset_info, load_data
     from budgetnet.train import COMPLETE, train_run
 
     if (args.seconds is None) == (args.epochs is None):
@@ -183,8 +205,15 @@ def cmd_train(args) -> int:
         raise UserError(f"cannot read --config {args.config}: {e.strerror}") from None
     except ConfigError as e:
         raise UserError(f"bad --config {args.config}: {e}") from None
+    if args.dataset is not None or args.image_size is not None:  # the flags override the config's data
+        dataset = args.dataset or cfg.data.dataset
+        size = args.image_size or (cfg.data.image_size if is_folder(dataset) else None)  # a folder's kept
+        try:
+            cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset=dataset, image_size=size))
+        except ConfigError as e:
+            raise UserError(f"--dataset/--image-size: {e}") from None
     _check_writable(args.out)
-    shape = DATASET_INFO[cfg.data.dataset].shape
+    shape = dataset_info(cfg.data.dataset, cfg.data.image_size).shape  # a folder is scanned (and cached) here
     if args.max_params:
         check_params(cfg.model, shape, args.max_params)
     device = _device(args.device)
@@ -215,7 +244,7 @@ def cmd_evaluate(args) -> int:
     from budgetnet.evaluate import evaluate_checkpoint, format_report, save_evaluation
 
     report = evaluate_checkpoint(args.checkpoint, args.data_dir, _device(args.device), plots=args.plots,
-                                 download=args.download, precision=args.precision)
+                                 download=args.download, precision=args.precision, dataset=args.dataset)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     try:  # kept for `budgetnet report`; the evaluation itself is already printed
         saved = save_evaluation(report)
@@ -228,7 +257,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from budgetnet.checkpoint import CheckpointError, write_atomic
+    from budgetnet.checkpoint import CheckpointError
+    from budgetnet.files import write_atomic
     from budgetnet.search.summary import (
         checkpoint_info,
         open_study,
@@ -272,6 +302,56 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_datasets(args) -> int:
+    """List the built-in datasets and where each is looked for, or describe one (a folder: its classes,
+    counts per split, image size and cache state). Reads only: nothing is decoded or written."""
+    from budgetnet.config import DATASETS, FOLDER_IMAGE_SIZE, is_folder
+    from budgetnet.data import DATASET_INFO, builtin_found, builtin_locations
+
+    if args.dataset is not None and is_folder(args.dataset):
+        from budgetnet.folder import describe
+
+        d = describe(args.dataset, args.image_size)
+        if args.json:
+            print(json.dumps(d, indent=2))
+            return 0
+        n = {split: sum(c) for split, c in d["counts"].items()}
+        print(f"{d['dataset']}  ({d['layout']} layout, {len(d['classes'])} classes, {n['train']:,} train and "
+              f"{n['test']:,} test images, at {d['image_size']} px)")
+        width = max(len(c) for c in d["classes"])
+        print(f"  {'class':<{width}}  {'train':>7}  {'test':>7}")
+        for c, tr, te in zip(d["classes"], d["counts"]["train"], d["counts"]["test"]):
+            print(f"  {c:<{width}}  {tr:>7,}  {te:>7,}")
+        cache = {"fresh": "up to date", "stale": "stale (the files changed; the next run rebuilds it)",
+                 "missing": "not built yet (the first run builds it)"}[d["cache"]]
+        print(f"  cache: {cache}" + (f", {d['cache_path']}" if d["cache_path"] else "")
+              + (f"; {d['channels']} channel(s), {d['skipped']} unreadable image(s) skipped"
+                 if d["cache"] == "fresh" else ""))
+        return 0
+    if args.image_size is not None:
+        raise UserError("--image-size describes a folder:PATH dataset only")
+    rows = []
+    for name in [args.dataset] if args.dataset else DATASETS:
+        info, where = DATASET_INFO[name], builtin_locations(name, args.data_dir)
+        found = builtin_found(name, args.data_dir)
+        rows.append({"dataset": name, "classes": info.num_classes, "channels": info.channels,
+                     "image_size": info.image_size, "train_images": info.train_size,
+                     "looked_for_in": [str(p) for p in where],
+                     "found": (str(found) if found else None) if where else "generated"})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['dataset']:<14} {r['classes']:>3} classes, {r['channels']}x{r['image_size']}x{r['image_size']}, "
+              f"{r['train_images']:,} training images: "
+              + ("generated in memory" if not r["looked_for_in"] else
+                 f"looked for in {', '.join(r['looked_for_in'])}: "
+                 + (f"found in {r['found']}" if r["found"] else "not found")))
+    print(f"folder:PATH    your own images: PATH/train/<class>/ and PATH/test/<class>/, or one PATH/<class>/ "
+          f"tree (a test split is kept out); resized to --image-size (default {FOLDER_IMAGE_SIZE} px)")
+    return 0
+
+
 def cmd_dashboard(args) -> int:
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
@@ -287,7 +367,7 @@ def cmd_dashboard(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from budgetnet.config import DATASETS
+    from budgetnet.config import DATASETS, FOLDER_IMAGE_SIZE
     from budgetnet.device import PRECISIONS
     from budgetnet.search.clock import MIN_SLICE_S, MIN_TRIALS, TRIALS_PER_SEARCH
 
@@ -312,7 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hours", type=positive_float, default=1.0,
                    help="wall-clock budget for the whole command (search + final training)")
     s.add_argument("--dataset", type=dataset_name, default="cifar100",
-                   help=f"{', '.join(DATASETS)} (fashion-mnist, FashionMNIST and the like are accepted)")
+                   help=f"{', '.join(DATASETS)} (fashion-mnist, FashionMNIST and the like are accepted), or "
+                   f"folder:PATH: class folders of images (PATH/train/<class>/ + PATH/test/<class>/, or "
+                   f"PATH/<class>/)")
+    s.add_argument("--image-size", type=image_size, default=None,
+                   help=f"folder:PATH datasets: the side images are resized to, in pixels (default "
+                   f"{FOLDER_IMAGE_SIZE}; e.g. 64 or 96)")
     data_flags(s)
     s.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL, or a journal file (*.log)")
     s.add_argument("--study-name", default=None, help="default: from the dataset and the caps")
@@ -343,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-params", type=parse_count, default=None, help="refuse a config over this cap")
     t.add_argument("--compile", action="store_true", help="train through torch.compile; the compilation is "
                    "paid out of --seconds (measure first: scripts/bench_precision.py --compile)")
+    t.add_argument("--dataset", type=dataset_name, default=None,
+                   help="train on this dataset instead of the config's (e.g. folder:PATH)")
+    t.add_argument("--image-size", type=image_size, default=None,
+                   help=f"folder:PATH datasets: the side images are resized to (default {FOLDER_IMAGE_SIZE})")
     data_flags(t)
     t.set_defaults(fn=cmd_train)
 
@@ -352,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     e.add_argument("--plots", default=None, help="write confusion.png (with per-class accuracy bars) and "
                    "predictions.png (a grid of test images, mistakes in red) into this folder")
+    e.add_argument("--dataset", type=dataset_name, default=None,
+                   help="a model trained on folder:PATH: read the test images from this folder:PATH instead")
     e.set_defaults(fn=cmd_evaluate)
 
     r = sub.add_parser("report", help="a study's trials table, plots and summary, in one offline HTML page")
@@ -365,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "it on stdout")
     r.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     r.set_defaults(fn=cmd_report)
+
+    ds = sub.add_parser("datasets", help="list the built-in datasets and where each is looked for, or "
+                        "describe one (folder:PATH: classes, counts per split, image size, cache state)")
+    ds.add_argument("dataset", nargs="?", type=dataset_name, default=None)
+    ds.add_argument("--image-size", type=image_size, default=None,
+                    help=f"folder:PATH: the cache size to report on (default {FOLDER_IMAGE_SIZE})")
+    ds.add_argument("--data-dir", default=None, help="where the built-in datasets are looked for (default ./data)")
+    ds.add_argument("--json", action="store_true")
+    ds.set_defaults(fn=cmd_datasets)
 
     d = sub.add_parser("dashboard", help="serve optuna-dashboard for the study storage")
     d.add_argument("--storage", default=DEFAULT_STORAGE)

@@ -229,22 +229,41 @@ class TrainConfig:
 
 
 DATASETS = ("cifar100", "cifar10", "fashion_mnist", "synthetic")
+FOLDER_PREFIX = "folder:"  # a dataset of one's own images: "folder:" + the absolute path of its root
+FOLDER_IMAGE_SIZE = 32  # default side (pixels) a folder dataset's images are resized to
+IMAGE_SIZE_RANGE = (8, 256)  # sides (pixels) a folder dataset may be resized to, both included
+
+
+def is_folder(dataset: str) -> bool:
+    """Whether ``dataset`` names an image folder (``folder:/abs/path``) rather than a built-in dataset."""
+    return dataset.startswith(FOLDER_PREFIX)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, how it is split, and the on-device augmentation applied to training batches."""
 
-    dataset: str = "cifar100"  # one of DATASETS
+    dataset: str = "cifar100"  # one of DATASETS, or "folder:" + an absolute path (an image folder)
     val_size: int | None = None  # images held out of the training split for validation; None = the
     # dataset's default (5,000 for CIFAR and Fashion-MNIST, 400 for synthetic)
     split_seed: int = 0  # seed of the train/validation split (shared by all trials, so they compare)
     crop_padding: int = 4  # random translate by up to this many pixels (zero padding); 0 = off
     flip: bool = True  # random horizontal flip
     cutout: int = 0  # side of a random zeroed square, in pixels; 0 = off
+    image_size: int | None = None  # folder datasets only: the side images are resized to, in pixels
+    # (None = FOLDER_IMAGE_SIZE); built-in datasets keep their own size
 
     def __post_init__(self) -> None:
-        _check_choice("dataset", self.dataset, DATASETS)
+        if is_folder(self.dataset):
+            if not self.dataset[len(FOLDER_PREFIX):].startswith("/"):
+                raise ConfigError(f"dataset={self.dataset!r}: a folder dataset is stored with its absolute path")
+            lo, hi = IMAGE_SIZE_RANGE
+            if self.image_size is not None and not lo <= self.image_size <= hi:
+                raise ConfigError(f"image_size must be between {lo} and {hi} pixels, got {self.image_size}")
+        else:
+            _check_choice("dataset", self.dataset, DATASETS)
+            if self.image_size is not None:
+                raise ConfigError(f"image_size applies to folder datasets only ({self.dataset} has its own size)")
         if (self.val_size is not None and self.val_size < 0) or self.crop_padding < 0 or self.cutout < 0:
             raise ConfigError("val_size, crop_padding and cutout must be >= 0")
 

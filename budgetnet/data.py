@@ -7,7 +7,9 @@ explicit generator, then cutout and normalisation, all on the device. No DataLoa
 per-sample Python run in the hot loop.
 
 On-disk formats are the standard ones: torchvision's ``cifar-100-python``/``cifar-10-batches-py`` folders
-and the raw Fashion-MNIST idx files (``.gz`` or not), including Debian's ``dataset-fashion-mnist``.
+and the raw Fashion-MNIST idx files (``.gz`` or not), including Debian's ``dataset-fashion-mnist``; and
+image folders in torchvision's ``ImageFolder`` layout (``folder:PATH``, decoded and cached by
+``budgetnet.folder``). ``dataset_info`` gives any of them's shape and normalisation.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from budgetnet.config import DataConfig, Shape
+from budgetnet.config import DataConfig, Shape, is_folder
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_DATA_DIR = Path("data")
@@ -61,6 +63,18 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 
 class DatasetNotFound(Exception):
     """The dataset's files are not where they should be (a user mistake: one clear line)."""
+
+
+def dataset_info(name: str, image_size: int | None = None) -> DatasetInfo:
+    """Shape and normalisation of a dataset: static for the built-in ones; for ``folder:PATH``, read from
+    its cache (scanned and decoded first when the cache is missing or stale), at ``image_size`` px."""
+    if is_folder(name):
+        from budgetnet.folder import folder_info
+
+        return folder_info(name, image_size)
+    if name not in DATASET_INFO:
+        raise DatasetNotFound(f"unknown dataset {name!r} (choose from {', '.join(DATASET_INFO)} or folder:PATH)")
+    return DATASET_INFO[name]
 
 
 @dataclass
@@ -192,9 +206,35 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def builtin_locations(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
+    """The folders a built-in dataset is looked for in, in order (none for synthetic: it is generated)."""
+    data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    if name in _CIFAR_LAYOUT:
+        return [data_dir / _CIFAR_LAYOUT[name][0]]
+    if name == "fashion_mnist":
+        return [data_dir / "FashionMNIST" / "raw", data_dir / "fashion-mnist", data_dir, DEBIAN_FASHION_MNIST]
+    return []
+
+
+def builtin_found(name: str, data_dir: str | os.PathLike | None) -> Path | None:
+    """The folder of ``builtin_locations`` that holds a built-in dataset's training files, or None."""
+    data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    if name in _CIFAR_LAYOUT:
+        folder, train_files, _, meta, *_ = _CIFAR_LAYOUT[name]
+        found = all((data_dir / folder / f).is_file() for f in [*train_files, meta])
+        return data_dir / folder if found else None
+    if name == "fashion_mnist":
+        try:
+            files = _fashion_files("train", data_dir)
+        except DatasetNotFound:  # half a split: not usable
+            return None
+        return files[0].parent if files else None
+    return None
+
+
 def _fashion_files(prefix: str, data_dir: Path) -> tuple[Path, Path] | None:
     """Images and labels of one split, from the first folder that holds both (never mixed folders)."""
-    for folder in (data_dir / "FashionMNIST" / "raw", data_dir / "fashion-mnist", data_dir, DEBIAN_FASHION_MNIST):
+    for folder in builtin_locations("fashion_mnist", data_dir):
         pair = []
         for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
             found = [folder / n for n in (stem, stem + ".gz") if (folder / n).exists()]
@@ -249,10 +289,16 @@ def _make_synthetic(train: bool):
     return images, labels.astype(np.int64), [f"class{i}" for i in range(info.num_classes)]
 
 
-def read_split(name: str, data_dir: str | os.PathLike | None, train: bool, download: bool = False):
-    """Read one official split as numpy arrays: (uint8 N x C x H x W, int64 N, class names)."""
+def read_split(name: str, data_dir: str | os.PathLike | None, train: bool, download: bool = False,
+               image_size: int | None = None):
+    """Read one official split as numpy arrays: (uint8 N x C x H x W, int64 N, class names). ``image_size``
+    is a folder dataset's side in pixels (built-in datasets have their own)."""
+    if is_folder(name):
+        from budgetnet.folder import read_folder_split
+
+        return read_folder_split(name, train, image_size)
     if name not in DATASET_INFO:
-        raise DatasetNotFound(f"unknown dataset {name!r} (choose from {', '.join(DATASET_INFO)})")
+        raise DatasetNotFound(f"unknown dataset {name!r} (choose from {', '.join(DATASET_INFO)} or folder:PATH)")
     data_dir = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
     if name in _CIFAR_LAYOUT:
         return _load_cifar(name, data_dir, train, download)
@@ -276,8 +322,9 @@ def load_data(cfg: DataConfig, data_dir=None, device: torch.device | str = "cpu"
     With ``merge_val`` the validation images are trained on too (the final phase) and ``val`` is None.
     The test split is never read here: only ``load_test`` (used by ``evaluate``) reads it.
     """
-    info = DATASET_INFO[cfg.dataset]
-    images, labels, classes = read_split(cfg.dataset, data_dir, train=True, download=download)
+    info = dataset_info(cfg.dataset, cfg.image_size)
+    images, labels, classes = read_split(cfg.dataset, data_dir, train=True, download=download,
+                                         image_size=cfg.image_size)
     n_val = info.default_val if cfg.val_size is None else cfg.val_size
     if not 0 <= n_val < len(labels):
         raise DatasetNotFound(f"val_size={n_val} must be smaller than the {len(labels)} training images")
@@ -291,9 +338,10 @@ def load_data(cfg: DataConfig, data_dir=None, device: torch.device | str = "cpu"
                       _to_device(images[val_idx], labels[val_idx], device))
 
 
-def load_test(name: str, data_dir=None, device: torch.device | str = "cpu", download: bool = False):
+def load_test(name: str, data_dir=None, device: torch.device | str = "cpu", download: bool = False,
+              image_size: int | None = None):
     """The official test split on ``device`` and the class names."""
-    images, labels, classes = read_split(name, data_dir, train=False, download=download)
+    images, labels, classes = read_split(name, data_dir, train=False, download=download, image_size=image_size)
     return _to_device(images, labels, torch.device(device)), classes
 
 

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from budgetnet.budget import count_flops, count_params
-from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, write_atomic
-from budgetnet.data import DATASET_INFO, load_test, normalizer
+from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, recorded_info
+from budgetnet.config import is_folder
+from budgetnet.data import load_test, normalizer
 from budgetnet.device import DTYPES, memory_format, resolve_precision
+from budgetnet.files import write_atomic
 
 GRID_IMAGES = 32  # test images in the prediction grid (4 rows of 8)
 GRID_SEED = 0  # the same images every time, so grids of two checkpoints compare image by image
@@ -84,20 +86,32 @@ def measure_latency(model: torch.nn.Module, shape: tuple[int, int, int], device:
 
 def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.device = "cpu", *,
                         plots: str | Path | None = None, latency_repeats: int = 20,
-                        download: bool = False, precision: str = "auto") -> dict:
+                        download: bool = False, precision: str = "auto", dataset: str | None = None) -> dict:
     """Evaluate a checkpoint on its dataset's test split. Raises CheckpointError for a bad file.
 
+    The model's input shape and normalisation are the ones the file recorded. ``dataset`` points a model
+    trained on an image folder at that folder elsewhere (``folder:PATH``); by default the checkpoint's own.
     Accuracy and latency are measured in ``precision`` ("auto": the device's best, as for training), with
     the weights cast once; the report says which, and what the checkpoint was trained in."""
     device = torch.device(device)
     ckpt = load_checkpoint(path)
     cfg = ckpt["run_config"]
-    info = DATASET_INFO[cfg.data.dataset]
+    info = recorded_info(ckpt)
+    name = cfg.data.dataset
+    if dataset is not None and dataset != name:
+        if not (is_folder(dataset) and is_folder(name)):
+            raise CheckpointError(f"{path} was trained on {name}, not {dataset}; only a folder dataset may be "
+                                  f"pointed elsewhere (--dataset folder:PATH)")
+        name = dataset
     precision = resolve_precision(device, precision)
     model = inference_model(model_from_checkpoint(ckpt, device).to(memory_format=memory_format(device)), precision)
-    test, classes = load_test(cfg.data.dataset, data_dir, device, download=download)
+    test, classes = load_test(name, data_dir, device, download=download,
+                              image_size=info.image_size if is_folder(name) else None)
     if list(classes) != list(ckpt["classes"]):
         raise CheckpointError(f"{path}: the test data's classes differ from the checkpoint's")
+    if tuple(test.images.shape[1:]) != (info.channels, info.image_size, info.image_size):
+        raise CheckpointError(f"{path}: the test images are {list(test.images.shape[1:])}, the checkpoint's "
+                              f"input is {[info.channels, info.image_size, info.image_size]}")
     normalize = normalizer(info, device, memory_format(device))
     m = test_metrics(model, test.images, test.labels, normalize, device, len(classes))
     confusion = m.pop("confusion")
@@ -108,7 +122,7 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
     n_params = count_params(cfg.model, info.shape)
     report = {
         "checkpoint": str(path),
-        "dataset": cfg.data.dataset,
+        "dataset": name,
         "test_images": len(test),
         **m,
         "n_params": n_params,

@@ -62,6 +62,7 @@ class SearchOptions:
     max_params: float
     budget_seconds: float
     dataset: str = "cifar100"
+    image_size: int | None = None  # folder datasets: the side images are resized to (None: 32 px)
     data_dir: str | None = None
     storage: str = "sqlite:///studies/budgetnet.db"
     study_name: str | None = None
@@ -172,7 +173,7 @@ class Objective:
         self.search_end, self.slice_s, self.precision = search_end, slice_s, precision
         self.interrupt, self.reporter, self.study = interrupt, reporter, study
         self.shape = data.info.shape
-        self.base_data = DataConfig(dataset=opts.dataset)
+        self.base_data = DataConfig(dataset=opts.dataset, image_size=opts.image_size)
 
     def __call__(self, trial: optuna.Trial) -> float:
         row = {"number": trial.number, "family": None, "n_params": None, "flops": None, "progress": None,
@@ -201,7 +202,7 @@ class Objective:
         opts = self.opts
         if opts.grid is not None:
             cfg = suggest_grid_config(trial, *opts.grid, seed=opts.seed + trial.number)
-            cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset=opts.dataset))
+            cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset=opts.dataset, image_size=opts.image_size))
         else:
             cfg = suggest_config(trial, self.shape, opts.max_params, self.base_data, seed=opts.seed + trial.number,
                                  max_flops=self.max_flops)
@@ -354,7 +355,8 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
 
     _check_same_study(opts.storage, study_name, opts)
     # Load the data before touching storage: a missing dataset leaves no empty study behind.
-    data = load_data(DataConfig(dataset=opts.dataset), opts.data_dir, opts.device, download=opts.download)
+    data = load_data(DataConfig(dataset=opts.dataset, image_size=opts.image_size), opts.data_dir, opts.device,
+                     download=opts.download)
     train_images, final_images = len(data.train), len(data.train) + (len(data.val) if data.val else 0)
     storage = make_storage(opts.storage)
     sampler = make_sampler(opts.sampler, opts.seed, opts.grid[1] if opts.grid else None)

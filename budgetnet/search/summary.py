@@ -31,9 +31,10 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from budgetnet.checkpoint import CheckpointError, load_checkpoint, write_atomic
+from budgetnet.checkpoint import CheckpointError, load_checkpoint
 from budgetnet.config import ConfigError
 from budgetnet.evaluate import evaluation_path, file_sha256
+from budgetnet.files import write_atomic
 from budgetnet.search.runner import REPORT_STEPS, make_storage
 
 # trials_dataframe() column -> the report's column. Trials written by another budgetnet version may lack
