@@ -160,7 +160,7 @@ def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.de
 def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, seconds: float | None = None,
               epochs: float | None = None, hook: Hook | None = None,
               stop: Callable[[], bool] | None = None, min_epochs: float | None = None,
-              precision: str = "auto") -> RunResult:
+              precision: str = "auto", init_state: dict | None = None) -> RunResult:
     """Train ``cfg`` on ``data.train`` for ``seconds`` of wall time or ``epochs`` epochs.
 
     ``hook(progress, metrics)`` is called at each evaluation mark; returning True stops the run.
@@ -171,6 +171,8 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     the first evaluation is due before a second step. A model that cannot see its data in the time it has
     is not worth evaluating, nor the rest of its slice.
     ``precision`` is "auto" (the device's best, ``budgetnet.device.resolve_precision``), fp32, bf16 or fp16.
+    ``init_state``: start from these weights (a state dict of the model ``cfg`` builds) instead of a fresh
+    initialisation, as fine-tuning a pruned model does.
     Divergence and out-of-memory end the run with a typed status instead of an exception.
     """
     if (seconds is None) == (epochs is None):
@@ -186,7 +188,7 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     except BudgetExceeded as e:
         return RunResult(OOM, reason=f"out of memory: {e}")
     try:
-        return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs, precision)
+        return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs, precision, init_state)
     except torch.OutOfMemoryError as e:
         reason = str(e).splitlines()[0]
     except RuntimeError as e:  # the CPU allocator reports exhaustion as a plain RuntimeError
@@ -202,7 +204,7 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
 
 def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: float | None,
            epochs: float | None, hook: Hook | None, stop: Callable[[], bool] | None,
-           min_epochs: float | None, precision: str) -> RunResult:
+           min_epochs: float | None, precision: str, init_state: dict | None = None) -> RunResult:
     t0 = time.perf_counter()  # the slice covers setup too (the first optimizer build in a process takes ~2 s)
     tc = cfg.train
     prepare(device)
@@ -210,6 +212,8 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
     fmt = memory_format(device)
     model = build_model(cfg.model, data.info.shape).to(device, memory_format=fmt)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     ema = EMA(model, tc.ema) if tc.ema else None
     opt = make_optimizer(model, tc)
     scaler = grad_scaler(device, precision)
