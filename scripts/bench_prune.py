@@ -2,6 +2,7 @@
 before pruning, after pruning and after fine-tuning, for a search's best model and the reference net.
 
     python scripts/bench_prune.py [--search-model runs/fmnist10_best.pt] [--amount 0.3] [--seconds 60]
+                                  [--keep-reference]
 
 The reference net is the one the reference report pruned: conv 3x3x8 -> conv 3x3x32 -> fc 50 -> fc 10
 (2x2 max pool after each conv, no BN), trained here with ``budgetnet train --epochs 20``. Every step runs
@@ -54,12 +55,15 @@ def main() -> None:
     p.add_argument("--seconds", default="60")
     p.add_argument("--epochs", default="20", help="training epochs of the reference net")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--keep-reference", action="store_true",
+                   help="use the reference net an earlier run left in --out-dir instead of training it again")
     args = p.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "reference.json").write_text(REFERENCE.to_json())
-    budgetnet("train", "--config", str(out / "reference.json"), "--epochs", args.epochs, "--out",
-              str(out / "reference.pt"), "--device", args.device)
+    if not (args.keep_reference and (out / "reference.pt").exists()):
+        (out / "reference.json").write_text(REFERENCE.to_json())
+        budgetnet("train", "--config", str(out / "reference.json"), "--epochs", args.epochs, "--out",
+                  str(out / "reference.pt"), "--device", args.device)
     sections = []
     for name, model in (("search's best model", args.search_model), ("reference net", str(out / "reference.pt"))):
         pruned = out / f"{Path(model).stem}_pruned.pt"
