@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import statistics
 import time
 from pathlib import Path
 
@@ -118,16 +119,30 @@ def amount_for_params(model: nn.Module, cfg: ModelConfig, shape: Shape, max_para
     return hi / 100
 
 
-def measure(model: nn.Module, cfg: RunConfig, test, device: torch.device, precision: str, repeats: int = 50) -> dict:
-    """Params, FLOPs/image, latency at batch 1 (median ms) and test top-1 of a model, with evaluate's
-    own functions, in ``precision`` (weights cast once, on a copy)."""
+def _inference(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    return inference_model(copy.deepcopy(model).to(device, memory_format=memory_format(device)).eval(), precision)
+
+
+def measure(model: nn.Module, cfg: RunConfig, test, device: torch.device, precision: str) -> dict:
+    """Params, FLOPs/image and test top-1 of a model, with evaluate's own functions, in ``precision``
+    (weights cast once, on a copy)."""
     info = DATASET_INFO[cfg.data.dataset]
-    fmt = memory_format(device)
-    model = inference_model(copy.deepcopy(model).to(device, memory_format=fmt).eval(), precision)
-    m = test_metrics(model, test.images, test.labels, normalizer(info, device, fmt), device, info.num_classes)
-    latency = measure_latency(model, (info.channels, info.image_size, info.image_size), device, 1, repeats=repeats)
+    m = test_metrics(_inference(model, device, precision), test.images, test.labels,
+                     normalizer(info, device, memory_format(device)), device, info.num_classes)
     return {"params": count_params(cfg.model, info.shape), "flops": count_flops(cfg.model, info.shape),
-            "latency_ms": latency["latency_ms"], "top1": m["top1"]}
+            "top1": m["top1"]}
+
+
+def latencies(models: list[nn.Module], shape: Shape, device: torch.device, precision: str, rounds: int = 5,
+              repeats: int = 20) -> list[float]:
+    """Median latency (ms) at batch 1 of each model, with evaluate's ``measure_latency``. The models take
+    turns, ``rounds`` times, so that a load that comes and goes on a shared machine falls on all of them
+    alike rather than on whichever happened to be measured then."""
+    models = [_inference(m, device, precision) for m in models]
+    size = (shape.channels, shape.image_size, shape.image_size)
+    times = [[measure_latency(m, size, device, 1, repeats=repeats)["latency_ms"] for m in models]
+             for _ in range(rounds)]
+    return [statistics.median(column) for column in zip(*times)]
 
 
 def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None = None,
@@ -165,6 +180,7 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None 
     report = {"checkpoint": str(path), "out": str(out), "amount": amount, "prune_seconds": prune_s,
               "device": str(device), "precision": precision,
               "before": measure(model, cfg, test, device, precision)}
+    stages = {"before": model, "pruned": pruned}
     log(f"pruned {amount:.1%} of each prunable layer's filters in {prune_s:.1f} s")
     report["pruned"] = measure(pruned, pruned_cfg, test, device, precision)
     state = {k: v.detach().clone().contiguous() for k, v in pruned.state_dict().items()}
@@ -190,7 +206,10 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None 
                     extra={"phase": "prune", "pruned_from": str(path), "amount": amount,
                            "finetune_seconds": trained_s})
     rebuilt = model_from_checkpoint(load_checkpoint(out))  # the numbers after are the file's own
-    report["finetuned" if seconds > 0 else "written"] = measure(rebuilt, pruned_cfg, test, device, precision)
+    last = "finetuned" if seconds > 0 else "written"
+    report[last], stages[last] = measure(rebuilt, pruned_cfg, test, device, precision), rebuilt
+    for key, ms in zip(stages, latencies(list(stages.values()), info.shape, device, precision)):
+        report[key]["latency_ms"] = ms
     return report
 
 
