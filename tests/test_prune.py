@@ -194,6 +194,13 @@ def test_a_file_prune_cannot_handle_is_one_line_exit_2(checkpoints, tmp_path, ca
     assert main(["prune", str(junk), "--amount", "0.3", "--out", str(out), "--device", "cpu"]) == 2
     assert "not a readable budgetnet checkpoint" in capsys.readouterr().err
     assert not out.exists()
+    raw = torch.load(checkpoints["mobilenet"], weights_only=True)
+    bad = raw["config"].replace('"conv_widths": null', '"conv_widths": [4, 4]')  # a hand-edited file
+    assert bad != raw["config"]
+    torch.save({**raw, "config": bad}, junk)
+    assert main(["prune", str(junk), "--amount", "0.3", "--out", str(out), "--device", "cpu"]) == 2
+    assert "checkpoint config is invalid (conv_widths has 2 entries" in capsys.readouterr().err
+    assert not out.exists()
     original = checkpoints["plain"].read_bytes()
     assert main(["prune", str(checkpoints["plain"]), "--amount", "0.3", "--out", str(checkpoints["plain"]),
                  "--device", "cpu"]) == 2
