@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("prune", help="L1-norm filter pruning of a checkpoint, then fine-tuning for --seconds")
     r.add_argument("checkpoint")
     amount = r.add_mutually_exclusive_group(required=True)
-    amount.add_argument("--amount", type=lambda t: _number(t, lambda v: 0 < v < 1, "between 0 and 1 (both excluded)"),
+    amount.add_argument("--amount", type=lambda t: _number(t, lambda v: 0 < v < 1, "between 0 and 1, both excluded"),
                         help="share of each prunable layer's filters to remove, smallest L1 norm first (e.g. 0.3)")
     amount.add_argument("--max-params", type=parse_count, default=None,
                         help="remove the smallest share of filters that brings the model within this many "

@@ -69,10 +69,11 @@ def prune_model(model: nn.Module, cfg: ModelConfig, shape: Shape, amount: float)
     # torch-pruning leaves a group whole rather than remove all its filters (int(c * (1 - amount)) = 0):
     # a ratio just short of (c - 1) / c for narrow layers keeps one filter, so more amount never means more
     # parameters (what ``amount_for_params`` relies on).
-    ratios = {m: min(amount, (c - 1 - 1e-6) / c) for m in _layers(model, (nn.Conv2d, nn.Linear)) if m is not head
-              for c in [m.weight.shape[0]]}
+    ratios = {m: max(0.0, min(amount, (m.weight.shape[0] - 1 - 1e-6) / m.weight.shape[0]))
+              for m in _layers(model, (nn.Conv2d, nn.Linear)) if m is not head}
     pruner = tp.pruner.BasePruner(
-        model, example, importance=tp.importance.MagnitudeImportance(p=1, normalizer=None, group_reduction="first"),
+        model, example,
+        importance=tp.importance.MagnitudeImportance(p=1, normalizer=None, group_reduction="first"),
         pruning_ratio=amount, pruning_ratio_dict=ratios, ignored_layers=[head])
     for group in pruner.step(interactive=True):
         if not _through_pad(group):

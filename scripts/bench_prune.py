@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--seconds", default="60")
     p.add_argument("--epochs", default="20", help="training epochs of the reference net")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", default="1", help="OpenMP threads of the prune commands (the module docstring says why)")
+    p.add_argument("--threads", default="1", help="OpenMP threads of the prune commands (see the docstring)")
     p.add_argument("--keep-reference", action="store_true",
                    help="use the reference net an earlier run left in --out-dir instead of training it again")
     args = p.parse_args()

@@ -168,8 +168,9 @@ def test_prune_command_fine_tunes_writes_a_checkpoint_evaluate_reads(checkpoints
     pruned, pruned_cfg = prune_model(model_from_checkpoint(before), before["run_config"].model, SHAPE, 0.3)
     assert load_checkpoint(out)["run_config"].model == pruned_cfg
     tuned = model_from_checkpoint(load_checkpoint(out)).state_dict()
-    assert tuned["0.weight"].shape == pruned.state_dict()["0.weight"].shape != before["state_dict"]["0.weight"].shape
-    assert not torch.allclose(tuned["0.weight"], pruned.state_dict()["0.weight"])
+    first = pruned.state_dict()["0.weight"]
+    assert tuned["0.weight"].shape == first.shape != before["state_dict"]["0.weight"].shape
+    assert not torch.allclose(tuned["0.weight"], first)
 
 
 @pytest.mark.parametrize("args, says", [
@@ -181,7 +182,8 @@ def test_prune_command_fine_tunes_writes_a_checkpoint_evaluate_reads(checkpoints
 def test_bad_prune_input_is_one_line_exit_2_and_leaves_out_alone(args, says, checkpoints, tmp_path, capsys):
     out = tmp_path / "out.pt"
     out.write_bytes(b"something already here")
-    code = main(["prune", str(checkpoints["plain"]), *args, "--seconds", "0", "--out", str(out), "--device", "cpu"])
+    code = main(["prune", str(checkpoints["plain"]), *args, "--seconds", "0", "--out", str(out),
+                 "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("budgetnet: error:") and says in err[0], err
     assert out.read_bytes() == b"something already here"
