@@ -11,6 +11,7 @@ The count of ``depths=(d1, d2, d3)`` is then the count of the all-ones net plus,
 times what a second block adds there: one meta build of the all-ones net and one per stage deeper than
 1, each exact, used wherever they hold fewer blocks than the net itself. A plain net with equal widths
 and a constant kernel is counted the same way over ``convs_per_block``.
+A net with per-conv widths (``conv_widths``, what ``budgetnet prune`` writes) is built whole.
 ``tests/test_models.py`` checks it against real builds.
 """
 
@@ -68,7 +69,10 @@ def _repeats(cfg: ModelConfig):
     """(depths, rebuild) for a config made of repeated identical layers, else None.
 
     Staged families repeat blocks per stage (``depths``). A plain net with equal widths and a constant
-    kernel repeats identical convs within each of its blocks (``convs_per_block``)."""
+    kernel repeats identical convs within each of its blocks (``convs_per_block``). A net with its own
+    ``conv_widths`` (a pruned one) repeats nothing: its blocks differ, and the list fits one depth only."""
+    if cfg.conv_widths is not None:
+        return None
     if getattr(cfg, "depths", None):
         return cfg.depths, lambda d: dataclasses.replace(cfg, depths=d)
     if isinstance(cfg, PlainConfig) and cfg.width_pattern == "equal" and cfg.kernel_pattern == "constant":

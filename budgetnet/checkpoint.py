@@ -113,6 +113,8 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tor
         with torch.device("meta"):
             model = build_model(cfg.model, shape)
         model.load_state_dict(state, strict=True, assign=True)
+    except ConfigError as e:  # per-conv widths (conv_widths) that do not fit the net they describe
+        raise CheckpointError(f"checkpoint config is invalid ({e})") from None
     except (RuntimeError, KeyError) as e:
         raise CheckpointError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

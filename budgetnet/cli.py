@@ -352,6 +352,23 @@ def cmd_datasets(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from budgetnet.prune import PruneError, format_prune_report, prune_checkpoint
+
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise UserError(f"--out {args.out} is the checkpoint being pruned; choose another path")
+    _check_writable(args.out)
+    try:
+        report = prune_checkpoint(args.checkpoint, args.out, amount=args.amount, max_params=args.max_params,
+                                  seconds=args.seconds, data_dir=args.data_dir, device=_device(args.device),
+                                  precision=args.precision, download=args.download,
+                                  log=(lambda line: None) if args.json else print)
+    except PruneError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(report, indent=2) if args.json else format_prune_report(report))
+    return 0
+
+
 def cmd_dashboard(args) -> int:
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
@@ -465,6 +482,22 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--data-dir", default=None, help="where the built-in datasets are looked for (default ./data)")
     ds.add_argument("--json", action="store_true")
     ds.set_defaults(fn=cmd_datasets)
+
+    pr = sub.add_parser("prune", help="L1-norm filter pruning of a checkpoint, then fine-tuning for --seconds")
+    pr.add_argument("checkpoint")
+    amount = pr.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--amount", type=lambda t: _number(t, lambda v: 0 < v < 1, "between 0 and 1, both excluded"),
+                        help="share of each prunable layer's filters to remove, smallest L1 norm first (e.g. 0.3)")
+    amount.add_argument("--max-params", type=parse_count, default=None,
+                        help="remove the smallest share of filters that brings the model within this many "
+                        "parameters")
+    pr.add_argument("--seconds", type=lambda t: _number(t, lambda v: v >= 0, "a number >= 0"), default=60.0,
+                   help="fine-tuning time with the time-aware schedule, at a tenth of the checkpoint's lr "
+                   "(default 60; 0 = none)")
+    pr.add_argument("--out", required=True, help="where the pruned checkpoint goes (never the input)")
+    data_flags(pr)
+    pr.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    pr.set_defaults(fn=cmd_prune)
 
     d = sub.add_parser("dashboard", help="serve optuna-dashboard for the study storage")
     d.add_argument("--storage", default=DEFAULT_STORAGE)

@@ -50,12 +50,19 @@ class ModelConfig:
     activation: str = "relu"  # one of ACTIVATIONS
     init: str = "default"  # weight initialiser, one of INITS ("default" = PyTorch's own)
     dropout: float = 0.0  # dropout probability before the classifier
+    # Output channels of every conv, in the order the model holds them (``model.modules()``); None = the
+    # family's own widths. A pruned net has widths no pattern describes: ``budgetnet prune`` writes them
+    # here and the builder honours them (``models.layers.ConvWidths``). Residual connections stay where
+    # the family's own fields put them.
+    conv_widths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("init", self.init, INITS)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.conv_widths is not None:
+            _check_positive("conv_widths", self.conv_widths)
 
     def min_layers(self) -> int:
         """A lower bound on the weight layers (convs and linears) the config builds, from its numbers
@@ -126,12 +133,16 @@ class PlainConfig(ModelConfig):
             raise ConfigError("n_conv must be a multiple of convs_per_block")
         if self.hidden:
             _check_positive("hidden", self.hidden)
+        if self.conv_widths is not None and len(self.conv_widths) != self.n_conv:
+            raise ConfigError(f"conv_widths has {len(self.conv_widths)} entries for {self.n_conv} conv layers")
 
     def min_layers(self) -> int:
         return self.n_conv + len(self.hidden) + 1
 
     def layer_widths(self) -> tuple[int, ...]:
-        """Output channels of every conv layer, from ``width`` and ``width_pattern``."""
+        """Output channels of every conv layer, from ``width`` and ``width_pattern`` (or ``conv_widths``)."""
+        if self.conv_widths is not None:
+            return self.conv_widths
         if self.width_pattern == "doubling":
             return tuple(self.width * 2**i for i in range(self.n_conv))
         if self.width_pattern == "halving":

@@ -179,7 +179,8 @@ def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.de
 def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, seconds: float | None = None,
               epochs: float | None = None, hook: Hook | None = None,
               stop: Callable[[], bool] | None = None, min_epochs: float | None = None,
-              precision: str = "auto", teacher: nn.Module | None = None, compile: bool = False) -> RunResult:
+              precision: str = "auto", teacher: nn.Module | None = None, compile: bool = False,
+              init_state: dict | None = None) -> RunResult:
     """Train ``cfg`` on ``data.train`` for ``seconds`` of wall time or ``epochs`` epochs.
 
     ``hook(progress, metrics)`` is called at each evaluation mark; returning True stops the run.
@@ -196,6 +197,8 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     ``compile``: train through ``torch.compile(model)``. Compilation happens in step 1, inside the run's
     time (a time slice pays for it, and ``first_step_s`` says what it cost); the rate is measured after
     it. Evaluation runs the same weights uncompiled, so train/eval mode and batch shapes never recompile.
+    ``init_state``: start from these weights (a state dict of the model ``cfg`` builds) instead of a fresh
+    initialisation, as fine-tuning a pruned model does.
     Divergence and out-of-memory end the run with a typed status instead of an exception.
     """
     if (seconds is None) == (epochs is None):
@@ -213,7 +216,8 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     except BudgetExceeded as e:
         return RunResult(OOM, reason=f"out of memory: {e}")
     try:
-        return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs, precision, teacher, compile)
+        return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs, precision, teacher, compile,
+                      init_state)
     except torch.OutOfMemoryError as e:
         reason = str(e).splitlines()[0]
     except RuntimeError as e:  # the CPU allocator reports exhaustion as a plain RuntimeError
@@ -229,7 +233,8 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
 
 def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: float | None,
            epochs: float | None, hook: Hook | None, stop: Callable[[], bool] | None,
-           min_epochs: float | None, precision: str, teacher: nn.Module | None, compile: bool) -> RunResult:
+           min_epochs: float | None, precision: str, teacher: nn.Module | None, compile: bool,
+           init_state: dict | None) -> RunResult:
     t0 = time.perf_counter()  # the slice covers setup too (the first optimizer build in a process takes ~2 s)
     tc = cfg.train
     prepare(device)
@@ -237,6 +242,8 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
     fmt = memory_format(device)
     model = build_model(cfg.model, data.info.shape).to(device, memory_format=fmt)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     step_model = torch.compile(model) if compile else model  # shares model's parameters
     ema = EMA(model, tc.ema) if tc.ema else None
     if teacher is not None:

@@ -109,6 +109,22 @@ def test_meta_count_matches_real_model_and_forward_works(family, data, shape):
         assert model(x).shape == (2, shape.num_classes)
 
 
+@pytest.mark.parametrize("family", families())
+@settings(max_examples=10, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), shape=shapes)
+def test_conv_widths_listing_a_nets_own_widths_build_the_same_net(family, data, shape):
+    """``conv_widths`` is read in the order the model holds its convs: the list of a net's own widths
+    builds the same net (every tensor's shape), and the guard counts it the same."""
+    cfg = data.draw(CONFIG_STRATEGIES[family], label="config")
+    with torch.device("meta"):
+        own = build_model(cfg, shape)
+        listed_cfg = dataclasses.replace(cfg, conv_widths=tuple(m.out_channels for m in own.modules()
+                                                                if isinstance(m, nn.Conv2d)))
+        listed = build_model(listed_cfg, shape)
+    assert {k: v.shape for k, v in listed.state_dict().items()} == {k: v.shape for k, v in own.state_dict().items()}
+    assert count_params(listed_cfg, shape) == count_params(cfg, shape)
+
+
 @pytest.mark.parametrize("family", ["resnet", "mobilenet", "plain"])
 @settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), shape=shapes)

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from budgetnet.config import ConfigError
+
 ACTIVATION_LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "relu": lambda c: nn.ReLU(inplace=True),
     "leaky_relu": lambda c: nn.LeakyReLU(0.1, inplace=True),
@@ -54,3 +56,32 @@ def init_weights(model: nn.Module, name: str) -> None:
         elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.weight is not None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class ConvWidths:
+    """Hands a builder the output width of each conv it makes, in the order the model holds them.
+
+    Without a list (``ModelConfig.conv_widths`` is None) every conv gets the family's own width. With one
+    (a pruned net) each conv takes the next entry; a conv whose width follows its input (depthwise, a
+    shortcut projection) must find that width there. ``finish`` checks that the list is used up, so a list
+    that does not fit the net is one clear error, not a silently different model.
+    """
+
+    def __init__(self, widths: tuple[int, ...] | None):
+        self.widths, self.used = widths, 0
+
+    def __call__(self, default: int, *, fixed: bool = False) -> int:
+        if self.widths is None:
+            return default
+        if self.used >= len(self.widths):
+            raise ConfigError(f"conv_widths has {len(self.widths)} entries; the net has more convs")
+        width = self.widths[self.used]
+        if fixed and width != default:
+            raise ConfigError(f"conv_widths[{self.used}] is {width}, but that conv's width follows its input: "
+                              f"{default}")
+        self.used += 1
+        return width
+
+    def finish(self) -> None:
+        if self.widths is not None and self.used != len(self.widths):
+            raise ConfigError(f"conv_widths has {len(self.widths)} entries; the net has {self.used} convs")
