@@ -104,6 +104,10 @@ class EMA:
     One foreach lerp per step over tensors paired once at the start (the optimizer and BN update the
     model's tensors in place), and a host-side update count: unlike ``torch.optim.swa_utils.AveragedModel``,
     whose update tests a device counter, it never waits for the device.
+
+    The decay warms up: after n updates it is ``min(decay, (1 + n) / (10 + n))`` (TensorFlow's
+    ``ExponentialMovingAverage`` with ``num_updates``). Without that, a 0.999 average over a slice of a few
+    hundred steps stays close to the initial weights, and the trial that uses it is scored near chance.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -119,7 +123,8 @@ class EMA:
         if self.updates == 0:
             torch._foreach_copy_(averaged, current)
         else:
-            torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
+            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+            torch._foreach_lerp_(averaged, current, 1.0 - decay)
         if self._other:
             torch._foreach_copy_([a for a, _ in self._other], [m for _, m in self._other])
         self.updates += 1

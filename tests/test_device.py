@@ -177,8 +177,9 @@ def test_ema_averages_weights_and_buffers_without_a_host_sync():
     for name, value in ema.module.state_dict().items():
         if value.is_floating_point():
             expected = history[0][name]
-            for h in history[1:]:
-                expected = 0.9 * expected + 0.1 * h[name]
+            for n, h in enumerate(history[1:], start=1):  # the decay warms up: min(0.9, (1 + n) / (10 + n))
+                d = min(0.9, (1 + n) / (10 + n))
+                expected = d * expected + (1 - d) * h[name]
             torch.testing.assert_close(value, expected)
         else:  # integer counters follow the model
             assert torch.equal(value, history[-1][name])

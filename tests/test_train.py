@@ -137,8 +137,9 @@ def test_two_epochs(synthetic_data):
     assert r.status == COMPLETE and r.steps == 2 * (2000 // 256)
 
 
-def test_learns_the_synthetic_task(synthetic_data):
-    r = train_run(run_cfg(), synthetic_data, device="cpu", epochs=2)
+@pytest.mark.parametrize("ema", [0.0, 0.999], ids=["plain", "ema-0.999"])  # a slow EMA over 14 steps too
+def test_learns_the_synthetic_task(synthetic_data, ema):
+    r = train_run(run_cfg(ema=ema), synthetic_data, device="cpu", epochs=2)
     assert r.status == COMPLETE
     assert r.metrics["val_acc"] > 0.6  # chance is 0.1
     assert r.history[-1]["val_loss"] < r.history[0]["val_loss"]
