@@ -57,7 +57,7 @@ from budgetnet.search.final import (
 from budgetnet.search.report import Reporter
 from budgetnet.search.space import WARM_START, suggest_config, suggest_grid_config
 from budgetnet.search.trial import MIN_EPOCHS_PER_TRIAL, REPORT_STEPS, run_trial
-from budgetnet.search.workers import Lease, Workers, fail_orphans, new_session, split_resources
+from budgetnet.search.workers import Lease, Workers, fail_orphans, new_session, split_resources, wait_ready
 from budgetnet.train import COMPLETE, STOPPED, train_run
 
 
@@ -387,8 +387,11 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
     with Interrupt() as interrupt:
         searching = phase == "search" and fits(probe_s)
         max_flops = images_per_s = None
+        workers = None
         if searching:
             split_resources(opts.device, opts.workers)  # before the probe: it measures one worker's share
+            if opts.workers > 1:  # they start up (imports, their data) while this process probes
+                interrupt.forward = workers = Workers(opts, study_name, opts.workers, session, reporter.mode)
         if searching and sample:  # the speed probe only matters when trials will be sampled
             images_per_s = probe_speed(data, opts.device, probe_s, precision=precision,
                                        stop=lambda: interrupt.event.is_set() or clock.tick())
@@ -396,9 +399,9 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
                 max_flops = feasible_flops(images_per_s, data.info.shape, train_images, slice_s)
             study.set_user_attr("probe_images_per_s", images_per_s or 0.0)
             study.set_user_attr("time_feasible_flops", max_flops or 0.0)
+        study.set_user_attr("ready", session)  # the workers wait for the probe's numbers
         lease = Lease(study._storage)
         lease.start()
-        workers = None
         if searching and fits() and not interrupt.event.is_set():  # re-checked after the probe
             reporter.message(f"study {study_name!r}: {opts.sampler} sampler, {opts.pruner} pruner, "
                              f"{slice_s:.0f} s per trial, final training {opts.final_fraction:.0%} of the budget, "
@@ -408,8 +411,6 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
                                 f"{max_flops / 1e6:,.0f} MFLOPs/image (time-feasible on this device)"
                                 if max_flops else "")
                              + (f", {opts.workers} workers" if opts.workers > 1 else ""))
-            if opts.workers > 1:
-                interrupt.forward = workers = Workers(opts, study_name, opts.workers, session, reporter.mode)
 
         def before_trial() -> None:
             if workers is not None:
@@ -489,29 +490,31 @@ def run_worker(opts: SearchOptions, study_name: str, index: int, n: int, leader:
     search until no full slice fits, its leader is gone, or a stop. It never runs the final phase."""
     _quiet_optuna()
     split_resources(opts.device, n)
-    study = _open_study(opts, study_name, opts.seed + index)
-    attrs = study.user_attrs
-    if attrs.get("session") != session:  # a newer command owns the study now
-        return 0
-    clock = Clock.from_anchor(opts.budget_seconds, attrs["session_used_before"], attrs["session_started_at"],
-                              study, save_every=clamp(CLOCK_SAVE_SHARE * opts.budget_seconds, CLOCK_SAVE_MIN_S,
-                                                      CLOCK_SAVE_MAX_S))
-    data = load_data(DataConfig(dataset=opts.dataset), opts.data_dir, opts.device, download=opts.download)
-    search_end = opts.budget_seconds * (1 - opts.final_fraction)
-    slice_s = attrs["slice_seconds"]
-
-    def fits() -> bool:
-        return clock.used() + slice_s <= search_end + SLICE_GRACE * slice_s
-
-    reporter = Reporter(mode)
     with Interrupt() as interrupt:
+        study = _open_study(opts, study_name, opts.seed + index)
+        attrs = study.user_attrs
+        if attrs.get("session") != session:  # a newer command owns the study now
+            return 0
+        save_every = clamp(CLOCK_SAVE_SHARE * opts.budget_seconds, CLOCK_SAVE_MIN_S, CLOCK_SAVE_MAX_S)
+        clock = Clock.from_anchor(opts.budget_seconds, attrs["session_used_before"], attrs["session_started_at"],
+                                  study, save_every=save_every)
+        data = load_data(DataConfig(dataset=opts.dataset), opts.data_dir, opts.device, download=opts.download)
+        attrs = wait_ready(study, session, leader, stop=interrupt.event.is_set)
+        if attrs is None:  # the leader is gone, a stop, or a newer command owns the study
+            return 0
+        search_end = opts.budget_seconds * (1 - opts.final_fraction)
+        slice_s = attrs["slice_seconds"]
+
+        def fits() -> bool:
+            return clock.used() + slice_s <= search_end + SLICE_GRACE * slice_s
+
         def orphaned() -> None:  # the leader is gone: stop, and leave the clock to the next command
             clock.study = None
             interrupt.event.set()
 
         lease = Lease(study._storage, leader=leader, on_orphaned=orphaned)
         lease.start()
-        objective = Objective(opts, data, clock, search_end, slice_s, interrupt, reporter, study,
+        objective = Objective(opts, data, clock, search_end, slice_s, interrupt, Reporter(mode), study,
                               attrs.get("time_feasible_flops") or None, attrs["precision"], worker=index,
                               lease=lease, before_trial=lambda: fail_orphans(study, stale_only=True))
         _search_phase(study, objective, fits, interrupt)

@@ -119,6 +119,20 @@ class Lease(threading.Thread):
         self._done.set()
 
 
+def wait_ready(study: optuna.Study, session: str, leader: int, stop: Callable[[], bool] = lambda: False,
+               poll_s: float = 0.2) -> dict | None:
+    """A worker waits (after its own start-up) until the leader has probed the device and marked the
+    session ``ready``; returns the study's attrs then, or None if the leader is gone or the study belongs
+    to a newer session."""
+    while True:
+        attrs = study._storage.get_study_user_attrs(study._study_id)
+        if attrs.get("session") != session or os.getppid() != leader or stop():
+            return None
+        if attrs.get("ready") == session:
+            return attrs
+        time.sleep(poll_s)
+
+
 def split_resources(device: str, workers: int) -> None:
     """Give this process its share of the machine: ``1/workers`` of the CPU threads, or on a GPU of the
     device's memory (``set_per_process_memory_fraction``; the memory check then sees that share)."""
@@ -194,4 +208,7 @@ if __name__ == "__main__":
     from budgetnet.train import tune_cpu_allocator
 
     tune_cpu_allocator()
-    sys.exit(worker_main(json.loads(sys.argv[1])))
+    try:
+        sys.exit(worker_main(json.loads(sys.argv[1])))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the worker could install its handler
+        sys.exit(130)
