@@ -23,11 +23,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_search import search_and_evaluate  # noqa: E402 - the scripts folder is not a package
 
 
 def overheads(storage: str) -> tuple[list[float], dict]:
@@ -55,34 +56,22 @@ def overheads(storage: str) -> tuple[list[float], dict]:
 def run_one(workers: int, seed: int, args, out_dir: Path) -> dict:
     budget_s = args.minutes * 60
     tag = f"w{workers}-s{seed}"
-    ckpt, storage = out_dir / f"{tag}.pt", str(out_dir / f"{tag}.log")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "budgetnet", "search", "--dataset", args.dataset, "--max-params", args.max_params,
-           "--hours", f"{budget_s / 3600:.6f}", "--storage", storage, "--artifact-dir", str(out_dir / "artifacts"),
-           "--out", str(ckpt), "--seed", str(seed), "--device", args.device, "--workers", str(workers), "--json"]
-    if args.data_dir:
-        cmd += ["--data-dir", args.data_dir]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    (out_dir / f"{tag}.out").write_text(proc.stdout + proc.stderr)
-    summary = next((e for e in map(json.loads, (x for x in proc.stdout.splitlines() if x.startswith("{")))
-                    if e.get("event") == "summary"), {})
+    ckpt, storage = out_dir / f"{tag}.pt", str(out_dir / f"{tag}.study.log")  # TAG.log: the output
+    run = search_and_evaluate(
+        ["--dataset", args.dataset, "--max-params", args.max_params, "--hours", f"{budget_s / 3600:.6f}",
+         "--storage", storage, "--artifact-dir", str(out_dir / "artifacts"), "--out", str(ckpt),
+         "--seed", str(seed), "--workers", str(workers), "--json"],
+        tag, ckpt, args, out_dir, dict(os.environ, PYTHONUNBUFFERED="1"))
     over, states = overheads(storage) if Path(storage).exists() else ([], {})
     complete = states.get("COMPLETE", 0)
-    row = {"workers": workers, "seed": seed, "budget_s": budget_s, "wall_s": round(wall, 1), "rc": proc.returncode,
-           "overshoot_s": round(max(0.0, wall - budget_s), 1), "states": states,
+    row = {"workers": workers, "seed": seed, "budget_s": budget_s, "wall_s": round(run["wall_s"], 1),
+           "rc": run["rc"], "overshoot_s": round(max(0.0, run["wall_s"] - budget_s), 1), "states": states,
            "trials_per_10min": round(sum(states.values()) * 600 / budget_s, 1),
            "complete_per_10min": round(complete * 600 / budget_s, 1),
            "overhead_median_s": round(statistics.median(over), 3) if over else None,
            "overhead_mean_s": round(statistics.mean(over), 3) if over else None,
-           "best_val_acc": summary.get("best_val_acc"), "checkpoint_phase": summary.get("checkpoint_phase")}
-    if ckpt.exists():
-        ev = subprocess.run([sys.executable, "-m", "budgetnet", "evaluate", str(ckpt), "--json", "--device",
-                             args.device] + (["--data-dir", args.data_dir] if args.data_dir else []),
-                            env=env, capture_output=True, text=True)
-        if ev.returncode == 0:
-            row["test_acc"] = json.loads(ev.stdout)["top1"]
+           "best_val_acc": run["summary"].get("best_val_acc"),
+           "checkpoint_phase": run["summary"].get("checkpoint_phase"), "test_acc": run.get("test_acc")}
     print(json.dumps(row), flush=True)
     return row
 

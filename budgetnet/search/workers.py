@@ -135,7 +135,8 @@ def wait_ready(study: optuna.Study, session: str, leader: int, stop: Callable[[]
 
 def split_resources(device: str, workers: int) -> None:
     """Give this process its share of the machine: ``1/workers`` of the CPU threads, or on a GPU of the
-    device's memory (``set_per_process_memory_fraction``; the memory check then sees that share)."""
+    device's memory (``set_per_process_memory_fraction``: an allocation past it is an out-of-memory error,
+    which the trial records as PRUNED, state out of memory)."""
     import torch
 
     if workers <= 1:
@@ -188,7 +189,8 @@ class Workers:
                 self.signal(signal.SIGINT)
                 forwarded = True
             for line in self.reap(study):
-                note(line)
+                if not forwarded:  # after a stop, an exit status is the stop's, not news
+                    note(line)
             time.sleep(0.2)
 
 
