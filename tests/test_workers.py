@@ -177,3 +177,30 @@ def test_two_workers_on_one_study_within_budget_and_kill_9_of_one(tmp_path, slic
     for e in (e for e in events if e["event"] == "trial" and e["state"] == "complete"):
         assert by_number[e["number"]].state == TrialState.COMPLETE and by_number[e["number"]].value == e["val_acc"]
     _assert_one_final_phase(tmp_path, events, study)
+
+
+def test_the_trial_function_knows_no_backend():
+    """``search/trial.py`` and every budgetnet module it imports (``train.py`` among them) import neither
+    optuna nor ray: the one trial serves any backend. Read from the sources, transitively."""
+    import ast
+    from pathlib import Path
+
+    import budgetnet
+
+    root = Path(budgetnet.__file__).parent.parent
+    seen, todo, external = set(), ["budgetnet.search.trial"], set()
+    while todo:
+        name = todo.pop()
+        path = root / (name.replace(".", "/") + ".py")
+        if name in seen or not path.exists():
+            if not path.exists() and (root / name.replace(".", "/") / "__init__.py").exists():
+                todo.append(name + ".__init__")
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            for n in names:
+                (todo.append(n) if n.startswith("budgetnet") else external.add(n.split(".")[0]))
+    assert {"budgetnet.train", "budgetnet.search.trial"} <= seen
+    assert not external & {"optuna", "ray"}, sorted(external)
