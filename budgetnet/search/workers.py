@@ -69,10 +69,11 @@ def fail_orphans(study: optuna.Study, *, stale_only: bool, match: Callable | Non
         if stale_only:
             lease = t.system_attrs.get(LEASE_KEY)
             start = t.datetime_start.timestamp() if t.datetime_start else now
-            if now <= (lease if lease is not None else start + LEASE_TTL_S):
+            limit = lease if lease is not None else start + LEASE_TTL_S
+            if now <= limit:
                 continue
             why = (f"interrupted: worker {t.user_attrs.get('worker', '?')} (pid {t.system_attrs.get(PID_KEY, '?')})"
-                   f" stopped renewing its lease {now - (lease or start):.0f} s ago")
+                   f" stopped renewing its lease (it ran out {now - limit:.0f} s ago)")
         n += fail_trial(study._storage, t._trial_id, why)
     return n
 
