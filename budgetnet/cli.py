@@ -57,6 +57,11 @@ def positive_float(text: str) -> float:
     return _number(text, lambda v: v > 0, "a positive number")
 
 
+def positive_int(text: str) -> int:
+    value = _number(text, lambda v: v >= 1 and v == int(v), "a whole number of at least 1")
+    return int(value)
+
+
 def fraction(text: str) -> float:
     return _number(text, lambda v: 0 <= v < 1, "between 0 and 1 (1 excluded)")
 
@@ -181,7 +186,7 @@ def cmd_search(args) -> int:
         seed=args.seed, pruner=args.pruner, sampler=args.sampler, grid=grid,
         final_fraction=args.final_fraction, trial_seconds=args.trial_seconds,
         device=str(_device(args.device)), artifact_dir=args.artifact_dir, download=args.download,
-        warm_start=not args.no_warm_start, precision=args.precision,
+        warm_start=not args.no_warm_start, precision=args.precision, workers=args.workers,
     )
     mode = "json" if args.json else "quiet" if args.quiet else "text"
     summary = run_search(opts, Reporter(mode), started=STARTED)
@@ -429,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trial-seconds", type=positive_float, default=None,
                    help=f"time slice of one trial (default: search time / {TRIALS_PER_SEARCH}, at least "
                    f"{MIN_SLICE_S:g} s, shorter only where {MIN_TRIALS} such slices would not fit)")
+    s.add_argument("--workers", type=positive_int, default=1,
+                   help="local worker processes searching the study at once (default 1); each gets 1/N of the "
+                   "CPU threads or of the GPU's memory, and one of them alone runs the final phase")
     s.add_argument("--artifact-dir", default=DEFAULT_ARTIFACTS)
     s.add_argument("--no-warm-start", action="store_true", help="do not queue the built-in first trial")
     out = s.add_mutually_exclusive_group()

@@ -54,35 +54,45 @@ def method_args(method: str, budget_s: float, grid_file: Path) -> list[str]:
     raise ValueError(method)
 
 
+def search_and_evaluate(search_args: list[str], tag: str, ckpt: Path, args, out_dir: Path, env: dict) -> dict:
+    """One ``budgetnet search`` process (``search_args`` after ``search``; ``--data-dir`` and ``--device``
+    added from ``args``), then ``budgetnet evaluate`` of ``ckpt``. Returns wall_s, rc, the summary event
+    and, when the checkpoint evaluates, test_acc and test_top5. The output goes to OUT_DIR/TAG.log."""
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "budgetnet", "search", *search_args, "--device", args.device,
+                           *data], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    (out_dir / f"{tag}.log").write_text(proc.stdout + proc.stderr)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    out = {"wall_s": wall, "rc": proc.returncode,
+           "summary": next((e for e in lines if e.get("event") == "summary"), {})}
+    if ckpt.exists():
+        ev = subprocess.run([sys.executable, "-m", "budgetnet", "evaluate", str(ckpt), "--json", "--device",
+                             args.device, *data], env=env, capture_output=True, text=True)
+        if ev.returncode == 0:
+            report = json.loads(ev.stdout)
+            out.update(test_acc=report["top1"], test_top5=report["top5"])
+    return out
+
+
 def run_one(method: str, seed: int, args, out_dir: Path, grid_file: Path) -> dict:
     budget_s = args.minutes * 60
     tag = f"{method}-s{seed}"
     ckpt = out_dir / f"{tag}.pt"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "budgetnet", "search", "--dataset", "fashion_mnist", "--max-params", "1e6",
-           "--hours", f"{budget_s / 3600:.6f}", "--storage", f"sqlite:///{out_dir / (tag + '.db')}",
-           "--artifact-dir", str(out_dir / "artifacts"), "--out", str(ckpt), "--seed", str(seed),
-           "--device", args.device, "--json", *method_args(method, budget_s, grid_file)]
-    if args.data_dir:
-        cmd += ["--data-dir", args.data_dir]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    (out_dir / f"{tag}.log").write_text(proc.stdout + proc.stderr)
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    summary = next((e for e in lines if e.get("event") == "summary"), {})
-    row = {"method": method, "seed": seed, "wall_s": round(wall, 1), "budget_s": budget_s,
-           "overshoot_s": round(max(0.0, wall - budget_s), 1), "trials": summary.get("trials"),
+    run = search_and_evaluate(
+        ["--dataset", "fashion_mnist", "--max-params", "1e6", "--hours", f"{budget_s / 3600:.6f}",
+         "--storage", f"sqlite:///{out_dir / (tag + '.db')}", "--artifact-dir", str(out_dir / "artifacts"),
+         "--out", str(ckpt), "--seed", str(seed), "--json", *method_args(method, budget_s, grid_file)],
+        tag, ckpt, args, out_dir, env)
+    summary = run["summary"]
+    row = {"method": method, "seed": seed, "wall_s": round(run["wall_s"], 1), "budget_s": budget_s,
+           "overshoot_s": round(max(0.0, run["wall_s"] - budget_s), 1), "trials": summary.get("trials"),
            "best_val_acc": summary.get("best_val_acc"), "family": summary.get("family"),
-           "n_params": summary.get("n_params"), "rc": proc.returncode}
-    if ckpt.exists():
-        ev = subprocess.run([sys.executable, "-m", "budgetnet", "evaluate", str(ckpt), "--json", "--device",
-                             args.device] + (["--data-dir", args.data_dir] if args.data_dir else []),
-                            env=env, capture_output=True, text=True)
-        if ev.returncode == 0:
-            report = json.loads(ev.stdout)
-            row.update(test_acc=report["top1"], test_top5=report["top5"])
+           "n_params": summary.get("n_params"), "rc": run["rc"]}
+    row.update({k: run[k] for k in ("test_acc", "test_top5") if k in run})
     print(json.dumps(row), flush=True)
     return row
 

@@ -45,6 +45,8 @@ BAD = {
     "missing grid file": ["--sampler", "grid", "--grid", "/nonexistent/grid.json"],
     "unknown flag": ["--frobnicate"],
     "cuda without gpu": ["--device", "cuda"],
+    "zero workers": ["--workers", "0"],
+    "fractional workers": ["--workers", "1.5"],
 }
 
 

@@ -172,7 +172,9 @@ def test_tiny_cap_never_trains_an_oversized_model(tmp_path, monkeypatch, slice_s
             trained.append(count_params(cfg.model, data.info.shape))
         return real_train_run(cfg, data, **kw)
 
-    monkeypatch.setattr(runner, "train_run", spy)
+    import budgetnet.search.trial as trial_mod
+
+    monkeypatch.setattr(trial_mod, "train_run", spy)  # the one trial function trains here
     grid = load_grid(json.dumps({"base": {"model": {"family": "plain", "n_conv": 2, "hidden": [16]},
                                           "train": {"batch_size": 64}},
                                  "grid": {"model.width": [2, 64, 4]}}))
@@ -202,7 +204,10 @@ def test_diverging_trial_is_recorded_and_the_search_goes_on(tmp_path, slice_s):
 
 @pytest.mark.timing
 def test_trials_too_slow_for_their_slice_are_pruned_early_and_the_search_goes_on(tmp_path, monkeypatch, slice_s):
-    monkeypatch.setattr(runner, "MIN_EPOCHS_PER_TRIAL", 1e5)  # no model can see 1e5 epochs in a slice
+    import budgetnet.search.trial as trial_mod
+
+    for module in (trial_mod, runner):  # the speed check, and the FLOP cap scaled from the probe
+        monkeypatch.setattr(module, "MIN_EPOCHS_PER_TRIAL", 1e5)  # no model can see 1e5 epochs in a slice
     summary = run_search(_opts(tmp_path, slice_s, final_fraction=0.0, budget_seconds=7 * slice_s),
                          Reporter("quiet"))
     study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp_path / 'study.db'}")
@@ -460,7 +465,10 @@ def test_the_search_split_is_freed_before_the_final_phase_loads_its_own(tmp_path
             loaded.append(weakref.ref(data.train.images))
         return data
 
+    import budgetnet.search.final as final
+
     monkeypatch.setattr(runner, "load_data", spy)
+    monkeypatch.setattr(final, "load_data", spy)  # the final phase loads train+validation there
     summary = run_search(_opts(tmp_path, slice_s, budget_seconds=8 * slice_s), Reporter("quiet"))
     assert loaded and summary["checkpoint_phase"] == "final"
 

@@ -35,6 +35,19 @@ class Clock:
         self.study, self.save_every = study, save_every
         self._saved_at = time.perf_counter()
 
+    @classmethod
+    def from_anchor(cls, total: float, used_before: float, anchor: float, study=None,
+                    save_every: float = CLOCK_SAVE_MIN_S) -> Clock:
+        """The clock of a process that joins a session: ``anchor`` is the wall time (epoch seconds) at which
+        the session had used ``used_before`` seconds. Every worker of a session counts the same budget
+        time from it, so whichever one saves writes the session's time, not its own."""
+        return cls(total, used_before, time.perf_counter() - (time.time() - anchor), study, save_every)
+
+    def anchor(self) -> float:
+        """The wall time (epoch seconds) at which this clock read ``used_before``: stored in the study, so
+        that other processes count from the same instant (``from_anchor``)."""
+        return time.time() - (time.perf_counter() - self.started)
+
     def used(self) -> float:
         return self.used_before + time.perf_counter() - self.started
 

@@ -55,7 +55,8 @@ class Reporter:
         acc = f"{row['val_acc']:.4f}" if row.get("val_acc") is not None else "  -   "
         prog = f"{row['progress']:>4.0%}" if row.get("progress") is not None else "  - "
         state = row.get("state", "failed") + (f" ({row['reason']})" if row.get("reason") and row.get("state") != "complete" else "")
-        self._write(f"trial {row['number']:>4}  {row.get('family') or '-':<9} {_si(row.get('n_params')):>7} params "
+        who = f" [worker {row['worker']}]" if "worker" in row else ""
+        self._write(f"trial {row['number']:>4}{who}  {row.get('family') or '-':<9} {_si(row.get('n_params')):>7} params "
                     f"{_si(row.get('flops'), 'FLOPs'):>11}  {prog}  val {acc}  {row.get('seconds', 0):6.1f}s  "
                     f"{state}")
         self._write(f"  budget {budget_bar(used, total)}")

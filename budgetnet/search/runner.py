@@ -21,7 +21,6 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -32,8 +31,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from budgetnet.budget import BudgetExceeded, check_params, count_flops
-from budgetnet.checkpoint import save_checkpoint
+from budgetnet.budget import count_flops
 from budgetnet.config import ConfigError, DataConfig, ResNetConfig, RunConfig, TrainConfig
 from budgetnet.data import DeviceData, load_data
 from budgetnet.device import resolve_precision
@@ -49,12 +47,18 @@ from budgetnet.search.clock import (
     clamp,
     slice_seconds,
 )
+from budgetnet.search.final import (
+    WRITE_RESERVE_S,
+    atomic_write_text,
+    final_too_short,
+    final_training,
+    keep_if_best,
+)
 from budgetnet.search.report import Reporter
 from budgetnet.search.space import WARM_START, suggest_config, suggest_grid_config
-from budgetnet.train import COMPLETE, DIVERGED, OOM, STOPPED, TOO_SLOW, train_run
-
-REPORT_STEPS = 100  # intermediate values are reported on a 0..100 (percent of the trial's slice) axis
-WRITE_RESERVE_S = 3.0  # kept back at the end for the FLOP count, checkpoint write and artifact upload
+from budgetnet.search.trial import MIN_EPOCHS_PER_TRIAL, REPORT_STEPS, run_trial
+from budgetnet.search.workers import Lease, Workers, fail_orphans, new_session, split_resources, wait_ready
+from budgetnet.train import COMPLETE, STOPPED, train_run
 
 
 @dataclass
@@ -78,15 +82,11 @@ class SearchOptions:
     download: bool = False
     warm_start: bool = True
     precision: str = "auto"  # auto (the device's best, decided on this machine), fp32, bf16 or fp16
+    workers: int = 1  # local worker processes on the study (the leader is one of them)
 
 
 class StudyMismatch(ConfigError):
     """A resume asked for a different cap or dataset than the study was started with (a user mistake)."""
-
-
-MIN_EPOCHS_PER_TRIAL = 0.5  # the FLOP cap lets every sampled model see half its training split per slice
-# Runs that ended without a result worth ranking: recorded as PRUNED with this state and the run's reason.
-FAILED_RUN_STATES = {DIVERGED: "diverged", OOM: "out of memory", TOO_SLOW: "too slow"}
 
 
 def default_study_name(dataset: str, max_params: float, hours: float) -> str:
@@ -100,10 +100,12 @@ def default_study_name(dataset: str, max_params: float, hours: float) -> str:
 
 
 class Interrupt:
-    """First Ctrl-C (or SIGTERM): stop gracefully, keep best-so-far. Second Ctrl-C: stop at once."""
+    """First Ctrl-C (or SIGTERM): stop gracefully, keep best-so-far. Second Ctrl-C: stop at once.
+    Each signal is passed on to ``forward`` (the leader's workers, which run in sessions of their own)."""
 
     def __init__(self):
         self.event = threading.Event()
+        self.forward: Workers | None = None
         self._old: dict = {}
 
     def __enter__(self):
@@ -113,6 +115,8 @@ class Interrupt:
         return self
 
     def _handle(self, signum, frame):
+        if self.forward is not None:
+            self.forward.signal(signum)
         if self.event.is_set():
             raise KeyboardInterrupt
         self.event.set()
@@ -123,12 +127,16 @@ class Interrupt:
 
 
 def make_sampler(name: str, seed: int, grid: dict | None = None) -> optuna.samplers.BaseSampler:
+    """Each worker passes its own ``seed`` (the study's seed plus its index), or they would all propose
+    the same random start-up points."""
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
         return optuna.samplers.GridSampler(grid, seed=seed)
     # group=True: the space is conditional (per-family knobs), so TPE models each sub-space jointly.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True, group=True)
+    # constant_liar: trials other workers are running count as bad ones, so workers spread out.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True, group=True,
+                                      constant_liar=True)
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -150,36 +158,38 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        # Several workers write to one file: wait up to 30 s for its lock instead of sqlite's 5 s.
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
     return optuna.storages.RDBStorage(url)
 
 
-def fail_orphans(study: optuna.Study) -> int:
-    """Mark trials left RUNNING by a killed process as FAIL (one search process per study)."""
-    n = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "reason", "interrupted: its process ended")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        n += 1
-    return n
-
-
 class Objective:
-    """One trial: sample (or grid) a config, guard it, train it for a slice, report, record attrs."""
+    """The Optuna adapter of one trial: sample (or grid) a config, run ``trial.run_trial`` (guard → slice →
+    reports), and record its outcome: a value, or ``TrialPruned`` with the reason and state."""
 
     def __init__(self, opts: SearchOptions, data: DeviceData, clock: Clock, search_end: float,
                  slice_s: float, interrupt: Interrupt, reporter: Reporter, study: optuna.Study,
-                 max_flops: float | None = None, precision: str = "fp32"):
+                 max_flops: float | None = None, precision: str = "fp32", worker: int = 0,
+                 lease: Lease | None = None, before_trial=None):
         self.opts, self.data, self.clock, self.max_flops = opts, data, clock, max_flops
         self.search_end, self.slice_s, self.precision = search_end, slice_s, precision
         self.interrupt, self.reporter, self.study = interrupt, reporter, study
+        self.worker, self.lease, self.before_trial = worker, lease, before_trial
         self.shape = data.info.shape
         self.base_data = DataConfig(dataset=opts.dataset, image_size=opts.image_size)
 
     def __call__(self, trial: optuna.Trial) -> float:
         row = {"number": trial.number, "family": None, "n_params": None, "flops": None, "progress": None,
                "val_acc": None, "seconds": 0.0}
+        if self.opts.workers > 1:
+            row["worker"] = self.worker
         t0 = time.perf_counter()
+        if self.lease is not None:
+            self.lease.hold(trial._trial_id)
+        trial.set_user_attr("worker", self.worker)
         try:
+            if self.before_trial is not None:
+                self.before_trial()
             return self._run(trial, row)
         except optuna.TrialPruned:
             raise
@@ -188,15 +198,12 @@ class Objective:
             trial.set_user_attr("reason", row["reason"])
             raise
         finally:
+            if self.lease is not None:
+                self.lease.release()
             row["seconds"] = time.perf_counter() - t0
             trial.set_user_attr("state", row.get("state", "failed"))
             self.clock.save()
             self.reporter.trial(row, self.clock.used(), self.clock.total)
-
-    def _prune(self, trial: optuna.Trial, row: dict, state: str, reason: str) -> None:
-        row.update(state=state, reason=reason)
-        trial.set_user_attr("reason", reason)
-        raise optuna.TrialPruned(reason)
 
     def _run(self, trial: optuna.Trial, row: dict) -> float:
         opts = self.opts
@@ -207,68 +214,34 @@ class Objective:
             cfg = suggest_config(trial, self.shape, opts.max_params, self.base_data, seed=opts.seed + trial.number,
                                  max_flops=self.max_flops)
         row["family"] = cfg.model.family
-        trial.set_user_attr("family", cfg.model.family)
-        trial.set_user_attr("config", cfg.to_json(indent=None))
-        # The guard: parameters and FLOPs on the meta device, before any real allocation.
-        try:
-            n_params = check_params(cfg.model, self.shape, opts.max_params)
-        except BudgetExceeded as e:
-            row["n_params"] = int(e.value)
-            trial.set_user_attr("n_params", int(e.value))
-            trial.set_constraint("params", float(e.value - opts.max_params))
-            self._prune(trial, row, "rejected", str(e))
-        flops = count_flops(cfg.model, self.shape)
-        row.update(n_params=n_params, flops=flops)
-        trial.set_user_attr("n_params", n_params)
-        trial.set_user_attr("flops", flops)
-        trial.set_constraint("params", float(n_params - opts.max_params))
-
         # Every trial trains for the full slice, so that all of them are ranked on equal terms. One that
         # would not fit before the search phase ends is not started: that time goes to the final phase.
-        slice_s, grace = self.slice_s, SLICE_GRACE * self.slice_s
-        if self.clock.used() + slice_s > self.search_end + grace:
-            self._prune(trial, row, "stopped", "no full slice left in the search phase")
+        grace = SLICE_GRACE * self.slice_s
         deadline = self.search_end + 2 * grace  # the safety net behind the slice
 
-        def hook(progress: float, metrics: dict) -> bool:
-            row.update(progress=progress, val_acc=metrics["val_acc"])
-            trial.report(metrics["val_acc"], step=round(progress * REPORT_STEPS))
+        def report(progress: float, val_acc: float) -> bool:
+            row.update(progress=progress, val_acc=val_acc)
+            trial.report(val_acc, step=round(progress * REPORT_STEPS))
             self.clock.save()
             return trial.should_prune()
 
-        # Sampled trials must be able to see MIN_EPOCHS_PER_TRIAL of their data in the slice; the run
-        # measures its own speed early in the slice and ends "too slow" otherwise. FLOPs predict speed
-        # poorly on a CPU (depthwise convs, norms and activations are memory-bound): this is the real test.
-        result = train_run(cfg, self.data, device=opts.device, seconds=slice_s, hook=hook,
-                           stop=lambda: (self.interrupt.event.is_set() or self.clock.used() > deadline
-                                         or self.clock.tick()),
-                           min_epochs=MIN_EPOCHS_PER_TRIAL if opts.grid is None else None,
-                           precision=self.precision)
-        trial.set_user_attr("seconds", round(result.seconds, 2))
-        trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
-        trial.set_user_attr("epochs", round(result.metrics.get("epoch", 0.0), 2))
-        if result.status in FAILED_RUN_STATES:
-            self._prune(trial, row, FAILED_RUN_STATES[result.status], result.reason)
-        if result.status == STOPPED:
-            if result.reason == "stopped by hook":
-                self._prune(trial, row, "pruned", f"below the median at {row['progress']:.0%}")
-            self._prune(trial, row, "stopped", "interrupted" if self.interrupt.event.is_set()
-                        else "search budget exhausted")
-        assert result.status == COMPLETE
-        value = result.metrics["val_acc"]
-        row.update(state="complete", val_acc=value)
-        self._keep_if_best(trial, cfg, result, value, n_params, flops)
-        return value
-
-    def _keep_if_best(self, trial, cfg, result, value, n_params, flops) -> None:
-        """Write best.pt as soon as a trial beats every completed one: best-so-far is never lost."""
-        done = [t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        if done and value <= max(done):
-            return
-        save_checkpoint(self.opts.out, cfg, result.state_dict, metrics={"val_acc": value, **_numbers(result.metrics)},
-                        n_params=n_params, flops=flops, classes=self.data.classes, train_seconds=result.seconds,
-                        precision=result.precision,
-                        extra={"phase": "search", "study": self.study.study_name, "trial": trial.number})
+        out = run_trial(cfg, self.data, max_params=opts.max_params, slice_s=self.slice_s, device=opts.device,
+                        precision=self.precision, set_attr=trial.set_user_attr, report=report,
+                        fits=lambda: self.clock.used() + self.slice_s <= self.search_end + grace,
+                        stop=lambda: (self.interrupt.event.is_set() or self.clock.used() > deadline
+                                      or self.clock.tick()),
+                        sampled=opts.grid is None, interrupted=self.interrupt.event.is_set)
+        row.update(n_params=out.n_params, flops=out.flops, progress=out.progress, val_acc=out.val_acc,
+                   state=out.state)
+        if out.constraint is not None:
+            trial.set_constraint("params", out.constraint)
+        if out.state != "complete":
+            row["reason"] = out.reason
+            trial.set_user_attr("reason", out.reason)
+            raise optuna.TrialPruned(out.reason)
+        keep_if_best(opts.out, self.study.study_name, trial.number, cfg, out.result, out.value, out.n_params,
+                     out.flops, self.data.classes)
+        return out.value
 
 
 PROBE_MODEL = ResNetConfig(depths=(2, 2, 2))  # a small reference net: 16-32-64 channels, 14 convs
@@ -295,10 +268,6 @@ def feasible_flops(images_per_s: float, shape, train_images: int, slice_s: float
     a CPU it keeps the search among nets that can learn something in a slice."""
     rate = images_per_s * count_flops(PROBE_MODEL, shape)  # forward FLOPs per second
     return rate * slice_s / (MIN_EPOCHS_PER_TRIAL * train_images)
-
-
-def _numbers(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def _counts(study: optuna.Study) -> dict:
@@ -340,16 +309,39 @@ def _check_same_study(url: str, name: str, opts: SearchOptions) -> None:
                             f"{flag} {old_s}, or give a new --study-name")
 
 
+def _open_study(opts: SearchOptions, study_name: str, seed: int) -> optuna.Study:
+    sampler = make_sampler(opts.sampler, seed, opts.grid[1] if opts.grid else None)
+    return optuna.create_study(study_name=study_name, storage=make_storage(opts.storage), direction="maximize",
+                               sampler=sampler, pruner=make_pruner(opts.pruner), load_if_exists=True)
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def _search_phase(study: optuna.Study, objective: Objective, fits, interrupt: Interrupt) -> None:
+    """Run trials until no full slice fits or a stop; the same loop in the leader and in every worker."""
+    def enough_time(study: optuna.Study, _trial=None) -> None:
+        # Start a trial only if its full slice fits; the rest goes to the final phase.
+        if interrupt.event.is_set() or not fits():
+            study.stop()
+
+    if fits() and not interrupt.event.is_set():
+        study.optimize(objective, callbacks=[enough_time], catch=(Exception,), gc_after_trial=False)
+
+
 def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: float | None = None) -> dict:
     """Run (or resume) a budgeted search and the final training; return the summary dict.
 
     ``started`` is the perf_counter time the command began (the budget covers everything after it).
+    With ``opts.workers > 1`` this process is the leader: it starts the other workers after the probe,
+    searches as worker 0, waits for them all, and alone runs the final phase (``search/workers.py``).
     A summary with an ``error`` says, in one line, why nothing could be trained.
     """
     started = time.perf_counter() if started is None else started
     reporter = reporter or Reporter()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    _quiet_optuna()
     hours = opts.budget_seconds / 3600
     study_name = opts.study_name or default_study_name(opts.dataset, opts.max_params, hours)
 
@@ -358,10 +350,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
     data = load_data(DataConfig(dataset=opts.dataset, image_size=opts.image_size), opts.data_dir, opts.device,
                      download=opts.download)
     train_images, final_images = len(data.train), len(data.train) + (len(data.val) if data.val else 0)
-    storage = make_storage(opts.storage)
-    sampler = make_sampler(opts.sampler, opts.seed, opts.grid[1] if opts.grid else None)
-    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
-                                sampler=sampler, pruner=make_pruner(opts.pruner), load_if_exists=True)
+    study = _open_study(opts, study_name, opts.seed)
     attrs = study.user_attrs
     used_before = float(attrs.get("seconds_used", 0.0))
     if "budget_seconds" in attrs and not math.isclose(attrs["budget_seconds"], opts.budget_seconds):
@@ -373,7 +362,9 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         study.set_user_attr(key, value)
     clock = Clock(opts.budget_seconds, used_before, started, study,
                   save_every=clamp(CLOCK_SAVE_SHARE * opts.budget_seconds, CLOCK_SAVE_MIN_S, CLOCK_SAVE_MAX_S))
-    orphans = fail_orphans(study)
+    # A new session: no process of it runs a trial yet, so every RUNNING trial is a killed one's.
+    orphans = fail_orphans(study, stale_only=False)
+    session = new_session(study, clock.anchor(), used_before, opts.workers)
     phase = attrs.get("phase", "search")
     if used_before or orphans:
         reporter.message(f"resuming study {study_name!r} in its {phase} phase: {len(study.trials)} trials, "
@@ -392,9 +383,17 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
     def fits(extra: float = 0.0) -> bool:  # a full slice (give or take SLICE_GRACE) fits in the search phase
         return clock.used() + extra + slice_s <= search_end + SLICE_GRACE * slice_s
 
+    import torch
+
+    threads = torch.get_num_threads()
     with Interrupt() as interrupt:
         searching = phase == "search" and fits(probe_s)
         max_flops = images_per_s = None
+        workers = None
+        if searching:
+            split_resources(opts.device, opts.workers)  # before the probe: it measures one worker's share
+            if opts.workers > 1:  # they start up (imports, their data) while this process probes
+                interrupt.forward = workers = Workers(opts, study_name, opts.workers, session, reporter.mode)
         if searching and sample:  # the speed probe only matters when trials will be sampled
             images_per_s = probe_speed(data, opts.device, probe_s, precision=precision,
                                        stop=lambda: interrupt.event.is_set() or clock.tick())
@@ -402,14 +401,9 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
                 max_flops = feasible_flops(images_per_s, data.info.shape, train_images, slice_s)
             study.set_user_attr("probe_images_per_s", images_per_s or 0.0)
             study.set_user_attr("time_feasible_flops", max_flops or 0.0)
-        objective = Objective(opts, data, clock, search_end, slice_s, interrupt, reporter, study, max_flops,
-                              precision)
-
-        def enough_time(study: optuna.Study, _trial=None) -> None:
-            # Start a trial only if its full slice fits; the rest goes to the final phase.
-            if interrupt.event.is_set() or not fits():
-                study.stop()
-
+        study.set_user_attr("ready", session)  # the workers wait for the probe's numbers
+        lease = Lease(study._storage)
+        lease.start()
         if searching and fits() and not interrupt.event.is_set():  # re-checked after the probe
             reporter.message(f"study {study_name!r}: {opts.sampler} sampler, {opts.pruner} pruner, "
                              f"{slice_s:.0f} s per trial, final training {opts.final_fraction:.0%} of the budget, "
@@ -417,8 +411,28 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
                              + (f" ({opts.precision})" if opts.precision != "auto" else " (auto)")
                              + (f", {images_per_s:,.0f} images/s on the probe net, models up to "
                                 f"{max_flops / 1e6:,.0f} MFLOPs/image (time-feasible on this device)"
-                                if max_flops else ""))
-            study.optimize(objective, callbacks=[enough_time], catch=(Exception,), gc_after_trial=False)
+                                if max_flops else "")
+                             + (f", {opts.workers} workers" if opts.workers > 1 else ""))
+
+        def before_trial() -> None:
+            if workers is not None:
+                for line in workers.reap(study):
+                    reporter.message(line)
+            fail_orphans(study, stale_only=True)
+
+        objective = Objective(opts, data, clock, search_end, slice_s, interrupt, reporter, study, max_flops,
+                              precision, lease=lease, before_trial=before_trial)
+        if searching:
+            _search_phase(study, objective, fits, interrupt)
+        if workers is not None:
+            workers.wait(study, interrupt.event.is_set, reporter.message)
+            # Every worker has ended: a trial still RUNNING is one that a dead process left behind.
+            fail_orphans(study, stale_only=False)
+        lease.stop()
+        if opts.workers > 1:  # the final phase has the machine to itself
+            torch.set_num_threads(threads)
+            if str(opts.device).startswith("cuda"):
+                torch.cuda.set_per_process_memory_fraction(1.0, torch.device(opts.device))
         study.set_user_attr("phase", "final")
         clock.save()
 
@@ -428,14 +442,14 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         if study.user_attrs.get("final_done") and Path(opts.out).is_file():
             checkpoint_phase = "final"  # an earlier run of this command finished; nothing left to do
         elif best is not None and opts.final_fraction > 0 and not interrupt.event.is_set():
-            too_short = _final_too_short(best, clock.left() - WRITE_RESERVE_S, final_images, opts.out)
+            too_short = final_too_short(best, clock.left() - WRITE_RESERVE_S, final_images, opts.out)
             if too_short:
                 reporter.message(too_short)
             else:
                 objective.data = data = None  # free the search split before loading train+validation
                 gc.collect()
-                checkpoint_phase, final_metrics = _final_training(opts, study, best, clock, interrupt, reporter,
-                                                                  precision)
+                checkpoint_phase, final_metrics = final_training(opts, study, best, clock, interrupt.event.is_set,
+                                                                 reporter, precision)
         clock.save()
 
     counts = _counts(study)
@@ -448,6 +462,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         "overshoot_s": max(0.0, clock.used() - opts.budget_seconds),
         "precision": precision,
         "slice_seconds": slice_s,
+        "workers": opts.workers,
         "probe_images_per_s": study.user_attrs.get("probe_images_per_s"),
         "best_trial": best.number if best else None,
         "best_val_acc": best.value if best else None,
@@ -465,10 +480,48 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         summary["error"] = nothing_trained(study, opts, slice_s, search_end, train_images, precision)
     if checkpoint_phase:
         summary_path = Path(opts.out).with_name(Path(opts.out).stem + ".json")
-        _atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str))
+        atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str))
         summary["summary_json"] = str(summary_path)
     reporter.summary(summary)
     return summary
+
+
+def run_worker(opts: SearchOptions, study_name: str, index: int, n: int, leader: int, session: str,
+               mode: str = "text") -> int:
+    """Worker ``index`` of ``n`` (a process the leader started): join session ``session`` of the study and
+    search until no full slice fits, its leader is gone, or a stop. It never runs the final phase."""
+    _quiet_optuna()
+    split_resources(opts.device, n)
+    with Interrupt() as interrupt:
+        study = _open_study(opts, study_name, opts.seed + index)
+        attrs = study.user_attrs
+        if attrs.get("session") != session:  # a newer command owns the study now
+            return 0
+        save_every = clamp(CLOCK_SAVE_SHARE * opts.budget_seconds, CLOCK_SAVE_MIN_S, CLOCK_SAVE_MAX_S)
+        clock = Clock.from_anchor(opts.budget_seconds, attrs["session_used_before"], attrs["session_started_at"],
+                                  study, save_every=save_every)
+        data = load_data(DataConfig(dataset=opts.dataset, image_size=opts.image_size), opts.data_dir, opts.device, download=opts.download)
+        attrs = wait_ready(study, session, leader, stop=interrupt.event.is_set)
+        if attrs is None:  # the leader is gone, a stop, or a newer command owns the study
+            return 0
+        search_end = opts.budget_seconds * (1 - opts.final_fraction)
+        slice_s = attrs["slice_seconds"]
+
+        def fits() -> bool:
+            return clock.used() + slice_s <= search_end + SLICE_GRACE * slice_s
+
+        def orphaned() -> None:  # the leader is gone: stop, and leave the clock to the next command
+            clock.study = None
+            interrupt.event.set()
+
+        lease = Lease(study._storage, leader=leader, on_orphaned=orphaned)
+        lease.start()
+        objective = Objective(opts, data, clock, search_end, slice_s, interrupt, Reporter(mode), study,
+                              attrs.get("time_feasible_flops") or None, attrs["precision"], worker=index,
+                              lease=lease, before_trial=lambda: fail_orphans(study, stale_only=True))
+        _search_phase(study, objective, fits, interrupt)
+        lease.stop()
+    return 0
 
 
 def nothing_trained(study: optuna.Study, opts: SearchOptions, slice_s: float, search_end: float,
@@ -490,69 +543,6 @@ def nothing_trained(study: optuna.Study, opts: SearchOptions, slice_s: float, se
     seen = ", ".join(f"{n} {s}" for s, n in sorted(
         {s: states.count(s) for s in set(states) if s}.items(), key=lambda kv: -kv[1]))
     return f"no trial completed ({seen}); see the reasons in the study (budgetnet dashboard); {more}"
-
-
-def _final_too_short(best: optuna.trial.FrozenTrial, seconds: float, images: int, out: str) -> str | None:
-    """Why a final phase of ``seconds`` is not worth running, or None. It must show the best config's data
-    at least as many epochs as its trial did: a shorter run from scratch would end below that trial."""
-    rate, trial_epochs = best.user_attrs.get("images_per_s", 0.0), best.user_attrs.get("epochs", 0.0)
-    epochs = rate * max(seconds, 0.0) / max(images, 1)
-    if seconds >= 1.0 and epochs >= trial_epochs:
-        return None
-    return (f"final training skipped: {max(seconds, 0):.0f} s left would train trial {best.number}'s config for "
-            f"about {epochs:.2f} epochs, fewer than its {trial_epochs:.2f} in the search; {out} keeps that "
-            f"trial's model")
-
-
-def _final_training(opts: SearchOptions, study, best, clock: Clock, interrupt: Interrupt,
-                    reporter: Reporter, precision: str) -> tuple[str, dict]:
-    cfg = RunConfig.from_json(best.user_attrs["config"])
-    cfg = cfg.replace(seed=opts.seed)
-    runs = int(study.user_attrs.get("final_runs", 0)) + 1
-    study.set_user_attr("final_runs", runs)
-    again = " (again: an earlier run of it was interrupted)" if runs > 1 else ""
-    reporter.message(f"final training{again}: trial {best.number}'s config on train+validation for "
-                     f"{clock.left() - WRITE_RESERVE_S:.0f} s")
-    data = load_data(cfg.data, opts.data_dir, opts.device, merge_val=True, download=opts.download)
-    seconds = clock.left() - WRITE_RESERVE_S  # what is left once the data is loaded
-    if seconds < 1.0:
-        reporter.message(f"final training skipped: loading the data left {seconds:.1f} s; "
-                         f"keeping trial {best.number}'s model in {opts.out}")
-        return "search", {}
-    deadline = opts.budget_seconds - WRITE_RESERVE_S + 1.0
-    result = train_run(cfg, data, device=opts.device, seconds=seconds, precision=precision,
-                       stop=lambda: interrupt.event.is_set() or clock.used() > deadline or clock.tick())
-    if result.status != COMPLETE:
-        reporter.message(f"final training ended early ({result.status}: {result.reason}); "
-                         f"keeping trial {best.number}'s model in {opts.out}")
-        return "search", {}
-    metrics = {"best_trial_val_acc": best.value, **_numbers(result.metrics)}
-    n_params, flops = best.user_attrs["n_params"], best.user_attrs["flops"]
-    path = save_checkpoint(opts.out, cfg, result.state_dict, metrics=metrics, n_params=n_params, flops=flops,
-                           classes=data.classes, train_seconds=result.seconds, precision=result.precision,
-                           extra={"phase": "final", "study": study.study_name, "trial": best.number})
-    _upload_artifact(study, path, opts.artifact_dir, reporter)
-    study.set_user_attr("final_done", True)
-    return "final", metrics
-
-
-def _upload_artifact(study: optuna.Study, path: Path, artifact_dir: str, reporter: Reporter) -> None:
-    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-
-    try:
-        Path(artifact_dir).mkdir(parents=True, exist_ok=True)  # FileSystemArtifactStore does not create it
-        store = FileSystemArtifactStore(artifact_dir)
-        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study,
-                                      mimetype="application/octet-stream")
-        study.set_user_attr("best_artifact_id", artifact_id)
-    except OSError as e:  # the model is already safe on disk; a full artifact folder must not lose it
-        reporter.message(f"warning: could not attach {path} to the study as an artifact ({e})")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def dashboard_command(storage: str, artifact_dir: str) -> str:

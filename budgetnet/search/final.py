@@ -1,0 +1,131 @@
+"""``best.pt`` and the final phase: the one home of writing the search's model.
+
+- ``keep_if_best`` writes a trial's model when it beats the model already at ``--out`` (best-so-far is
+  never lost). The check and the write happen under one lock on the folder that holds ``--out``, so two
+  workers finishing at once cannot leave the worse model behind, and a final model is never replaced by
+  a search one.
+- ``final_training`` trains the best configuration on train+validation for what is left of the budget and
+  writes ``best.pt`` once. Only the leader process calls it, after every worker has ended.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+
+from budgetnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from budgetnet.config import RunConfig
+from budgetnet.data import load_data
+from budgetnet.search.clock import Clock
+from budgetnet.search.report import Reporter
+from budgetnet.train import COMPLETE, RunResult, train_run
+
+WRITE_RESERVE_S = 3.0  # kept back at the end for the FLOP count, checkpoint write and artifact upload
+
+
+@contextmanager
+def out_lock(out: str | os.PathLike):
+    """An exclusive lock (flock) on the folder that holds ``out``, shared by every process on this machine
+    (and released by the kernel if its holder dies). The folder, not a lock file: nothing is left behind."""
+    folder = Path(out).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def numbers(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def keep_if_best(out: str, study_name: str, trial_number: int, cfg: RunConfig, result: RunResult,
+                 value: float, n_params: int, flops: int, classes: list[str]) -> bool:
+    """Write the trial's model to ``out`` if it beats the one there (of this study); True if written."""
+    with out_lock(out):
+        if Path(out).exists():
+            try:
+                held = load_checkpoint(out)
+            except CheckpointError:
+                held = None  # not readable: replaced (the command checked at start that it was ours)
+            if held is not None and held["extra"].get("study") == study_name and (
+                    held["extra"].get("phase") == "final" or held["metrics"].get("val_acc", -1.0) >= value):
+                return False
+        save_checkpoint(out, cfg, result.state_dict, metrics={"val_acc": value, **numbers(result.metrics)},
+                        n_params=n_params, flops=flops, classes=classes, train_seconds=result.seconds,
+                        precision=result.precision,
+                        extra={"phase": "search", "study": study_name, "trial": trial_number})
+    return True
+
+
+def final_too_short(best: optuna.trial.FrozenTrial, seconds: float, images: int, out: str) -> str | None:
+    """Why a final phase of ``seconds`` is not worth running, or None. It must show the best config's data
+    at least as many epochs as its trial did: a shorter run from scratch would end below that trial."""
+    rate, trial_epochs = best.user_attrs.get("images_per_s", 0.0), best.user_attrs.get("epochs", 0.0)
+    epochs = rate * max(seconds, 0.0) / max(images, 1)
+    if seconds >= 1.0 and epochs >= trial_epochs:
+        return None
+    return (f"final training skipped: {max(seconds, 0):.0f} s left would train trial {best.number}'s config for "
+            f"about {epochs:.2f} epochs, fewer than its {trial_epochs:.2f} in the search; {out} keeps that "
+            f"trial's model")
+
+
+def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, clock: Clock, stop,
+                   reporter: Reporter, precision: str) -> tuple[str, dict]:
+    """Train ``best``'s config on train+validation until ``WRITE_RESERVE_S`` before the budget ends, write
+    ``opts.out`` and attach it to the study. Returns the phase that ``opts.out`` holds and the metrics."""
+    cfg = RunConfig.from_json(best.user_attrs["config"])
+    cfg = cfg.replace(seed=opts.seed)
+    runs = int(study.user_attrs.get("final_runs", 0)) + 1
+    study.set_user_attr("final_runs", runs)
+    again = " (again: an earlier run of it was interrupted)" if runs > 1 else ""
+    reporter.message(f"final training{again}: trial {best.number}'s config on train+validation for "
+                     f"{clock.left() - WRITE_RESERVE_S:.0f} s")
+    data = load_data(cfg.data, opts.data_dir, opts.device, merge_val=True, download=opts.download)
+    seconds = clock.left() - WRITE_RESERVE_S  # what is left once the data is loaded
+    if seconds < 1.0:
+        reporter.message(f"final training skipped: loading the data left {seconds:.1f} s; "
+                         f"keeping trial {best.number}'s model in {opts.out}")
+        return "search", {}
+    deadline = opts.budget_seconds - WRITE_RESERVE_S + 1.0
+    result = train_run(cfg, data, device=opts.device, seconds=seconds, precision=precision,
+                       stop=lambda: stop() or clock.used() > deadline or clock.tick())
+    if result.status != COMPLETE:
+        reporter.message(f"final training ended early ({result.status}: {result.reason}); "
+                         f"keeping trial {best.number}'s model in {opts.out}")
+        return "search", {}
+    metrics = {"best_trial_val_acc": best.value, **numbers(result.metrics)}
+    n_params, flops = best.user_attrs["n_params"], best.user_attrs["flops"]
+    with out_lock(opts.out):
+        path = save_checkpoint(opts.out, cfg, result.state_dict, metrics=metrics, n_params=n_params, flops=flops,
+                               classes=data.classes, train_seconds=result.seconds, precision=result.precision,
+                               extra={"phase": "final", "study": study.study_name, "trial": best.number})
+    upload_artifact(study, path, opts.artifact_dir, reporter)
+    study.set_user_attr("final_done", True)
+    return "final", metrics
+
+
+def upload_artifact(study: optuna.Study, path: Path, artifact_dir: str, reporter: Reporter) -> None:
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    try:
+        Path(artifact_dir).mkdir(parents=True, exist_ok=True)  # FileSystemArtifactStore does not create it
+        store = FileSystemArtifactStore(artifact_dir)
+        artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study,
+                                      mimetype="application/octet-stream")
+        study.set_user_attr("best_artifact_id", artifact_id)
+    except OSError as e:  # the model is already safe on disk; a full artifact folder must not lose it
+        reporter.message(f"warning: could not attach {path} to the study as an artifact ({e})")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

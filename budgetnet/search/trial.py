@@ -1,0 +1,93 @@
+"""One search trial, backend-free: config → guard → time slice → reports → result.
+
+``run_trial`` knows neither Optuna nor Ray. A backend adapter samples the config (``search/space.py``),
+gives the trial three callables (``set_attr`` records a number or a string against the trial,
+``report(progress, val_acc)`` records an evaluation and answers whether to stop, ``fits()`` says whether
+a full slice still fits in the search phase) and turns the returned ``TrialOutcome`` into its own terms
+(Optuna: a value, or ``TrialPruned`` with the reason). The guard runs here, before anything is allocated,
+so no oversized model ever reaches training on any backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from budgetnet.budget import BudgetExceeded, check_params, count_flops
+from budgetnet.config import RunConfig
+from budgetnet.data import DeviceData
+from budgetnet.train import COMPLETE, DIVERGED, OOM, STOPPED, TOO_SLOW, RunResult, train_run
+
+REPORT_STEPS = 100  # intermediate values are reported on a 0..100 (percent of the trial's slice) axis
+MIN_EPOCHS_PER_TRIAL = 0.5  # a sampled model must see half its training split per slice (speed check)
+# Runs that ended without a result worth ranking: recorded as PRUNED with this state and the run's reason.
+FAILED_RUN_STATES = {DIVERGED: "diverged", OOM: "out of memory", TOO_SLOW: "too slow"}
+
+
+@dataclass
+class TrialOutcome:
+    """How a trial ended. ``state``: complete, rejected (guard), stopped (no slice left, Ctrl-C, deadline),
+    pruned (below the median), too slow, diverged or out of memory. ``value`` is set when complete.
+    ``constraint`` is parameters over the cap (<= 0 is feasible), None before the guard ran."""
+
+    state: str
+    reason: str = ""
+    value: float | None = None
+    n_params: int | None = None
+    flops: int | None = None
+    constraint: float | None = None
+    progress: float | None = None  # the last evaluation mark reached (share of the slice)
+    val_acc: float | None = None
+    result: RunResult | None = None
+
+
+def run_trial(cfg: RunConfig, data: DeviceData, *, max_params: float, slice_s: float, device: str,
+              precision: str, set_attr: Callable[[str, object], None],
+              report: Callable[[float, float], bool], fits: Callable[[], bool], stop: Callable[[], bool],
+              sampled: bool = True, interrupted: Callable[[], bool] = lambda: False) -> TrialOutcome:
+    """Guard ``cfg`` against ``max_params`` on the meta device, then train it for one full ``slice_s``.
+
+    ``fits()`` is asked after the guard: a trial whose full slice no longer fits is not started (that time
+    goes to the final phase). ``stop()`` is polled while training (deadline, Ctrl-C, a lost leader).
+    ``sampled`` trials must show ``MIN_EPOCHS_PER_TRIAL`` of their data in the slice (the run measures its
+    own speed and ends too slow otherwise); grid points (the user's own) are never stopped for speed.
+    The user attrs ``family``, ``config``, ``n_params``, ``flops``, ``seconds``, ``images_per_s`` and
+    ``epochs`` go through ``set_attr``; the adapter records ``state`` and ``reason`` from the outcome.
+    """
+    shape = data.info.shape
+    set_attr("family", cfg.model.family)
+    set_attr("config", cfg.to_json(indent=None))
+    try:
+        n_params = check_params(cfg.model, shape, max_params)
+    except BudgetExceeded as e:
+        set_attr("n_params", int(e.value))
+        return TrialOutcome("rejected", str(e), n_params=int(e.value), constraint=float(e.value - max_params))
+    flops = count_flops(cfg.model, shape)
+    set_attr("n_params", n_params)
+    set_attr("flops", flops)
+    out = TrialOutcome("stopped", n_params=n_params, flops=flops, constraint=float(n_params - max_params))
+    if not fits():
+        out.reason = "no full slice left in the search phase"
+        return out
+
+    def hook(progress: float, metrics: dict) -> bool:
+        out.progress, out.val_acc = progress, metrics["val_acc"]
+        return report(progress, metrics["val_acc"])
+
+    result = train_run(cfg, data, device=device, seconds=slice_s, hook=hook, stop=stop,
+                       min_epochs=MIN_EPOCHS_PER_TRIAL if sampled else None, precision=precision)
+    out.result = result
+    set_attr("seconds", round(result.seconds, 2))
+    set_attr("images_per_s", round(result.images_per_s, 1))
+    set_attr("epochs", round(result.metrics.get("epoch", 0.0), 2))
+    if result.status in FAILED_RUN_STATES:
+        out.state, out.reason = FAILED_RUN_STATES[result.status], result.reason
+    elif result.status == STOPPED and result.reason == "stopped by hook":
+        out.state, out.reason = "pruned", f"below the median at {out.progress:.0%}"
+    elif result.status == STOPPED:
+        out.reason = "interrupted" if interrupted() else "search budget exhausted"
+    else:
+        assert result.status == COMPLETE
+        out.state, out.value = "complete", result.metrics["val_acc"]
+        out.val_acc = out.value
+    return out
