@@ -25,7 +25,15 @@ from budgetnet.data import DATASET_INFO
 from budgetnet.evaluate import evaluate_checkpoint
 from budgetnet.search.report import Reporter
 from budgetnet.search.runner import SearchOptions, run_search
-from budgetnet.search.space import WARM_START, _with_width, grid_config, load_grid, max_width, suggest_config
+from budgetnet.search.space import (
+    WARM_START,
+    _with_width,
+    grid_config,
+    load_grid,
+    max_width,
+    suggest_config,
+    warm_start,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 CIFAR = DATASET_INFO["cifar100"].shape
@@ -105,6 +113,15 @@ def test_the_warm_start_fixes_every_parameter_its_branch_samples():
     assert cfg.train.ema == 0.0 and cfg.train.label_smoothing == 0.1
 
 
+@pytest.mark.parametrize("cap, hidden", [(1e6, 512), (30_000, 256), (12_000, 128), (5_000, 0)])
+def test_the_warm_start_narrows_its_hidden_layer_until_it_fits_the_cap(cap, hidden):
+    shape = DATASET_INFO["synthetic"].shape
+    params = warm_start(shape, cap, DataConfig(dataset="synthetic"))
+    assert params == {**WARM_START, "plain_hidden": hidden}
+    cfg = suggest_config(optuna.trial.FixedTrial(params), shape, cap, DataConfig(dataset="synthetic"))
+    assert count_params(cfg.model, shape) <= cap  # the guard never rejects the first trial
+
+
 def test_the_space_samples_ema_and_label_smoothing_up_to_0_3():
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     emas, smoothings = set(), []
@@ -138,14 +155,17 @@ def _opts(tmp_path, slice_s=3.0, **kw) -> SearchOptions:
 def test_end_to_end_search_writes_best_pt_that_evaluates(tmp_path, slice_s):
     t0 = time.perf_counter()
     budget = 10 * slice_s
-    summary = run_search(_opts(tmp_path, slice_s, budget_seconds=budget), Reporter("quiet"), started=t0)
+    # A 100k cap: the warm start's 512-unit hidden layer fits, and it learns the task in one short slice
+    # (at 30k, whether any trial learns in 3 s depends on what TPE happens to sample).
+    summary = run_search(_opts(tmp_path, slice_s, budget_seconds=budget, max_params=100_000), Reporter("quiet"),
+                         started=t0)
     wall = time.perf_counter() - t0
     assert wall <= budget + max(0.01 * budget, 15.0)  # the promised overshoot bound
     assert summary["seconds_used"] <= budget + max(0.01 * budget, 15.0)
     assert summary["trials"]["complete"] >= 1
     assert summary["checkpoint_phase"] == "final"
     ckpt = load_checkpoint(tmp_path / "best.pt")
-    assert ckpt["extra"]["phase"] == "final" and ckpt["n_params"] <= 30_000
+    assert ckpt["extra"]["phase"] == "final" and ckpt["n_params"] <= 100_000
     best_json = json.loads((tmp_path / "best.json").read_text())
     assert best_json["best_trial"] == summary["best_trial"]
     report = evaluate_checkpoint(tmp_path / "best.pt", device="cpu", latency_repeats=2)

@@ -55,7 +55,7 @@ from budgetnet.search.final import (
     keep_if_best,
 )
 from budgetnet.search.report import Reporter
-from budgetnet.search.space import WARM_START, suggest_config, suggest_grid_config
+from budgetnet.search.space import suggest_config, suggest_grid_config, warm_start
 from budgetnet.search.trial import MIN_EPOCHS_PER_TRIAL, REPORT_STEPS, run_trial
 from budgetnet.search.workers import Lease, Workers, fail_orphans, new_session, split_resources, wait_ready
 from budgetnet.train import COMPLETE, STOPPED, train_run
@@ -371,7 +371,9 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
                          f"{used_before:.0f} s used" + (f", {orphans} interrupted trial(s) marked failed"
                                                         if orphans else ""))
     if opts.warm_start and opts.grid is None and not study.trials:
-        study.enqueue_trial(WARM_START, skip_if_exists=True)
+        study.enqueue_trial(warm_start(data.info.shape, opts.max_params,
+                                       DataConfig(dataset=opts.dataset, image_size=opts.image_size)),
+                            skip_if_exists=True)
 
     search_end = opts.budget_seconds * (1 - opts.final_fraction)
     sample = opts.grid is None

@@ -202,6 +202,19 @@ WARM_START: dict[str, Any] = {
 }
 
 
+
+def warm_start(shape: Shape, max_params: float, data: DataConfig) -> dict[str, Any]:
+    """``WARM_START``, with its hidden layer narrowed (512, 256, 128, then none) until the net fits
+    ``max_params``: the fc layer does not shrink with the width knob, so at caps of a few tens of thousands
+    of parameters the 512-unit warm start is oversized at any width, and the guard would reject the trial
+    that should set the median pruner's bar."""
+    for hidden in (512, 256, 128, 0):
+        params = {**WARM_START, "plain_hidden": hidden}
+        cfg = suggest_config(optuna.trial.FixedTrial(params), shape, max_params, data)
+        if count_params(cfg.model, shape) <= max_params:
+            return params
+    return params
+
 # -- grids over a user-given subset (the reference reports' way) ------------------------------------
 
 def load_grid(text: str) -> tuple[dict, dict[str, list]]:
