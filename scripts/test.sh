@@ -3,9 +3,11 @@
 # This is the README's test command; .ci/run calls it. pytest's "no tests ran" (exit 5) is a failure.
 #
 # With no arguments it runs the whole suite, then the time-behaviour tests (-m "timing and not slow":
-# slices, the probe, budgets, search end to end; the two kill -9 resumes are left to the first pass) once
-# more as a CPU without AVX-512, AMX or native bf16 sees it: oneDNN limited to AVX2 and ATen's kernels to AVX2. A precision or speed choice tuned to a fast CPU then fails here, on
-# any CI machine, instead of on a user's. BUDGETNET_NO_EMULATION=1 skips that second pass.
+# slices, the probe, the precision measurement, the teacher's and the compiler's time, short searches;
+# the searches of over ~20 s, the kill -9 resumes and the two-worker run are left to the first pass) once
+# more as a CPU without AVX-512, AMX or native bf16 sees it: oneDNN limited to AVX2 and ATen's kernels to
+# AVX2. A precision or speed choice tuned to a fast CPU then fails here, on any CI machine, instead of on
+# a user's. BUDGETNET_NO_EMULATION=1 skips that second pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv

@@ -11,10 +11,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from budgetnet.config import DataConfig, PlainConfig, RunConfig, TrainConfig
-from budgetnet.data import DEBIAN_FASHION_MNIST, load_data, load_test, normalizer
-from budgetnet.train import evaluate_model, train_run
+from budgetnet.config import DataConfig
+from budgetnet.data import DEBIAN_FASHION_MNIST, load_data, load_test
 
 pytestmark = [
     pytest.mark.realdata,
@@ -24,23 +24,15 @@ pytestmark = [
 ]
 
 
-def test_real_fashion_mnist_trains_to_a_sensible_accuracy():
-    cfg = RunConfig(model=PlainConfig(n_conv=2, width=16, hidden=(64,)),
-                    train=TrainConfig(lr=0.05, batch_size=128, eval_points=2),
-                    data=DataConfig(dataset="fashion_mnist", crop_padding=0, flip=False))
-    data = load_data(cfg.data, device="cpu")
+def test_real_fashion_mnist_loads_in_its_splits_with_its_class_names():
+    # Training on it, with its accuracy checked on the test split, is the search test below.
+    data = load_data(DataConfig(dataset="fashion_mnist"), device="cpu")
     assert len(data.train) == 55_000 and len(data.val) == 5_000
-    assert data.classes[0] == "T-shirt/top"
-    result = train_run(cfg, data, device="cpu", seconds=25)
-    assert result.status == "complete"
+    assert data.classes[0] == "T-shirt/top" and len(data.classes) == 10
+    assert data.train.images.shape[1:] == (1, 28, 28) and data.train.images.dtype == torch.uint8
+    assert torch.bincount(data.train.labels, minlength=10).min() > 5_000  # every class, about 6,000 each
     test, _ = load_test("fashion_mnist")
     assert len(test) == 10_000
-    from budgetnet.models import build_model
-
-    model = build_model(cfg.model, data.info.shape)
-    model.load_state_dict(result.state_dict)
-    acc = evaluate_model(model, test, normalizer(data.info, "cpu"), __import__("torch").device("cpu"))["val_acc"]
-    assert acc > 0.80, acc
 
 
 def test_real_fashion_mnist_search_then_evaluate(tmp_path):

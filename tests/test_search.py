@@ -152,6 +152,7 @@ def _opts(tmp_path, slice_s=3.0, **kw) -> SearchOptions:
 
 
 @pytest.mark.timing
+@pytest.mark.slow
 def test_end_to_end_search_writes_best_pt_that_evaluates(tmp_path, slice_s):
     t0 = time.perf_counter()
     budget = 10 * slice_s
@@ -380,6 +381,7 @@ def test_kill_9_in_the_final_phase_then_resume_runs_no_second_full_final_phase(t
 
 
 @pytest.mark.timing
+@pytest.mark.slow
 def test_a_final_phase_too_short_to_learn_keeps_the_search_model(tmp_path, slice_s):
     import io
 

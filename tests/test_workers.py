@@ -114,6 +114,7 @@ def _assert_one_final_phase(tmp_path, events: list[dict], study: optuna.Study) -
 
 
 @pytest.mark.timing
+@pytest.mark.slow
 def test_two_workers_on_one_study_within_budget_and_kill_9_of_one(tmp_path, slice_s):
     """The issue's two scenarios in one run (CI time): two local workers share one study under one
     budget, and a kill -9 of one of them mid-search fails its trial with the reason while the other goes
