@@ -124,8 +124,3 @@ def upload_artifact(study: optuna.Study, path: Path, artifact_dir: str, reporter
     except OSError as e:  # the model is already safe on disk; a full artifact folder must not lose it
         reporter.message(f"warning: could not attach {path} to the study as an artifact ({e})")
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

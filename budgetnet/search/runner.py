@@ -35,6 +35,7 @@ from budgetnet.budget import count_flops
 from budgetnet.config import ConfigError, DataConfig, ResNetConfig, RunConfig, TrainConfig
 from budgetnet.data import DeviceData, load_data
 from budgetnet.device import resolve_precision
+from budgetnet.files import write_atomic
 from budgetnet.search.clock import (
     CLOCK_SAVE_MAX_S,
     CLOCK_SAVE_MIN_S,
@@ -49,7 +50,6 @@ from budgetnet.search.clock import (
 )
 from budgetnet.search.final import (
     WRITE_RESERVE_S,
-    atomic_write_text,
     final_too_short,
     final_training,
     keep_if_best,
@@ -482,7 +482,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         summary["error"] = nothing_trained(study, opts, slice_s, search_end, train_images, precision)
     if checkpoint_phase:
         summary_path = Path(opts.out).with_name(Path(opts.out).stem + ".json")
-        atomic_write_text(summary_path, json.dumps(summary, indent=2, default=str))
+        write_atomic(summary_path, lambda f: f.write(json.dumps(summary, indent=2, default=str).encode()))
         summary["summary_json"] = str(summary_path)
     reporter.summary(summary)
     return summary
