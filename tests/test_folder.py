@@ -166,6 +166,16 @@ def test_the_second_run_loads_the_cache_and_a_changed_file_rebuilds_it(split_fol
     assert changed[i, 0].float().mean() > 250 and changed[i, 1:].float().mean() < 5
 
 
+def test_decoding_processes_give_what_this_process_gives(split_folder, monkeypatch):
+    paths = sorted(str(f) for f in split_folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+    monkeypatch.setattr(folder, "MIN_PARALLEL_IMAGES", 1)  # a few hundred images: use the pool anyway
+    here = folder.decode_images(paths, 32, workers=1)
+    pooled = folder.decode_images(paths, 32, workers=2)
+    assert len(pooled) == len(paths) and any(a is None for a in here)  # the corrupt file is in there
+    assert all((a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+               for a, b in zip(here, pooled))  # same images, same order, same failures
+
+
 def test_another_image_size_is_another_cache(split_folder, tmp_path):
     data = tmp_path / "photos"
     shutil.copytree(split_folder, data)
