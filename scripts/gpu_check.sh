@@ -8,8 +8,9 @@
 # from .data/fashion-mnist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=python3
-[ -x .venv/bin/python ] && py=.venv/bin/python
+# The interpreter: $PYTHON if set (the test suite passes its own), else .venv's, else python3.
+py=${PYTHON:-python3}
+[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && py=.venv/bin/python
 if ! "$py" -c "import optuna" 2>/dev/null; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --target "$HOME/site" .whl/*.whl

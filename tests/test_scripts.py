@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
     import subprocess
 
     proc = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHON=sys.executable))  # this interpreter, wherever it lives
     assert proc.returncode == 0, proc.stderr[-2000:]
     block = (tmp_path / "gpu_check.md").read_text()
     assert block in proc.stdout
