@@ -88,6 +88,17 @@ def test_a_model_left_at_out_by_something_else_is_never_overwritten(tmp_path, ca
     assert (tmp_path / "best.pt").read_bytes() == b"precious"
 
 
+def test_a_teacher_that_cannot_teach_this_data_is_refused_before_anything(tmp_path, capsys):
+    from test_search import _teacher
+
+    other = _teacher(tmp_path / "fmnist-shaped.pt")  # trained on synthetic; the search below is on cifar10
+    for path, says in ((tmp_path / "none.pt", "none.pt"), (other, "trained on synthetic, not cifar10")):
+        code = main(_search(tmp_path, "--hours", "0.01", "--dataset", "cifar10", "--teacher", str(path)))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "keep.db").exists() and not (tmp_path / "best.pt").exists()
+
+
 def test_missing_dataset_names_the_path_and_flags(tmp_path, capsys, monkeypatch):
     import torchvision.datasets
 

@@ -506,3 +506,35 @@ def test_slices_are_shares_of_the_budget_with_floors(search_end, used, expected)
     from budgetnet.search.clock import slice_seconds
 
     assert slice_seconds(search_end, used) == pytest.approx(expected)
+
+
+def _teacher(path, dataset="synthetic"):
+    """A small trained checkpoint to distil from."""
+    from budgetnet.checkpoint import save_checkpoint
+    from budgetnet.config import RunConfig, TrainConfig
+    from budgetnet.data import load_data
+    from budgetnet.train import train_run
+
+    cfg = RunConfig(model=PlainConfig(n_conv=2, width=8, hidden=(32,)), train=TrainConfig(batch_size=64, lr=0.05),
+                    data=DataConfig(dataset=dataset))
+    data = load_data(cfg.data)
+    r = train_run(cfg, data, device="cpu", epochs=1)
+    return save_checkpoint(path, cfg, r.state_dict, metrics=r.metrics, n_params=0, flops=0, classes=data.classes,
+                           train_seconds=r.seconds, precision=r.precision)
+
+
+def test_the_final_phase_distils_from_a_teacher_inside_its_own_time(tmp_path, slice_s, monkeypatch):
+    import budgetnet.search.final as final
+
+    teacher = _teacher(tmp_path / "teacher.pt")
+    calls = []
+    real = final.train_run
+    monkeypatch.setattr(final, "train_run", lambda cfg, data, **kw: calls.append((cfg, kw)) or real(cfg, data, **kw))
+    budget = 6 * slice_s
+    summary = run_search(_opts(tmp_path, slice_s, budget_seconds=budget, final_fraction=0.5, max_params=100_000,
+                               teacher=str(teacher)), Reporter("quiet"))
+    assert summary["checkpoint_phase"] == "final" and summary["seconds_used"] <= budget + 15.0
+    ((cfg, kw),) = calls
+    assert isinstance(kw["teacher"], torch.nn.Module) and cfg.train.distill == final.DISTILL_WEIGHT
+    assert kw["seconds"] <= budget  # the teacher's passes run inside the final run's own seconds
+    assert load_checkpoint(tmp_path / "best.pt")["run_config"].train.distill == final.DISTILL_WEIGHT

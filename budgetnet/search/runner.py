@@ -83,6 +83,7 @@ class SearchOptions:
     warm_start: bool = True
     precision: str = "auto"  # auto (the device's best, decided on this machine), fp32, bf16 or fp16
     workers: int = 1  # local worker processes on the study (the leader is one of them)
+    teacher: str | None = None  # a checkpoint the final model is distilled from (its forward passes are timed)
 
 
 class StudyMismatch(ConfigError):
