@@ -84,6 +84,27 @@ def measure_latency(model: torch.nn.Module, shape: tuple[int, int, int], device:
     return {"batch_size": batch_size, "latency_ms": median * 1e3, "images_per_s": batch_size / median}
 
 
+def checkpoint_test_split(path: str | Path, ckpt: dict, data_dir, device: torch.device, *,
+                          download: bool = False, dataset: str | None = None):
+    """The official test split of the data a loaded checkpoint was trained on, on ``device``, and its class
+    names; ``dataset`` points a model trained on an image folder at that folder elsewhere. Raises
+    CheckpointError when the test data does not fit the model (other data, classes or input shape)."""
+    info, name = recorded_info(ckpt), ckpt["run_config"].data.dataset
+    if dataset is not None and dataset != name:
+        if not (is_folder(dataset) and is_folder(name)):
+            raise CheckpointError(f"{path} was trained on {name}, not {dataset}; only a folder dataset may be "
+                                  f"pointed elsewhere (--dataset folder:PATH)")
+        name = dataset
+    test, classes = load_test(name, data_dir, device, download=download,
+                              image_size=info.image_size if is_folder(name) else None)
+    if list(classes) != list(ckpt["classes"]):
+        raise CheckpointError(f"{path}: the test data's classes differ from the checkpoint's")
+    if tuple(test.images.shape[1:]) != (info.channels, info.image_size, info.image_size):
+        raise CheckpointError(f"{path}: the test images are {list(test.images.shape[1:])}, the checkpoint's "
+                              f"input is {[info.channels, info.image_size, info.image_size]}")
+    return test, classes
+
+
 def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.device = "cpu", *,
                         plots: str | Path | None = None, latency_repeats: int = 20,
                         download: bool = False, precision: str = "auto", dataset: str | None = None) -> dict:
@@ -97,21 +118,9 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
     ckpt = load_checkpoint(path)
     cfg = ckpt["run_config"]
     info = recorded_info(ckpt)
-    name = cfg.data.dataset
-    if dataset is not None and dataset != name:
-        if not (is_folder(dataset) and is_folder(name)):
-            raise CheckpointError(f"{path} was trained on {name}, not {dataset}; only a folder dataset may be "
-                                  f"pointed elsewhere (--dataset folder:PATH)")
-        name = dataset
     precision = resolve_precision(device, precision)
     model = inference_model(model_from_checkpoint(ckpt, device).to(memory_format=memory_format(device)), precision)
-    test, classes = load_test(name, data_dir, device, download=download,
-                              image_size=info.image_size if is_folder(name) else None)
-    if list(classes) != list(ckpt["classes"]):
-        raise CheckpointError(f"{path}: the test data's classes differ from the checkpoint's")
-    if tuple(test.images.shape[1:]) != (info.channels, info.image_size, info.image_size):
-        raise CheckpointError(f"{path}: the test images are {list(test.images.shape[1:])}, the checkpoint's "
-                              f"input is {[info.channels, info.image_size, info.image_size]}")
+    test, classes = checkpoint_test_split(path, ckpt, data_dir, device, download=download, dataset=dataset)
     normalize = normalizer(info, device, memory_format(device))
     m = test_metrics(model, test.images, test.labels, normalize, device, len(classes))
     confusion = m.pop("confusion")
@@ -122,7 +131,7 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
     n_params = count_params(cfg.model, info.shape)
     report = {
         "checkpoint": str(path),
-        "dataset": name,
+        "dataset": dataset or cfg.data.dataset,
         "test_images": len(test),
         **m,
         "n_params": n_params,

@@ -28,11 +28,16 @@ import torch
 from torch import nn
 
 from budgetnet.budget import count_flops, count_params
-from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from budgetnet.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    recorded_info,
+    save_checkpoint,
+)
 from budgetnet.config import ConfigError, ModelConfig, PlainConfig, RunConfig, Shape
-from budgetnet.data import DATASET_INFO, load_data, load_test, normalizer
+from budgetnet.data import DatasetInfo, load_data, normalizer
 from budgetnet.device import memory_format, resolve_precision
-from budgetnet.evaluate import inference_model, measure_latency, test_metrics
+from budgetnet.evaluate import checkpoint_test_split, inference_model, measure_latency, test_metrics
 from budgetnet.models import build_model
 from budgetnet.train import COMPLETE, train_run
 
@@ -124,10 +129,9 @@ def _inference(model: nn.Module, device: torch.device, precision: str) -> nn.Mod
     return inference_model(copy.deepcopy(model).to(device, memory_format=memory_format(device)).eval(), precision)
 
 
-def measure(model: nn.Module, cfg: RunConfig, test, device: torch.device, precision: str) -> dict:
-    """Params, FLOPs/image and test top-1 of a model, with evaluate's own functions, in ``precision``
-    (weights cast once, on a copy)."""
-    info = DATASET_INFO[cfg.data.dataset]
+def measure(model: nn.Module, cfg: RunConfig, info: DatasetInfo, test, device: torch.device, precision: str) -> dict:
+    """Params, FLOPs/image and test top-1 of a model on data ``info`` (the checkpoint's recorded input and
+    normalisation), with evaluate's own functions, in ``precision`` (weights cast once, on a copy)."""
     m = test_metrics(_inference(model, device, precision), test.images, test.labels,
                      normalizer(info, device, memory_format(device)), device, info.num_classes)
     return {"params": count_params(cfg.model, info.shape), "flops": count_flops(cfg.model, info.shape),
@@ -161,8 +165,8 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None 
     device = torch.device(device)
     ckpt = load_checkpoint(path)
     cfg: RunConfig = ckpt["run_config"]
-    info = DATASET_INFO[cfg.data.dataset]
-    shape = Shape(info.channels, len(ckpt["classes"]) or info.num_classes, info.image_size)
+    info = recorded_info(ckpt)
+    shape = info.shape
     model = model_from_checkpoint(ckpt)
     t0 = time.perf_counter()
     if amount is None:
@@ -175,15 +179,13 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None 
                          f"net; try a larger --amount")
 
     precision = resolve_precision(device, precision)
-    test, classes = load_test(cfg.data.dataset, data_dir, device, download=download)
-    if list(classes) != list(ckpt["classes"]):
-        raise CheckpointError(f"{path}: the test data's classes differ from the checkpoint's")
+    test, _ = checkpoint_test_split(path, ckpt, data_dir, device, download=download)
     report = {"checkpoint": str(path), "out": str(out), "amount": amount, "prune_seconds": prune_s,
               "device": str(device), "precision": precision,
-              "before": measure(model, cfg, test, device, precision)}
+              "before": measure(model, cfg, info, test, device, precision)}
     stages = {"before": model, "pruned": pruned}
     log(f"pruned {amount:.1%} of each prunable layer's filters in {prune_s:.1f} s")
-    report["pruned"] = measure(pruned, pruned_cfg, test, device, precision)
+    report["pruned"] = measure(pruned, pruned_cfg, info, test, device, precision)
     state = {k: v.detach().clone().contiguous() for k, v in pruned.state_dict().items()}
     metrics, trained_s, trained_in = dict(ckpt["metrics"]), 0.0, ckpt.get("precision", "fp32")
     if seconds > 0:
@@ -208,8 +210,8 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None 
                            "finetune_seconds": trained_s})
     rebuilt = model_from_checkpoint(load_checkpoint(out))  # the numbers after are the file's own
     last = "finetuned" if seconds > 0 else "written"
-    report[last], stages[last] = measure(rebuilt, pruned_cfg, test, device, precision), rebuilt
-    for key, ms in zip(stages, latencies(list(stages.values()), info.shape, device, precision)):
+    report[last], stages[last] = measure(rebuilt, pruned_cfg, info, test, device, precision), rebuilt
+    for key, ms in zip(stages, latencies(list(stages.values()), shape, device, precision)):
         report[key]["latency_ms"] = ms
     return report
 

@@ -133,6 +133,11 @@ def test_train_on_a_folder_then_evaluate(split_folder, tmp_path, capsys):
     assert main(["evaluate", str(out), "--device", "cpu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["test_images"] == 45 and report["latency"][0]["images_per_s"] > 0
+    # prune reads the folder model's recorded input too (16 px, its own normalisation)
+    assert main(["prune", str(out), "--amount", "0.3", "--seconds", "0", "--out", str(tmp_path / "p.pt"),
+                 "--device", "cpu", "--json"]) == 0
+    assert load_checkpoint(tmp_path / "p.pt")["input_shape"] == [3, 16, 16]
+    capsys.readouterr()
     assert main([*args, "--image-size", "16"]) == 2  # synthetic has its own size
     assert "folder datasets only" in capsys.readouterr().err
 
