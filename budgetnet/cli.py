@@ -205,7 +205,7 @@ def cmd_train(args) -> int:
     from budgetnet.checkpoint import save_checkpoint
     from budgetnet.config import ConfigError, RunConfig, is_folder
     from budgetnet.data import dataset_info, load_data
-    from budgetnet.train import COMPLETE, train_run
+    from budgetnet.train import COMPLETE, EVAL_SUBSET, train_run
 
     if (args.seconds is None) == (args.epochs is None):
         raise UserError("give exactly one of --seconds S or --epochs E")
@@ -232,12 +232,13 @@ def cmd_train(args) -> int:
 
     def hook(progress: float, m: dict) -> bool:
         acc = f"  val acc {m['val_acc']:.4f}" if "val_acc" in m else ""
+        acc += f"  fit acc {m['fit_acc']:.4f} (training images)" if "fit_acc" in m else ""
         print(f"{progress:>4.0%}  epoch {m['epoch']:.1f}  train loss {m['train_loss']:.4f}{acc}  "
               f"{m['images_per_s']:,.0f} images/s", flush=True)
         return False
 
     result = train_run(cfg, data, device=device, seconds=args.seconds, epochs=args.epochs, hook=hook,
-                       precision=args.precision, compile=args.compile)
+                       precision=args.precision, compile=args.compile, fit_images=EVAL_SUBSET if args.full else 0)
     if result.status != COMPLETE:
         print(f"budgetnet: training ended: {result.status} ({result.reason})", file=sys.stderr)
         return 1

@@ -185,7 +185,7 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
               epochs: float | None = None, hook: Hook | None = None,
               stop: Callable[[], bool] | None = None, min_epochs: float | None = None,
               precision: str = "auto", teacher: nn.Module | None = None, compile: bool = False,
-              init_state: dict | None = None) -> RunResult:
+              init_state: dict | None = None, fit_images: int = 0) -> RunResult:
     """Train ``cfg`` on ``data.train`` for ``seconds`` of wall time or ``epochs`` epochs.
 
     ``hook(progress, metrics)`` is called at each evaluation mark; returning True stops the run.
@@ -204,6 +204,9 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     it. Evaluation runs the same weights uncompiled, so train/eval mode and batch shapes never recompile.
     ``init_state``: start from these weights (a state dict of the model ``cfg`` builds) instead of a fresh
     initialisation, as fine-tuning a pruned model does.
+    ``fit_images``: with no validation split (train+validation), the last mark scores the model on a seeded
+    sample of this many training images, unaugmented (``fit_acc``, ``fit_loss``), inside the run's time:
+    a check that the run learned what it was shown, where no held-out image is left to tell.
     Divergence and out-of-memory end the run with a typed status instead of an exception.
     """
     if (seconds is None) == (epochs is None):
@@ -222,7 +225,7 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
         return RunResult(OOM, reason=f"out of memory: {e}")
     try:
         return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs, precision, teacher, compile,
-                      init_state)
+                      init_state, fit_images)
     except torch.OutOfMemoryError as e:
         reason = str(e).splitlines()[0]
     except RuntimeError as e:  # the CPU allocator reports exhaustion as a plain RuntimeError
@@ -239,7 +242,7 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
 def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: float | None,
            epochs: float | None, hook: Hook | None, stop: Callable[[], bool] | None,
            min_epochs: float | None, precision: str, teacher: nn.Module | None, compile: bool,
-           init_state: dict | None) -> RunResult:
+           init_state: dict | None, fit_images: int) -> RunResult:
     t0 = time.perf_counter()  # the slice covers setup too (the first optimizer build in a process takes ~2 s)
     tc = cfg.train
     prepare(device)
@@ -304,9 +307,17 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
             metrics.update(evaluate_model(ema.module if ema is not None else model, val, normalize, device,
                                           precision=precision))
             metrics["val_images"] = len(val)
+        elif final and fit_images:  # no validation split: how well the model fits what it trained on
+            pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:fit_images].to(device)
+            fit = evaluate_model(ema.module if ema is not None else model,
+                                 ImageSet(train.images[pick], train.labels[pick]), normalize, device,
+                                 precision=precision)
+            metrics.update(fit_acc=fit["val_acc"], fit_loss=fit["val_loss"], fit_images=len(pick))
         eval_reserve = time.perf_counter() - te
         if val is not None and not final:  # the final evaluation scores more images: keep room for it
             eval_reserve *= len(data.val) / max(len(val), 1)
+        elif val is None and not final and fit_images:  # room for the fit check: scoring an image costs
+            eval_reserve = min(fit_images, n) / max(steady_rate(), 1.0)  # less than training on it
         metrics["seconds"] = time.perf_counter() - t0
         metrics["images_per_s"] = steady_rate()
         if not all(math.isfinite(metrics.get(k, 0.0)) for k in ("train_loss", "val_loss")):

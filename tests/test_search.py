@@ -515,7 +515,7 @@ def _teacher(path, dataset="synthetic"):
     from budgetnet.data import load_data
     from budgetnet.train import train_run
 
-    cfg = RunConfig(model=PlainConfig(n_conv=2, width=8, hidden=(32,)), train=TrainConfig(batch_size=64, lr=0.05),
+    cfg = RunConfig(model=PlainConfig(n_conv=2, width=8, hidden=(32,)), train=TrainConfig(batch_size=64, lr=1e-95),
                     data=DataConfig(dataset=dataset))
     data = load_data(cfg.data)
     r = train_run(cfg, data, device="cpu", epochs=1)
@@ -538,3 +538,57 @@ def test_the_final_phase_distils_from_a_teacher_inside_its_own_time(tmp_path, sl
     assert isinstance(kw["teacher"], torch.nn.Module) and cfg.train.distill == final.DISTILL_WEIGHT
     assert kw["seconds"] <= budget  # the teacher's passes run inside the final run's own seconds
     assert load_checkpoint(tmp_path / "best.pt")["run_config"].train.distill == final.DISTILL_WEIGHT
+
+
+def test_a_final_model_that_fails_its_fit_check_leaves_the_trial_model_in_place(tmp_path, synthetic_data):
+    """A final run that ends without a NaN but learned nothing (here lr 1e-9: its weights stay at their
+    initialisation) must not replace the trial's model, which the study's best trial stands behind."""
+    import io
+
+    import budgetnet.search.final as final
+    from budgetnet.config import PlainConfig, RunConfig, TrainConfig
+    from budgetnet.search.clock import Clock
+    from budgetnet.train import train_run
+
+    opts = _opts(tmp_path, 3.0)
+    cfg = RunConfig(model=PlainConfig(n_conv=2, width=8, hidden=(32,)), train=TrainConfig(lr=1e-9, batch_size=64),
+                    data=DataConfig(dataset="synthetic"))
+    # The trial trained at the default lr; the config it stands for (what the final phase trains) has lr 1e-9.
+    trial_run = train_run(cfg.replace(train=TrainConfig(batch_size=64)), synthetic_data, device="cpu", epochs=2)
+    study = optuna.create_study(study_name="s", storage=opts.storage, direction="maximize")
+    attrs = {"config": cfg.to_json(), "n_params": count_params(cfg.model, synthetic_data.info.shape), "flops": 1,
+             "images_per_s": trial_run.images_per_s, "epochs": 2.0}
+    study.add_trial(optuna.trial.create_trial(value=trial_run.metrics["val_acc"], user_attrs=attrs))
+    best = study.best_trial
+    assert best.value > 0.5  # the trial's model learned the task
+    final.keep_if_best(opts.out, "s", best.number, cfg, trial_run, best.value, attrs["n_params"], 1,
+                       synthetic_data.classes)
+    before = (tmp_path / "best.pt").read_bytes()
+    out = io.StringIO()
+    phase, metrics = final.final_training(opts, study, best, Clock(5.0, 0.0, time.perf_counter()), lambda: False,
+                                          Reporter("text", out), "fp32")
+    assert (phase, metrics) == ("search", {})
+    assert (tmp_path / "best.pt").read_bytes() == before
+    (line,) = [x for x in out.getvalue().splitlines() if "failed its check" in x]
+    assert "keeping trial 0's model" in line
+    assert "of its training images" in study.user_attrs["final_failed"] and "final_done" not in study.user_attrs
+
+
+def test_a_run_without_validation_scores_its_fit_on_a_sample_of_its_training_images():
+    from budgetnet.config import PlainConfig, RunConfig, TrainConfig
+    from budgetnet.data import load_data
+    from budgetnet.search.final import fit_fell_short
+    from budgetnet.train import train_run
+
+    merged = load_data(DataConfig(dataset="synthetic"), merge_val=True)
+    cfg = RunConfig(model=PlainConfig(n_conv=2, width=8, hidden=(32,)), train=TrainConfig(batch_size=64),
+                    data=DataConfig(dataset="synthetic"))
+    learned = train_run(cfg, merged, device="cpu", epochs=2, fit_images=1000)
+    still = train_run(cfg.replace(train=TrainConfig(batch_size=64, lr=1e-9)), merged, device="cpu", epochs=0.1,
+                      fit_images=1000)
+    assert learned.metrics["fit_images"] == 1000 and "fit_acc" not in train_run(cfg, merged, device="cpu",
+                                                                                 epochs=0.1).metrics
+    assert learned.metrics["fit_acc"] > 0.5 and still.metrics["fit_acc"] < 0.3  # chance is 0.1
+    trial = optuna.trial.create_trial(value=learned.metrics["fit_acc"])
+    assert fit_fell_short(learned, trial) is None
+    assert "against trial" in fit_fell_short(still, trial)

@@ -31,23 +31,31 @@ def _kaiming(w: torch.Tensor) -> None:
 WEIGHT_INITS: dict[str, Callable[[torch.Tensor], None] | None] = {
     "default": None,  # keep PyTorch's per-layer defaults
     "xavier": nn.init.xavier_uniform_,
-    "kaiming": _kaiming,
+    "kaiming": _kaiming,  # convs only (torchvision's ResNet init): linear layers keep PyTorch's default
     "orthogonal": nn.init.orthogonal_,
 }
 
 
 @torch.no_grad()
 def init_weights(model: nn.Module, name: str) -> None:
-    """Re-initialise conv and linear weights with the named scheme; biases to zero, BN to identity.
+    """Re-initialise weights with the named scheme; their biases to zero, BN to identity.
 
+    Every scheme re-initialises the convs. xavier and orthogonal also take the hidden linear layers;
+    kaiming leaves every linear layer at PyTorch's default (uniform within 1/sqrt(fan_in)), as torchvision's
+    ResNet init does. The classifier (the last linear layer) always keeps that default. He et al.'s
+    fan_out rule on a linear layer uses its output width: a 10-way classifier after 512 units started at
+    std 0.45, and the warm start's plain net (no BN) stayed at chance for 10 epochs on train+validation of
+    the synthetic task in 8 seeds of 8; with convs only, all 8 learned it (``tests/test_models.py``).
     Called by ``build_model`` after construction. On the meta device it is a no-op, so builders stay
     allocation-free for the budget guard.
     """
     fn = WEIGHT_INITS[name]
     if fn is None:
         return
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    head = linears[-1] if linears else None
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, nn.Conv2d) or (isinstance(m, nn.Linear) and m is not head and name != "kaiming"):
             if m.weight.is_meta:
                 return
             fn(m.weight)

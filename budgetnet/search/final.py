@@ -5,7 +5,8 @@
   workers finishing at once cannot leave the worse model behind, and a final model is never replaced by
   a search one.
 - ``final_training`` trains the best configuration on train+validation for what is left of the budget and
-  writes ``best.pt`` once. Only the leader process calls it, after every worker has ended.
+  writes ``best.pt`` once, if its model passes a check (``fit_fell_short``); otherwise the best trial's
+  model stays. Only the leader process calls it, after every worker has ended.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from budgetnet.config import RunConfig, Shape
 from budgetnet.data import load_data
 from budgetnet.search.clock import Clock
 from budgetnet.search.report import Reporter
-from budgetnet.train import COMPLETE, RunResult, train_run
+from budgetnet.train import COMPLETE, EVAL_SUBSET, RunResult, train_run
 
 WRITE_RESERVE_S = 3.0  # kept back at the end for the FLOP count, checkpoint write and artifact upload
+FIT_MARGIN = 0.05  # how far below the best trial's val accuracy the final model's training fit may fall
 DISTILL_WEIGHT = 0.5  # share of the teacher's softened outputs in the final loss (with --teacher)
 
 
@@ -98,6 +100,18 @@ def final_too_short(best: optuna.trial.FrozenTrial, seconds: float, images: int,
             f"trial's model")
 
 
+def fit_fell_short(result: RunResult, best: optuna.trial.FrozenTrial) -> str | None:
+    """Why the final model must not replace the trial's, or None. It trained on the validation images that
+    scored the trial, and for longer, so it should fit its training images at least about as well as the
+    trial's model predicted unseen ones. Scoring ``FIT_MARGIN`` below that means the run went wrong (a net
+    without normalisation stuck at chance after a high learning rate, say) even though no loss was NaN."""
+    fit = result.metrics.get("fit_acc")
+    if fit is None or best.value is None or fit >= best.value - FIT_MARGIN:
+        return None
+    return (f"it fits {fit:.1%} of {result.metrics.get('fit_images', 0)} of its training images, against "
+            f"trial {best.number}'s {best.value:.1%} on unseen validation images")
+
+
 def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, clock: Clock, stop,
                    reporter: Reporter, precision: str) -> tuple[str, dict]:
     """Train ``best``'s config on train+validation until ``WRITE_RESERVE_S`` before the budget ends, write
@@ -123,10 +137,16 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
         return "search", {}
     deadline = opts.budget_seconds - WRITE_RESERVE_S + 1.0
     result = train_run(cfg, data, device=opts.device, seconds=seconds, precision=precision, teacher=teacher,
-                       stop=lambda: stop() or clock.used() > deadline or clock.tick())
+                       fit_images=EVAL_SUBSET, stop=lambda: stop() or clock.used() > deadline or clock.tick())
     if result.status != COMPLETE:
         reporter.message(f"final training ended early ({result.status}: {result.reason}); "
                          f"keeping trial {best.number}'s model in {opts.out}")
+        return "search", {}
+    short = fit_fell_short(result, best)
+    if short:
+        reporter.message(f"final training failed its check ({short}); keeping trial {best.number}'s model "
+                         f"in {opts.out}")
+        study.set_user_attr("final_failed", short)
         return "search", {}
     metrics = {"best_trial_val_acc": best.value, **numbers(result.metrics)}
     n_params, flops = best.user_attrs["n_params"], best.user_attrs["flops"]

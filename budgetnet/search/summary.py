@@ -57,7 +57,7 @@ TRIAL_ATTRS = {
 DROPPED = ("user_attrs_config",)  # the whole config JSON: in summary.json for the best trial, too wide for a table
 # The study's user attrs the summary shows (written by search/runner.py and search/clock.py); missing: None.
 STUDY_ATTRS = ("dataset", "max_params", "budget_seconds", "seconds_used", "phase", "precision", "slice_seconds",
-               "final_runs", "final_done", "probe_images_per_s", "time_feasible_flops", "best_artifact_id")
+               "final_runs", "final_done", "final_failed", "probe_images_per_s", "time_feasible_flops", "best_artifact_id")
 # budgetnet's state of a trial that has none recorded (still running, or from before the attr existed)
 STATE_OF = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
             "WAITING": "waiting"}
