@@ -179,9 +179,10 @@ def cmd_search(args) -> int:
     named = args.dataset + (f"-{args.image_size}px" if args.image_size else "")  # another size: another study
     study_name = args.study_name or default_study_name(named, args.max_params, args.hours)
     _check_not_someone_elses(args.out, study_name)
-    if args.teacher is not None:  # a wrong teacher is refused now, not after the search
+    teacher = None if args.teacher == "none" else args.teacher
+    if teacher not in (None, "auto"):  # a wrong teacher is refused now, not after the search
         from budgetnet.data import dataset_info
-        from budgetnet.search.final import load_teacher
+        from budgetnet.search.teacher import load_teacher
 
         load_teacher(args.teacher, args.dataset, dataset_info(args.dataset, args.image_size).shape, "cpu")
     opts = SearchOptions(
@@ -191,7 +192,7 @@ def cmd_search(args) -> int:
         seed=args.seed, pruner=args.pruner, sampler=args.sampler, grid=grid,
         final_fraction=args.final_fraction, trial_seconds=args.trial_seconds,
         device=str(_device(args.device)), artifact_dir=args.artifact_dir, download=args.download,
-        warm_start=not args.no_warm_start, precision=args.precision, teacher=args.teacher, workers=args.workers,
+        warm_start=not args.no_warm_start, precision=args.precision, teacher=teacher, workers=args.workers,
     )
     mode = "json" if args.json else "quiet" if args.quiet else "text"
     summary = run_search(opts, Reporter(mode), started=STARTED)
@@ -445,9 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "CPU threads or of the GPU's memory, and one of them alone runs the final phase")
     s.add_argument("--artifact-dir", default=DEFAULT_ARTIFACTS)
     s.add_argument("--no-warm-start", action="store_true", help="do not queue the built-in first trial")
-    s.add_argument("--teacher", default=None, metavar="PATH",
-                   help="a checkpoint of the same dataset (any size) whose outputs the final model also learns "
-                   "from (knowledge distillation); its forward passes are paid out of the final phase's time")
+    s.add_argument("--teacher", default="none", metavar="auto|none|PATH",
+                   help="knowledge distillation in the final phase: the final model also learns from a teacher's "
+                   "outputs. PATH: a checkpoint of the same dataset, any size. auto: a larger net trained on "
+                   "train+validation in the final phase's own time, only where the search's measured speed says "
+                   "teacher and student both fit (docs/search.md). Every teacher pass is paid out of the budget "
+                   "(default: none)")
     out = s.add_mutually_exclusive_group()
     out.add_argument("--quiet", action="store_true", help="print only the final summary")
     out.add_argument("--json", action="store_true", help="print JSON lines (one per trial, then a summary)")

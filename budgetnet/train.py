@@ -10,6 +10,7 @@ nor ray: the search adapts hooks to its tuner.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import math
 import time
@@ -237,6 +238,18 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return RunResult(OOM, reason=f"out of memory: {reason[:200]}")
+
+
+def measure_rate(cfg: RunConfig, data: DeviceData, *, device, seconds: float, precision: str = "auto",
+                 stop: Callable[[], bool] | None = None) -> float | None:
+    """Training images/s of ``cfg`` on this device (after its first step), measured by training it for at
+    most ``seconds`` of wall time, set-up included, with no evaluation. None if it finished no step."""
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train, eval_points=1))
+    result = train_run(cfg, DeviceData(data.info, data.classes, data.train, None), device=device, seconds=seconds,
+                       stop=stop, precision=precision)
+    if result.status not in (COMPLETE, STOPPED) or result.steps < 1 or not result.images_per_s > 0:
+        return None
+    return result.images_per_s
 
 
 def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: float | None,

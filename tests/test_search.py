@@ -34,6 +34,7 @@ from budgetnet.search.space import (
     suggest_config,
     warm_start,
 )
+from budgetnet.search.teacher import DISTILL_WEIGHT
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 CIFAR = DATASET_INFO["cifar100"].shape
@@ -186,14 +187,14 @@ def test_end_to_end_search_writes_best_pt_that_evaluates(tmp_path, slice_s):
 
 def test_tiny_cap_never_trains_an_oversized_model(tmp_path, monkeypatch, slice_s):
     trained = []
-    real_train_run = runner.train_run
+    import budgetnet.search.trial as trial_mod
+
+    real_train_run = trial_mod.train_run
 
     def spy(cfg, data, **kw):
         if kw.get("seconds", 0) > 1.0 and data.val is not None:  # a trial, not the speed probe
             trained.append(count_params(cfg.model, data.info.shape))
         return real_train_run(cfg, data, **kw)
-
-    import budgetnet.search.trial as trial_mod
 
     monkeypatch.setattr(trial_mod, "train_run", spy)  # the one trial function trains here
     grid = load_grid(json.dumps({"base": {"model": {"family": "plain", "n_conv": 2, "hidden": [16]},
@@ -402,10 +403,11 @@ def test_a_final_phase_too_short_to_learn_keeps_the_search_model(tmp_path, slice
 
 def test_train_run_refuses_an_empty_budget(synthetic_data):
     from budgetnet.config import RunConfig
+    from budgetnet.train import train_run
 
     for kw in (dict(seconds=0), dict(seconds=-1.0), dict(epochs=0), dict(seconds=math.inf)):
         with pytest.raises(ValueError, match="positive, finite budget"):
-            runner.train_run(RunConfig(), synthetic_data, device="cpu", **kw)
+            train_run(RunConfig(), synthetic_data, device="cpu", **kw)
 
 
 def test_a_resume_with_another_cap_or_dataset_is_refused(tmp_path, capsys):
@@ -535,9 +537,19 @@ def test_the_final_phase_distils_from_a_teacher_inside_its_own_time(tmp_path, sl
                                teacher=str(teacher)), Reporter("quiet"))
     assert summary["checkpoint_phase"] == "final" and summary["seconds_used"] <= budget + 15.0
     ((cfg, kw),) = calls
-    assert isinstance(kw["teacher"], torch.nn.Module) and cfg.train.distill == final.DISTILL_WEIGHT
+    assert isinstance(kw["teacher"], torch.nn.Module) and cfg.train.distill == DISTILL_WEIGHT
     assert kw["seconds"] <= budget  # the teacher's passes run inside the final run's own seconds
-    assert load_checkpoint(tmp_path / "best.pt")["run_config"].train.distill == final.DISTILL_WEIGHT
+    assert load_checkpoint(tmp_path / "best.pt")["run_config"].train.distill == DISTILL_WEIGHT
+
+
+def _study_with_one_trial(opts, cfg, run, data):
+    """A study (at ``opts.storage``) whose one COMPLETE trial stands for ``cfg``, scored and timed by ``run``."""
+    study = optuna.create_study(study_name="s", storage=opts.storage, direction="maximize")
+    attrs = {"config": cfg.to_json(), "n_params": count_params(cfg.model, data.info.shape),
+             "flops": count_flops(cfg.model, data.info.shape), "images_per_s": run.images_per_s,
+             "epochs": run.metrics["epoch"]}
+    study.add_trial(optuna.trial.create_trial(value=run.metrics["val_acc"], user_attrs=attrs))
+    return study, study.best_trial
 
 
 def test_a_final_model_that_fails_its_fit_check_leaves_the_trial_model_in_place(tmp_path, synthetic_data):
@@ -555,13 +567,9 @@ def test_a_final_model_that_fails_its_fit_check_leaves_the_trial_model_in_place(
                     data=DataConfig(dataset="synthetic"))
     # The trial trained at the default lr; the config it stands for (what the final phase trains) has lr 1e-9.
     trial_run = train_run(cfg.replace(train=TrainConfig(batch_size=64)), synthetic_data, device="cpu", epochs=2)
-    study = optuna.create_study(study_name="s", storage=opts.storage, direction="maximize")
-    attrs = {"config": cfg.to_json(), "n_params": count_params(cfg.model, synthetic_data.info.shape), "flops": 1,
-             "images_per_s": trial_run.images_per_s, "epochs": 2.0}
-    study.add_trial(optuna.trial.create_trial(value=trial_run.metrics["val_acc"], user_attrs=attrs))
-    best = study.best_trial
+    study, best = _study_with_one_trial(opts, cfg, trial_run, synthetic_data)
     assert best.value > 0.5  # the trial's model learned the task
-    final.keep_if_best(opts.out, "s", best.number, cfg, trial_run, best.value, attrs["n_params"], 1,
+    final.keep_if_best(opts.out, "s", best.number, cfg, trial_run, best.value, best.user_attrs["n_params"], 1,
                        synthetic_data.classes)
     before = (tmp_path / "best.pt").read_bytes()
     out = io.StringIO()
@@ -572,6 +580,81 @@ def test_a_final_model_that_fails_its_fit_check_leaves_the_trial_model_in_place(
     (line,) = [x for x in out.getvalue().splitlines() if "failed its check" in x]
     assert "keeping trial 0's model" in line
     assert "of its training images" in study.user_attrs["final_failed"] and "final_done" not in study.user_attrs
+
+
+def _trial_stats(**attrs) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(value=0.9, user_attrs=attrs)
+
+
+def test_teacher_auto_declines_where_the_device_is_too_slow_for_teacher_and_student():
+    from budgetnet.search.teacher import TEACHERS, plan_teacher
+
+    shape = DATASET_INFO["fashion_mnist"].shape
+    student = {"n_params": 300_000, "flops": 20_000_000, "epochs": 6.0}
+    measured = []
+
+    def measure(rate):
+        return lambda model: measured.append(model) or rate
+
+    # A 2-core CPU: the student trained 1,500 images/s; a 10-minute search leaves ~200 s of final phase.
+    # No teacher outruns its student, so no candidate is even measured.
+    why = plan_teacher(_trial_stats(images_per_s=1500.0, **student), 200.0, 60_000, shape, measure(1e9))
+    assert isinstance(why, str) and "needs 15" in why and "student's own speed" in why and not measured
+    # A GPU: the student trained 60,000 images/s and the largest candidate measures 20,000: it fits.
+    plan = plan_teacher(_trial_stats(images_per_s=60_000.0, **student), 300.0, 60_000, shape, measure(20_000.0))
+    assert plan.model == TEACHERS[0] and measured == [TEACHERS[0]] and plan.n_params >= 2 * student["n_params"]
+    assert plan.epochs == pytest.approx(20_000 * 0.4 * 300 / 60_000) and plan.student_epochs >= 15
+    # Measured at 3,000 images/s, no candidate fits: each is measured once, and the answer says why.
+    measured.clear()
+    why = plan_teacher(_trial_stats(images_per_s=60_000.0, **student), 300.0, 60_000, shape, measure(3_000.0))
+    assert "needs 15" in why and measured == list(TEACHERS)
+    # A student as large as every candidate gets no teacher, however fast the device.
+    big = {**student, "n_params": 10_000_000}
+    assert "no candidate" in plan_teacher(_trial_stats(images_per_s=1e9, **big), 300.0, 60_000, shape,
+                                          measure(1e9))
+
+
+@pytest.mark.timing
+@pytest.mark.slow
+def test_teacher_auto_trains_a_teacher_and_the_student_inside_the_final_phase(tmp_path, synthetic_data, monkeypatch):
+    import io
+
+    import budgetnet.search.final as final
+    import budgetnet.search.teacher as teacher_mod
+    from budgetnet.config import PlainConfig, RunConfig, TrainConfig
+    from budgetnet.search.clock import Clock
+    from budgetnet.train import train_run
+
+    # Candidates a CPU test can afford (a synthetic-task teacher in a few seconds), rules unchanged otherwise.
+    monkeypatch.setattr(teacher_mod, "TEACHERS", (ResNetConfig(depths=(1, 1, 1), widths=(8, 16, 32), stem_width=8),))
+    monkeypatch.setattr(teacher_mod, "TEACHER_MIN_EPOCHS", 1.0)
+    monkeypatch.setattr(teacher_mod, "STUDENT_MIN_EPOCHS", 2.0)
+    runs = []
+    for mod in (teacher_mod, final):
+        real = mod.train_run
+        monkeypatch.setattr(mod, "train_run", lambda c, d, _real=real, _mod=mod.__name__, **kw:
+                            runs.append((_mod, c, kw)) or _real(c, d, **kw))
+    opts = _opts(tmp_path, 3.0, teacher="auto", max_params=15_000)
+    cfg = RunConfig(model=PlainConfig(n_conv=2, width=4, hidden=(16,), batch_norm=True),
+                    train=TrainConfig(batch_size=64), data=DataConfig(dataset="synthetic"))
+    trial_run = train_run(cfg, synthetic_data, device="cpu", epochs=0.5)  # a bar a few-second teacher can clear
+    study, best = _study_with_one_trial(opts, cfg, trial_run, synthetic_data)
+    budget = 20.0
+    clock, out = Clock(budget, 0.0, time.perf_counter()), io.StringIO()
+    phase, _ = final.final_training(opts, study, best, clock, lambda: False, Reporter("text", out), "fp32")
+    assert clock.used() <= budget + 1.0  # the teacher's run and the student's, both inside the budget
+    assert len(runs) == 2, out.getvalue()
+    (t_mod, t_cfg, t_kw), (s_mod, s_cfg, s_kw) = runs
+    assert t_mod.endswith("teacher") and t_cfg.model.family == "resnet" and "teacher" not in t_kw
+    assert t_kw["seconds"] <= 0.4 * (budget - final.WRITE_RESERVE_S)  # its share, after its speed probe
+    assert s_mod.endswith("final") and isinstance(s_kw["teacher"], torch.nn.Module), out.getvalue()
+    assert s_cfg.train.distill == DISTILL_WEIGHT and s_kw["seconds"] <= budget - t_kw["seconds"]
+    teacher_params = sum(p.numel() for p in s_kw["teacher"].parameters())
+    assert teacher_params > opts.max_params >= best.user_attrs["n_params"]
+    assert phase == "final", out.getvalue()
+    ckpt = load_checkpoint(opts.out)
+    assert ckpt["run_config"].train.distill == DISTILL_WEIGHT and ckpt["n_params"] <= opts.max_params
+    assert "teacher:" in out.getvalue() and "epochs" in study.user_attrs["teacher"]
 
 
 def test_a_run_without_validation_scores_its_fit_on_a_sample_of_its_training_images():

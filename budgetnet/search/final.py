@@ -19,36 +19,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
-import torch
 
-from budgetnet.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    model_from_checkpoint,
-    recorded_info,
-    save_checkpoint,
-)
-from budgetnet.config import RunConfig, Shape
+from budgetnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from budgetnet.config import RunConfig
 from budgetnet.data import load_data
 from budgetnet.search.clock import Clock
 from budgetnet.search.report import Reporter
+from budgetnet.search.teacher import DISTILL_WEIGHT, auto_teacher, load_teacher
 from budgetnet.train import COMPLETE, EVAL_SUBSET, RunResult, train_run
 
 WRITE_RESERVE_S = 3.0  # kept back at the end for the FLOP count, checkpoint write and artifact upload
 FIT_MARGIN = 0.05  # how far below the best trial's val accuracy the final model's training fit may fall
-DISTILL_WEIGHT = 0.5  # share of the teacher's softened outputs in the final loss (with --teacher)
-
-
-def load_teacher(path: str, dataset: str, shape: Shape, device) -> torch.nn.Module:
-    """The model of checkpoint ``path``, for distilling into a study's final model on ``dataset`` (input and
-    classes ``shape``). Raises CheckpointError for a file that is not a checkpoint, or whose model was
-    trained on other data or takes other inputs; the command checks this before its search starts."""
-    ckpt = load_checkpoint(path)
-    if ckpt["dataset"] != dataset:
-        raise CheckpointError(f"--teacher {path} was trained on {ckpt['dataset']}, not {dataset}")
-    if recorded_info(ckpt).shape != shape:
-        raise CheckpointError(f"--teacher {path} takes {recorded_info(ckpt).shape}, the data is {shape}")
-    return model_from_checkpoint(ckpt, device)
 
 
 @contextmanager
@@ -124,18 +105,24 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
     reporter.message(f"final training{again}: trial {best.number}'s config on train+validation for "
                      f"{clock.left() - WRITE_RESERVE_S:.0f} s")
     data = load_data(cfg.data, opts.data_dir, opts.device, merge_val=True, download=opts.download)
+    deadline = opts.budget_seconds - WRITE_RESERVE_S + 1.0
     teacher = None
-    if opts.teacher:  # its forward pass on every batch runs inside the final run's own seconds
+    if opts.teacher == "auto":  # trained here, out of this phase's own time, when teacher and student fit
+        teacher, note = auto_teacher(best, cfg, data, left=lambda: clock.left() - WRITE_RESERVE_S,
+                                     device=opts.device, precision=precision, message=reporter.message,
+                                     stop=lambda: stop() or clock.used() > deadline or clock.tick())
+        study.set_user_attr("teacher", note)
+    elif opts.teacher:
         teacher = load_teacher(opts.teacher, opts.dataset, data.info.shape, opts.device)
+    if teacher is not None:  # its forward pass on every batch runs inside the final run's own seconds
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, distill=DISTILL_WEIGHT))
-        reporter.message(f"final training distils from --teacher {opts.teacher} "
-                         f"(weight {DISTILL_WEIGHT}, temperature {cfg.train.distill_temperature:g})")
+        reporter.message(f"final training distils from the teacher (weight {DISTILL_WEIGHT}, "
+                         f"temperature {cfg.train.distill_temperature:g})")
     seconds = clock.left() - WRITE_RESERVE_S  # what is left once the data (and the teacher) are loaded
     if seconds < 1.0:
         reporter.message(f"final training skipped: loading the data left {seconds:.1f} s; "
                          f"keeping trial {best.number}'s model in {opts.out}")
         return "search", {}
-    deadline = opts.budget_seconds - WRITE_RESERVE_S + 1.0
     result = train_run(cfg, data, device=opts.device, seconds=seconds, precision=precision, teacher=teacher,
                        fit_images=EVAL_SUBSET, stop=lambda: stop() or clock.used() > deadline or clock.tick())
     if result.status != COMPLETE:

@@ -58,7 +58,7 @@ from budgetnet.search.report import Reporter
 from budgetnet.search.space import suggest_config, suggest_grid_config, warm_start
 from budgetnet.search.trial import MIN_EPOCHS_PER_TRIAL, REPORT_STEPS, run_trial
 from budgetnet.search.workers import Lease, Workers, fail_orphans, new_session, split_resources, wait_ready
-from budgetnet.train import COMPLETE, STOPPED, train_run
+from budgetnet.train import measure_rate
 
 
 @dataclass
@@ -253,13 +253,8 @@ def probe_speed(data: DeviceData, device: str, seconds: float, *, precision: str
     """This device's training throughput (images/s, after the first step) of ``PROBE_MODEL`` at batch
     128, measured for at most ``seconds`` of wall time, start-up included. ``stop()`` ends it early.
     None if it could not finish one step."""
-    ref = RunConfig(model=PROBE_MODEL, train=TrainConfig(batch_size=128, eval_points=1),
-                    data=DataConfig(dataset=data.info.name))
-    probe = DeviceData(data.info, data.classes, data.train, None)
-    result = train_run(ref, probe, device=device, seconds=seconds, stop=stop, precision=precision)
-    if result.status not in (COMPLETE, STOPPED) or result.steps < 1 or not result.images_per_s > 0:
-        return None
-    return result.images_per_s
+    ref = RunConfig(model=PROBE_MODEL, train=TrainConfig(batch_size=128), data=DataConfig(dataset=data.info.name))
+    return measure_rate(ref, data, device=device, seconds=seconds, stop=stop, precision=precision)
 
 
 def feasible_flops(images_per_s: float, shape, train_images: int, slice_s: float) -> float:
