@@ -430,6 +430,14 @@ def test_a_resume_with_another_cap_or_dataset_is_refused(tmp_path, capsys):
     after = optuna.load_study(study_name="mine", storage=storage)
     assert after.user_attrs == {"max_params": 30_000.0, "dataset": "synthetic", "seconds_used": 12.5}
     assert not after.trials and not (tmp_path / "best.pt").exists()
+    # a folder dataset at another --image-size is another problem too (its images, its FLOPs)
+    folder = optuna.create_study(study_name="folder", storage=storage, direction="maximize")
+    for key, value in (("max_params", 30_000.0), ("dataset", "folder:/data/leaves"), ("image_size", None)):
+        folder.set_user_attr(key, value)
+    same = dict(max_params=30_000, budget_seconds=60, dataset="folder:/data/leaves")
+    runner._check_same_study(storage, "folder", SearchOptions(**same))
+    with pytest.raises(runner.StudyMismatch, match="--image-size its default, not 64"):
+        runner._check_same_study(storage, "folder", SearchOptions(**same, image_size=64))
 
 
 def test_a_budget_too_short_for_one_slice_exits_non_zero_with_one_line(tmp_path):

@@ -284,7 +284,7 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def _check_same_study(url: str, name: str, opts: SearchOptions) -> None:
-    """A resume must search the same problem: another cap or dataset would rank (and final-train) models
+    """A resume must search the same problem: another cap, dataset or image size would rank (and final-train) models
     against trials they cannot be compared with. Checked before the data is loaded or anything written:
     a local storage file that does not exist yet holds no study, and is not created here."""
     path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url if "://" not in url else None
@@ -295,12 +295,14 @@ def _check_same_study(url: str, name: str, opts: SearchOptions) -> None:
         attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
     except KeyError:  # a new study
         return
-    for key, new in (("max_params", opts.max_params), ("dataset", opts.dataset)):
-        old = attrs.get(key)
-        if old is None or (math.isclose(old, new) if key == "max_params" else old == new):
+    for key, new in (("max_params", opts.max_params), ("dataset", opts.dataset), ("image_size", opts.image_size)):
+        if key not in attrs:  # a study from before the attr was recorded
+            continue
+        old = attrs[key]
+        if (math.isclose(old, new) if key == "max_params" else old == new):
             continue
         flag = "--" + key.replace("_", "-")
-        old_s, new_s = (f"{old:.0f}", f"{new:.0f}") if key == "max_params" else (old, new)
+        old_s, new_s = (f"{old:.0f}", f"{new:.0f}") if key == "max_params" else (old or "its default", new or "its default")
         raise StudyMismatch(f"study {name!r} was started with {flag} {old_s}, not {new_s}; resume it with "
                             f"{flag} {old_s}, or give a new --study-name")
 
@@ -354,7 +356,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
                          f"using the new {opts.budget_seconds:.0f} s")
     precision = resolve_precision(opts.device, opts.precision)
     for key, value in (("budget_seconds", opts.budget_seconds), ("max_params", opts.max_params),
-                       ("dataset", opts.dataset), ("precision", precision)):
+                       ("dataset", opts.dataset), ("image_size", opts.image_size), ("precision", precision)):
         study.set_user_attr(key, value)
     clock = Clock(opts.budget_seconds, used_before, started, study,
                   save_every=clamp(CLOCK_SAVE_SHARE * opts.budget_seconds, CLOCK_SAVE_MIN_S, CLOCK_SAVE_MAX_S))
