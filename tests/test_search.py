@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -473,14 +474,22 @@ def test_a_search_gives_its_probe_a_small_share_of_the_budget(tmp_path, monkeypa
     def spy(data, device, seconds, **kw):
         asked.append(seconds)
         assert kw.get("stop") is not None
-        return real(data, device, seconds, **kw)
+        return real(data, device, seconds, **kw) / 50  # measured in a busy moment
 
     monkeypatch.setattr(runner, "probe_speed", spy)
     run_search(_opts(tmp_path, slice_s, budget_seconds=400.0, trial_seconds=500.0), Reporter("quiet"))
     assert not asked  # no slice fits: not even the probe runs
+    out = io.StringIO()
     run_search(_opts(tmp_path, slice_s, budget_seconds=3 * slice_s, final_fraction=0.0, study_name="b"),
-               Reporter("quiet"))
+               Reporter("text", out))
     assert asked == [runner.PROBE_MIN_S]  # 3% of a short budget is under the 1 s floor
+    # The trials' own speeds correct the probe's: the time-feasible FLOP cap rises after the first one.
+    study = optuna.load_study(study_name="b", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    probed = runner.feasible_flops(study.user_attrs["probe_images_per_s"],
+                                   count_flops(runner.PROBE_MODEL, DATASET_INFO["synthetic"].shape),
+                                   2000, study.user_attrs["slice_seconds"])
+    assert study.user_attrs["time_feasible_flops"] > 1.25 * probed
+    assert "are time-feasible (was" in out.getvalue()
 
 
 def test_the_search_split_is_freed_before_the_final_phase_loads_its_own(tmp_path, monkeypatch, slice_s):

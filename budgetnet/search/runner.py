@@ -234,6 +234,7 @@ class Objective:
                         sampled=opts.grid is None, interrupted=self.interrupt.event.is_set)
         row.update(n_params=out.n_params, flops=out.flops, progress=out.progress, val_acc=out.val_acc,
                    state=out.state)
+        self._learn_speed(trial.number, out)
         if out.constraint is not None:
             trial.set_constraint("params", out.constraint)
         if out.state != "complete":
@@ -243,6 +244,22 @@ class Objective:
         keep_if_best(opts.out, self.study.study_name, trial.number, cfg, out.result, out.value, out.n_params,
                      out.flops, self.data.classes)
         return out.value
+
+
+    def _learn_speed(self, number: int, out) -> None:
+        """Raise the time-feasible FLOP cap to what a trial showed this device can do. The probe is one
+        short measurement: taken in a busy moment (35-71 images/s against ~700 idle on the 2-core machine),
+        it would keep the whole search among tiny models. The cap only rises; a model that then trains too
+        slowly still ends at its own speed check, early in its slice."""
+        result = out.result
+        if self.max_flops is None or result is None or not out.flops or result.steps < 2:
+            return
+        cap = feasible_flops(result.images_per_s, out.flops, len(self.data.train), self.slice_s)
+        if cap > 1.25 * self.max_flops:
+            self.reporter.message(f"trial {number} trained {result.images_per_s:,.0f} images/s: models up to "
+                                  f"{cap / 1e6:,.0f} MFLOPs/image are time-feasible (was {self.max_flops / 1e6:,.0f})")
+            self.max_flops = cap
+            self.study.set_user_attr("time_feasible_flops", cap)
 
 
 PROBE_MODEL = ResNetConfig(depths=(2, 2, 2))  # a small reference net: 16-32-64 channels, 14 convs
@@ -257,13 +274,13 @@ def probe_speed(data: DeviceData, device: str, seconds: float, *, precision: str
     return measure_rate(ref, data, device=device, seconds=seconds, stop=stop, precision=precision)
 
 
-def feasible_flops(images_per_s: float, shape, train_images: int, slice_s: float) -> float:
+def feasible_flops(images_per_s: float, flops_per_image: float, train_images: int, slice_s: float) -> float:
     """Forward FLOPs per image a model may have so that one trial slice covers ``MIN_EPOCHS_PER_TRIAL``
-    of the training split, scaled from the probe's rate (a FLOP-based guess; ``train_run(min_epochs=)``
-    then checks each trial's real speed). On a GPU it is far above any net under a 1M-parameter cap; on
-    a CPU it keeps the search among nets that can learn something in a slice."""
-    rate = images_per_s * count_flops(PROBE_MODEL, shape)  # forward FLOPs per second
-    return rate * slice_s / (MIN_EPOCHS_PER_TRIAL * train_images)
+    of the training split, scaled from a measured rate (``images_per_s`` of a model of ``flops_per_image``:
+    the probe net, or a trial's). A FLOP-based guess; ``train_run(min_epochs=)`` then checks each trial's
+    real speed. On a GPU it is far above any net under a 1M-parameter cap; on a CPU it keeps the search
+    among nets that can learn something in a slice."""
+    return images_per_s * flops_per_image * slice_s / (MIN_EPOCHS_PER_TRIAL * train_images)
 
 
 def _counts(study: optuna.Study) -> dict:
@@ -398,7 +415,8 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
             images_per_s = probe_speed(data, opts.device, probe_s, precision=precision,
                                        stop=lambda: interrupt.event.is_set() or clock.tick())
             if images_per_s:
-                max_flops = feasible_flops(images_per_s, data.info.shape, train_images, slice_s)
+                max_flops = feasible_flops(images_per_s, count_flops(PROBE_MODEL, data.info.shape), train_images,
+                                           slice_s)
             study.set_user_attr("probe_images_per_s", images_per_s or 0.0)
             study.set_user_attr("time_feasible_flops", max_flops or 0.0)
         study.set_user_attr("ready", session)  # the workers wait for the probe's numbers
