@@ -692,3 +692,14 @@ def test_a_run_without_validation_scores_its_fit_on_a_sample_of_its_training_ima
     trial = optuna.trial.create_trial(value=learned.metrics["fit_acc"])
     assert fit_fell_short(learned, trial) is None
     assert "against trial" in fit_fell_short(still, trial)
+
+
+@pytest.mark.parametrize("optimizer, rule", [("sgd", lambda r: r), ("adamw", math.sqrt)])
+def test_the_sampled_lr_scales_with_the_sampled_batch(optimizer, rule):
+    params = {**WARM_START, "optimizer": optimizer, f"{optimizer}_lr_128": 0.02}
+    lrs = {}
+    for batch in (64, 128, 512):
+        cfg = suggest_config(optuna.trial.FixedTrial({**params, "batch_size": batch}), CIFAR, 1e6, DataConfig())
+        lrs[batch] = cfg.train.lr
+    assert lrs[128] == pytest.approx(0.02)
+    assert lrs[512] == pytest.approx(0.02 * rule(4)) and lrs[64] == pytest.approx(0.02 * rule(0.5))

@@ -40,6 +40,7 @@ FAMILIES = ("resnet", "plain", "mobilenet")
 MIN_WIDTH_FRAC = 0.15  # the narrowest net tried has 15% of the width (~2% of the parameters) that fits
 MOBILENET_RATIOS = (1, 1.5, 2, 4, 6)  # stage widths relative to the first stage (MobileNetV2's 16..96)
 MOBILENET_DEPTHS = (1, 2, 3, 3, 2)  # MobileNetV2's CIFAR stage depths, scaled by the sampled factor
+LR_BATCH = 128  # the batch size the sampled learning rates are given for (scaled to the sampled batch)
 
 
 def _with_width(cfg: ModelConfig, w: int) -> ModelConfig:
@@ -163,13 +164,18 @@ def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: D
     model = _fit_width(model, shape, max_params, max_flops, frac)
 
     optimizer = trial.suggest_categorical("optimizer", ("sgd", "adamw"))
-    lr = (trial.suggest_float("sgd_lr", 0.01, 0.5, log=True) if optimizer == "sgd"
-          else trial.suggest_float("adamw_lr", 3e-4, 1e-2, log=True))
+    batch_size = trial.suggest_categorical("batch_size", (64, 128, 256, 512))
+    # The learning rate is sampled per 128 images and scaled with the batch: linearly for SGD (Goyal et al.
+    # 2017), by the square root for AdamW. A good value then stays good at every batch size, so TPE learns
+    # one lr instead of one per batch size, and a GPU's larger batches keep their tuned step size.
+    scale = batch_size / LR_BATCH
+    lr = (trial.suggest_float("sgd_lr_128", 0.01, 0.5, log=True) * scale if optimizer == "sgd"
+          else trial.suggest_float("adamw_lr_128", 3e-4, 1e-2, log=True) * math.sqrt(scale))
     train = TrainConfig(
         optimizer=optimizer, lr=lr,
         momentum=trial.suggest_float("momentum", 0.8, 0.95),
         weight_decay=trial.suggest_float("weight_decay", 1e-5, 2e-3, log=True),
-        batch_size=trial.suggest_categorical("batch_size", (64, 128, 256, 512)),
+        batch_size=batch_size,
         warmup=trial.suggest_float("warmup", 0.0, 0.2),
         schedule=trial.suggest_categorical("schedule", ("onecycle", "cosine", "linear", "step")),
         label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.3),  # speedrun nets use 0.2-0.4
@@ -197,7 +203,7 @@ WARM_START: dict[str, Any] = {
     "activation": "relu", "init": "kaiming", "dropout": 0.2, "family": "plain", "plain_blocks": 3,
     "plain_convs_per_block": 1, "plain_hidden": 512, "plain_width_pattern": "doubling", "plain_kernel": 3,
     "plain_kernel_pattern": "constant", "plain_batch_norm": False, "width_frac": 0.35, "optimizer": "sgd",
-    "sgd_lr": 0.09, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128, "warmup": 0.05,
+    "sgd_lr_128": 0.09, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128, "warmup": 0.05,
     "schedule": "onecycle", "label_smoothing": 0.1, "ema": 0.0, "crop_padding": 0, "flip": True, "cutout_frac": 0.0,
 }
 
