@@ -66,6 +66,10 @@ def fraction(text: str) -> float:
     return _number(text, lambda v: 0 <= v < 1, "between 0 and 1 (1 excluded)")
 
 
+def final_share(text: str) -> float | str:
+    return "auto" if text.strip().lower() == "auto" else fraction(text)
+
+
 def dataset_name(text: str) -> str:
     """The dataset as users type it: fashion_mnist, fashion-mnist, FashionMNIST, CIFAR-100, ..., or
     folder:PATH (an image folder; PATH is made absolute, so the name means the same from any folder)."""
@@ -158,6 +162,7 @@ def _check_storage(url: str) -> None:
 
 def cmd_search(args) -> int:
     from budgetnet.config import ConfigError, is_folder
+    from budgetnet.search.clock import AUTO_SEARCH_MAX
     from budgetnet.search.report import Reporter
     from budgetnet.search.runner import SearchOptions, default_study_name, run_search
     from budgetnet.search.space import load_grid
@@ -190,7 +195,8 @@ def cmd_search(args) -> int:
         image_size=args.image_size,
         data_dir=args.data_dir, storage=args.storage, study_name=study_name, out=args.out,
         seed=args.seed, pruner=args.pruner, sampler=args.sampler, grid=grid,
-        final_fraction=args.final_fraction, trial_seconds=args.trial_seconds,
+        final_fraction=1 - AUTO_SEARCH_MAX if args.final_fraction == "auto" else args.final_fraction,
+        final_auto=args.final_fraction == "auto", trial_seconds=args.trial_seconds,
         device=str(_device(args.device)), artifact_dir=args.artifact_dir, download=args.download,
         warm_start=not args.no_warm_start, precision=args.precision, teacher=teacher, workers=args.workers,
     )
@@ -398,7 +404,14 @@ def cmd_dashboard(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from budgetnet.config import DATASETS, FOLDER_IMAGE_SIZE
     from budgetnet.device import PRECISIONS
-    from budgetnet.search.clock import MIN_SLICE_S, MIN_TRIALS, TRIALS_PER_SEARCH
+    from budgetnet.search.clock import (
+        AUTO_SEARCH_MAX,
+        AUTO_SEARCH_MIN,
+        MIN_SLICE_S,
+        MIN_TRIALS,
+        STAGNANT_TRIALS,
+        TRIALS_PER_SEARCH,
+    )
 
     p = _Parser(prog="budgetnet", description="Find the best small CNN a parameter cap and a time budget buy.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -435,9 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
     s.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe")
     s.add_argument("--grid", default=None, help='grid file for --sampler grid: {"base": {...}, "grid": {...}}')
-    s.add_argument("--final-fraction", type=fraction, default=0.35,
+    s.add_argument("--final-fraction", type=final_share, default=0.35, metavar="F|auto",
                    help="share of the budget for training the best config on train+validation (default 0.35; "
-                   "0 = no final phase, best.pt is the best search trial's model)")
+                   "0 = no final phase, best.pt is the best search trial's model). auto: the search ends "
+                   f"once past {AUTO_SEARCH_MIN:.0%}% of the budget when {STAGNANT_TRIALS} complete trials in a "
+                   f"row have not beaten the best (at {AUTO_SEARCH_MAX:.0%}% at the latest), and the final "
+                   "phase gets the rest")
     s.add_argument("--trial-seconds", type=positive_float, default=None,
                    help=f"time slice of one trial (default: search time / {TRIALS_PER_SEARCH}, at least "
                    f"{MIN_SLICE_S:g} s, shorter only where {MIN_TRIALS} such slices would not fit)")

@@ -41,6 +41,7 @@ BAD = {
     "unwritable out": ["--out", "/proc/budgetnet/best.pt"],
     "out is a directory": ["--out", "/tmp"],
     "final fraction 1": ["--final-fraction", "1"],
+    "final fraction word": ["--final-fraction", "most"],
     "grid without file": ["--sampler", "grid"],
     "missing grid file": ["--sampler", "grid", "--grid", "/nonexistent/grid.json"],
     "unknown flag": ["--frobnicate"],
@@ -226,6 +227,14 @@ def test_trial_seconds_help_states_the_rule_the_code_uses(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"search time / {TRIALS_PER_SEARCH}, at least {MIN_SLICE_S:g} s" in help_text
     assert "--precision {auto,fp32,bf16,fp16}" in help_text
+    assert "auto: the search ends once past 40% of the budget when 3 complete trials" in help_text
+
+
+@pytest.mark.parametrize("command", ["search", "train", "evaluate", "report", "prune", "datasets", "dashboard"])
+def test_every_command_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and f"usage: budgetnet {command}" in capsys.readouterr().out
 
 
 def test_a_trial_line_for_a_trial_that_failed_before_its_family_was_known():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -375,8 +376,9 @@ def test_kill_9_in_the_final_phase_then_resume_runs_no_second_full_final_phase(t
     if ckpt["extra"]["phase"] == "final":  # a final run in the time that was left, not a full one again
         assert ckpt["train_seconds"] <= budget - used_at_kill
         assert _study_attrs(tmp_path)["final_runs"] == 2
-    else:  # or none at all, when what was left was too short
-        assert any("final training skipped" in e.get("text", "") for e in events)
+    else:  # or none at all, when what was left was too short; or one too short to pass its fit check
+        assert any("final training skipped" in e.get("text", "") or "failed its check" in e.get("text", "")
+                   for e in events)
     # both runs together: within the budget, the promised overshoot and the interpreter start-up twice
     assert first_wall + second_wall <= budget + 15.0 + 5.0
     assert events[-1]["seconds_used"] <= budget + 15.0
@@ -703,3 +705,38 @@ def test_the_sampled_lr_scales_with_the_sampled_batch(optimizer, rule):
         lrs[batch] = cfg.train.lr
     assert lrs[128] == pytest.approx(0.02)
     assert lrs[512] == pytest.approx(0.02 * rule(4)) and lrs[64] == pytest.approx(0.02 * rule(0.5))
+
+
+def test_final_fraction_auto_ends_a_stagnant_search_and_hands_the_rest_to_the_final_phase(tmp_path):
+    import io
+
+    from budgetnet.search.clock import AUTO_SEARCH_MIN, STAGNANT_TRIALS, Clock
+
+    opts = _opts(tmp_path, 3.0, budget_seconds=100.0, final_fraction=0.25, final_auto=True)
+    study = optuna.create_study(study_name="s", storage=opts.storage, direction="maximize")
+    used = {"s": 0.0}
+    clock = Clock(100.0, 0.0, time.perf_counter())
+    clock.used = lambda: used["s"]  # budget time, set by the test
+    out = io.StringIO()
+    fits = runner.search_fits(opts, study, clock, 3.0, Reporter("text", out))
+    for value in (0.5, 0.8):
+        study.add_trial(optuna.trial.create_trial(value=value))
+    for _ in range(STAGNANT_TRIALS):
+        study.add_trial(optuna.trial.create_trial(value=0.7))
+    used["s"] = AUTO_SEARCH_MIN * 100 - 1
+    assert fits()  # stagnant, but before the least share of the search
+    used["s"] = AUTO_SEARCH_MIN * 100 + 1
+    assert not fits() and "not improved in 3 complete trials" in out.getvalue()
+    assert study.user_attrs["search_ended"] == pytest.approx(41.0)
+    # every worker sees the decision through the study, whatever its own clock says
+    assert not runner.search_fits(opts, study, Clock(100.0, 0.0, time.perf_counter()), 3.0)()
+    # one more complete trial that beats the best would have kept it going; a fixed share never stops early
+    fresh = optuna.create_study(study_name="t", storage=opts.storage, direction="maximize")
+    for value in (0.5, 0.8, 0.7, 0.7, 0.9):
+        fresh.add_trial(optuna.trial.create_trial(value=value))
+    assert runner.search_fits(opts, fresh, clock, 3.0)()
+    fixed = dataclasses.replace(opts, final_auto=False)
+    stagnant = optuna.create_study(study_name="u", storage=opts.storage, direction="maximize")
+    for value in (0.8, 0.7, 0.7, 0.7, 0.7):
+        stagnant.add_trial(optuna.trial.create_trial(value=value))
+    assert runner.search_fits(fixed, stagnant, clock, 3.0)() and "search_ended" not in stagnant.user_attrs

@@ -17,6 +17,11 @@ ABS_MIN_SLICE_S = 3.0  # ... down to this, never further
 SLICE_GRACE = 0.1  # a trial starts only if its full slice fits before the search phase ends, give or take this share
 PROBE_SHARE = 0.03  # of the budget, for the speed probe, between these bounds (seconds):
 PROBE_MIN_S, PROBE_MAX_S = 1.0, 10.0
+# --final-fraction auto: the search phase ends between these shares of the budget, as soon as it is past
+# the first and its best value has not improved in STAGNANT_TRIALS complete trials in a row; the final
+# phase gets the rest (docs/search.md, "The final phase's share")
+AUTO_SEARCH_MIN, AUTO_SEARCH_MAX = 0.4, 0.75
+STAGNANT_TRIALS = 3
 CLOCK_SAVE_SHARE = 0.005  # the clock is saved to the study this often (share of the budget, 1 to 5 s):
 CLOCK_SAVE_MIN_S, CLOCK_SAVE_MAX_S = 1.0, 5.0  # a kill -9 loses at most that much of the accounting
 

@@ -37,6 +37,7 @@ from budgetnet.data import DeviceData, load_data
 from budgetnet.device import resolve_precision
 from budgetnet.files import write_atomic
 from budgetnet.search.clock import (
+    AUTO_SEARCH_MIN,
     CLOCK_SAVE_MAX_S,
     CLOCK_SAVE_MIN_S,
     CLOCK_SAVE_SHARE,
@@ -44,6 +45,7 @@ from budgetnet.search.clock import (
     PROBE_MIN_S,
     PROBE_SHARE,
     SLICE_GRACE,
+    STAGNANT_TRIALS,
     Clock,
     clamp,
     slice_seconds,
@@ -75,7 +77,8 @@ class SearchOptions:
     pruner: str = "median"
     sampler: str = "tpe"
     grid: tuple[dict, dict] | None = None  # (base config dict, grid) for sampler="grid"
-    final_fraction: float = 0.35
+    final_fraction: float = 0.35  # with final_auto: the least the final phase gets
+    final_auto: bool = False  # --final-fraction auto: the search ends early once its best value stagnates
     trial_seconds: float | None = None  # None: the search phase divided into TRIALS_PER_SEARCH slices
     device: str = "cpu"
     artifact_dir: str = "studies/artifacts"
@@ -335,6 +338,47 @@ def _quiet_optuna() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
+def final_share(opts: SearchOptions) -> str:
+    if opts.final_auto:
+        return (f"what the search leaves (it ends when it stagnates, between {AUTO_SEARCH_MIN:.0%} and "
+                f"{1 - opts.final_fraction:.0%} of the budget)")
+    return f"{opts.final_fraction:.0%} of the budget"
+
+
+def search_fits(opts: SearchOptions, study: optuna.Study, clock: Clock, slice_s: float,
+                reporter: Reporter | None = None):
+    """``fits(extra=0)``: whether another trial starts, in the leader and in every worker. Its full slice
+    must fit before the search phase ends (give or take ``SLICE_GRACE``). With ``final_auto`` the phase
+    also ends, once past ``AUTO_SEARCH_MIN`` of the budget, when the best value has not improved in
+    ``STAGNANT_TRIALS`` complete trials in a row (Optuna's terminator); the final phase gets the rest."""
+    search_end = opts.budget_seconds * (1 - opts.final_fraction)
+    terminator = None
+    if opts.final_auto:
+        from optuna.terminator import BestValueStagnationEvaluator, StaticErrorEvaluator, Terminator
+
+        terminator = Terminator(improvement_evaluator=BestValueStagnationEvaluator(STAGNANT_TRIALS - 1),
+                                error_evaluator=StaticErrorEvaluator(0.0), min_n_trials=1)
+
+    def stagnant() -> bool:
+        if "search_ended" in study.user_attrs:  # another worker (or an earlier run) decided
+            return True
+        if terminator is None or clock.used() < AUTO_SEARCH_MIN * opts.budget_seconds:
+            return False
+        if not terminator.should_terminate(study):  # (never before a complete trial)
+            return False
+        share = 1 - clock.used() / opts.budget_seconds
+        study.set_user_attr("search_ended", round(clock.used(), 1))
+        if reporter is not None:
+            reporter.message(f"search ends at {clock.used():.0f} s: its best value has not improved in "
+                             f"{STAGNANT_TRIALS} complete trials; the final phase gets {share:.0%} of the budget")
+        return True
+
+    def fits(extra: float = 0.0) -> bool:
+        return clock.used() + extra + slice_s <= search_end + SLICE_GRACE * slice_s and not stagnant()
+
+    return fits
+
+
 def _search_phase(study: optuna.Study, objective: Objective, fits, interrupt: Interrupt) -> None:
     """Run trials until no full slice fits or a stop; the same loop in the leader and in every worker."""
     def enough_time(study: optuna.Study, _trial=None) -> None:
@@ -397,8 +441,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
     slice_s = opts.trial_seconds or attrs.get("slice_seconds") or slice_seconds(search_end, clock.used() + probe_s)
     study.set_user_attr("slice_seconds", slice_s)
 
-    def fits(extra: float = 0.0) -> bool:  # a full slice (give or take SLICE_GRACE) fits in the search phase
-        return clock.used() + extra + slice_s <= search_end + SLICE_GRACE * slice_s
+    fits = search_fits(opts, study, clock, slice_s, reporter)
 
     import torch
 
@@ -424,7 +467,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         lease.start()
         if searching and fits() and not interrupt.event.is_set():  # re-checked after the probe
             reporter.message(f"study {study_name!r}: {opts.sampler} sampler, {opts.pruner} pruner, "
-                             f"{slice_s:.0f} s per trial, final training {opts.final_fraction:.0%} of the budget, "
+                             f"{slice_s:.0f} s per trial, final training {final_share(opts)}, "
                              f"device {opts.device} in {precision}"
                              + (f" ({opts.precision})" if opts.precision != "auto" else " (auto)")
                              + (f", {images_per_s:,.0f} images/s on the probe net, models up to "
@@ -524,9 +567,7 @@ def run_worker(opts: SearchOptions, study_name: str, index: int, n: int, leader:
             return 0
         search_end = opts.budget_seconds * (1 - opts.final_fraction)
         slice_s = attrs["slice_seconds"]
-
-        def fits() -> bool:
-            return clock.used() + slice_s <= search_end + SLICE_GRACE * slice_s
+        fits = search_fits(opts, study, clock, slice_s)
 
         def orphaned() -> None:  # the leader is gone: stop, and leave the clock to the next command
             clock.study = None
