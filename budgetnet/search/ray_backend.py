@@ -369,7 +369,14 @@ def start_ray(address: str | None) -> None:
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if address:
-        ray.init(address=address, **kwargs)
+        # A cluster that `ray start` began with this user's token (~/.ray/auth_token, made by Ray's first local
+        # start) checks it; ray.init sends it only in token mode, which it turns on for a local start alone.
+        if (Path.home() / ".ray" / "auth_token").exists():
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ray.exceptions.RayError) as e:
+            raise ConfigError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[-1]}") from None
     else:
         ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
     for s, h in handlers.items():
