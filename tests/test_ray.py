@@ -250,7 +250,9 @@ def test_a_ray_search_on_a_two_node_cluster_holds_budget_guard_and_states(interr
     assert states[0] == (TrialState.PRUNED, "rejected") and "ray_trial" not in study.trials[0].user_attrs
     from ray.tune import ExperimentAnalysis
 
-    tune_trials = ExperimentAnalysis(str(rb.experiment_dir(str(r["tmp"] / "studies" / "artifacts"), "r"))).trials
+    path = study.user_attrs["ray_experiment"]
+    assert Path(path).parent == r["tmp"] / "studies" / "ray"
+    tune_trials = ExperimentAnalysis(path).trials
     ran = {t.config[rb.NUMBER_KEY] for t in tune_trials}
     assert ran and 0 not in ran
     trained = [t for t in study.trials if t.user_attrs.get("seconds")]

@@ -35,6 +35,7 @@ import math
 import os
 import signal
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,9 +69,18 @@ QUIET_ENV = {
 _LIVE: dict[str, _Live] = {}  # experiment name -> what its searcher, stopper and callback need here
 
 
-def experiment_dir(artifact_dir: str, study_name: str) -> Path:
-    """Where a study's Ray Tune experiment lives: ``studies/ray/<study>`` beside ``studies/artifacts``."""
-    return (Path(artifact_dir).absolute().parent / "ray" / study_name).absolute()
+def experiment_dir(study: optuna.Study, artifact_dir: str) -> Path:
+    """Where the study's Ray Tune experiment lives: the one recorded in the study (user attr
+    ``ray_experiment``), else ``studies/ray/<study>`` beside ``studies/artifacts`` (with a suffix when
+    another storage's study of that name has it), recorded for the next session."""
+    recorded = study.user_attrs.get("ray_experiment")
+    if recorded:
+        return Path(recorded)
+    path = base = (Path(artifact_dir).absolute().parent / "ray" / study.study_name).absolute()
+    while path.exists():
+        path = base.with_name(f"{base.name}-{uuid.uuid4().hex[:6]}")
+    study.set_user_attr("ray_experiment", str(path))
+    return path
 
 
 # -- the trial (runs in a Ray actor) ----------------------------------------------------------------
@@ -421,7 +431,7 @@ def ray_search_phase(objective, fits) -> None:
                            sampled=opts.grid is None, cpus=resources["cpu"], gpus=resources["gpu"])
         trainable = tune.with_parameters(tune.with_resources(ray_trial, resources),
                                          data=objective.data.to("cpu"), ctx=ctx)
-        path = experiment_dir(opts.artifact_dir, key)
+        path = experiment_dir(study, opts.artifact_dir)
         restored = tune.Tuner.can_restore(str(path))
         if restored:
             tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=False, resume_errored=False,
