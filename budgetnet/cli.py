@@ -160,6 +160,32 @@ def _check_storage(url: str) -> None:
         _check_writable(parsed.database)
 
 
+def _check_ray_flags(args) -> None:
+    """The Ray flags go with --backend ray; a cluster address must answer before anything is created."""
+    if args.backend != "ray":
+        for flag, value in (("--ray-address", args.ray_address), ("--gpus-per-trial", args.gpus_per_trial),
+                            ("--ray-scheduler", args.ray_scheduler)):
+            if value is not None:
+                raise UserError(f"{flag} applies to --backend ray only")
+        return
+    if args.sampler == "grid":
+        raise UserError("--sampler grid runs on --backend optuna only")
+    if args.gpus_per_trial and not str(args.device).startswith(("cuda", "auto")):
+        raise UserError(f"--gpus-per-trial {args.gpus_per_trial:g} needs a CUDA --device, not {args.device}")
+    if args.ray_address is not None:
+        import socket
+
+        host, _, port = args.ray_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"--ray-address {args.ray_address!r} must be HOST:PORT, the head node's GCS address "
+                            f"(what 'ray start --head' prints)")
+        try:
+            socket.create_connection((host, int(port)), timeout=3).close()
+        except OSError as e:
+            raise UserError(f"cannot reach the Ray cluster at {args.ray_address} ({e.strerror or e}); start one "
+                            f"with 'ray start --head --port {port}', or drop --ray-address for a local one") from None
+
+
 def cmd_search(args) -> int:
     from budgetnet.config import ConfigError, is_folder
     from budgetnet.search.clock import AUTO_SEARCH_MAX
@@ -179,6 +205,7 @@ def cmd_search(args) -> int:
             raise UserError(f"bad --grid {args.grid}: {e}") from None
     if args.image_size is not None and not is_folder(args.dataset):
         raise UserError(f"--image-size applies to folder:PATH datasets only; {args.dataset} has its own size")
+    _check_ray_flags(args)
     _check_writable(args.out)
     _check_storage(args.storage)
     named = args.dataset + (f"-{args.image_size}px" if args.image_size else "")  # another size: another study
@@ -199,6 +226,8 @@ def cmd_search(args) -> int:
         final_auto=args.final_fraction == "auto", trial_seconds=args.trial_seconds,
         device=str(_device(args.device)), artifact_dir=args.artifact_dir, download=args.download,
         warm_start=not args.no_warm_start, precision=args.precision, teacher=teacher, workers=args.workers,
+        backend=args.backend, ray_address=args.ray_address, gpus_per_trial=args.gpus_per_trial,
+        ray_scheduler=args.ray_scheduler or "median",
     )
     mode = "json" if args.json else "quiet" if args.quiet else "text"
     summary = run_search(opts, Reporter(mode), started=STARTED)
@@ -460,6 +489,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=positive_int, default=1,
                    help="local worker processes searching the study at once (default 1); each gets 1/N of the "
                    "CPU threads or of the GPU's memory, and one of them alone runs the final phase")
+    s.add_argument("--backend", choices=("optuna", "ray"), default="optuna",
+                   help="optuna (default): trials in this process (and --workers); ray: a Ray Tune experiment on "
+                   "a local Ray or --ray-address, --workers trials at once, same study, guard and budget")
+    s.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="--backend ray: join this running cluster (ray start --head); default: start a local "
+                   "Ray on 127.0.0.1. On several machines, --out must be on storage they all share")
+    s.add_argument("--gpus-per-trial", type=lambda t: _number(t, lambda v: 0 <= v <= 1, "between 0 and 1"),
+                   default=None, metavar="F",
+                   help="--backend ray: the share of a GPU each trial gets (and its memory fraction; default "
+                   "1/--workers on CUDA, 0 on a CPU)")
+    s.add_argument("--ray-scheduler", choices=("median", "asha"), default=None,
+                   help="--backend ray: stop weak trials with Ray's median stopping rule (default) or ASHA, "
+                   "on the shared progress axis (a report per 10%% of a slice, judged from 30%%)")
     s.add_argument("--artifact-dir", default=DEFAULT_ARTIFACTS)
     s.add_argument("--no-warm-start", action="store_true", help="do not queue the built-in first trial")
     s.add_argument("--teacher", default="none", metavar="auto|none|PATH",

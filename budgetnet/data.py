@@ -111,6 +111,14 @@ class DeviceData:
     train: ImageSet
     val: ImageSet | None
 
+    def to(self, device: torch.device | str) -> DeviceData:
+        """The same splits on ``device``, without their augmenters' stores: what the Ray backend ships to its
+        trials once (on the CPU, through Ray's object store) and each trial moves to its own device."""
+        def move(s: ImageSet | None) -> ImageSet | None:
+            return None if s is None else ImageSet(s.images.to(device), s.labels.to(device))
+
+        return DeviceData(self.info, self.classes, move(self.train), move(self.val))
+
 
 # -- reading files ---------------------------------------------------------------------------------
 

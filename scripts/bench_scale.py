@@ -1,5 +1,6 @@
 """Scaling a search out: trials per 10 minutes of budget, the test accuracy of each run's best.pt, and the
-overhead per trial against a bare ``train_run``, for ``budgetnet search --workers N``.
+overhead per trial against a bare ``train_run``, for ``budgetnet search --workers N`` on each ``--backend``
+(optuna: N local processes; ray: N trials at once in a local Ray, started and charged inside the budget).
 
 Each run is a real ``budgetnet search`` process (journal-file storage, the documented one for several local
 processes), then ``budgetnet evaluate`` of its ``best.pt`` on the official test split. Runs go one after
@@ -9,12 +10,13 @@ same machine conditions.
 Overhead per trial: in each worker's own timeline, the time from one trial's start to its next trial's
 start, less the trial's ``seconds`` (the wall time its ``train_run`` took, evaluations included): sampling,
 width fitting, the guard, storage writes, best.pt writes and the time between trials. The last trial of
-each worker has no successor and is left out.
+each worker has no successor and is left out. Ray trials carry no worker index: they are dealt to N lanes
+in start order, each to the lane that freed first (a trial starts when the driver asks for it, so the gap
+also holds Tune's scheduling and the actor's start).
 
     python scripts/bench_scale.py --minutes 10 --workers 1 2 --seeds 0 1            # Fashion-MNIST, > 40 min
-    python scripts/bench_scale.py --dataset synthetic --minutes 0.7 --seeds 0 --max-params 30k   # a smoke run
-
-The Ray backend (issue 9, part 3) is not built; this script measures ``--workers`` only.
+    python scripts/bench_scale.py --dataset synthetic --minutes 0.7 --seeds 0 --max-params 30k \
+        --backend optuna ray --workers 1 2                                          # a smoke run
 """
 
 from __future__ import annotations
@@ -31,8 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import search_and_evaluate  # noqa: E402 - the scripts folder is not a package
 
 
-def overheads(storage: str) -> tuple[list[float], dict]:
-    """Per-trial overhead (seconds) of every worker's trials but its last, and the study's trial counts."""
+def _lanes(trials: list, n: int) -> dict[int, list]:
+    """Trials dealt to ``n`` lanes in start order, each to the lane that freed first (Ray's N slots)."""
+    free, lanes = [None] * n, {}
+    for t in sorted(trials, key=lambda t: t.datetime_start):
+        k = min(range(n), key=lambda i: (free[i] is not None, free[i] or t.datetime_start))
+        lanes.setdefault(k, []).append(t)
+        free[k] = t.datetime_complete
+    return lanes
+
+
+def overheads(storage: str, ray_lanes: int | None = None) -> tuple[list[float], dict]:
+    """Per-trial overhead (seconds) of every worker's trials but its last, and the study's trial counts.
+    ``ray_lanes``: a Ray study's trials are dealt to that many lanes instead of grouped by worker."""
     import optuna
 
     from budgetnet.search.runner import make_storage
@@ -41,9 +54,11 @@ def overheads(storage: str) -> tuple[list[float], dict]:
     store = make_storage(storage)
     study = optuna.load_study(study_name=store.get_all_studies()[0].study_name, storage=store)
     by_worker: dict[int, list] = {}
-    for t in study.trials:
-        if t.datetime_start is not None and t.datetime_complete is not None:
-            by_worker.setdefault(t.user_attrs.get("worker", 0), []).append(t)
+    timed = [t for t in study.trials if t.datetime_start is not None and t.datetime_complete is not None]
+    for t in timed:
+        by_worker.setdefault(t.user_attrs.get("worker", 0), []).append(t)
+    if ray_lanes:
+        by_worker = _lanes(timed, ray_lanes)
     out = []
     for trials in by_worker.values():
         trials.sort(key=lambda t: t.datetime_start)
@@ -53,18 +68,18 @@ def overheads(storage: str) -> tuple[list[float], dict]:
     return out, {s: states.count(s) for s in set(states)}
 
 
-def run_one(workers: int, seed: int, args, out_dir: Path) -> dict:
+def run_one(backend: str, workers: int, seed: int, args, out_dir: Path) -> dict:
     budget_s = args.minutes * 60
-    tag = f"w{workers}-s{seed}"
+    tag = f"{backend}-w{workers}-s{seed}"
     ckpt, storage = out_dir / f"{tag}.pt", str(out_dir / f"{tag}.study.log")  # TAG.log: the output
     run = search_and_evaluate(
         ["--dataset", args.dataset, "--max-params", args.max_params, "--hours", f"{budget_s / 3600:.6f}",
          "--storage", storage, "--artifact-dir", str(out_dir / "artifacts"), "--out", str(ckpt),
-         "--seed", str(seed), "--workers", str(workers), "--json"],
+         "--seed", str(seed), "--workers", str(workers), "--backend", backend, "--json"],
         tag, ckpt, args, out_dir, dict(os.environ, PYTHONUNBUFFERED="1"))
-    over, states = overheads(storage) if Path(storage).exists() else ([], {})
+    over, states = overheads(storage, workers if backend == "ray" else None) if Path(storage).exists() else ([], {})
     complete = states.get("COMPLETE", 0)
-    row = {"workers": workers, "seed": seed, "budget_s": budget_s, "wall_s": round(run["wall_s"], 1),
+    row = {"backend": backend, "workers": workers, "seed": seed, "budget_s": budget_s, "wall_s": round(run["wall_s"], 1),
            "rc": run["rc"], "overshoot_s": round(max(0.0, run["wall_s"] - budget_s), 1), "states": states,
            "trials_per_10min": round(sum(states.values()) * 600 / budget_s, 1),
            "complete_per_10min": round(complete * 600 / budget_s, 1),
@@ -80,6 +95,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of every run")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--backend", nargs="+", choices=("optuna", "ray"), default=["optuna"],
+                   help="search backends to measure (each with every --workers count)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--max-params", default="1e6")
@@ -90,24 +107,24 @@ def main() -> int:
 
     out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="bench_scale_"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{len(args.seeds) * len(args.workers)} runs of {args.minutes} min, one at a time; files in {out_dir}",
-          flush=True)
-    rows = [run_one(w, s, args, out_dir) for s in args.seeds for w in args.workers]
+    print(f"{len(args.seeds) * len(args.workers) * len(args.backend)} runs of {args.minutes} min, one at a time; "
+          f"files in {out_dir}", flush=True)
+    rows = [run_one(b, w, s, args, out_dir) for s in args.seeds for b in args.backend for w in args.workers]
     (out_dir / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
     base = {}
-    print("\n| workers | trials / 10 min (all; complete) | vs 1 worker | test acc per seed | overhead per trial "
-          "(median; mean) | max overshoot |")
-    print("|---|---|---|---|---|---|")
-    for w in args.workers:
-        rs = [r for r in rows if r["workers"] == w]
+    print("\n| backend | workers | trials / 10 min (all; complete) | vs optuna, 1 worker | test acc per seed | "
+          "overhead per trial (median; mean) | max overshoot |")
+    print("|---|---|---|---|---|---|---|")
+    for b, w in ((b, w) for b in args.backend for w in args.workers):
+        rs = [r for r in rows if r["workers"] == w and r["backend"] == b]
         per10 = statistics.mean(r["trials_per_10min"] for r in rs)
         base.setdefault("per10", per10)
         accs = " / ".join(f"{r['test_acc']:.2%}" if r.get("test_acc") is not None else "-" for r in rs)
         med = [r["overhead_median_s"] for r in rs if r["overhead_median_s"] is not None]
         mean = [r["overhead_mean_s"] for r in rs if r["overhead_mean_s"] is not None]
         over = f"{statistics.mean(med):.2f} s; {statistics.mean(mean):.2f} s" if med else "-"
-        print(f"| {w} | {per10:.1f}; {statistics.mean(r['complete_per_10min'] for r in rs):.1f} | "
+        print(f"| {b} | {w} | {per10:.1f}; {statistics.mean(r['complete_per_10min'] for r in rs):.1f} | "
               f"{per10 / base['per10']:.2f}x | {accs} | {over} | {max(r['overshoot_s'] for r in rs):.1f} s |")
     return 0
 

@@ -87,6 +87,10 @@ class SearchOptions:
     precision: str = "auto"  # auto (the device's best, decided on this machine), fp32, bf16 or fp16
     workers: int = 1  # local worker processes on the study (the leader is one of them)
     teacher: str | None = None  # a checkpoint the final model is distilled from (its forward passes are timed)
+    backend: str = "optuna"  # "ray": the search phase runs as a Ray Tune experiment (search/ray_backend.py)
+    ray_address: str | None = None  # an existing Ray cluster to join; None starts a local one
+    gpus_per_trial: float | None = None  # Ray's share of a GPU per trial; None: 1/workers on CUDA, 0 on a CPU
+    ray_scheduler: str = "median"  # median (MedianStoppingRule) or asha, on the shared progress axis
 
 
 class StudyMismatch(ConfigError):
@@ -209,14 +213,18 @@ class Objective:
             self.clock.save()
             self.reporter.trial(row, self.clock.used(), self.clock.total)
 
-    def _run(self, trial: optuna.Trial, row: dict) -> float:
+    def sample(self, trial: optuna.Trial) -> RunConfig:
+        """The trial's config: sampled from the space, or the grid's next point (any backend)."""
         opts = self.opts
         if opts.grid is not None:
             cfg = suggest_grid_config(trial, *opts.grid, seed=opts.seed + trial.number)
-            cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset=opts.dataset, image_size=opts.image_size))
-        else:
-            cfg = suggest_config(trial, self.shape, opts.max_params, self.base_data, seed=opts.seed + trial.number,
-                                 max_flops=self.max_flops)
+            return cfg.replace(data=dataclasses.replace(cfg.data, dataset=opts.dataset, image_size=opts.image_size))
+        return suggest_config(trial, self.shape, opts.max_params, self.base_data, seed=opts.seed + trial.number,
+                              max_flops=self.max_flops)
+
+    def _run(self, trial: optuna.Trial, row: dict) -> float:
+        opts = self.opts
+        cfg = self.sample(trial)
         row["family"] = cfg.model.family
         # Every trial trains for the full slice, so that all of them are ranked on equal terms. One that
         # would not fit before the search phase ends is not started: that time goes to the final phase.
@@ -452,7 +460,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         workers = None
         if searching:
             split_resources(opts.device, opts.workers)  # before the probe: it measures one worker's share
-            if opts.workers > 1:  # they start up (imports, their data) while this process probes
+            if opts.workers > 1 and opts.backend == "optuna":  # they start up while this process probes
                 interrupt.forward = workers = Workers(opts, study_name, opts.workers, session, reporter.mode)
         if searching and sample:  # the speed probe only matters when trials will be sampled
             images_per_s = probe_speed(data, opts.device, probe_s, precision=precision,
@@ -483,7 +491,11 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
 
         objective = Objective(opts, data, clock, search_end, slice_s, interrupt, reporter, study, max_flops,
                               precision, lease=lease, before_trial=before_trial)
-        if searching:
+        if searching and opts.backend == "ray":  # the same trials, as a Ray Tune experiment
+            from budgetnet.search.ray_backend import ray_search_phase
+
+            ray_search_phase(objective, fits)
+        elif searching:
             _search_phase(study, objective, fits, interrupt)
         if workers is not None:
             workers.wait(study, interrupt.event.is_set, reporter.message)
@@ -524,6 +536,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         "precision": precision,
         "slice_seconds": slice_s,
         "workers": opts.workers,
+        "backend": opts.backend,
         "probe_images_per_s": study.user_attrs.get("probe_images_per_s"),
         "best_trial": best.number if best else None,
         "best_val_acc": best.value if best else None,

@@ -41,6 +41,24 @@ class TrialOutcome:
     result: RunResult | None = None
 
 
+def guard(cfg: RunConfig, shape, max_params: float, set_attr: Callable[[str, object], None]) -> TrialOutcome:
+    """The budget guard, on the meta device, before anything is allocated: a ``rejected`` outcome with the
+    numbers, or a ``stopped`` one (not trained yet) that carries ``n_params``, ``flops`` and the constraint.
+    ``family``, ``config``, ``n_params`` and ``flops`` go through ``set_attr``. ``run_trial`` starts with it;
+    the Ray backend also runs it in the driver, so that a rejected config never becomes a Ray trial."""
+    set_attr("family", cfg.model.family)
+    set_attr("config", cfg.to_json(indent=None))
+    try:
+        n_params = check_params(cfg.model, shape, max_params)
+    except BudgetExceeded as e:
+        set_attr("n_params", int(e.value))
+        return TrialOutcome("rejected", str(e), n_params=int(e.value), constraint=float(e.value - max_params))
+    flops = count_flops(cfg.model, shape)
+    set_attr("n_params", n_params)
+    set_attr("flops", flops)
+    return TrialOutcome("stopped", n_params=n_params, flops=flops, constraint=float(n_params - max_params))
+
+
 def run_trial(cfg: RunConfig, data: DeviceData, *, max_params: float, slice_s: float, device: str,
               precision: str, set_attr: Callable[[str, object], None],
               report: Callable[[float, float], bool], fits: Callable[[], bool], stop: Callable[[], bool],
@@ -54,18 +72,9 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, max_params: float, slice_s: f
     The user attrs ``family``, ``config``, ``n_params``, ``flops``, ``seconds``, ``images_per_s`` and
     ``epochs`` go through ``set_attr``; the adapter records ``state`` and ``reason`` from the outcome.
     """
-    shape = data.info.shape
-    set_attr("family", cfg.model.family)
-    set_attr("config", cfg.to_json(indent=None))
-    try:
-        n_params = check_params(cfg.model, shape, max_params)
-    except BudgetExceeded as e:
-        set_attr("n_params", int(e.value))
-        return TrialOutcome("rejected", str(e), n_params=int(e.value), constraint=float(e.value - max_params))
-    flops = count_flops(cfg.model, shape)
-    set_attr("n_params", n_params)
-    set_attr("flops", flops)
-    out = TrialOutcome("stopped", n_params=n_params, flops=flops, constraint=float(n_params - max_params))
+    out = guard(cfg, data.info.shape, max_params, set_attr)
+    if out.state == "rejected":
+        return out
     if not fits():
         out.reason = "no full slice left in the search phase"
         return out

@@ -1,0 +1,462 @@
+"""``budgetnet search --backend ray``: the search phase as a Ray Tune experiment, a thin adapter over the
+backend-free ``trial.run_trial``. Everything before (storage, study, clock, probe, slice, warm start) and
+after (the final phase, ``best.pt``, the summary) is ``runner.run_search``'s, shared with the optuna backend.
+
+What differs from Ray Tune's defaults, and why (docs/search.md, "Ray backend"):
+
+- **The guard runs in the driver, before a config becomes a Ray trial** (``BudgetSearch.suggest``): an
+  oversized config is told to the study as PRUNED, state ``rejected``, with its reason, and never starts
+  an actor. The trial runs the guard again (``run_trial``), as a safety net.
+- **budgetnet's states, not OptunaSearch's.** Each trial's last report carries its outcome (complete, too
+  slow, diverged, ...), recorded as the optuna backend records it. A trial the scheduler stopped is PRUNED
+  (state ``pruned``), not COMPLETE with its truncated value. Trials that the experiment's end stopped
+  without telling the searcher (Tune does not) are recorded PRUNED, state ``stopped``: none stays RUNNING.
+- **No ``TuneConfig(time_budget_s)``**: it kills trials and leaves them RUNNING in the study. The searcher
+  stops proposing when a full slice no longer fits (the optuna backend's rule), each trial polls the
+  study's deadline itself, and a ``Stopper`` ends the experiment on Ctrl-C or past a hard deadline.
+- **The scheduler judges on the shared progress axis**: ``training_iteration`` counts reports, one per 10%
+  of a slice, with a grace period of 3 reports (``MedianStoppingRule`` defaults to seconds, with 60 of
+  grace, and would yield trials to pending ones; here it never pauses a trial).
+- **Quiet**: Ray's logs, Tune's loggers and progress tables are off; the ``Reporter`` prints trial lines.
+- **Resume**: the experiment lives under ``studies/ray/<study>`` (beside ``--artifact-dir``); the same
+  command restores it with ``Tuner.restore`` and goes on with what the study's clock has left. The
+  driver's live objects (study, clock, data, reporter) are never pickled into Tune's experiment state: the
+  searcher, stopper and callback hold a key into ``_LIVE``, which this process fills before the Tuner is
+  created or restored. Optuna's storage is the searcher's state.
+
+This is the only module that imports ray; ``runner`` imports it only for ``--backend ray``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.search import Searcher, SearchGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from budgetnet.config import ConfigError, RunConfig
+from budgetnet.data import DeviceData
+from budgetnet.search.clock import SLICE_GRACE, Clock
+from budgetnet.search.final import keep_if_best
+from budgetnet.search.trial import REPORT_STEPS, guard, run_trial
+
+METRIC = "val_acc"  # what every report carries and the scheduler compares
+MARKS = 10  # reports per full trial: TrainConfig.eval_points, at 10%, 20%, ... 100% of the slice
+GRACE_REPORTS = 3  # no scheduler verdict before 30% of a slice (the optuna backend's n_warmup_steps=30)
+MIN_SAMPLES = 3  # other trials the median needs (the optuna backend's n_startup_trials=3)
+REJECTIONS_PER_SUGGEST = 16  # rejected configs told in one suggest() before Tune's loop gets control back
+OUTCOME_KEY = "budgetnet_outcome"  # in a trial's last report: its outcome, as JSON
+CONFIG_KEY = "budgetnet_config"  # in a Tune trial's config: the RunConfig, as JSON
+NUMBER_KEY = "budgetnet_trial"  # in a Tune trial's config: its Optuna trial number
+QUIET_ENV = {
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl-C is runner.Interrupt's, as on the optuna backend
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/JSON/TensorBoard files per trial: the study has it all
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+_LIVE: dict[str, _Live] = {}  # experiment name -> what its searcher, stopper and callback need here
+
+
+def experiment_dir(study: optuna.Study, artifact_dir: str) -> Path:
+    """Where the study's Ray Tune experiment lives: the one recorded in the study (user attr
+    ``ray_experiment``), else ``studies/ray/<study>`` beside ``studies/artifacts`` (with a suffix when
+    another storage's study of that name has it), recorded for the next session."""
+    recorded = study.user_attrs.get("ray_experiment")
+    if recorded:
+        return Path(recorded)
+    path = base = (Path(artifact_dir).absolute().parent / "ray" / study.study_name).absolute()
+    while path.exists():
+        path = base.with_name(f"{base.name}-{uuid.uuid4().hex[:6]}")
+    study.set_user_attr("ray_experiment", str(path))
+    return path
+
+
+# -- the trial (runs in a Ray actor) ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What a Ray trial needs besides its config and the data, shipped once per experiment."""
+
+    study: str
+    out: str
+    max_params: float
+    slice_s: float
+    search_end: float
+    budget_seconds: float
+    used_before: float  # the session's clock: ``Clock.from_anchor(budget, used_before, anchor)``
+    anchor: float
+    device: str
+    precision: str
+    sampled: bool
+    cpus: float
+    gpus: float
+
+
+def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | None = None) -> None:
+    """One Ray Tune trial: ``run_trial`` on this actor's share of the machine. It reports validation accuracy
+    at 10%, ... 90% of its slice through ``tune.report`` (a report blocks until the driver has judged it;
+    a scheduler's stop ends this thread inside it), and the 100% mark together with its outcome. A
+    complete trial writes its model to ``best.pt`` through ``keep_if_best`` (one flock on the folder: the
+    driver and the trials must share that folder)."""
+    import ray
+    import torch
+
+    torch.set_num_threads(max(1, int(ctx.cpus)))
+    device = ctx.device
+    if device.startswith("cuda"):
+        device = "cuda"  # Ray shows the trial only the GPU it was given
+        torch.cuda.set_per_process_memory_fraction(min(1.0, ctx.gpus), torch.device(device))
+    data = data.to(device)
+    clock = Clock.from_anchor(ctx.budget_seconds, ctx.used_before, ctx.anchor)  # the session's deadline
+    grace = SLICE_GRACE * ctx.slice_s
+    attrs: dict = {"ray_node": ray.util.get_node_ip_address()}
+
+    def report(progress: float, val_acc: float) -> bool:
+        if progress < 1.0:  # the last mark goes with the outcome, so that a verdict on it changes nothing
+            tune.report({METRIC: val_acc, "progress": progress})
+        return False  # stopping is the scheduler's: it ends this thread in tune.report
+
+    out = None
+    try:
+        cfg = RunConfig.from_json(config[CONFIG_KEY])
+        out = run_trial(cfg, data, max_params=ctx.max_params, slice_s=ctx.slice_s, device=device,
+                        precision=ctx.precision, set_attr=attrs.__setitem__, report=report,
+                        fits=lambda: clock.used() + ctx.slice_s <= ctx.search_end + grace,
+                        stop=lambda: clock.used() > ctx.search_end + 2 * grace, sampled=ctx.sampled)
+        if out.state == "complete":
+            keep_if_best(ctx.out, ctx.study, config[NUMBER_KEY], cfg, out.result, out.value, out.n_params,
+                         out.flops, data.classes)
+        outcome = {"state": out.state, "reason": out.reason, "value": out.value}
+    except Exception as e:  # a bug or a broken config: recorded as FAIL with the reason; the search goes on
+        outcome = {"state": "failed", "reason": f"{type(e).__name__}: {e}"[:300]}
+    attrs.pop("config", None)  # the driver recorded it
+    outcome["attrs"] = attrs
+    progress = out.progress if out is not None and out.progress is not None else 0.0
+    val_acc = out.val_acc if out is not None and out.val_acc is not None else 0.0
+    # Every report must carry the metric. A trial that never reached a mark reports 0.0 at iteration 1,
+    # before the grace period: no scheduler reads it.
+    tune.report({METRIC: val_acc, "progress": progress, OUTCOME_KEY: json.dumps(outcome)})
+
+
+# -- the driver -------------------------------------------------------------------------------------
+
+def optuna_state(state: str) -> TrialState:
+    """budgetnet's trial state -> Optuna's (docs/search.md, "How trials are recorded")."""
+    return {"complete": TrialState.COMPLETE, "failed": TrialState.FAIL}.get(state, TrialState.PRUNED)
+
+
+@dataclass
+class _Live:
+    """The driver's side of one experiment: the optuna backend's ``Objective`` (options, study, clock,
+    data, reporter, interrupt), the ``fits`` rule, and the trials' rows for the Reporter."""
+
+    objective: object
+    fits: object
+    concurrent: int
+    hard_deadline: float
+    scheduler: str
+    rows: dict = field(default_factory=dict)  # Optuna trial number -> the Reporter's row
+    steps: dict = field(default_factory=dict)  # Optuna trial number -> the last step reported to the study
+
+    def stopping(self) -> bool:
+        return self.objective.interrupt.event.is_set() or not self.fits()
+
+    def record(self, study: optuna.Study, trial: optuna.Trial, state: str, reason: str = "",
+               value: float | None = None, attrs: dict | None = None) -> None:
+        """Tell the study how ``trial`` ended, with budgetnet's user attrs, and print its line."""
+        row = self.rows.pop(trial.number, {"number": trial.number})
+        for key, v in (attrs or {}).items():
+            trial.set_user_attr(key, v)
+        trial.set_user_attr("state", state)
+        if state != "complete":
+            trial.set_user_attr("reason", reason)
+            row["reason"] = reason
+        row.update(state=state, seconds=(attrs or {}).get("seconds", row.get("seconds", 0.0)))
+        try:
+            study.tell(trial, value if state == "complete" else None, state=optuna_state(state))
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+            pass  # finished meanwhile (a new session failed it as interrupted)
+        clock = self.objective.clock
+        clock.save()
+        self.objective.reporter.trial(row, clock.used(), clock.total)
+
+    def result(self, trial: optuna.Trial, result: dict) -> None:
+        """An evaluation mark: the study's intermediate value on the optuna backend's 0..100 axis."""
+        progress = result.get("progress")
+        if progress is None or not progress > 0 or self.steps.get(trial.number) == round(progress * REPORT_STEPS):
+            return  # nothing evaluated yet, or told already (a last report reaches the searcher twice)
+        self.steps[trial.number] = round(progress * REPORT_STEPS)
+        row = self.rows.setdefault(trial.number, {"number": trial.number})
+        row.update(progress=progress, val_acc=result[METRIC], seconds=result.get("time_total_s", 0.0))
+        try:
+            trial.report(result[METRIC], step=round(progress * REPORT_STEPS))
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            pass
+        self.objective.clock.save()
+
+    def ended(self, study: optuna.Study, trial: optuna.Trial, result: dict | None, error: bool) -> None:
+        """A Ray trial ended: with its outcome (its last report), stopped by the scheduler (a mark with no
+        outcome), with an error (its actor or node died), or stopped before it reported anything."""
+        result = result or {}
+        if OUTCOME_KEY in result:
+            outcome = json.loads(result[OUTCOME_KEY])
+            self.result(trial, result)
+            self.record(study, trial, outcome["state"], outcome.get("reason", ""), outcome.get("value"),
+                        outcome.get("attrs"))
+        elif error:
+            self.record(study, trial, "failed", "its Ray trial failed (its actor or node died; Ray's error "
+                        "is in the experiment folder)", attrs={"seconds": round(result.get("time_total_s", 0.0), 2)})
+        elif METRIC in result and result.get("progress"):
+            self.result(trial, result)
+            self.record(study, trial, "pruned", f"stopped by Ray's {self.scheduler} at {result['progress']:.0%}",
+                        attrs={"seconds": round(result.get("time_total_s", 0.0), 2)})
+        else:
+            self.stopped(study, trial)
+
+    def stopped(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        interrupted = self.objective.interrupt.event.is_set()
+        self.record(study, trial, "stopped", "interrupted" if interrupted else "search budget exhausted")
+
+    def end(self, study: optuna.Study) -> None:
+        """Record the trials Tune stopped without telling the searcher (the experiment's end, Ctrl-C; it
+        never does for them) as PRUNED, state stopped: none stays RUNNING."""
+        storage = study._storage
+        for number in list(self.rows):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+            if storage.get_trial(trial_id).state == TrialState.RUNNING:
+                self.stopped(study, optuna.Trial(study, trial_id))
+            self.rows.pop(number, None)
+
+
+class BudgetSearch(OptunaSearch):
+    """OptunaSearch over budgetnet's space (``Objective.sample`` as its define-by-run function) and study,
+    with the guard before a config becomes a Ray trial, budgetnet's trial states, at most ``concurrent``
+    trials at once, and no proposals once a full slice no longer fits. Pickled (Tune's experiment state)
+    as its key alone; the study in storage is its state."""
+
+    def __init__(self, key: str):
+        self._key = key
+        live = _LIVE.get(key)
+        if live is None:  # unpickled outside the command that runs it (reading an experiment's files)
+            Searcher.__init__(self, metric=METRIC, mode="max")
+            self._ot_trials, self._completed_trials = {}, set()
+            return
+        from budgetnet.search.runner import make_sampler
+
+        opts, study = live.objective.opts, live.objective.study
+        super().__init__(space=lambda trial: {CONFIG_KEY: live.objective.sample(trial).to_json(indent=None)},
+                         metric=METRIC, mode="max", study_name=study.study_name, storage=study._storage,
+                         sampler=make_sampler(opts.sampler, opts.seed, opts.grid[1] if opts.grid else None))
+
+    def __getstate__(self) -> dict:
+        return {"_key": self._key}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["_key"])
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps({"study": self._key}))  # the study holds the state
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+    def suggest(self, trial_id: str):
+        live = _LIVE[self._key]
+        for _ in range(REJECTIONS_PER_SUGGEST):
+            if live.stopping():
+                return Searcher.FINISHED
+            if len(self._ot_trials) >= live.concurrent:
+                return None
+            params = super().suggest(trial_id)  # ask (a queued warm start first), then sample the space
+            trial = self._ot_trials[trial_id]
+            cfg = RunConfig.from_json(params[CONFIG_KEY])
+            out = guard(cfg, live.objective.shape, live.objective.opts.max_params, trial.set_user_attr)
+            trial.set_constraint("params", out.constraint)
+            live.rows[trial.number] = {"number": trial.number, "family": cfg.model.family,
+                                       "n_params": out.n_params, "flops": out.flops, "progress": None,
+                                       "val_acc": None, "seconds": 0.0}
+            if out.state == "rejected":  # told now; never a Ray trial
+                del self._ot_trials[trial_id]
+                live.record(self._ot_study, trial, "rejected", out.reason)
+                continue
+            return {**params, NUMBER_KEY: trial.number}
+        return None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._ot_trials:
+            _LIVE[self._key].result(self._ot_trials[trial_id], result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        trial = self._ot_trials.pop(trial_id, None)
+        if trial is not None:
+            _LIVE[self._key].ended(self._ot_study, trial, result, error)
+
+
+class _Generator(SearchGenerator):
+    """Tune's wrapper of the searcher, except that a restored experiment is not finished: whether a trial
+    still fits is the budget's call (``BudgetSearch.suggest``), not how the last session ended."""
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._finished = False
+
+
+class _Deadline(tune.Stopper):
+    """Ends the experiment on Ctrl-C/SIGTERM or past the hard deadline (trials stop themselves earlier)."""
+
+    def __init__(self, key: str):
+        self._key = key
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        live = _LIVE.get(self._key)
+        return live is None or live.objective.interrupt.event.is_set() or \
+            live.objective.clock.used() > live.hard_deadline
+
+
+class _Watch(tune.Callback):
+    """Saves the clock as Tune's loop turns, and marks each Optuna trial that Ray started (user attr
+    ``ray_trial``, Tune's trial id): a rejected config never gets one."""
+
+    def __init__(self, key: str):
+        self._key = key
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if self._key in _LIVE:
+            _LIVE[self._key].objective.clock.tick()
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        live = _LIVE.get(self._key)
+        if live is None or NUMBER_KEY not in trial.config:
+            return
+        study = live.objective.study
+        storage = study._storage
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, trial.config[NUMBER_KEY])
+        try:
+            storage.set_trial_user_attr(trial_id, "ray_trial", trial.trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+
+
+def make_scheduler(name: str):
+    """Ray's scheduler on the shared progress axis: a report per 10% of a slice, judged from 30%."""
+    if name == "asha":
+        return tune.schedulers.ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode="max",
+                                             max_t=MARKS, grace_period=GRACE_REPORTS, reduction_factor=3)
+    # min_time_slice=inf: never PAUSE a trial for want of samples (a paused function trial would lose
+    # its slice); Ray pauses one whenever another is PENDING, which every trial is while its actor starts.
+    return tune.schedulers.MedianStoppingRule(time_attr="training_iteration", metric=METRIC, mode="max",
+                                              grace_period=GRACE_REPORTS, min_samples_required=MIN_SAMPLES,
+                                              min_time_slice=math.inf)
+
+
+def start_ray(address: str | None) -> None:
+    """Join the cluster at ``address``, or start a local one on 127.0.0.1, quietly. ``ray.init`` installs
+    its own SIGTERM handler (exit at once); the command's handlers (graceful stop) are put back."""
+    import ray
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Define-by-run function passed")
+    if ray.is_initialized():
+        return
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    if address:
+        # A cluster that `ray start` began with this user's token (~/.ray/auth_token, made by Ray's first local
+        # start) checks it; ray.init sends it only in token mode, which it turns on for a local start alone.
+        if (Path.home() / ".ray" / "auth_token").exists():
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, ray.exceptions.RayError) as e:
+            raise ConfigError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[-1]}") from None
+    else:
+        ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+    for s, h in handlers.items():
+        if h is not None:
+            signal.signal(s, h)
+
+
+def trial_resources(device: str, workers: int, gpus_per_trial: float | None) -> dict:
+    """CPUs and GPU share per trial: the cluster's CPUs split among ``workers`` concurrent trials (at most
+    one node's worth, or the trial could never be placed), and ``gpus_per_trial`` of a GPU (default 1/N on
+    CUDA, none on a CPU)."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = sum(n.get("CPU", 0) for n in nodes)
+    largest = max((n.get("CPU", 0) for n in nodes), default=1)
+    cpus = max(1.0, min(largest, float(total // workers)))
+    gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 / workers if device.startswith("cuda") else 0.0)
+    if device.startswith("cuda") and not gpus > 0:
+        raise ConfigError("--backend ray on CUDA needs --gpus-per-trial above 0 (a trial without one sees no GPU)")
+    return {"cpu": cpus, "gpu": gpus}
+
+
+def ray_search_phase(objective, fits) -> None:
+    """The search phase on Ray Tune: start or join Ray, run the experiment (restored if this study has
+    one) until no full slice fits or a stop, record every trial, and shut Ray down for the final phase."""
+    import ray
+
+    opts, clock, study = objective.opts, objective.clock, objective.study
+    t0 = time.perf_counter()
+    start_ray(opts.ray_address)
+    try:
+        resources = trial_resources(str(opts.device), opts.workers, opts.gpus_per_trial)
+        grace = SLICE_GRACE * objective.slice_s
+        key = study.study_name
+        _LIVE[key] = live = _Live(objective, fits, opts.workers, objective.search_end + 3 * grace + 5.0,
+                                  "ASHA scheduler" if opts.ray_scheduler == "asha" else "median stopping rule")
+        ctx = TrialContext(study=key, out=str(Path(opts.out).absolute()), max_params=opts.max_params,
+                           slice_s=objective.slice_s, search_end=objective.search_end,
+                           budget_seconds=opts.budget_seconds, used_before=clock.used_before,
+                           anchor=clock.anchor(), device=str(opts.device), precision=objective.precision,
+                           sampled=opts.grid is None, cpus=resources["cpu"], gpus=resources["gpu"])
+        trainable = tune.with_parameters(tune.with_resources(ray_trial, resources),
+                                         data=objective.data.to("cpu"), ctx=ctx)
+        path = experiment_dir(study, opts.artifact_dir)
+        restored = tune.Tuner.can_restore(str(path))
+        if restored:
+            tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=False, resume_errored=False,
+                                       restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=_Generator(BudgetSearch(key)),
+                                            scheduler=make_scheduler(opts.ray_scheduler), num_samples=-1,
+                                            reuse_actors=True),
+                run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), stop=_Deadline(key),
+                                          callbacks=[_Watch(key)], verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=0)))
+        cluster = ray.cluster_resources()
+        objective.reporter.message(
+            f"ray {ray.__version__}: {'joined ' + opts.ray_address if opts.ray_address else 'a local cluster'} "
+            f"({cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs) in {time.perf_counter() - t0:.1f} s; "
+            f"{opts.workers} trial(s) at once, each {resources['cpu']:g} CPU(s)"
+            + (f" and {resources['gpu']:g} GPU" if resources["gpu"] else "")
+            + f"; {live.scheduler}; experiment {'restored from' if restored else 'in'} {path}")
+        if not live.stopping():
+            tuner.fit()
+        live.end(study)
+    finally:
+        _LIVE.pop(study.study_name, None)
+        ray.shutdown()  # the final phase gets the machine (a joined cluster stays up)
+        clock.save()
+
