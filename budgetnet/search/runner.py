@@ -506,7 +506,8 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
             torch.set_num_threads(threads)
             if str(opts.device).startswith("cuda"):
                 torch.cuda.set_per_process_memory_fraction(1.0, torch.device(opts.device))
-        study.set_user_attr("phase", "final")
+        if not interrupt.event.is_set():  # a Ctrl-C'd search resumes searching, if a slice still fits
+            study.set_user_attr("phase", "final")
         clock.save()
 
         best = _best_trial(study)
