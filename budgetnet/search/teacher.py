@@ -32,7 +32,7 @@ from budgetnet.models import build_model
 from budgetnet.search.clock import clamp
 from budgetnet.train import COMPLETE, EVAL_SUBSET, measure_rate, train_run
 
-# Candidate teachers, largest first: CIFAR ResNets of 2 basic blocks per stage (ResNet-14 layout) at 4x,
+# Candidate teachers, largest first: CIFAR ResNets of 2 basic blocks per stage (ResNet-14 layout) at 6x,
 # 4x and 2x the ResNet-20 widths (6.2M, 2.8M and 0.7M parameters at 100 classes, 32 px).
 TEACHERS: tuple[ModelConfig, ...] = (
     ResNetConfig(depths=(2, 2, 2), widths=(96, 192, 384), stem_width=96, init="kaiming"),
@@ -68,7 +68,7 @@ class TeacherPlan:
     model: ModelConfig
     seconds: float  # the teacher's share of the final phase
     n_params: int
-    epochs: float  # estimated, at the FLOP-scaled speed
+    epochs: float  # estimated, at the measured speed
     student_epochs: float  # estimated, for the distilled student in the rest
 
 
