@@ -4,10 +4,13 @@ Nothing here is a constant measured once somewhere else. A speed choice is made 
 capability, or from a micro-benchmark of tens of milliseconds run once per process, and every choice can be
 overridden (``--precision``).
 
-- **CUDA:** bf16 autocast where the GPU has bf16 tensor cores (compute capability 8.0 and up), fp16
-  autocast with a gradient scaler where it has fp16 tensor cores (7.0 up to 8.0), fp32 below. TF32 is
-  allowed for fp32 matmuls and convolutions, and cuDNN picks the fastest kernels for the training loop's
-  fixed shapes (``prepare``).
+- **CUDA:** the candidate is bf16 autocast where the GPU has bf16 tensor cores (compute capability 8.0
+  and up), fp16 autocast with a gradient scaler where it has fp16 tensor cores (7.0 up to 8.0), fp32
+  below; it is used only where a small conv net's training step measured on this GPU really runs faster
+  in it than in fp32 (with TF32). Small nets are launch-bound: on an H100, bf16 autocast ran a
+  ResNet-20 step at 0.87x and a plain net's at 0.75x of fp32 (docs/benchmarks.md). TF32 is allowed for
+  fp32 matmuls and convolutions, and cuDNN picks the fastest kernels for the training loop's fixed shapes
+  (``prepare``).
 - **CPU:** bf16 only where it is native (oneDNN reports bf16 support) *and* a small conv net's training
   step measured here really runs faster in bf16 than in fp32; on a CPU without native bf16 (AVX2 only)
   every bf16 op is emulated and a step ran 11-15x slower. Otherwise fp32.
@@ -27,7 +30,7 @@ import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BF16_MIN_SPEEDUP = 1.15  # bf16 must beat fp32 by this much on the CPU to be worth its lower precision
+BF16_MIN_SPEEDUP = 1.15  # a lower precision must beat fp32 by this much to be worth its lost bits
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -44,7 +47,8 @@ def _cuda_capability(device: torch.device) -> tuple[int, int]:
 
 
 def cuda_precision(capability: tuple[int, int]) -> str:
-    """bf16 from Ampere (8.0) on, fp16 with loss scaling on Volta and Turing (7.x), fp32 below."""
+    """The candidate low precision: bf16 from Ampere (8.0) on, fp16 with loss scaling on Volta and Turing
+    (7.x), fp32 below (no tensor cores: nothing to gain)."""
     if capability >= (8, 0):
         return "bf16"
     if capability >= (7, 0):
@@ -75,36 +79,80 @@ class CpuProfile:
         return self.fp32_ms / self.bf16_ms if self.bf16_ms else None
 
 
-def _probe_net() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class CudaProfile:
+    """One GPU's measured training speed on a small conv net, and the precision chosen from it."""
+
+    capability: tuple[int, int]
+    candidate: str  # cuda_precision(capability)
+    fp32_ms: float | None  # best step in fp32 (TF32); None when there is no candidate to compare
+    candidate_ms: float | None
+    precision: str
+
+    @property
+    def speedup(self) -> float | None:
+        return self.fp32_ms / self.candidate_ms if self.fp32_ms and self.candidate_ms else None
+
+
+def _probe_net(device: torch.device, batch: int, size: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
         torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(32 * 8 * 8, 10),
-    ).to(memory_format=torch.channels_last)
-    x = torch.randn(32, 3, 16, 16).contiguous(memory_format=torch.channels_last)
-    return net, x, torch.randint(0, 10, (32,))
+        torch.nn.Flatten(), torch.nn.Linear(32 * (size // 2) ** 2, 10),
+    ).to(device, memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    return net, x, torch.randint(0, 10, (batch,), device=device)
 
 
-def _step_ms(precision: str, repeats: int = 3, give_up_ms: float = float("inf")) -> float:
-    """Best time of one forward/backward/SGD step of ``_probe_net`` (after one untimed warm-up step).
-    Stops early once a step takes longer than ``give_up_ms``: an emulated dtype need not be timed twice."""
-    net, x, y = _probe_net()
+def _step_ms(precision: str, repeats: int = 3, give_up_ms: float = float("inf"),
+             device: torch.device | None = None) -> float:
+    """Best time of one forward/backward/SGD step of ``_probe_net`` (after untimed warm-up).
+    CPU: batch 32 of 16x16, one step a repeat, one warm-up step; stops early once a step takes longer than
+    ``give_up_ms`` (an emulated dtype need not be timed twice). CUDA: batch 256 of 32x32 (the space's
+    batch sizes and CIFAR's image size), 5 warm-up steps (cuDNN's algorithm search), 20 steps a repeat
+    between two synchronisations (the GPU runs asynchronously)."""
+    device = device or torch.device("cpu")
+    cuda = device.type == "cuda"
+    net, x, y = _probe_net(device, 256 if cuda else 32, 32 if cuda else 16)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    best = float("inf")
-    for i in range(repeats + 1):
-        t = time.perf_counter()
-        with autocast(torch.device("cpu"), precision):
+    steps, warmup = (20, 5) if cuda else (1, 1)
+
+    def step():
+        with autocast(device, precision):
             loss = torch.nn.functional.cross_entropy(net(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ms = (time.perf_counter() - t) * 1e3
-        if i:
-            best = min(best, ms)
-            if ms > give_up_ms:
-                break
+
+    for _ in range(warmup):
+        step()
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        ms = (time.perf_counter() - t) * 1e3 / steps
+        best = min(best, ms)
+        if ms > give_up_ms:
+            break
     return best
+
+
+@functools.cache
+def cuda_profile(index: int) -> CudaProfile:
+    """Measure GPU ``index`` once per process (well under a second): fp32 against its candidate."""
+    device = torch.device("cuda", index)
+    capability = _cuda_capability(device)
+    candidate = cuda_precision(capability)
+    if candidate == "fp32":
+        return CudaProfile(capability, candidate, None, None, "fp32")
+    prepare(device)  # time fp32 as the training loop runs it: TF32 and cuDNN's benchmark on
+    fp32 = _step_ms("fp32", device=device)
+    low = _step_ms(candidate, device=device)
+    return CudaProfile(capability, candidate, fp32, low, candidate if fp32 / low >= BF16_MIN_SPEEDUP else "fp32")
 
 
 @functools.lru_cache(maxsize=1)
@@ -125,7 +173,7 @@ def resolve_precision(device: torch.device | str, requested: str = "auto") -> st
         return requested
     device = torch.device(device)
     if device.type == "cuda":
-        return cuda_precision(_cuda_capability(device))
+        return cuda_profile(device.index if device.index is not None else torch.cuda.current_device()).precision
     if device.type == "cpu":
         return cpu_profile().precision
     return "fp32"
@@ -152,16 +200,36 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
 
 
-def prepare(device: torch.device) -> None:
-    """Process-wide settings for training on ``device`` (idempotent).
+def prepare(device: torch.device, autotune: bool = True) -> None:
+    """Process-wide settings for training on ``device`` (set anew by each run).
 
-    CUDA: cuDNN benchmarks its algorithms once per shape (the loop's shapes are fixed: one batch size,
-    the last partial batch dropped), and fp32 matmuls and convolutions may use TF32 tensor cores.
+    CUDA: fp32 matmuls and convolutions may use TF32 tensor cores. With ``autotune``, cuDNN times its
+    algorithms once per new shape (``cudnn.benchmark``; the loop's shapes are fixed: one batch size, the
+    last partial batch dropped): a long run repays that search, a search trial's short slice of a model
+    never seen before does not. On an H100 a trial's first step took 1.6-13 s with it on, a whole 10 s
+    slice for some models (docs/benchmarks.md); without it cuDNN picks by heuristics.
     """
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = autotune
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls
         torch.backends.cudnn.allow_tf32 = True  # and for fp32 convolutions
+
+
+def first_step_is_setup(device: torch.device) -> bool:
+    """Whether a run's first training step is mostly one-off set-up rather than a sample of its speed: on
+    CUDA it loads kernels and selects algorithms (1.6-13 s for a search trial's model on an H100, against
+    milliseconds for the next steps); on the CPU it costs about what the next steps do."""
+    return device.type == "cuda"
+
+
+def set_memory_share(device: torch.device | str, share: float) -> None:
+    """Cap this process's allocations on a CUDA device at ``share`` of its memory (an allocation past it is an
+    out-of-memory error); a no-op elsewhere. ``"cuda"`` means the current device: torch's call needs an
+    index."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, share), index)
 
 
 def synchronize(device: torch.device) -> None:

@@ -24,7 +24,15 @@ from torch import nn
 from budgetnet.budget import BudgetExceeded, check_memory
 from budgetnet.config import RunConfig, TrainConfig
 from budgetnet.data import DeviceData, ImageSet, normalizer, train_batches
-from budgetnet.device import autocast, grad_scaler, memory_format, prepare, resolve_precision, synchronize
+from budgetnet.device import (
+    autocast,
+    first_step_is_setup,
+    grad_scaler,
+    memory_format,
+    prepare,
+    resolve_precision,
+    synchronize,
+)
 from budgetnet.models import build_model
 
 Hook = Callable[[float, dict], bool]
@@ -186,16 +194,18 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
               epochs: float | None = None, hook: Hook | None = None,
               stop: Callable[[], bool] | None = None, min_epochs: float | None = None,
               precision: str = "auto", teacher: nn.Module | None = None, compile: bool = False,
-              init_state: dict | None = None, fit_images: int = 0) -> RunResult:
+              init_state: dict | None = None, fit_images: int = 0, autotune: bool = True) -> RunResult:
     """Train ``cfg`` on ``data.train`` for ``seconds`` of wall time or ``epochs`` epochs.
 
     ``hook(progress, metrics)`` is called at each evaluation mark; returning True stops the run.
     ``stop()`` is polled every few steps (a deadline, Ctrl-C); True stops the run at once.
     ``min_epochs`` (time slices only): from ``SPEED_CHECK_AT`` of the slice, the run projects its training
     rate over the slice and ends ``too_slow`` if that covers fewer epochs. It judges the rate after the
-    first step (which pays one-off kernel set-up) once it has two steps, or the first step's own rate when
-    the first evaluation is due before a second step. A model that cannot see its data in the time it has
-    is not worth evaluating, nor the rest of its slice.
+    first step (which pays one-off kernel set-up) once it has two steps. On the CPU, where a first step
+    costs about what the next ones do, it judges the first step's own rate when the first evaluation is due
+    before a second step; on CUDA never (the first step loads and selects kernels: 1.6-13 s on an H100,
+    which judged as the model's speed ended good trials at 13-338 img/s). A model that cannot see its
+    data in the time it has is not worth evaluating, nor the rest of its slice.
     ``precision`` is "auto" (the device's best, ``budgetnet.device.resolve_precision``), fp32, bf16 or fp16.
     ``teacher`` (with ``cfg.train.distill > 0``, and only then): a trained model of the same classes whose
     outputs on each augmented batch the student also learns from (``training_loss``). It is frozen, and
@@ -208,6 +218,8 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     ``fit_images``: with no validation split (train+validation), the last mark scores the model on a seeded
     sample of this many training images, unaugmented (``fit_acc``, ``fit_loss``), inside the run's time:
     a check that the run learned what it was shown, where no held-out image is left to tell.
+    ``autotune`` (CUDA): cuDNN times its algorithms for each new shape (``device.prepare``). Search trials
+    and speed probes, short runs of a model not seen before, turn it off.
     Divergence and out-of-memory end the run with a typed status instead of an exception.
     """
     if (seconds is None) == (epochs is None):
@@ -226,7 +238,7 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
         return RunResult(OOM, reason=f"out of memory: {e}")
     try:
         return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs, precision, teacher, compile,
-                      init_state, fit_images)
+                      init_state, fit_images, autotune)
     except torch.OutOfMemoryError as e:
         reason = str(e).splitlines()[0]
     except RuntimeError as e:  # the CPU allocator reports exhaustion as a plain RuntimeError
@@ -246,7 +258,7 @@ def measure_rate(cfg: RunConfig, data: DeviceData, *, device, seconds: float, pr
     most ``seconds`` of wall time, set-up included, with no evaluation. None if it finished no step."""
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, eval_points=1))
     result = train_run(cfg, DeviceData(data.info, data.classes, data.train, None), device=device, seconds=seconds,
-                       stop=stop, precision=precision)
+                       stop=stop, precision=precision, autotune=False)
     if result.status not in (COMPLETE, STOPPED) or result.steps < 1 or not result.images_per_s > 0:
         return None
     return result.images_per_s
@@ -255,10 +267,10 @@ def measure_rate(cfg: RunConfig, data: DeviceData, *, device, seconds: float, pr
 def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: float | None,
            epochs: float | None, hook: Hook | None, stop: Callable[[], bool] | None,
            min_epochs: float | None, precision: str, teacher: nn.Module | None, compile: bool,
-           init_state: dict | None, fit_images: int) -> RunResult:
+           init_state: dict | None, fit_images: int, autotune: bool) -> RunResult:
     t0 = time.perf_counter()  # the slice covers setup too (the first optimizer build in a process takes ~2 s)
     tc = cfg.train
-    prepare(device)
+    prepare(device, autotune)
     torch.manual_seed(cfg.seed)  # weight init
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and augmentation
     fmt = memory_format(device)
@@ -289,6 +301,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     status, reason = COMPLETE, ""
     speed_check = seconds is not None and bool(min_epochs)
     first_step_s = 0.0  # training time of step 1 (one-off kernel selection), left out of the speed check
+    first_is_speed = not first_step_is_setup(device)  # whether step 1 alone may judge the speed
 
     def steady_rate() -> float:
         """Images per second of training after step 1 (its one-off kernel selection is not the speed)."""
@@ -349,7 +362,8 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
         perm = torch.randperm(n, device=device, generator=gen)
         for b in range(steps_per_epoch):
             p = progress()
-            if speed_check and p >= SPEED_CHECK_AT and (step >= 2 or (step == 1 and p >= marks[0])):
+            first_alone = step == 1 and p >= marks[0] and first_is_speed  # eval due before a step 2
+            if speed_check and p >= SPEED_CHECK_AT and (step >= 2 or first_alone):
                 speed_check = False
                 rate = steady_rate()
                 projected = rate * seconds / n

@@ -64,7 +64,7 @@ def tables(text: str) -> list[str]:
 
 def machine(py: str, device: str) -> list[str]:
     code = (
-        "import json, torch; from budgetnet.device import resolve_precision, cpu_profile;"
+        "import json, torch; from budgetnet.device import resolve_precision, cpu_profile, cuda_profile;"
         f"d = torch.device('{device}'); cuda = d.type == 'cuda';"
         "print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda,"
         " 'gpu': torch.cuda.get_device_name(d) if cuda else None,"
@@ -72,7 +72,8 @@ def machine(py: str, device: str) -> list[str]:
         " 'memory_gib': round(torch.cuda.get_device_properties(d).total_memory / 2**30, 1) if cuda else None,"
         " 'cpu_capability': torch.backends.cpu.get_cpu_capability(),"
         " 'auto_precision': resolve_precision(d),"
-        " 'cpu_profile': None if cuda else cpu_profile().__dict__}))"
+        " 'cpu_profile': None if cuda else cpu_profile().__dict__,"
+        " 'cuda_profile': cuda_profile(torch.cuda.current_device()).__dict__ if cuda else None}))"
     )
     p = subprocess.run([py, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     if p.returncode:
@@ -87,7 +88,8 @@ def machine(py: str, device: str) -> list[str]:
         f"- torch {info['torch']} (CUDA {info['cuda']}), CPU capability {info['cpu_capability']}, "
         f"{os.cpu_count()} CPU cores",
         f"- `--precision auto` picks **{info['auto_precision']}**"
-        + (f" (CPU profile: {info['cpu_profile']})" if info["cpu_profile"] else ""),
+        + (f" (CPU profile: {info['cpu_profile']})" if info["cpu_profile"] else "")
+        + (f" (GPU profile: {info['cuda_profile']})" if info.get("cuda_profile") else ""),
     ]
 
 

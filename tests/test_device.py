@@ -23,15 +23,45 @@ def fresh_profile():
     dev.cpu_profile.cache_clear()
 
 
-# -- CUDA: by compute capability ------------------------------------------------------------------------
+# -- CUDA: the capability's candidate, used only where measured faster --------------------------------
 
-@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((8, 6), "bf16"),
-                                                  ((7, 5), "fp16"), ((7, 0), "fp16"), ((6, 1), "fp32")])
-def test_cuda_precision_follows_compute_capability(monkeypatch, capability, expected):
+@pytest.fixture
+def fresh_cuda_profile():
+    dev.cuda_profile.cache_clear()
+    yield
+    dev.cuda_profile.cache_clear()
+
+
+@pytest.mark.parametrize("capability, candidate", [((9, 0), "bf16"), ((8, 0), "bf16"), ((8, 6), "bf16"),
+                                                   ((7, 5), "fp16"), ((7, 0), "fp16"), ((6, 1), "fp32")])
+@pytest.mark.parametrize("candidate_ms, faster", [(1.0, True), (2.0, False), (4.0, False)],
+                         ids=["candidate-faster", "candidate-barely-faster", "candidate-slower"])
+def test_cuda_uses_its_capability_candidate_only_where_measured_faster(monkeypatch, fresh_cuda_profile,
+                                                                       capability, candidate, candidate_ms, faster):
+    timed = []
     monkeypatch.setattr(dev, "_cuda_capability", lambda device: capability)
+    monkeypatch.setattr(dev, "prepare", lambda device: None)
+    monkeypatch.setattr(dev, "_step_ms", lambda precision, device, **kw:
+                        timed.append((precision, device.type)) or (2.2 if precision == "fp32" else candidate_ms))
     monkeypatch.setattr(dev, "cpu_profile", lambda: pytest.fail("a CUDA choice must not measure the CPU"))
-    assert dev.resolve_precision(CUDA) == expected
-    assert dev.resolve_precision("cuda:0") == expected
+    expected = candidate if faster and candidate != "fp32" else "fp32"
+    assert dev.resolve_precision(torch.device("cuda", 0)) == expected
+    assert dev.resolve_precision("cuda:0") == expected  # measured once per GPU and process
+    if candidate == "fp32":
+        assert timed == []  # no tensor cores: nothing to compare
+    else:
+        assert timed == [("fp32", "cuda"), (candidate, "cuda")]
+        assert dev.cuda_profile(0).speedup == pytest.approx(2.2 / candidate_ms)
+
+
+def test_cuda_precision_candidates_follow_compute_capability():
+    assert [dev.cuda_precision(c) for c in ((9, 0), (8, 0), (7, 5), (7, 0), (6, 1))] == \
+        ["bf16", "bf16", "fp16", "fp16", "fp32"]
+
+
+def test_the_probe_step_times_a_real_training_step_on_the_cpu():
+    ms = dev._step_ms("fp32", repeats=2, device=CPU)
+    assert 0 < ms < 10_000
 
 
 def test_fp16_gets_a_grad_scaler_and_the_others_do_not():
@@ -184,3 +214,42 @@ def test_ema_averages_weights_and_buffers_without_a_host_sync():
         else:  # integer counters follow the model
             assert torch.equal(value, history[-1][name])
     assert all(not p.requires_grad for p in ema.module.parameters())
+
+
+def test_a_memory_share_on_cuda_names_the_device_index_torch_needs(monkeypatch):
+    # torch.cuda.set_per_process_memory_fraction refuses torch.device("cuda") (no index): "cuda" means
+    # the current device, and workers and Ray trials are given plain "cuda"
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda share, index: calls.append((share, index)))
+    dev.set_memory_share("cuda", 0.25)
+    dev.set_memory_share("cuda:1", 2.0)
+    dev.set_memory_share(CPU, 0.5)  # nothing to cap on the CPU
+    assert calls == [(0.25, 3), (1.0, 1)]
+
+
+def test_prepare_lets_cudnn_autotune_only_when_the_run_asks():
+    saved = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
+    try:
+        dev.prepare(CUDA, autotune=False)
+        assert torch.backends.cudnn.benchmark is False
+        dev.prepare(CUDA)
+        assert torch.backends.cudnn.benchmark is True and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cudnn.benchmark = saved[0]
+        torch.set_float32_matmul_precision(saved[1])
+
+
+def test_search_trials_and_speed_probes_train_without_autotuning_and_other_runs_with_it(monkeypatch,
+                                                                                      synthetic_data):
+    from budgetnet.search.trial import run_trial
+
+    asked = []
+    real = bt.prepare
+    monkeypatch.setattr(bt, "prepare", lambda device, autotune=True: asked.append(autotune) or real(device, autotune))
+    cfg = _cfg()
+    run_trial(cfg, synthetic_data, max_params=1e6, slice_s=1.0, device="cpu", precision="fp32",
+              set_attr=lambda k, v: None, report=lambda p, v: False, fits=lambda: True, stop=lambda: False)
+    bt.measure_rate(cfg, synthetic_data, device="cpu", seconds=0.5)
+    train_run(cfg, synthetic_data, device="cpu", epochs=0.1)  # a final phase, a teacher, `budgetnet train`
+    assert asked == [False, False, True]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
 import torch
 
+import budgetnet.device as dev
 import budgetnet.train as bt
 from budgetnet.config import SCHEDULES, DataConfig, PlainConfig, RunConfig, TrainConfig
 from budgetnet.models import build_model
@@ -223,6 +225,30 @@ def test_a_run_fast_enough_for_its_slice_is_not_stopped(synthetic_data, warm_tor
     assert r.status == COMPLETE and r.metrics["epoch"] > 0.5
 
 
+@pytest.mark.timing
+@pytest.mark.parametrize("setup_step", [False, True], ids=["cpu-first-step-is-speed", "cuda-first-step-is-setup"])
+def test_a_slow_first_step_judges_the_speed_only_where_it_is_not_set_up(synthetic_data, warm_torch,
+                                                                      monkeypatch, setup_step):
+    # step 1 takes 40% of the slice, every later step its real time; the first evaluation is due (at 10%)
+    # before step 2. Where step 1 is set-up (CUDA: kernel loading, cuDNN's search), it must not judge.
+    slice_s, real_step = 3.0, bt.optimizer_step
+    calls = []
+
+    def slow_first(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.4 * slice_s)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(bt, "optimizer_step", slow_first)
+    monkeypatch.setattr(bt, "first_step_is_setup", lambda device: setup_step)
+    r = train_run(run_cfg(), synthetic_data, device="cpu", seconds=slice_s, min_epochs=0.2)
+    if setup_step:
+        assert r.status == COMPLETE and r.steps > 2 and r.first_step_s >= 0.4 * slice_s
+    else:
+        assert r.status == bt.TOO_SLOW and r.steps == 1 and "needs 0.2" in r.reason
+
+
 def test_exactly_one_budget():
     with pytest.raises(ValueError):
         train_run(run_cfg(), None, device="cpu")
@@ -359,12 +385,16 @@ def test_a_model_whose_training_state_cannot_fit_ends_oom_before_allocating(synt
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_path_bf16_channels_last():
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "auto"])
+def test_cuda_path_learns_in_each_precision(precision):
+    # epochs, not seconds: in a 5 s slice on an H100 the first step (kernel loading, cuDNN's search) once
+    # took most of the time-based schedule's warm-up, and this plain net without BN stayed at chance
     from budgetnet.data import load_data
 
     data = load_data(DataConfig(dataset="synthetic"), device="cuda")
     assert data.train.images.is_cuda and data.train.images.dtype == torch.uint8
     cfg = RunConfig(model=PlainConfig(n_conv=2, width=16, hidden=(64,)), train=TrainConfig(batch_size=128),
                     data=DataConfig(dataset="synthetic"))
-    result = train_run(cfg, data, device="cuda", seconds=5)
+    result = train_run(cfg, data, device="cuda", epochs=8, precision=precision)
     assert result.status == "complete" and result.metrics["val_acc"] > 0.5
+    assert result.precision == dev.resolve_precision("cuda", precision)

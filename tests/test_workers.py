@@ -205,3 +205,18 @@ def test_the_trial_function_knows_no_backend():
                 (todo.append(n) if n.startswith("budgetnet") else external.add(n.split(".")[0]))
     assert {"budgetnet.train", "budgetnet.search.trial"} <= seen
     assert not external & {"optuna", "ray"}, sorted(external)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_workers_on_cuda_take_their_share_of_the_device_memory():
+    # the first GPU run of --workers 2 died here: torch refuses torch.device("cuda") without an index
+    from budgetnet.search.workers import split_resources
+
+    split_resources("cuda", 4)
+    total = torch.cuda.get_device_properties(0).total_memory
+    with pytest.raises(torch.OutOfMemoryError):
+        torch.empty(int(0.3 * total), dtype=torch.uint8, device="cuda")
+    from budgetnet.device import set_memory_share
+
+    set_memory_share("cuda", 1.0)

@@ -48,6 +48,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from budgetnet.config import ConfigError, RunConfig
 from budgetnet.data import DeviceData
+from budgetnet.device import set_memory_share
 from budgetnet.search.clock import SLICE_GRACE, Clock
 from budgetnet.search.final import keep_if_best
 from budgetnet.search.trial import REPORT_STEPS, guard, run_trial
@@ -117,7 +118,7 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
     device = ctx.device
     if device.startswith("cuda"):
         device = "cuda"  # Ray shows the trial only the GPU it was given
-        torch.cuda.set_per_process_memory_fraction(min(1.0, ctx.gpus), torch.device(device))
+        set_memory_share(device, ctx.gpus)
     data = data.to(device)
     clock = Clock.from_anchor(ctx.budget_seconds, ctx.used_before, ctx.anchor)  # the session's deadline
     grace = SLICE_GRACE * ctx.slice_s

@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 from budgetnet.budget import count_flops
 from budgetnet.config import ConfigError, DataConfig, ResNetConfig, RunConfig, TrainConfig
 from budgetnet.data import DeviceData, load_data
-from budgetnet.device import resolve_precision
+from budgetnet.device import resolve_precision, set_memory_share
 from budgetnet.files import write_atomic
 from budgetnet.search.clock import (
     AUTO_SEARCH_MIN,
@@ -504,8 +504,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         lease.stop()
         if opts.workers > 1:  # the final phase has the machine to itself
             torch.set_num_threads(threads)
-            if str(opts.device).startswith("cuda"):
-                torch.cuda.set_per_process_memory_fraction(1.0, torch.device(opts.device))
+            set_memory_share(opts.device, 1.0)
         if not interrupt.event.is_set():  # a Ctrl-C'd search resumes searching, if a slice still fits
             study.set_user_attr("phase", "final")
         clock.save()

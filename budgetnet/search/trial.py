@@ -84,7 +84,8 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, max_params: float, slice_s: f
         return report(progress, metrics["val_acc"])
 
     result = train_run(cfg, data, device=device, seconds=slice_s, hook=hook, stop=stop,
-                       min_epochs=MIN_EPOCHS_PER_TRIAL if sampled else None, precision=precision)
+                       min_epochs=MIN_EPOCHS_PER_TRIAL if sampled else None, precision=precision,
+                       autotune=False)  # a slice of a new model cannot repay cuDNN's algorithm search
     out.result = result
     set_attr("seconds", round(result.seconds, 2))
     set_attr("images_per_s", round(result.images_per_s, 1))

@@ -140,10 +140,12 @@ def split_resources(device: str, workers: int) -> None:
     which the trial records as PRUNED, state out of memory)."""
     import torch
 
+    from budgetnet.device import set_memory_share
+
     if workers <= 1:
         return
     if str(device).startswith("cuda"):
-        torch.cuda.set_per_process_memory_fraction(1.0 / workers, torch.device(device))
+        set_memory_share(device, 1.0 / workers)
     else:
         torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
