@@ -4,6 +4,9 @@ Methods (each a real ``budgetnet search`` process, then ``budgetnet evaluate`` o
   budgetnet   TPE + median stopping + guard + final training (the defaults)
   random      the same with random sampling
   no-pruning  TPE without median stopping
+  final-auto  budgetnet with --final-fraction auto (the search ends when its best stagnates)
+  teacher     budgetnet with --teacher auto (a teacher in the final phase, where the device's speed fits one)
+  all         both of them (EMA is in the space either way; flip averaging is reported for every run)
   grid        the reference report's 2-conv net grid (conv widths 8/16/32, kernels 3/5, hidden 50/100;
               SGD lr 0.01, momentum 0.9, no augmentation), the budget split evenly over its 12 points,
               the best by validation accuracy kept (no final phase, as the report did it by hand)
@@ -38,11 +41,15 @@ GRID = {
     "grid": {"model.width": [8, 16, 32], "model.kernel": [3, 5], "model.hidden": [[50], [100]]},
 }
 GRID_POINTS = 12
+LEVERS = {"final-auto": ["--final-fraction", "auto"], "teacher": ["--teacher", "auto"],
+          "all": ["--final-fraction", "auto", "--teacher", "auto"]}
 
 
 def method_args(method: str, budget_s: float, grid_file: Path) -> list[str]:
     if method == "budgetnet":
         return ["--sampler", "tpe", "--pruner", "median"]
+    if method in LEVERS:
+        return ["--sampler", "tpe", "--pruner", "median", *LEVERS[method]]
     if method == "random":
         return ["--sampler", "random", "--pruner", "median"]
     if method == "no-pruning":
@@ -65,14 +72,14 @@ def search_and_evaluate(search_args: list[str], tag: str, ckpt: Path, args, out_
     wall = time.perf_counter() - t0
     (out_dir / f"{tag}.log").write_text(proc.stdout + proc.stderr)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    out = {"wall_s": wall, "rc": proc.returncode,
+    out = {"wall_s": wall, "rc": proc.returncode, "events": lines,
            "summary": next((e for e in lines if e.get("event") == "summary"), {})}
     if ckpt.exists():
         ev = subprocess.run([sys.executable, "-m", "budgetnet", "evaluate", str(ckpt), "--json", "--device",
                              args.device, *data], env=env, capture_output=True, text=True)
         if ev.returncode == 0:
             report = json.loads(ev.stdout)
-            out.update(test_acc=report["top1"], test_top5=report["top5"])
+            out.update(test_acc=report["top1"], test_top5=report["top5"], test_flip=report.get("top1_flip"))
     return out
 
 
@@ -92,7 +99,8 @@ def run_one(method: str, seed: int, args, out_dir: Path, grid_file: Path) -> dic
            "overshoot_s": round(max(0.0, run["wall_s"] - budget_s), 1), "trials": summary.get("trials"),
            "best_val_acc": summary.get("best_val_acc"), "family": summary.get("family"),
            "n_params": summary.get("n_params"), "rc": run["rc"]}
-    row.update({k: run[k] for k in ("test_acc", "test_top5") if k in run})
+    row.update({k: run[k] for k in ("test_acc", "test_top5", "test_flip") if k in run})
+    row["messages"] = [e["text"] for e in run["events"] if e.get("event") == "message" and "teacher" in e["text"]]
     print(json.dumps(row), flush=True)
     return row
 
@@ -121,8 +129,9 @@ def main() -> int:
         rows = list(pool.map(lambda job: run_one(*job, args, out_dir, grid_file), jobs))
     Path(args.json or out_dir / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
-    print("\n| method | test acc (mean) | per seed | best val acc | trials c/p/r/f | max overshoot |")
-    print("|---|---|---|---|---|---|")
+    print("\n| method | test acc (mean) | per seed | spread | flip-averaged (mean) | best val acc | trials c/p/r/f "
+          "| max overshoot |")
+    print("|---|---|---|---|---|---|---|---|")
     for m in args.methods:
         rs = [r for r in rows if r["method"] == m]
         accs = [r.get("test_acc") for r in rs if r.get("test_acc") is not None]
@@ -131,7 +140,11 @@ def main() -> int:
         vals = " / ".join(f"{r['best_val_acc']:.2%}" if r.get("best_val_acc") else "-" for r in rs)
         trials = " ; ".join("{complete}/{pruned}/{rejected}/{failed}".format(**r["trials"]) if r.get("trials")
                             else "-" for r in rs)
-        print(f"| {m} | {mean} | {per} | {vals} | {trials} | {max(r['overshoot_s'] for r in rs):.1f} s |")
+        spread = f"{(max(accs) - min(accs)) * 100:.2f} pts" if len(accs) > 1 else "-"
+        flips = [r["test_flip"] for r in rs if r.get("test_flip") is not None]
+        flip = f"{statistics.mean(flips):.2%}" if flips else "-"
+        print(f"| {m} | {mean} | {per} | {spread} | {flip} | {vals} | {trials} | "
+              f"{max(r['overshoot_s'] for r in rs):.1f} s |")
     return 0
 
 
