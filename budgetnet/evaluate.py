@@ -141,6 +141,8 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
         "device": str(device),
         "precision": precision,
         "trained_precision": ckpt.get("precision", "unknown"),  # files written before it was recorded: unknown
+        # flip averaging shows a model mirrored images; one trained without flips has never seen any
+        "trained_with_flips": bool(cfg.data.flip),
         "latency": [measure_latency(model, (info.channels, info.image_size, info.image_size), device, bs,
                                     repeats=latency_repeats) for bs in (1, 256)],
         "worst_classes": [{"class": classes[c], "accuracy": per_class[c]} for c in worst],
@@ -258,7 +260,9 @@ def format_report(r: dict) -> str:
     lines = [
         f"{r['checkpoint']}  ({r['dataset']} test, {r['test_images']:,} images)",
         f"  top-1 {r['top1']:.2%}   top-5 {r['top5']:.2%}   loss {r['loss']:.4f}   "
-        f"(flip-averaged top-1 {r['top1_flip']:.2%})",
+        f"(flip-averaged top-1 {r['top1_flip']:.2%}"
+        + ("" if r.get("trained_with_flips", True) else "; trained without flips, so mirrored images are new to it")
+        + ")",
         f"  params {r['n_params']:,} ({'matches' if r['n_params_match'] else 'DIFFERS FROM'} the file's "
         f"{r['n_params_recorded']:,})   FLOPs/image {r['flops'] / 1e6:.1f} M",
         f"  evaluated in {r['precision']} (trained in {r['trained_precision']})",

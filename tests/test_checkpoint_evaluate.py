@@ -101,6 +101,12 @@ def test_evaluate_on_fabricated_cifar100_test_split(tmp_path):
     expected_flip = ((both / 2).argmax(1) == torch.from_numpy(test[1])).float().mean().item()
     assert report["top1_flip"] == pytest.approx(expected_flip, abs=1 / 40 + 1e-9)
     assert "flip-averaged top-1" in format_report(report)
+    assert report["trained_with_flips"] == cfg.data.flip
+    # a model trained without flips never saw a mirrored image (on Fashion-MNIST flip averaging cost such
+    # models up to 4 points): the report says so beside the number
+    plain = format_report({**report, "trained_with_flips": False})
+    assert "trained without flips" in plain and "trained without flips" not in format_report(
+        {**report, "trained_with_flips": True})
 
 
 def test_flip_averaging_is_the_mean_of_the_logits_over_each_image_and_its_mirror():
