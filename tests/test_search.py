@@ -605,6 +605,48 @@ def test_a_final_model_that_fails_its_fit_check_leaves_the_trial_model_in_place(
     assert "of its training images" in study.user_attrs["final_failed"] and "final_done" not in study.user_attrs
 
 
+@pytest.mark.timing
+@pytest.mark.parametrize("retried", [True, False], ids=["diverged-early", "diverged-at-its-end"])
+def test_a_diverged_final_run_is_run_again_at_half_the_lr_while_time_allows(tmp_path, synthetic_data, monkeypatch,
+                                                                          retried):
+    """A 10-minute search's final run diverged at step 2376 and left 130 s unused (docs/benchmarks.md): the
+    time left goes to a run at half the learning rate, if it still shows the data the trial's epochs."""
+    import io
+
+    import budgetnet.search.final as final
+    from budgetnet.checkpoint import load_checkpoint
+    from budgetnet.config import PlainConfig, RunConfig, TrainConfig
+    from budgetnet.search.clock import Clock
+    from budgetnet.train import DIVERGED, RunResult, train_run
+
+    opts = _opts(tmp_path, 3.0)
+    cfg = RunConfig(model=PlainConfig(n_conv=2, width=8, hidden=(32,)), train=TrainConfig(lr=0.08, batch_size=64),
+                    data=DataConfig(dataset="synthetic"))
+    trial_run = train_run(cfg, synthetic_data, device="cpu", epochs=1)
+    study, best = _study_with_one_trial(opts, cfg, trial_run, synthetic_data)
+    runs = []
+
+    def diverge_first(run_cfg, *a, **kw):  # the first final run diverges (at once, or when its time is up)
+        runs.append(run_cfg.train.lr)
+        if len(runs) > 1:
+            return train_run(run_cfg, *a, **kw)
+        if not retried:
+            time.sleep(kw["seconds"])
+        return RunResult(DIVERGED, reason="non-finite loss at step 7")
+
+    monkeypatch.setattr(final, "train_run", diverge_first)
+    out = io.StringIO()
+    phase, metrics = final.final_training(opts, study, best, Clock(8.0, 0.0, time.perf_counter()),
+                                          lambda: False, Reporter("text", out), "fp32")
+    if retried:
+        assert runs == [0.08, 0.04] and phase == "final" and "fit_acc" in metrics
+        assert load_checkpoint(opts.out)["run_config"].train.lr == 0.04  # what was trained is what is stored
+        assert "again at half the learning rate (0.04)" in out.getvalue() and study.user_attrs["final_retries"] == 1
+    else:  # too little time for the trial's epochs: the trial's model stays, as before
+        assert runs == [0.08] and phase == "search" and "final training ended early (diverged" in out.getvalue()
+        assert "final_retries" not in study.user_attrs
+
+
 def _trial_stats(**attrs) -> optuna.trial.FrozenTrial:
     return optuna.trial.create_trial(value=0.9, user_attrs=attrs)
 

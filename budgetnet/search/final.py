@@ -6,7 +6,8 @@
   a search one.
 - ``final_training`` trains the best configuration on train+validation for what is left of the budget and
   writes ``best.pt`` once, if its model passes a check (``fit_fell_short``); otherwise the best trial's
-  model stays. Only the leader process calls it, after every worker has ended.
+  model stays. A run that diverges is run again at half the learning rate in the time left, while that
+  time still shows the data as many epochs as the trial saw (``final_too_short``). Only the leader process calls it, after every worker has ended.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from budgetnet.data import load_data
 from budgetnet.search.clock import Clock
 from budgetnet.search.report import Reporter
 from budgetnet.search.teacher import DISTILL_WEIGHT, auto_teacher, load_teacher
-from budgetnet.train import COMPLETE, EVAL_SUBSET, RunResult, train_run
+from budgetnet.train import COMPLETE, DIVERGED, EVAL_SUBSET, RunResult, train_run
 
 WRITE_RESERVE_S = 3.0  # kept back at the end for the FLOP count, checkpoint write and artifact upload
 FIT_MARGIN = 0.05  # how far below the best trial's val accuracy the final model's training fit may fall
+FINAL_RETRIES = 2  # a diverged final run is run again at half the lr, then a quarter, while time allows
 
 
 @contextmanager
@@ -123,8 +125,20 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
         reporter.message(f"final training skipped: loading the data left {seconds:.1f} s; "
                          f"keeping trial {best.number}'s model in {opts.out}")
         return "search", {}
-    result = train_run(cfg, data, device=opts.device, seconds=seconds, precision=precision, teacher=teacher,
-                       fit_images=EVAL_SUBSET, stop=lambda: stop() or clock.used() > deadline or clock.tick())
+    for retry in range(FINAL_RETRIES + 1):
+        result = train_run(cfg, data, device=opts.device, seconds=seconds, precision=precision, teacher=teacher,
+                           fit_images=EVAL_SUBSET, stop=lambda: stop() or clock.used() > deadline or clock.tick())
+        if result.status != DIVERGED or retry == FINAL_RETRIES:
+            break
+        # A longer run than the trial's can still diverge at its learning rate; the time left is worth a
+        # run at half of it, if that run would still show the data as many epochs as the trial did.
+        seconds = clock.left() - WRITE_RESERVE_S
+        if final_too_short(best, seconds, len(data.train), opts.out) or stop():
+            break
+        cfg = cfg.replace(train=dataclasses.replace(cfg.train, lr=cfg.train.lr / 2))
+        reporter.message(f"final training diverged ({result.reason}); again at half the learning rate "
+                         f"({cfg.train.lr:.3g}) for {seconds:.0f} s")
+        study.set_user_attr("final_retries", retry + 1)
     if result.status != COMPLETE:
         reporter.message(f"final training ended early ({result.status}: {result.reason}); "
                          f"keeping trial {best.number}'s model in {opts.out}")
