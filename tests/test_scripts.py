@@ -80,6 +80,6 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
     assert "| plain | fp16 |" in block  # the precision table
     assert "| a / c |" in block  # the pipeline's ratios
     assert "| plain |" in block.split("Eager against compiled")[1]  # the compiled step ran (traced only)
-    (row,) = [line for line in block.splitlines() if line.startswith("| synthetic, 14 s |")]
+    (row,) = [line for line in block.splitlines() if line.startswith("| synthetic, 22 s |")]
     assert "| ok," in row and "overshoot" in row
-    assert (tmp_path / "precision.json").exists() and (tmp_path / "synthetic, 14 s" / "study.db").exists()
+    assert (tmp_path / "precision.json").exists() and (tmp_path / "synthetic, 22 s" / "study.db").exists()
