@@ -255,7 +255,8 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
 def measure_rate(cfg: RunConfig, data: DeviceData, *, device, seconds: float, precision: str = "auto",
                  stop: Callable[[], bool] | None = None) -> float | None:
     """Training images/s of ``cfg`` on this device (after its first step), measured by training it for at
-    most ``seconds`` of wall time, set-up included, with no evaluation. None if it finished no step."""
+    most ``seconds`` of wall time, set-up included, with no evaluation and, as search trials train, without
+    cuDNN's autotuning. None if it finished no step."""
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, eval_points=1))
     result = train_run(cfg, DeviceData(data.info, data.classes, data.train, None), device=device, seconds=seconds,
                        stop=stop, precision=precision, autotune=False)
