@@ -7,7 +7,8 @@
 - ``final_training`` trains the best configuration on train+validation for what is left of the budget and
   writes ``best.pt`` once, if its model passes a check (``fit_fell_short``); otherwise the best trial's
   model stays. A run that diverges is run again at half the learning rate in the time left, while that
-  time still shows the data as many epochs as the trial saw (``final_too_short``). Only the leader process calls it, after every worker has ended.
+  time still shows the data as many epochs as the trial saw (``final_too_short``). Only the leader
+  process calls it, after every worker has ended.
 """
 
 from __future__ import annotations
