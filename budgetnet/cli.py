@@ -227,7 +227,7 @@ def cmd_search(args) -> int:
         device=str(_device(args.device)), artifact_dir=args.artifact_dir, download=args.download,
         warm_start=not args.no_warm_start, precision=args.precision, teacher=teacher, workers=args.workers,
         backend=args.backend, ray_address=args.ray_address, gpus_per_trial=args.gpus_per_trial,
-        ray_scheduler=args.ray_scheduler or "median",
+        ray_scheduler=args.ray_scheduler or "median", compile=args.compile,
     )
     mode = "json" if args.json else "quiet" if args.quiet else "text"
     summary = run_search(opts, Reporter(mode), started=STARTED)
@@ -241,7 +241,7 @@ def cmd_train(args) -> int:
     from budgetnet.checkpoint import save_checkpoint
     from budgetnet.config import ConfigError, RunConfig, is_folder
     from budgetnet.data import dataset_info, load_data
-    from budgetnet.train import COMPLETE, EVAL_SUBSET, train_run
+    from budgetnet.train import COMPLETE, EVAL_SUBSET, compile_note, train_run
 
     if (args.seconds is None) == (args.epochs is None):
         raise UserError("give exactly one of --seconds S or --epochs E")
@@ -281,7 +281,8 @@ def cmd_train(args) -> int:
     save_checkpoint(args.out, cfg, result.state_dict, metrics=result.metrics, n_params=n_params,
                     flops=count_flops(cfg.model, shape), classes=data.classes, train_seconds=result.seconds,
                     precision=result.precision, extra={"phase": "train"})
-    compiled = f", compiled (first step {result.first_step_s:.1f} s)" if args.compile else ""
+    note = compile_note(result.compile)
+    compiled = f", {note}" if note else ""
     print(f"wrote {args.out} ({n_params:,} params, {result.seconds:.1f} s in {result.precision}{compiled}); "
           f"evaluate with: budgetnet evaluate {args.out}")
     return 0
@@ -441,9 +442,17 @@ def build_parser() -> argparse.ArgumentParser:
         STAGNANT_TRIALS,
         TRIALS_PER_SEARCH,
     )
+    from budgetnet.train import COMPILE_AUTO_MIN_S, COMPILE_MODES
 
     p = _Parser(prog="budgetnet", description="Find the best small CNN a parameter cap and a time budget buy.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def compile_flag(sp, what=""):
+        sp.add_argument("--compile", nargs="?", const="on", choices=COMPILE_MODES, default="auto",
+                        help=f"train {what}through torch.compile. auto (default): only a run with at least "
+                        f"{COMPILE_AUTO_MIN_S:.0f} s of training left tries it, after timing its eager steps, and "
+                        "keeps the compiled model only if its steps then time faster; on (or --compile alone): "
+                        "always; off: never. Compiling is paid out of the run's time")
 
     def data_flags(sp):
         sp.add_argument("--data-dir", default=None, help="folder holding the dataset in torchvision's layout "
@@ -510,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "train+validation in the final phase's own time, only where the search's measured speed says "
                    "teacher and student both fit (docs/search.md). Every teacher pass is paid out of the budget "
                    "(default: none)")
+    compile_flag(s, "the final phase ")
     out = s.add_mutually_exclusive_group()
     out.add_argument("--quiet", action="store_true", help="print only the final summary")
     out.add_argument("--json", action="store_true", help="print JSON lines (one per trial, then a summary)")
@@ -522,8 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="model.pt")
     t.add_argument("--full", action="store_true", help="train on train+validation (no validation metrics)")
     t.add_argument("--max-params", type=parse_count, default=None, help="refuse a config over this cap")
-    t.add_argument("--compile", action="store_true", help="train through torch.compile; the compilation is "
-                   "paid out of --seconds (measure first: scripts/bench_precision.py --compile)")
+    compile_flag(t)
     t.add_argument("--dataset", type=dataset_name, default=None,
                    help="train on this dataset instead of the config's (e.g. folder:PATH)")
     t.add_argument("--image-size", type=image_size, default=None,

@@ -41,6 +41,14 @@ COMPLETE, STOPPED, DIVERGED, OOM, TOO_SLOW = "complete", "stopped", "diverged", 
 EVAL_SUBSET = 2000  # validation images scored at intermediate marks (all of them at the last mark)
 SYNC_EVERY = 8  # steps between host syncs (divergence check, stop poll); bounds how far the CPU runs ahead
 SPEED_CHECK_AT = 0.05  # progress from which a time-sliced run with ``min_epochs`` checks its own speed
+COMPILE_MODES = ("auto", "on", "off")
+# compile="auto": a run tries torch.compile only with at least this much training left after timing its
+# eager steps. On an H100 compiling a space config took 6-31 s and its steps then ran 1.20-1.31x faster
+# (docs/benchmarks.md), so it paid back after 30-150 s; at 600 s a compilation that gains nothing costs a
+# few percent of the run. Whether it is faster is then measured, not assumed (``AutoCompile``).
+COMPILE_AUTO_MIN_S = 600.0
+COMPILE_MEASURE_STEPS = 16  # steps timed eager, then compiled, before "auto" keeps the faster
+COMPILE_MIN_SPEEDUP = 1.02  # compiled steps must time at least this much faster than eager ones to be kept
 
 
 @dataclass
@@ -57,6 +65,84 @@ class RunResult:
     first_step_s: float = 0.0  # wall time of step 1: kernel selection, and compilation when compiled
     state_dict: dict | None = None  # final weights (the EMA weights when EMA is on), on the CPU
     precision: str = "fp32"  # what the run trained in: fp32, bf16 or fp16 (autocast)
+    compile: dict = field(default_factory=dict)  # mode, compiled, and (auto) compile_s, both rates, reason
+
+
+def compile_mode(value: bool | str | None) -> str:
+    """``train_run``'s ``compile`` as one of COMPILE_MODES (True is "on", False and None are "off")."""
+    if value is True or value is False or value is None:
+        return "on" if value else "off"
+    if value not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {value!r}")
+    return value
+
+
+class AutoCompile:
+    """``compile="auto"``: measure, then keep whichever of eager and compiled training is faster.
+
+    Steps 2 to 1 + M (M = ``COMPILE_MEASURE_STEPS``) run eager and are timed. If the run then has at least
+    ``COMPILE_AUTO_MIN_S`` of training left, the next step compiles (its time, like step 1's, is set-up:
+    paid out of the run, left out of its rate), the M after it are timed, and the compiled model is kept
+    only if it trained at least ``COMPILE_MIN_SPEEDUP`` times as fast; otherwise the run goes on eager.
+    Every step trains: the measurement costs the run nothing but the compilation itself. The timed
+    windows start and end on a device sync (``syncs``).
+    """
+
+    def __init__(self, batch_size: int):
+        self.bs, self.state, self.t_mark, self.end = batch_size, "eager", 0.0, 1 + COMPILE_MEASURE_STEPS
+        self.info: dict = {"mode": "auto", "compiled": False}
+
+    def syncs(self, step: int) -> bool:
+        """Whether step ``step`` (1-based, just run) closes a timed window: the caller syncs the device
+        before reading the clock."""
+        return self.state != "done" and step > 1 and (self.state == "compiling" or step == self.end)
+
+    def after_step(self, step: int, train_time: float, left_s: float, model: nn.Module):
+        """Called after every step with the run's training time so far (synced when ``syncs`` said so) and
+        an estimate of the training time still to come. Returns the module the next steps train through,
+        or None to keep the current one."""
+        if self.state == "done" or step < 1:
+            return None
+        if step == 1:
+            self.t_mark = train_time
+        elif self.state == "eager" and step == self.end:
+            self.info["eager_images_per_s"] = round(COMPILE_MEASURE_STEPS * self.bs / (train_time - self.t_mark), 1)
+            if left_s < COMPILE_AUTO_MIN_S:
+                self.state = "done"
+                self.info["reason"] = f"{left_s:.0f} s of training left, under {COMPILE_AUTO_MIN_S:.0f} s"
+                return None
+            self.state, self.t_mark, self.info["compiled"] = "compiling", train_time, True
+            return torch.compile(model)
+        elif self.state == "compiling":
+            self.info["compile_s"] = round(train_time - self.t_mark, 2)
+            self.state, self.t_mark, self.end = "timing", train_time, step + COMPILE_MEASURE_STEPS
+        elif self.state == "timing" and step == self.end:
+            rate = COMPILE_MEASURE_STEPS * self.bs / (train_time - self.t_mark)
+            eager = self.info["eager_images_per_s"]
+            self.info["compiled_images_per_s"] = round(rate, 1)
+            self.state, keep = "done", rate >= eager * COMPILE_MIN_SPEEDUP
+            self.info.update(compiled=keep, reason=f"compiled {rate / eager:.2f}x the eager rate")
+            return None if keep else model
+        return None
+
+
+def compile_note(info: dict) -> str | None:
+    """One line on how a run used ``torch.compile`` (its ``RunResult.compile``), or None if it never tried."""
+    if info.get("mode") == "off":
+        return None
+    if info["mode"] == "on" and info.get("compiled"):
+        return f"compiled (first step {info.get('compile_s', 0.0):.1f} s)"
+    if "compile_s" in info:
+        kept = "kept" if info["compiled"] else "not kept, trained eager"
+        why = info.get("reason", "the run ended before its compiled steps were timed")
+        return f"compiled in {info['compile_s']:.1f} s ({why}); {kept}"
+    return f"not compiled: {info['reason']}" if info.get("reason") else None
+
+
+def compile_failure(error: BaseException) -> str:
+    """The reason a run records when compiling failed and it went on eager."""
+    first = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"compilation failed ({type(error).__name__}: {first}); trained eager"
 
 
 # glibc's malloc hands blocks over 128 KiB back to the OS when they are freed (munmap, heap trimming), so
@@ -193,7 +279,7 @@ def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.de
 def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, seconds: float | None = None,
               epochs: float | None = None, hook: Hook | None = None,
               stop: Callable[[], bool] | None = None, min_epochs: float | None = None,
-              precision: str = "auto", teacher: nn.Module | None = None, compile: bool = False,
+              precision: str = "auto", teacher: nn.Module | None = None, compile: bool | str = False,
               init_state: dict | None = None, fit_images: int = 0, autotune: bool = True) -> RunResult:
     """Train ``cfg`` on ``data.train`` for ``seconds`` of wall time or ``epochs`` epochs.
 
@@ -210,9 +296,13 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     ``teacher`` (with ``cfg.train.distill > 0``, and only then): a trained model of the same classes whose
     outputs on each augmented batch the student also learns from (``training_loss``). It is frozen, and
     its forward passes run inside this run's time, so a time slice pays for them.
-    ``compile``: train through ``torch.compile(model)``. Compilation happens in step 1, inside the run's
-    time (a time slice pays for it, and ``first_step_s`` says what it cost); the rate is measured after
-    it. Evaluation runs the same weights uncompiled, so train/eval mode and batch shapes never recompile.
+    ``compile``: "on" (or True) trains through ``torch.compile(model)``. Compilation happens in step 1,
+    inside the run's time (a time slice pays for it, and ``first_step_s`` says what it cost); the rate is
+    measured after it. "auto" compiles after timing some eager steps, only in a long run, and keeps the
+    compiled model only if it measures faster (``AutoCompile``); "off" (or False) never compiles. A
+    compilation that fails leaves the run on eager, with the reason. ``RunResult.compile`` says what
+    happened. Evaluation runs the same weights uncompiled, so train/eval mode and batch shapes never
+    recompile.
     ``init_state``: start from these weights (a state dict of the model ``cfg`` builds) instead of a fresh
     initialisation, as fine-tuning a pruned model does.
     ``fit_images``: with no validation split (train+validation), the last mark scores the model on a seeded
@@ -239,10 +329,8 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     try:
         return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs, precision, teacher, compile,
                       init_state, fit_images, autotune)
-    except torch.OutOfMemoryError as e:
-        reason = str(e).splitlines()[0]
-    except RuntimeError as e:  # the CPU allocator reports exhaustion as a plain RuntimeError
-        if "can't allocate memory" not in str(e) and "out of memory" not in str(e).lower():
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # the CPU allocator's is a plain RuntimeError
+        if not _is_oom(e):
             raise
         reason = str(e).splitlines()[0]
     # Outside the except blocks the traceback (and every tensor its frames held) is released.
@@ -267,7 +355,7 @@ def measure_rate(cfg: RunConfig, data: DeviceData, *, device, seconds: float, pr
 
 def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: float | None,
            epochs: float | None, hook: Hook | None, stop: Callable[[], bool] | None,
-           min_epochs: float | None, precision: str, teacher: nn.Module | None, compile: bool,
+           min_epochs: float | None, precision: str, teacher: nn.Module | None, compile: bool | str,
            init_state: dict | None, fit_images: int, autotune: bool) -> RunResult:
     t0 = time.perf_counter()  # the slice covers setup too (the first optimizer build in a process takes ~2 s)
     tc = cfg.train
@@ -278,7 +366,8 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     model = build_model(cfg.model, data.info.shape).to(device, memory_format=fmt)
     if init_state is not None:
         model.load_state_dict(init_state)
-    step_model = torch.compile(model) if compile else model  # shares model's parameters
+    mode = compile_mode(compile)
+    step_model = torch.compile(model) if mode == "on" else model  # shares model's parameters
     ema = EMA(model, tc.ema) if tc.ema else None
     if teacher is not None:
         teacher = teacher.to(device, memory_format=fmt).eval().requires_grad_(False)
@@ -291,6 +380,8 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     bs = min(tc.batch_size, n)
     steps_per_epoch = n // bs  # drop the last partial batch: one compiled shape, unbiased BN statistics
     total_steps = max(1, round(epochs * steps_per_epoch)) if epochs is not None else None
+    auto = AutoCompile(bs) if mode == "auto" else None
+    compile_info = auto.info if auto is not None else {"mode": mode, "compiled": mode == "on"}
 
     history: list[dict] = []
     marks = [(k + 1) / tc.eval_points for k in range(tc.eval_points)]
@@ -302,12 +393,15 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     status, reason = COMPLETE, ""
     speed_check = seconds is not None and bool(min_epochs)
     first_step_s = 0.0  # training time of step 1 (one-off kernel selection), left out of the speed check
+    setup_s = 0.0  # step 1's time, and that of a step that compiled: set-up, not the model's speed
+    setup_images = 0
     first_is_speed = not first_step_is_setup(device)  # whether step 1 alone may judge the speed
 
     def steady_rate() -> float:
-        """Images per second of training after step 1 (its one-off kernel selection is not the speed)."""
+        """Images per second of training after step 1 (its one-off kernel selection is not the speed), and
+        without the step that compiled, if one did."""
         if step >= 2:
-            return (images - bs) / max(train_time - first_step_s, 1e-9)
+            return (images - setup_images) / max(train_time - setup_s, 1e-9)
         return images / max(train_time, 1e-9)
 
     def progress() -> float:
@@ -390,13 +484,23 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
                 group["lr"] = tc.lr * lr_factor(tc, p)
             idx = perm[b * bs:(b + 1) * bs]
             x, y = batch(idx, gen)
-            with autocast(device, precision):
-                soft = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        soft = teacher(x)
-                loss = training_loss(step_model(x), y, tc, soft)
-            optimizer_step(loss, opt, scaler)
+            try:
+                with autocast(device, precision):
+                    soft = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            soft = teacher(x)
+                    loss = training_loss(step_model(x), y, tc, soft)
+                optimizer_step(loss, opt, scaler)
+            except Exception as e:  # noqa: BLE001 - a compiler's failure of any kind: train on eager
+                if step_model is model or _is_oom(e):
+                    raise
+                step_model = model
+                compile_info.update(compiled=False, reason=compile_failure(e))
+                if auto is not None:
+                    auto.state = "done"
+                opt.zero_grad(set_to_none=True)
+                continue
             if ema is not None:
                 ema.update(model)
             loss_sum += loss.detach().float()
@@ -406,11 +510,26 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
             if step % SYNC_EVERY == 0 and not math.isfinite(loss.item()):  # .item() syncs the device
                 status, reason, done = DIVERGED, f"non-finite loss at step {step}", True
                 break
-            if step == 1:  # on CUDA the first step's kernel selection runs after its launch: wait for it,
-                synchronize(device)  # so that the rate after it (the speed check, the probe) excludes it
-            train_time += time.perf_counter() - ts
+            # On CUDA a step's kernel selection (or compilation) runs after its launch: the first step, and
+            # the ends of auto-compile's timed windows, wait for the device, so that the rates after them (the
+            # speed check, the probe, the compile decision) exclude it.
+            if step == 1 or (auto is not None and auto.syncs(step)):
+                synchronize(device)
+            compiling = auto is not None and auto.state == "compiling"
+            step_s = time.perf_counter() - ts
+            train_time += step_s
+            if step == 1 or compiling:
+                setup_s, setup_images = setup_s + step_s, setup_images + bs
             if step == 1:
                 first_step_s = train_time
+                if mode == "on" and compile_info["compiled"]:  # not after a failed compilation
+                    compile_info["compile_s"] = round(step_s, 2)
+            if auto is not None:
+                left = (seconds - (time.perf_counter() - t0) if total_steps is None
+                        else (total_steps - step) * bs / max(steady_rate(), 1e-9))
+                switch = auto.after_step(step, train_time, left, model)
+                if switch is not None:
+                    step_model = switch
 
     final = ema.module if ema is not None else model
     state = None
@@ -420,4 +539,11 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
         status=status, reason=reason, metrics=history[-1] if history else {}, history=history,
         seconds=time.perf_counter() - t0, steps=step,
         images_per_s=steady_rate(), first_step_s=first_step_s, state_dict=state, precision=precision,
+        compile=dict(compile_info),
     )
+
+
+def _is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is the device running out of memory (CUDA's typed error, or the CPU allocator's)."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or (
+        "out of memory" in str(e).lower())

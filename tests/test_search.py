@@ -647,6 +647,41 @@ def test_a_diverged_final_run_is_run_again_at_half_the_lr_while_time_allows(tmp_
         assert "final_retries" not in study.user_attrs
 
 
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_the_final_run_compiles_as_asked_and_the_study_records_it(tmp_path, synthetic_data, monkeypatch, mode):
+    import io
+
+    import budgetnet.search.final as final
+    from budgetnet.config import PlainConfig, RunConfig, TrainConfig
+    from budgetnet.search.clock import Clock
+    from budgetnet.train import train_run
+
+    opts = _opts(tmp_path, 3.0, compile=mode)
+    cfg = RunConfig(model=PlainConfig(n_conv=2, width=8, hidden=(32,)), train=TrainConfig(lr=0.05, batch_size=64),
+                    data=DataConfig(dataset="synthetic"))
+    study, best = _study_with_one_trial(opts, cfg, train_run(cfg, synthetic_data, device="cpu", epochs=1),
+                                        synthetic_data)
+    compiled = []
+
+    def failing_compile(model):  # a compiler that cannot build this model (no C++ toolchain, say)
+        def forward(x):
+            compiled.append(len(x))
+            raise RuntimeError("inductor: no working C++ compiler found")
+        return forward
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    out = io.StringIO()
+    phase, _ = final.final_training(opts, study, best, Clock(6.0, 0.0, time.perf_counter()), lambda: False,
+                                    Reporter("text", out), "fp32")
+    record = study.user_attrs["final_compile"]
+    assert phase == "final" and record["mode"] == mode and record["compiled"] is False
+    if mode == "on":  # tried in the first step, failed, and the final model trained eager all the same
+        assert len(compiled) == 1 and "no working C++ compiler" in record["reason"]
+        assert "final training not compiled: compilation failed (RuntimeError" in out.getvalue()
+    else:
+        assert compiled == [] and "compile" not in out.getvalue()
+
+
 def _trial_stats(**attrs) -> optuna.trial.FrozenTrial:
     return optuna.trial.create_trial(value=0.9, user_attrs=attrs)
 

@@ -354,6 +354,76 @@ def test_compilation_is_paid_out_of_the_slice_and_left_out_of_the_rate(synthetic
     assert r.images_per_s >= (r.steps - 1) * 64 / (r.seconds - 1.5)
 
 
+def spy_compile(monkeypatch, delay_s: float = 0.0, fail: bool = False) -> list[int]:
+    """Stands in for torch.compile (compiling for real takes minutes on a small CPU): the returned module
+    runs the model, ``delay_s`` slower per call, or raises on its first call; records each call's batch."""
+    calls: list[int] = []
+
+    def fake_compile(model):
+        def forward(x):
+            if fail:
+                raise RuntimeError("backend exploded\nsecond line")
+            calls.append(len(x))
+            time.sleep(delay_s)
+            return model(x)
+        return forward
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    return calls
+
+
+def test_auto_compile_is_not_tried_in_a_short_run(synthetic_data, monkeypatch):
+    calls = spy_compile(monkeypatch)
+    r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="auto")
+    assert r.status == COMPLETE and calls == []  # 62 steps of a tiny net: far under COMPILE_AUTO_MIN_S
+    assert r.compile["compiled"] is False and r.compile["eager_images_per_s"] > 0
+    assert f"under {bt.COMPILE_AUTO_MIN_S:.0f} s" in r.compile["reason"]
+    assert bt.compile_note(r.compile).startswith("not compiled: ")
+    r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="off")
+    assert calls == [] and bt.compile_note(r.compile) is None
+
+
+def test_auto_compile_goes_back_to_eager_when_compiled_steps_time_slower(synthetic_data, monkeypatch):
+    monkeypatch.setattr(bt, "COMPILE_AUTO_MIN_S", 0.0)  # a long run, as far as the rule is concerned
+    calls = spy_compile(monkeypatch, delay_s=0.03)  # each "compiled" step 30 ms slower than eager
+    r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="auto")
+    m = bt.COMPILE_MEASURE_STEPS
+    assert r.status == COMPLETE and r.steps == 62
+    # Steps 2..1+m timed eager, step 2+m compiled, m more timed, then eager again for the rest.
+    assert len(calls) == 1 + m
+    assert r.compile["compiled"] is False and r.compile["compiled_images_per_s"] < r.compile["eager_images_per_s"]
+    assert "not kept" in bt.compile_note(r.compile)
+    assert r.images_per_s > r.compile["compiled_images_per_s"]  # the run's rate: mostly eager steps
+
+
+def test_auto_compile_keeps_the_compiled_model_when_it_times_faster(synthetic_data, monkeypatch):
+    monkeypatch.setattr(bt, "COMPILE_AUTO_MIN_S", 0.0)
+    monkeypatch.setattr(bt, "COMPILE_MIN_SPEEDUP", 0.0)  # any measured rate counts as faster
+    calls = spy_compile(monkeypatch)
+    r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="auto")
+    m = bt.COMPILE_MEASURE_STEPS
+    assert r.status == COMPLETE and len(calls) == r.steps - (1 + m)  # every step after the eager ones
+    assert r.compile["compiled"] is True and r.compile["compile_s"] >= 0
+    assert bt.compile_note(r.compile).endswith("; kept")
+
+
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_a_compilation_that_fails_trains_on_eager_with_the_reason(synthetic_data, monkeypatch, mode):
+    monkeypatch.setattr(bt, "COMPILE_AUTO_MIN_S", 0.0)
+    spy_compile(monkeypatch, fail=True)
+    r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile=mode)
+    assert r.status == COMPLETE and r.steps == 62 and r.compile["compiled"] is False
+    assert r.compile["reason"] == "compilation failed (RuntimeError: backend exploded); trained eager"
+    assert math.isfinite(r.metrics["val_loss"])
+
+
+def test_compile_modes_are_checked():
+    assert [bt.compile_mode(v) for v in (True, False, None, "auto", "on", "off")] == [
+        "on", "off", "off", "auto", "on", "off"]
+    with pytest.raises(ValueError, match="compile must be one of"):
+        bt.compile_mode("fast")
+
+
 def test_out_of_memory_ends_with_a_typed_result(synthetic_data, monkeypatch):
     import budgetnet.train as bt
 

@@ -28,7 +28,7 @@ from budgetnet.data import load_data
 from budgetnet.search.clock import Clock
 from budgetnet.search.report import Reporter
 from budgetnet.search.teacher import DISTILL_WEIGHT, auto_teacher, load_teacher
-from budgetnet.train import COMPLETE, DIVERGED, EVAL_SUBSET, RunResult, train_run
+from budgetnet.train import COMPLETE, DIVERGED, EVAL_SUBSET, RunResult, compile_note, train_run
 
 WRITE_RESERVE_S = 3.0  # kept back at the end for the FLOP count, checkpoint write and artifact upload
 FIT_MARGIN = 0.05  # how far below the best trial's val accuracy the final model's training fit may fall
@@ -128,7 +128,9 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
         return "search", {}
     for retry in range(FINAL_RETRIES + 1):
         result = train_run(cfg, data, device=opts.device, seconds=seconds, precision=precision, teacher=teacher,
-                           fit_images=EVAL_SUBSET, stop=lambda: stop() or clock.used() > deadline or clock.tick())
+                           compile=opts.compile, fit_images=EVAL_SUBSET,
+                           stop=lambda: stop() or clock.used() > deadline or clock.tick())
+        note_compile(result.compile, study, reporter)
         if result.status != DIVERGED or retry == FINAL_RETRIES:
             break
         # A longer run than the trial's can still diverge at its learning rate; the time left is worth a
@@ -159,6 +161,14 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
     upload_artifact(study, path, opts.artifact_dir, reporter)
     study.set_user_attr("final_done", True)
     return "final", metrics
+
+
+def note_compile(info: dict, study: optuna.Study, reporter: Reporter) -> None:
+    """Record how the final run used ``torch.compile`` (study attr ``final_compile``), and say it."""
+    study.set_user_attr("final_compile", info)
+    note = compile_note(info)
+    if note:
+        reporter.message(f"final training {note}")
 
 
 def upload_artifact(study: optuna.Study, path: Path, artifact_dir: str, reporter: Reporter) -> None:

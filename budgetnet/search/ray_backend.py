@@ -103,6 +103,7 @@ class TrialContext:
     sampled: bool
     cpus: float
     gpus: float
+    compile: str = "auto"
 
 
 def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | None = None) -> None:
@@ -135,7 +136,8 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
         out = run_trial(cfg, data, max_params=ctx.max_params, slice_s=ctx.slice_s, device=device,
                         precision=ctx.precision, set_attr=attrs.__setitem__, report=report,
                         fits=lambda: clock.used() + ctx.slice_s <= ctx.search_end + grace,
-                        stop=lambda: clock.used() > ctx.search_end + 2 * grace, sampled=ctx.sampled)
+                        stop=lambda: clock.used() > ctx.search_end + 2 * grace, sampled=ctx.sampled,
+                        compile=ctx.compile)
         if out.state == "complete":
             keep_if_best(ctx.out, ctx.study, config[NUMBER_KEY], cfg, out.result, out.value, out.n_params,
                          out.flops, data.classes)
@@ -429,7 +431,8 @@ def ray_search_phase(objective, fits) -> None:
                            slice_s=objective.slice_s, search_end=objective.search_end,
                            budget_seconds=opts.budget_seconds, used_before=clock.used_before,
                            anchor=clock.anchor(), device=str(opts.device), precision=objective.precision,
-                           sampled=opts.grid is None, cpus=resources["cpu"], gpus=resources["gpu"])
+                           sampled=opts.grid is None, cpus=resources["cpu"], gpus=resources["gpu"],
+                           compile=opts.compile)
         trainable = tune.with_parameters(tune.with_resources(ray_trial, resources),
                                          data=objective.data.to("cpu"), ctx=ctx)
         path = experiment_dir(study, opts.artifact_dir)

@@ -91,6 +91,8 @@ class SearchOptions:
     ray_address: str | None = None  # an existing Ray cluster to join; None starts a local one
     gpus_per_trial: float | None = None  # Ray's share of a GPU per trial; None: 1/workers on CUDA, 0 on a CPU
     ray_scheduler: str = "median"  # median (MedianStoppingRule) or asha, on the shared progress axis
+    compile: str = "auto"  # torch.compile of trials and the final run: auto (tried in long runs only, kept if
+    # measured faster), on, off
 
 
 class StudyMismatch(ConfigError):
@@ -242,7 +244,7 @@ class Objective:
                         fits=lambda: self.clock.used() + self.slice_s <= self.search_end + grace,
                         stop=lambda: (self.interrupt.event.is_set() or self.clock.used() > deadline
                                       or self.clock.tick()),
-                        sampled=opts.grid is None, interrupted=self.interrupt.event.is_set)
+                        sampled=opts.grid is None, interrupted=self.interrupt.event.is_set, compile=opts.compile)
         row.update(n_params=out.n_params, flops=out.flops, progress=out.progress, val_acc=out.val_acc,
                    state=out.state)
         self._learn_speed(trial.number, out)

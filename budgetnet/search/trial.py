@@ -62,13 +62,15 @@ def guard(cfg: RunConfig, shape, max_params: float, set_attr: Callable[[str, obj
 def run_trial(cfg: RunConfig, data: DeviceData, *, max_params: float, slice_s: float, device: str,
               precision: str, set_attr: Callable[[str, object], None],
               report: Callable[[float, float], bool], fits: Callable[[], bool], stop: Callable[[], bool],
-              sampled: bool = True, interrupted: Callable[[], bool] = lambda: False) -> TrialOutcome:
+              sampled: bool = True, interrupted: Callable[[], bool] = lambda: False,
+              compile: str = "off") -> TrialOutcome:
     """Guard ``cfg`` against ``max_params`` on the meta device, then train it for one full ``slice_s``.
 
     ``fits()`` is asked after the guard: a trial whose full slice no longer fits is not started (that time
     goes to the final phase). ``stop()`` is polled while training (deadline, Ctrl-C, a lost leader).
     ``sampled`` trials must show ``MIN_EPOCHS_PER_TRIAL`` of their data in the slice (the run measures its
     own speed and ends too slow otherwise); grid points (the user's own) are never stopped for speed.
+    ``compile``: ``train_run``'s; with "auto" only a slice long enough to repay compiling tries it.
     The user attrs ``family``, ``config``, ``n_params``, ``flops``, ``seconds``, ``images_per_s`` and
     ``epochs`` go through ``set_attr``; the adapter records ``state`` and ``reason`` from the outcome.
     """
@@ -85,7 +87,7 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, max_params: float, slice_s: f
 
     result = train_run(cfg, data, device=device, seconds=slice_s, hook=hook, stop=stop,
                        min_epochs=MIN_EPOCHS_PER_TRIAL if sampled else None, precision=precision,
-                       autotune=False)  # a slice of a new model cannot repay cuDNN's algorithm search
+                       compile=compile, autotune=False)  # a slice of a new model cannot repay cuDNN's algorithm search
     out.result = result
     set_attr("seconds", round(result.seconds, 2))
     set_attr("images_per_s", round(result.images_per_s, 1))
