@@ -27,12 +27,13 @@ class CheckpointError(Exception):
 
 def save_checkpoint(path: str | os.PathLike, cfg: RunConfig, state_dict: dict, *, metrics: dict,
                     n_params: int, flops: int, classes: list[str], train_seconds: float,
-                    precision: str, extra: dict | None = None) -> Path:
+                    precision: str, extra: dict | None = None, info: DatasetInfo | None = None) -> Path:
     """Write a checkpoint atomically (temp file + rename) and return its path. ``precision`` is what the
     weights were trained in (fp32, bf16 or fp16 autocast); they are stored in fp32 either way. The input
     shape and normalisation are the dataset's (``dataset_info``), so a folder dataset's own mean, std and
-    size travel with the model."""
-    info = dataset_info(cfg.data.dataset, cfg.data.image_size)
+    size travel with the model. ``info``: the ``DatasetInfo`` of the data it trained on, when the caller
+    holds it (a folder dataset is not scanned again)."""
+    info = info or dataset_info(cfg.data.dataset, cfg.data.image_size)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -280,7 +280,7 @@ def cmd_train(args) -> int:
         return 1
     save_checkpoint(args.out, cfg, result.state_dict, metrics=result.metrics, n_params=n_params,
                     flops=count_flops(cfg.model, shape), classes=data.classes, train_seconds=result.seconds,
-                    precision=result.precision, extra={"phase": "train"})
+                    precision=result.precision, extra={"phase": "train"}, info=data.info)
     note = compile_note(result.compile)
     compiled = f", {note}" if note else ""
     print(f"wrote {args.out} ({n_params:,} params, {result.seconds:.1f} s in {result.precision}{compiled}); "

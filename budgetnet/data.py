@@ -330,9 +330,14 @@ def load_data(cfg: DataConfig, data_dir=None, device: torch.device | str = "cpu"
     With ``merge_val`` the validation images are trained on too (the final phase) and ``val`` is None.
     The test split is never read here: only ``load_test`` (used by ``evaluate``) reads it.
     """
-    info = dataset_info(cfg.dataset, cfg.image_size)
-    images, labels, classes = read_split(cfg.dataset, data_dir, train=True, download=download,
-                                         image_size=cfg.image_size)
+    if is_folder(cfg.dataset):  # the info and the split from one scan of the folder's files
+        from budgetnet.folder import load_folder_split
+
+        images, labels, classes, info = load_folder_split(cfg.dataset, True, cfg.image_size)
+    else:
+        info = dataset_info(cfg.dataset, cfg.image_size)
+        images, labels, classes = read_split(cfg.dataset, data_dir, train=True, download=download,
+                                             image_size=cfg.image_size)
     n_val = info.default_val if cfg.val_size is None else cfg.val_size
     if not 0 <= n_val < len(labels):
         raise DatasetNotFound(f"val_size={n_val} must be smaller than the {len(labels)} training images")

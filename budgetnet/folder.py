@@ -326,20 +326,31 @@ def open_folder(root: str | os.PathLike, image_size: int | None = None):
     return np.load(path, allow_pickle=False)
 
 
+def _info(z, dataset: str, size: int) -> DatasetInfo:
+    mean, std, n_train = tuple(z["mean"].tolist()), tuple(z["std"].tolist()), len(z["train_labels"])
+    return DatasetInfo(dataset, len(mean), len(z["classes"]), size, n_train,
+                       max(1, min(MAX_DEFAULT_VAL, n_train // 10)), mean, std)
+
+
 def folder_info(dataset: str, image_size: int | None = None) -> DatasetInfo:
     """The ``DatasetInfo`` of a ``folder:PATH`` dataset (the cache is built first when needed)."""
     size = image_size or FOLDER_IMAGE_SIZE
     with open_folder(folder_root(dataset), size) as z:  # only the small arrays are read
-        mean, std, n_train = tuple(z["mean"].tolist()), tuple(z["std"].tolist()), len(z["train_labels"])
-        return DatasetInfo(dataset, len(mean), len(z["classes"]), size, n_train,
-                           max(1, min(MAX_DEFAULT_VAL, n_train // 10)), mean, std)
+        return _info(z, dataset, size)
 
 
 def read_folder_split(dataset: str, train: bool, image_size: int | None = None):
     """One split of a ``folder:PATH`` dataset: (uint8 N x C x H x W, int64 N, class names)."""
+    return load_folder_split(dataset, train, image_size)[:3]
+
+
+def load_folder_split(dataset: str, train: bool, image_size: int | None = None):
+    """One split and the ``DatasetInfo`` of a ``folder:PATH`` dataset from one scan of its files:
+    (uint8 N x C x H x W, int64 N, class names, info)."""
+    size = image_size or FOLDER_IMAGE_SIZE
     split = "train" if train else "test"
-    with open_folder(folder_root(dataset), image_size) as z:
-        return z[f"{split}_images"], z[f"{split}_labels"], z["classes"].tolist()
+    with open_folder(folder_root(dataset), size) as z:
+        return z[f"{split}_images"], z[f"{split}_labels"], z["classes"].tolist(), _info(z, dataset, size)
 
 
 def describe(dataset: str, image_size: int | None = None) -> dict:

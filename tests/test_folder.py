@@ -171,6 +171,15 @@ def test_the_second_run_loads_the_cache_and_a_changed_file_rebuilds_it(split_fol
     assert changed[i, 0].float().mean() > 250 and changed[i, 1:].float().mean() < 5
 
 
+def test_loading_a_folder_scans_its_files_once(split_folder, monkeypatch):
+    load_data(DataConfig(dataset=_name(split_folder)))  # the cache is built (or found) first
+    scans = []
+    real = folder.scan
+    monkeypatch.setattr(folder, "scan", lambda root: scans.append(root) or real(root))
+    data = load_data(DataConfig(dataset=_name(split_folder)))
+    assert len(scans) == 1 and data.info == dataset_info(_name(split_folder))  # the same info, one scan
+
+
 def test_decoding_processes_give_what_this_process_gives(split_folder, monkeypatch):
     paths = sorted(str(f) for f in split_folder.rglob("*") if f.is_file() and not f.name.startswith("."))
     monkeypatch.setattr(folder, "MIN_PARALLEL_IMAGES", 1)  # a few hundred images: use the pool anyway

@@ -24,7 +24,7 @@ import optuna
 
 from budgetnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from budgetnet.config import RunConfig
-from budgetnet.data import load_data
+from budgetnet.data import DatasetInfo, load_data
 from budgetnet.search.clock import Clock
 from budgetnet.search.report import Reporter
 from budgetnet.search.teacher import DISTILL_WEIGHT, auto_teacher, load_teacher
@@ -54,8 +54,9 @@ def numbers(d: dict) -> dict:
 
 
 def keep_if_best(out: str, study_name: str, trial_number: int, cfg: RunConfig, result: RunResult,
-                 value: float, n_params: int, flops: int, classes: list[str]) -> bool:
-    """Write the trial's model to ``out`` if it beats the one there (of this study); True if written."""
+                 value: float, n_params: int, flops: int, classes: list[str], info: DatasetInfo | None = None) -> bool:
+    """Write the trial's model to ``out`` if it beats the one there (of this study); True if written.
+    ``info``: the trial's ``DatasetInfo``, so that a folder dataset is not scanned again for the write."""
     with out_lock(out):
         if Path(out).exists():
             try:
@@ -67,7 +68,7 @@ def keep_if_best(out: str, study_name: str, trial_number: int, cfg: RunConfig, r
                 return False
         save_checkpoint(out, cfg, result.state_dict, metrics={"val_acc": value, **numbers(result.metrics)},
                         n_params=n_params, flops=flops, classes=classes, train_seconds=result.seconds,
-                        precision=result.precision,
+                        precision=result.precision, info=info,
                         extra={"phase": "search", "study": study_name, "trial": trial_number})
     return True
 
@@ -157,6 +158,7 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
     with out_lock(opts.out):
         path = save_checkpoint(opts.out, cfg, result.state_dict, metrics=metrics, n_params=n_params, flops=flops,
                                classes=data.classes, train_seconds=result.seconds, precision=result.precision,
+                               info=data.info,
                                extra={"phase": "final", "study": study.study_name, "trial": best.number})
     upload_artifact(study, path, opts.artifact_dir, reporter)
     study.set_user_attr("final_done", True)

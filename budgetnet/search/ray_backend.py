@@ -140,7 +140,7 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
                         compile=ctx.compile)
         if out.state == "complete":
             keep_if_best(ctx.out, ctx.study, config[NUMBER_KEY], cfg, out.result, out.value, out.n_params,
-                         out.flops, data.classes)
+                         out.flops, data.classes, data.info)
         outcome = {"state": out.state, "reason": out.reason, "value": out.value}
     except Exception as e:  # a bug or a broken config: recorded as FAIL with the reason; the search goes on
         outcome = {"state": "failed", "reason": f"{type(e).__name__}: {e}"[:300]}

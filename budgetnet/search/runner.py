@@ -255,7 +255,7 @@ class Objective:
             trial.set_user_attr("reason", out.reason)
             raise optuna.TrialPruned(out.reason)
         keep_if_best(opts.out, self.study.study_name, trial.number, cfg, out.result, out.value, out.n_params,
-                     out.flops, self.data.classes)
+                     out.flops, self.data.classes, self.data.info)
         return out.value
 
 
