@@ -131,6 +131,23 @@ def test_check_memory_refuses_a_model_whose_training_state_cannot_fit(monkeypatc
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux only")
+def test_available_cuda_memory_is_this_process_share_of_the_device(monkeypatch):
+    """Under --workers 4 each process may allocate a quarter of the GPU (device.set_memory_share): the memory
+    check must count against that, not against the whole device's free memory (CUDA calls stubbed here)."""
+    gib = 2**30
+    share = {"fraction": 1.0}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (70 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda i: share["fraction"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 80 * gib}))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 3 * gib)
+    assert bb.available_memory(torch.device("cuda")) == 70 * gib  # no share set: what the driver has free
+    share["fraction"] = 0.25
+    assert bb.available_memory(torch.device("cuda")) == 17 * gib  # a quarter of 80, less the 3 reserved
+    share["fraction"] = 0.01
+    assert bb.available_memory(torch.device("cuda:0")) == 0  # a share already used up
+
+
 def test_available_memory_on_this_cpu_is_a_plausible_number_of_bytes():
     free = bb.available_memory(torch.device("cpu"))
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
