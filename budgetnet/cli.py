@@ -449,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def compile_flag(sp, what=""):
         sp.add_argument("--compile", nargs="?", const="on", choices=COMPILE_MODES, default="auto",
-                        help=f"train {what}through torch.compile. auto (default): only a run with at least "
-                        f"{COMPILE_AUTO_MIN_S:.0f} s of training left tries it, after timing its eager steps, and "
+                        help=f"train {what}through torch.compile. auto (default): only a run on a GPU with at "
+                        f"least {COMPILE_AUTO_MIN_S:.0f} s of training left tries it, after timing its eager steps, and "
                         "keeps the compiled model only if its steps then time faster; on (or --compile alone): "
                         "always; off: never. Compiling is paid out of the run's time")
 

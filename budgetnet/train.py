@@ -47,6 +47,10 @@ COMPILE_MODES = ("auto", "on", "off")
 # (docs/benchmarks.md), so it paid back after 30-150 s; at 600 s a compilation that gains nothing costs a
 # few percent of the run. Whether it is faster is then measured, not assumed (``AutoCompile``).
 COMPILE_AUTO_MIN_S = 600.0
+# Devices on which "auto" tries at all. On machine A (2-core AVX2 CPU) inductor compiled three space configs
+# in 9.5-67 s and their steps then ran at 0.48-0.89x of eager (docs/benchmarks.md): a CPU run would pay
+# up to a minute to learn that, so on a CPU only --compile on compiles.
+COMPILE_AUTO_DEVICES = ("cuda",)
 COMPILE_MEASURE_STEPS = 16  # steps timed eager, then compiled, before "auto" keeps the faster
 COMPILE_MIN_SPEEDUP = 1.02  # compiled steps must time at least this much faster than eager ones to be kept
 
@@ -80,17 +84,21 @@ def compile_mode(value: bool | str | None) -> str:
 class AutoCompile:
     """``compile="auto"``: measure, then keep whichever of eager and compiled training is faster.
 
-    Steps 2 to 1 + M (M = ``COMPILE_MEASURE_STEPS``) run eager and are timed. If the run then has at least
-    ``COMPILE_AUTO_MIN_S`` of training left, the next step compiles (its time, like step 1's, is set-up:
-    paid out of the run, left out of its rate), the M after it are timed, and the compiled model is kept
-    only if it trained at least ``COMPILE_MIN_SPEEDUP`` times as fast; otherwise the run goes on eager.
+    Only on ``COMPILE_AUTO_DEVICES`` (CUDA). Steps 2 to 1 + M (M = ``COMPILE_MEASURE_STEPS``) run eager
+    and are timed. If the run then has at least ``COMPILE_AUTO_MIN_S`` of training left, the next step
+    compiles (its time, like step 1's, is set-up: paid out of the run, left out of its rate), the M after
+    it are timed, and the compiled model is kept only if it trained at least ``COMPILE_MIN_SPEEDUP`` times
+    as fast; otherwise the run goes on eager.
     Every step trains: the measurement costs the run nothing but the compilation itself. The timed
     windows start and end on a device sync (``syncs``).
     """
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, device: torch.device):
         self.bs, self.state, self.t_mark, self.end = batch_size, "eager", 0.0, 1 + COMPILE_MEASURE_STEPS
         self.info: dict = {"mode": "auto", "compiled": False}
+        if device.type not in COMPILE_AUTO_DEVICES:
+            self.state = "done"
+            self.info["reason"] = f"auto compiles on {', '.join(COMPILE_AUTO_DEVICES)} only (--compile on to force it)"
 
     def syncs(self, step: int) -> bool:
         """Whether step ``step`` (1-based, just run) closes a timed window: the caller syncs the device
@@ -380,7 +388,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     bs = min(tc.batch_size, n)
     steps_per_epoch = n // bs  # drop the last partial batch: one compiled shape, unbiased BN statistics
     total_steps = max(1, round(epochs * steps_per_epoch)) if epochs is not None else None
-    auto = AutoCompile(bs) if mode == "auto" else None
+    auto = AutoCompile(bs, device) if mode == "auto" else None
     compile_info = auto.info if auto is not None else {"mode": mode, "compiled": mode == "on"}
 
     history: list[dict] = []

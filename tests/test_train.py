@@ -372,8 +372,11 @@ def spy_compile(monkeypatch, delay_s: float = 0.0, fail: bool = False) -> list[i
     return calls
 
 
-def test_auto_compile_is_not_tried_in_a_short_run(synthetic_data, monkeypatch):
+def test_auto_compile_is_not_tried_on_a_cpu_nor_in_a_short_run(synthetic_data, monkeypatch):
     calls = spy_compile(monkeypatch)
+    r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="auto")
+    assert r.status == COMPLETE and calls == [] and "auto compiles on cuda only" in r.compile["reason"]
+    monkeypatch.setattr(bt, "COMPILE_AUTO_DEVICES", ("cpu",))  # the CUDA rule, run here
     r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="auto")
     assert r.status == COMPLETE and calls == []  # 62 steps of a tiny net: far under COMPILE_AUTO_MIN_S
     assert r.compile["compiled"] is False and r.compile["eager_images_per_s"] > 0
@@ -384,6 +387,7 @@ def test_auto_compile_is_not_tried_in_a_short_run(synthetic_data, monkeypatch):
 
 
 def test_auto_compile_goes_back_to_eager_when_compiled_steps_time_slower(synthetic_data, monkeypatch):
+    monkeypatch.setattr(bt, "COMPILE_AUTO_DEVICES", ("cpu",))  # the CUDA rule, run here
     monkeypatch.setattr(bt, "COMPILE_AUTO_MIN_S", 0.0)  # a long run, as far as the rule is concerned
     calls = spy_compile(monkeypatch, delay_s=0.03)  # each "compiled" step 30 ms slower than eager
     r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="auto")
@@ -397,6 +401,7 @@ def test_auto_compile_goes_back_to_eager_when_compiled_steps_time_slower(synthet
 
 
 def test_auto_compile_keeps_the_compiled_model_when_it_times_faster(synthetic_data, monkeypatch):
+    monkeypatch.setattr(bt, "COMPILE_AUTO_DEVICES", ("cpu",))  # the CUDA rule, run here
     monkeypatch.setattr(bt, "COMPILE_AUTO_MIN_S", 0.0)
     monkeypatch.setattr(bt, "COMPILE_MIN_SPEEDUP", 0.0)  # any measured rate counts as faster
     calls = spy_compile(monkeypatch)
@@ -409,6 +414,7 @@ def test_auto_compile_keeps_the_compiled_model_when_it_times_faster(synthetic_da
 
 @pytest.mark.parametrize("mode", ["on", "auto"])
 def test_a_compilation_that_fails_trains_on_eager_with_the_reason(synthetic_data, monkeypatch, mode):
+    monkeypatch.setattr(bt, "COMPILE_AUTO_DEVICES", ("cpu",))  # the CUDA rule, run here
     monkeypatch.setattr(bt, "COMPILE_AUTO_MIN_S", 0.0)
     spy_compile(monkeypatch, fail=True)
     r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile=mode)
