@@ -486,12 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
     s.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe")
     s.add_argument("--grid", default=None, help='grid file for --sampler grid: {"base": {...}, "grid": {...}}')
-    s.add_argument("--final-fraction", type=final_share, default=0.35, metavar="F|auto",
-                   help="share of the budget for training the best config on train+validation (default 0.35; "
-                   "0 = no final phase, best.pt is the best search trial's model). auto: the search ends "
-                   f"once past {AUTO_SEARCH_MIN:.0%}% of the budget when {STAGNANT_TRIALS} complete trials in a "
-                   f"row have not beaten the best (at {AUTO_SEARCH_MAX:.0%}% at the latest), and the final "
-                   "phase gets the rest")
+    s.add_argument("--final-fraction", type=final_share, default="auto", metavar="F|auto",
+                   help="share of the budget for training the best config on train+validation. auto (default): "
+                   f"the search ends once past {AUTO_SEARCH_MIN:.0%}% of the budget when {STAGNANT_TRIALS} "
+                   f"complete trials in a row have not beaten the best (at {AUTO_SEARCH_MAX:.0%}% at the "
+                   "latest), and the final phase gets the rest. F: a fixed share (e.g. 0.35); 0 = no final "
+                   "phase, best.pt is the best search trial's model")
     s.add_argument("--trial-seconds", type=positive_float, default=None,
                    help=f"time slice of one trial (default: search time / {TRIALS_PER_SEARCH}, at least "
                    f"{MIN_SLICE_S:g} s, shorter only where {MIN_TRIALS} such slices would not fit)")

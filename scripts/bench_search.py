@@ -1,10 +1,11 @@
 """Search quality at equal wall-clock budget on real Fashion-MNIST: the test accuracy each method's model reaches.
 
 Methods (each a real ``budgetnet search`` process, then ``budgetnet evaluate`` on the official test split):
-  budgetnet   TPE + median stopping + guard + final training (the defaults)
+  budgetnet   TPE + median stopping + guard + final training (the defaults: --final-fraction auto)
   random      the same with random sampling
   no-pruning  TPE without median stopping
-  final-auto  budgetnet with --final-fraction auto (the search ends when its best stagnates)
+  fixed-share budgetnet with --final-fraction 0.35 (the default until 2026-11-23)
+  final-auto  budgetnet with --final-fraction auto (the search ends when its best stagnates; the default)
   teacher     budgetnet with --teacher auto (a teacher in the final phase, where the device's speed fits one)
   all         both of them (EMA is in the space either way; flip averaging is reported for every run)
   grid        the reference report's 2-conv net grid (conv widths 8/16/32, kernels 3/5, hidden 50/100;
@@ -41,7 +42,8 @@ GRID = {
     "grid": {"model.width": [8, 16, 32], "model.kernel": [3, 5], "model.hidden": [[50], [100]]},
 }
 GRID_POINTS = 12
-LEVERS = {"final-auto": ["--final-fraction", "auto"], "teacher": ["--teacher", "auto"],
+LEVERS = {"final-auto": ["--final-fraction", "auto"], "fixed-share": ["--final-fraction", "0.35"],
+          "teacher": ["--teacher", "auto"],
           "all": ["--final-fraction", "auto", "--teacher", "auto"]}
 
 

@@ -77,6 +77,7 @@ class SearchOptions:
     pruner: str = "median"
     sampler: str = "tpe"
     grid: tuple[dict, dict] | None = None  # (base config dict, grid) for sampler="grid"
+    # The CLI's default is --final-fraction auto (final_auto, 0.25); these are the library's fixed share.
     final_fraction: float = 0.35  # with final_auto: the least the final phase gets
     final_auto: bool = False  # --final-fraction auto: the search ends early once its best value stagnates
     trial_seconds: float | None = None  # None: the search phase divided into TRIALS_PER_SEARCH slices
