@@ -96,8 +96,8 @@ class AutoCompile:
     def __init__(self, batch_size: int, device: torch.device):
         self.bs, self.state, self.t_mark, self.end = batch_size, "eager", 0.0, 1 + COMPILE_MEASURE_STEPS
         self.info: dict = {"mode": "auto", "compiled": False}
-        if device.type not in COMPILE_AUTO_DEVICES:
-            self.state = "done"
+        if device.type not in COMPILE_AUTO_DEVICES:  # recorded, but nothing to say about it (compile_note)
+            self.state, self.info["eligible"] = "done", False
             self.info["reason"] = f"auto compiles on {', '.join(COMPILE_AUTO_DEVICES)} only (--compile on to force it)"
 
     def syncs(self, step: int) -> bool:
@@ -135,8 +135,9 @@ class AutoCompile:
 
 
 def compile_note(info: dict) -> str | None:
-    """One line on how a run used ``torch.compile`` (its ``RunResult.compile``), or None if it never tried."""
-    if info.get("mode") == "off":
+    """One line on how a run used ``torch.compile`` (its ``RunResult.compile``), or None where there is
+    nothing to say: it was off, or "auto" on a device it never tries (a CPU)."""
+    if not info or info.get("mode") == "off" or info.get("eligible") is False:
         return None
     if info["mode"] == "on" and info.get("compiled"):
         return f"compiled (first step {info.get('compile_s', 0.0):.1f} s)"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -786,6 +787,28 @@ def test_the_sampled_lr_scales_with_the_sampled_batch(optimizer, rule):
         lrs[batch] = cfg.train.lr
     assert lrs[128] == pytest.approx(0.02)
     assert lrs[512] == pytest.approx(0.02 * rule(4)) and lrs[64] == pytest.approx(0.02 * rule(0.5))
+
+
+def test_trials_since_best_is_optunas_stagnation_rule():
+    """runner.trials_since_best replaces optuna.terminator's BestValueStagnationEvaluator (deprecated in
+    Optuna 4.9, a warning on every use): on random studies, with pruned trials among them, both agree."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from optuna.terminator import BestValueStagnationEvaluator
+    for _ in range(30):
+        study = optuna.create_study(direction="maximize")
+        assert runner.trials_since_best(study) is None
+        for value in rng.choice([0.5, 0.6, 0.7, 0.8], size=rng.integers(1, 12)):  # ties on purpose
+            study.add_trial(optuna.trial.create_trial(value=float(value)))
+            if rng.random() < 0.3:
+                study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            left = BestValueStagnationEvaluator(max_stagnation_trials=0).evaluate(study.trials, study.direction)
+        assert runner.trials_since_best(study) == -left
 
 
 def test_final_fraction_auto_ends_a_stagnant_search_and_hands_the_rest_to_the_final_phase(tmp_path):

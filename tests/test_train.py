@@ -376,6 +376,7 @@ def test_auto_compile_is_not_tried_on_a_cpu_nor_in_a_short_run(synthetic_data, m
     calls = spy_compile(monkeypatch)
     r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="auto")
     assert r.status == COMPLETE and calls == [] and "auto compiles on cuda only" in r.compile["reason"]
+    assert bt.compile_note(r.compile) is None  # the CPU's usual case: recorded, not said
     monkeypatch.setattr(bt, "COMPILE_AUTO_DEVICES", ("cpu",))  # the CUDA rule, run here
     r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="auto")
     assert r.status == COMPLETE and calls == []  # 62 steps of a tiny net: far under COMPILE_AUTO_MIN_S

@@ -356,26 +356,34 @@ def final_share(opts: SearchOptions) -> str:
     return f"{opts.final_fraction:.0%} of the budget"
 
 
+def trials_since_best(study: optuna.Study) -> int | None:
+    """Complete trials, in trial order, since the best one (a tie does not beat it); None before any.
+    The rule of Optuna's ``BestValueStagnationEvaluator``, whose ``optuna.terminator`` module is deprecated
+    (Optuna 4.9) and warns on every use."""
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not done:
+        return None
+    best = 0
+    for i, t in enumerate(done):
+        if t.value > done[best].value:
+            best = i
+    return len(done) - 1 - best
+
+
 def search_fits(opts: SearchOptions, study: optuna.Study, clock: Clock, slice_s: float,
                 reporter: Reporter | None = None):
     """``fits(extra=0)``: whether another trial starts, in the leader and in every worker. Its full slice
     must fit before the search phase ends (give or take ``SLICE_GRACE``). With ``final_auto`` the phase
     also ends, once past ``AUTO_SEARCH_MIN`` of the budget, when the best value has not improved in
-    ``STAGNANT_TRIALS`` complete trials in a row (Optuna's terminator); the final phase gets the rest."""
+    ``STAGNANT_TRIALS`` complete trials in a row (``trials_since_best``); the final phase gets the rest."""
     search_end = opts.budget_seconds * (1 - opts.final_fraction)
-    terminator = None
-    if opts.final_auto:
-        from optuna.terminator import BestValueStagnationEvaluator, StaticErrorEvaluator, Terminator
-
-        terminator = Terminator(improvement_evaluator=BestValueStagnationEvaluator(STAGNANT_TRIALS - 1),
-                                error_evaluator=StaticErrorEvaluator(0.0), min_n_trials=1)
 
     def stagnant() -> bool:
         if "search_ended" in study.user_attrs:  # another worker (or an earlier run) decided
             return True
-        if terminator is None or clock.used() < AUTO_SEARCH_MIN * opts.budget_seconds:
+        if not opts.final_auto or clock.used() < AUTO_SEARCH_MIN * opts.budget_seconds:
             return False
-        if not terminator.should_terminate(study):  # (never before a complete trial)
+        if (trials_since_best(study) or 0) < STAGNANT_TRIALS:  # (never before a complete trial)
             return False
         share = 1 - clock.used() / opts.budget_seconds
         study.set_user_attr("search_ended", round(clock.used(), 1))
