@@ -805,8 +805,8 @@ def test_trials_since_best_is_optunas_stagnation_rule():
             study.add_trial(optuna.trial.create_trial(value=float(value)))
             if rng.random() < 0.3:
                 study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
+        with warnings.catch_warnings():  # deprecated and experimental: warnings either way
+            warnings.simplefilter("ignore")
             left = BestValueStagnationEvaluator(max_stagnation_trials=0).evaluate(study.trials, study.direction)
         assert runner.trials_since_best(study) == -left
 
