@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "train+validation in the final phase's own time, only where the search's measured speed says "
                    "teacher and student both fit (docs/search.md). Every teacher pass is paid out of the budget "
                    "(default: none)")
-    compile_flag(s, "the final phase ")
+    compile_flag(s, "trials and the final phase ")
     out = s.add_mutually_exclusive_group()
     out.add_argument("--quiet", action="store_true", help="print only the final summary")
     out.add_argument("--json", action="store_true", help="print JSON lines (one per trial, then a summary)")

@@ -533,7 +533,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
                 first_step_s = train_time
                 if mode == "on" and compile_info["compiled"]:  # not after a failed compilation
                     compile_info["compile_s"] = round(step_s, 2)
-            if auto is not None:
+            if auto is not None and auto.state != "done":
                 left = (seconds - (time.perf_counter() - t0) if total_steps is None
                         else (total_steps - step) * bs / max(steady_rate(), 1e-9))
                 switch = auto.after_step(step, train_time, left, model)
