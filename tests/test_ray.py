@@ -101,6 +101,42 @@ def test_suggest_guards_before_a_ray_trial_and_records_budgetnet_states(tmp_path
     assert summary["best"]["trial"] == b[rb.NUMBER_KEY]
 
 
+def test_a_ray_trial_speed_raises_the_drivers_flop_cap_as_on_the_optuna_backend(tmp_path, synthetic_data):
+    """The probe is one short measurement; a Ray trial that trained faster raises the FLOP cap the driver
+    samples the next configs under, exactly as ``Objective.learn_speed`` does for the optuna backend."""
+    from budgetnet.search.runner import feasible_flops
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    opts = SearchOptions(max_params=CAP, budget_seconds=100, dataset="synthetic", storage=url, study_name="v",
+                         out=str(tmp_path / "best.pt"), device="cpu", backend="ray")
+    study = optuna.create_study(study_name="v", storage=make_storage(url), direction="maximize")
+    study.enqueue_trial(warm_start(synthetic_data.info.shape, CAP, DataConfig(dataset="synthetic")))
+    lines = io.StringIO()
+    probed_cap = 2e5  # FLOPs per image: a probe taken in a busy moment
+    objective = Objective(opts, synthetic_data, Clock(100, 0, time.perf_counter(), study), 65, 3.0, Interrupt(),
+                          Reporter("json", lines), study, max_flops=probed_cap)
+    rb._LIVE["v"] = rb._Live(objective, lambda: True, 2, 1e9, "median stopping rule")
+    try:
+        searcher = rb.BudgetSearch("v")
+        a = searcher.suggest("a")
+        flops = study.trials[a[rb.NUMBER_KEY]].user_attrs["flops"]
+        assert flops <= probed_cap  # sampled under the probe's cap
+        outcome = {"state": "complete", "reason": "", "value": 0.7,
+                   "attrs": {"seconds": 3.0, "images_per_s": 5000.0, "epochs": 7.5, "steps": 120}}
+        searcher.on_trial_complete("a", {rb.METRIC: 0.7, "progress": 1.0, rb.OUTCOME_KEY: json.dumps(outcome)})
+        expected = feasible_flops(5000.0, flops, len(synthetic_data.train), 3.0)
+        assert expected > 1.25 * probed_cap
+        assert objective.max_flops == pytest.approx(expected)
+        assert study.user_attrs["time_feasible_flops"] == pytest.approx(expected)
+        # one step is no speed: a trial that ended after its first step leaves the cap alone
+        b = searcher.suggest("b")
+        one_step = {**outcome, "attrs": {"seconds": 0.2, "images_per_s": 1e6, "epochs": 0.01, "steps": 1}}
+        searcher.on_trial_complete("b", {rb.METRIC: 0.1, "progress": 1.0, rb.OUTCOME_KEY: json.dumps(one_step)})
+        assert b is not None and objective.max_flops == pytest.approx(expected)
+    finally:
+        rb._LIVE.pop("v", None)
+
+
 class _T:  # a Tune trial, as the scheduler sees one (hashable, with a status)
     def __init__(self, status="RUNNING"):
         self.status, self.trial_id = status, str(id(self))

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -534,6 +535,18 @@ def test_slices_are_shares_of_the_budget_with_floors(search_end, used, expected)
     assert slice_seconds(search_end, used) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("used, fits", [
+    (50.0, True),  # ends at 80 s, well before the phase does
+    (73.0, True),  # ends at 103 s: within a tenth of a slice (3 s) past the phase's end
+    (73.1, False),  # ends 3.1 s past it
+])
+def test_a_trial_starts_only_if_its_slice_ends_within_a_tenth_of_a_slice_of_the_search_end(used, fits):
+    from budgetnet.search.clock import SLICE_GRACE, slice_fits
+
+    assert SLICE_GRACE == 0.1
+    assert slice_fits(used, 30.0, 100.0) is fits
+
+
 def _teacher(path, dataset="synthetic"):
     """A small trained checkpoint to distil from."""
     from budgetnet.checkpoint import save_checkpoint
@@ -756,6 +769,19 @@ def test_teacher_auto_trains_a_teacher_and_the_student_inside_the_final_phase(tm
     ckpt = load_checkpoint(opts.out)
     assert ckpt["run_config"].train.distill == DISTILL_WEIGHT and ckpt["n_params"] <= opts.max_params
     assert "teacher:" in out.getvalue() and "epochs" in study.user_attrs["teacher"]
+    # The teacher is kept (a checkpoint in the artifact folder), and a final phase run again (resumed after an
+    # interruption) distils from it instead of training a second one out of what is left of the budget.
+    saved = load_checkpoint(study.user_attrs["teacher_checkpoint"])
+    assert saved["extra"]["phase"] == "teacher" and saved["n_params"] == teacher_params
+    assert Path(study.user_attrs["teacher_checkpoint"]).parent == Path(opts.artifact_dir).absolute()
+    runs.clear()
+    clock, out = Clock(budget, 0.0, time.perf_counter()), io.StringIO()
+    phase, _ = final.final_training(opts, study, best, clock, lambda: False, Reporter("text", out), "fp32")
+    assert [m for m, _, _ in runs] == [final.__name__], out.getvalue()  # the student's run only
+    reused = runs[0][2]["teacher"]
+    assert all(torch.equal(a, b.to(a.device)) for a, b in zip(reused.state_dict().values(),
+                                                                saved["state_dict"].values()))
+    assert phase == "final" and "trained before the interruption" in study.user_attrs["teacher"]
 
 
 def test_a_run_without_validation_scores_its_fit_on_a_sample_of_its_training_images():

@@ -75,6 +75,13 @@ def clamp(x: float, lo: float, hi: float) -> float:
     return min(max(x, lo), hi)
 
 
+def slice_fits(used: float, slice_s: float, search_end: float) -> bool:
+    """Whether a trial of ``slice_s`` seconds, started ``used`` seconds into the budget, ends before the
+    search phase does (at ``search_end``), give or take ``SLICE_GRACE`` of a slice: the one rule for
+    starting a trial, on every backend and in every worker."""
+    return used + slice_s <= search_end + SLICE_GRACE * slice_s
+
+
 def slice_seconds(search_end: float, used: float) -> float:
     """One trial's time slice when ``--trial-seconds`` does not give it: the search phase (ending at
     ``search_end`` seconds of budget, ``used`` of them gone) over ``TRIALS_PER_SEARCH``, at least

@@ -17,6 +17,7 @@ import dataclasses
 import fcntl
 import math
 import os
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from budgetnet.config import RunConfig
 from budgetnet.data import DatasetInfo, load_data
 from budgetnet.search.clock import Clock
 from budgetnet.search.report import Reporter
-from budgetnet.search.teacher import DISTILL_WEIGHT, auto_teacher, load_teacher
+from budgetnet.search.teacher import DISTILL_WEIGHT, auto_teacher, load_teacher, reuse_teacher
 from budgetnet.train import COMPLETE, DIVERGED, EVAL_SUBSET, RunResult, compile_note, train_run
 
 WRITE_RESERVE_S = 3.0  # kept back at the end for the FLOP count, checkpoint write and artifact upload
@@ -112,9 +113,20 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
     deadline = opts.budget_seconds - WRITE_RESERVE_S + 1.0
     teacher = None
     if opts.teacher == "auto":  # trained here, out of this phase's own time, when teacher and student fit
-        teacher, note = auto_teacher(best, cfg, data, left=lambda: clock.left() - WRITE_RESERVE_S,
-                                     device=opts.device, precision=precision, message=reporter.message,
-                                     stop=lambda: stop() or clock.used() > deadline or clock.tick())
+        teacher = None
+        if runs > 1:  # resumed: the teacher an interrupted run trained is reused, not paid for twice
+            teacher, note = reuse_teacher(study.user_attrs.get("teacher_checkpoint"), opts.dataset, data,
+                                          opts.device)
+            if teacher is not None:
+                reporter.message(f"--teacher auto: {note}")
+        if teacher is None:
+            save_to = Path(opts.artifact_dir) / f"teacher-{uuid.uuid4().hex[:8]}.pt"
+            teacher, note = auto_teacher(best, cfg, data, left=lambda: clock.left() - WRITE_RESERVE_S,
+                                         device=opts.device, precision=precision, message=reporter.message,
+                                         stop=lambda: stop() or clock.used() > deadline or clock.tick(),
+                                         save_to=save_to)
+            if teacher is not None and save_to.is_file():
+                study.set_user_attr("teacher_checkpoint", str(save_to.absolute()))
         study.set_user_attr("teacher", note)
     elif opts.teacher:
         teacher = load_teacher(opts.teacher, opts.dataset, data.info.shape, opts.device)

@@ -49,7 +49,7 @@ from ray.tune.search.optuna import OptunaSearch
 from budgetnet.config import ConfigError, RunConfig
 from budgetnet.data import DeviceData
 from budgetnet.device import set_memory_share
-from budgetnet.search.clock import SLICE_GRACE, Clock
+from budgetnet.search.clock import SLICE_GRACE, Clock, slice_fits
 from budgetnet.search.final import keep_if_best
 from budgetnet.search.trial import REPORT_STEPS, guard, run_trial
 
@@ -135,7 +135,7 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
         cfg = RunConfig.from_json(config[CONFIG_KEY])
         out = run_trial(cfg, data, max_params=ctx.max_params, slice_s=ctx.slice_s, device=device,
                         precision=ctx.precision, set_attr=attrs.__setitem__, report=report,
-                        fits=lambda: clock.used() + ctx.slice_s <= ctx.search_end + grace,
+                        fits=lambda: slice_fits(clock.used(), ctx.slice_s, ctx.search_end),
                         stop=lambda: clock.used() > ctx.search_end + 2 * grace, sampled=ctx.sampled,
                         compile=ctx.compile)
         if out.state == "complete":
@@ -187,6 +187,8 @@ class _Live:
             trial.set_user_attr("reason", reason)
             row["reason"] = reason
         row.update(state=state, seconds=(attrs or {}).get("seconds", row.get("seconds", 0.0)))
+        if "images_per_s" in (attrs or {}):  # the trial trained: its speed may raise the driver's FLOP cap
+            self.objective.learn_speed(trial.number, attrs["images_per_s"], row.get("flops"), attrs.get("steps", 0))
         try:
             study.tell(trial, value if state == "complete" else None, state=optuna_state(state))
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):

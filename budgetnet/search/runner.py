@@ -48,6 +48,7 @@ from budgetnet.search.clock import (
     STAGNANT_TRIALS,
     Clock,
     clamp,
+    slice_fits,
     slice_seconds,
 )
 from budgetnet.search.final import (
@@ -242,13 +243,14 @@ class Objective:
 
         out = run_trial(cfg, self.data, max_params=opts.max_params, slice_s=self.slice_s, device=opts.device,
                         precision=self.precision, set_attr=trial.set_user_attr, report=report,
-                        fits=lambda: self.clock.used() + self.slice_s <= self.search_end + grace,
+                        fits=lambda: slice_fits(self.clock.used(), self.slice_s, self.search_end),
                         stop=lambda: (self.interrupt.event.is_set() or self.clock.used() > deadline
                                       or self.clock.tick()),
                         sampled=opts.grid is None, interrupted=self.interrupt.event.is_set, compile=opts.compile)
         row.update(n_params=out.n_params, flops=out.flops, progress=out.progress, val_acc=out.val_acc,
                    state=out.state)
-        self._learn_speed(trial.number, out)
+        if out.result is not None:
+            self.learn_speed(trial.number, out.result.images_per_s, out.flops, out.result.steps)
         if out.constraint is not None:
             trial.set_constraint("params", out.constraint)
         if out.state != "complete":
@@ -260,17 +262,17 @@ class Objective:
         return out.value
 
 
-    def _learn_speed(self, number: int, out) -> None:
-        """Raise the time-feasible FLOP cap to what a trial showed this device can do. The probe is one
-        short measurement: taken in a busy moment (35-71 images/s against ~700 idle on the 2-core machine),
-        it would keep the whole search among tiny models. The cap only rises; a model that then trains too
+    def learn_speed(self, number: int, images_per_s: float, flops: int | None, steps: int) -> None:
+        """Raise the time-feasible FLOP cap to what trial ``number`` showed this device can do (``images_per_s``
+        of a model of ``flops`` per image, over ``steps`` steps), on either backend. The probe is one short
+        measurement: taken in a busy moment (35-71 images/s against ~700 idle on the 2-core machine), it
+        would keep the whole search among tiny models. The cap only rises; a model that then trains too
         slowly still ends at its own speed check, early in its slice."""
-        result = out.result
-        if self.max_flops is None or result is None or not out.flops or result.steps < 2:
+        if self.max_flops is None or not flops or steps < 2 or not images_per_s > 0:
             return
-        cap = feasible_flops(result.images_per_s, out.flops, len(self.data.train), self.slice_s)
+        cap = feasible_flops(images_per_s, flops, len(self.data.train), self.slice_s)
         if cap > 1.25 * self.max_flops:
-            self.reporter.message(f"trial {number} trained {result.images_per_s:,.0f} images/s: models up to "
+            self.reporter.message(f"trial {number} trained {images_per_s:,.0f} images/s: models up to "
                                   f"{cap / 1e6:,.0f} MFLOPs/image are time-feasible (was {self.max_flops / 1e6:,.0f})")
             self.max_flops = cap
             self.study.set_user_attr("time_feasible_flops", cap)
@@ -393,7 +395,7 @@ def search_fits(opts: SearchOptions, study: optuna.Study, clock: Clock, slice_s:
         return True
 
     def fits(extra: float = 0.0) -> bool:
-        return clock.used() + extra + slice_s <= search_end + SLICE_GRACE * slice_s and not stagnant()
+        return slice_fits(clock.used() + extra, slice_s, search_end) and not stagnant()
 
     return fits
 

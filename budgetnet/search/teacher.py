@@ -18,14 +18,22 @@ speed again (``min_epochs``) and ends early, handing its time back to the studen
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 import torch
 
-from budgetnet.budget import count_params
-from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, recorded_info
+from budgetnet.budget import count_flops, count_params
+from budgetnet.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    recorded_info,
+    save_checkpoint,
+)
 from budgetnet.config import ModelConfig, ResNetConfig, RunConfig, Shape, TrainConfig
 from budgetnet.data import DeviceData
 from budgetnet.models import build_model
@@ -118,10 +126,12 @@ def plan_teacher(best: optuna.trial.FrozenTrial, seconds: float, images: int, sh
 
 
 def train_teacher(plan: TeacherPlan, student: RunConfig, data: DeviceData, *, device, precision: str,
-                  stop, min_fit: float) -> tuple[torch.nn.Module | None, str]:
+                  stop, min_fit: float, save_to: Path | None = None) -> tuple[torch.nn.Module | None, str]:
     """Train ``plan``'s teacher on ``data`` (train+validation) with the student's augmentation, for
     ``plan.seconds``. Returns the frozen model, or None and why it is not used (too slow after all, stopped,
-    or fitting its training images below ``min_fit``, the best trial's validation accuracy)."""
+    or fitting its training images below ``min_fit``, the best trial's validation accuracy). A teacher that
+    is used is also written to ``save_to``, so that a final phase resumed after an interruption reuses it
+    (``reuse_teacher``) instead of paying for it twice."""
     cfg = RunConfig(model=plan.model, train=TEACHER_TRAIN, data=student.data, seed=student.seed)
     result = train_run(cfg, data, device=device, seconds=plan.seconds, precision=precision, stop=stop,
                        min_epochs=TEACHER_MIN_EPOCHS / 2, fit_images=EVAL_SUBSET)  # the estimate may be 2x off
@@ -134,17 +144,41 @@ def train_teacher(plan: TeacherPlan, student: RunConfig, data: DeviceData, *, de
                       f"{min_fit:.1%}")
     model = build_model(plan.model, data.info.shape)
     model.load_state_dict(result.state_dict)
-    return model.to(device).eval().requires_grad_(False), (
+    if save_to is not None:
+        with contextlib.suppress(OSError):  # only a resume would miss it: it trains a teacher again
+            save_checkpoint(save_to, cfg, result.state_dict, metrics={"fit_acc": fit, "epoch": epochs},
+                            n_params=plan.n_params, flops=count_flops(plan.model, data.info.shape),
+                            classes=data.classes, train_seconds=result.seconds, precision=result.precision,
+                            info=data.info, extra={"phase": "teacher"})
+    return frozen(model, device), (
         f"{plan.n_params:,} params, {epochs:.1f} epochs in {result.seconds:.0f} s, fits {fit:.1%} of its "
         f"training images")
 
 
+def frozen(model: torch.nn.Module, device) -> torch.nn.Module:
+    return model.to(device).eval().requires_grad_(False)
+
+
+def reuse_teacher(path: str | None, dataset: str, data: DeviceData, device) -> tuple[torch.nn.Module | None, str]:
+    """The teacher an interrupted final phase of this study trained and wrote to ``path`` (study attr
+    ``teacher_checkpoint``), for the resumed phase; None (and why) when there is none or it does not load."""
+    if not path:
+        return None, "no teacher was written before"
+    try:
+        model = load_teacher(path, dataset, data.info.shape, device)
+    except CheckpointError as e:
+        return None, str(e)
+    n_params = sum(p.numel() for p in model.parameters())
+    return frozen(model, device), f"teacher: the one trained before the interruption ({n_params:,} params, {path})"
+
+
 def auto_teacher(best: optuna.trial.FrozenTrial, student: RunConfig, data: DeviceData, *, left: Callable[[], float],
-                 device, precision: str, stop: Callable[[], bool],
-                 message: Callable[[str], None]) -> tuple[torch.nn.Module | None, str]:
+                 device, precision: str, stop: Callable[[], bool], message: Callable[[str], None],
+                 save_to: Path | None = None) -> tuple[torch.nn.Module | None, str]:
     """``--teacher auto`` in a final phase with ``left()`` seconds to go: plan (``plan_teacher``, measuring
-    candidates for ``TEACHER_PROBE_S``), train the teacher for ``TEACHER_SHARE`` of what is then left, and
-    return it (or None) with one line on what happened, which is also printed through ``message``."""
+    candidates for ``TEACHER_PROBE_S``), train the teacher for ``TEACHER_SHARE`` of what is then left (and
+    write it to ``save_to``), and return it (or None) with one line on what happened, which is also printed
+    through ``message``."""
     lo, hi, share = TEACHER_PROBE_S
     probe_s = clamp(share * left(), lo, hi)
 
@@ -161,7 +195,7 @@ def auto_teacher(best: optuna.trial.FrozenTrial, student: RunConfig, data: Devic
     message(f"--teacher auto: training a {plan.n_params:,}-parameter teacher for {plan.seconds:.0f} s "
             f"(about {plan.epochs:.0f} epochs), then the student")
     teacher, note = train_teacher(plan, student, data, device=device, precision=precision, stop=stop,
-                                  min_fit=best.value)
+                                  min_fit=best.value, save_to=save_to)
     note = f"teacher: {note}" if teacher is not None else f"teacher not used: {note}"
     message(f"--teacher auto: {note}")
     return teacher, note

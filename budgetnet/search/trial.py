@@ -72,7 +72,7 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, max_params: float, slice_s: f
     own speed and ends too slow otherwise); grid points (the user's own) are never stopped for speed.
     ``compile``: ``train_run``'s; with "auto" only a slice long enough to repay compiling tries it.
     The user attrs ``family``, ``config``, ``n_params``, ``flops``, ``seconds``, ``images_per_s`` and
-    ``epochs`` go through ``set_attr``; the adapter records ``state`` and ``reason`` from the outcome.
+    ``epochs``, ``steps`` go through ``set_attr``; the adapter records ``state`` and ``reason`` from the outcome.
     """
     out = guard(cfg, data.info.shape, max_params, set_attr)
     if out.state == "rejected":
@@ -92,6 +92,7 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, max_params: float, slice_s: f
     set_attr("seconds", round(result.seconds, 2))
     set_attr("images_per_s", round(result.images_per_s, 1))
     set_attr("epochs", round(result.metrics.get("epoch", 0.0), 2))
+    set_attr("steps", result.steps)
     if result.status in FAILED_RUN_STATES:
         out.state, out.reason = FAILED_RUN_STATES[result.status], result.reason
     elif result.status == STOPPED and result.reason == "stopped by hook":
