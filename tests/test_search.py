@@ -815,9 +815,34 @@ def test_the_sampled_lr_scales_with_the_sampled_batch(optimizer, rule):
     assert lrs[512] == pytest.approx(0.02 * rule(4)) and lrs[64] == pytest.approx(0.02 * rule(0.5))
 
 
-def test_trials_since_best_is_optunas_stagnation_rule():
-    """runner.trials_since_best replaces optuna.terminator's BestValueStagnationEvaluator (deprecated in
-    Optuna 4.9, a warning on every use): on random studies, with pruned trials among them, both agree."""
+def test_trials_since_best_counts_judged_trials_after_the_best_complete_one():
+    """Complete trials and trials the pruner stopped (state ``pruned``) count; too slow, diverged, rejected
+    and interrupted ones do not; a tie does not beat the best; nothing counts before the first complete."""
+    pruned = optuna.trial.TrialState.PRUNED
+
+    def study_of(*trials):
+        study = optuna.create_study(direction="maximize")
+        for t in trials:
+            if isinstance(t, float):
+                study.add_trial(optuna.trial.create_trial(value=t))
+            else:
+                study.add_trial(optuna.trial.create_trial(state=pruned, user_attrs={"state": t}))
+        return study
+
+    assert runner.trials_since_best(study_of()) is None
+    assert runner.trials_since_best(study_of("pruned", "pruned")) is None  # no complete trial yet
+    assert runner.trials_since_best(study_of("pruned", 0.5)) == 0
+    assert runner.trials_since_best(study_of(0.5, "pruned", 0.4, "pruned")) == 3
+    assert runner.trials_since_best(study_of(0.5, "pruned", 0.6, "pruned")) == 1  # a new best resets it
+    assert runner.trials_since_best(study_of(0.5, 0.5, 0.5)) == 2  # ties do not beat the best
+    assert runner.trials_since_best(
+        study_of(0.5, "too slow", "diverged", "rejected", "stopped", "failed", "pruned")) == 1
+
+
+def test_counting_only_complete_trials_trials_since_best_is_optunas_stagnation_rule():
+    """With no pruned trials, runner.trials_since_best is the rule of optuna.terminator's
+    BestValueStagnationEvaluator (deprecated in Optuna 4.9, a warning on every use): on random studies
+    with ties, both agree; trials stopped for other reasons than the pruner change neither."""
     import warnings
 
     rng = np.random.default_rng(0)
@@ -830,7 +855,8 @@ def test_trials_since_best_is_optunas_stagnation_rule():
         for value in rng.choice([0.5, 0.6, 0.7, 0.8], size=rng.integers(1, 12)):  # ties on purpose
             study.add_trial(optuna.trial.create_trial(value=float(value)))
             if rng.random() < 0.3:
-                study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED))
+                study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED,
+                                                          user_attrs={"state": "too slow"}))
         with warnings.catch_warnings():  # deprecated and experimental: warnings either way
             warnings.simplefilter("ignore")
             left = BestValueStagnationEvaluator(max_stagnation_trials=0).evaluate(study.trials, study.direction)
@@ -856,7 +882,7 @@ def test_final_fraction_auto_ends_a_stagnant_search_and_hands_the_rest_to_the_fi
     used["s"] = AUTO_SEARCH_MIN * 100 - 1
     assert fits()  # stagnant, but before the least share of the search
     used["s"] = AUTO_SEARCH_MIN * 100 + 1
-    assert not fits() and "not improved in 3 complete trials" in out.getvalue()
+    assert not fits() and "not improved in 3 judged trials" in out.getvalue()
     assert study.user_attrs["search_ended"] == pytest.approx(41.0)
     # every worker sees the decision through the study, whatever its own clock says
     assert not runner.search_fits(opts, study, Clock(100.0, 0.0, time.perf_counter()), 3.0)()
@@ -865,6 +891,12 @@ def test_final_fraction_auto_ends_a_stagnant_search_and_hands_the_rest_to_the_fi
     for value in (0.5, 0.8, 0.7, 0.7, 0.9):
         fresh.add_trial(optuna.trial.create_trial(value=value))
     assert runner.search_fits(opts, fresh, clock, 3.0)()
+    # trials the median pruner stopped count as judged: a search whose trials are mostly pruned ends too
+    judged = optuna.create_study(study_name="v", storage=opts.storage, direction="maximize")
+    judged.add_trial(optuna.trial.create_trial(value=0.8))
+    for _ in range(STAGNANT_TRIALS):
+        judged.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs={"state": "pruned"}))
+    assert not runner.search_fits(opts, judged, clock, 3.0)() and "search_ended" in judged.user_attrs
     fixed = dataclasses.replace(opts, final_auto=False)
     stagnant = optuna.create_study(study_name="u", storage=opts.storage, direction="maximize")
     for value in (0.8, 0.7, 0.7, 0.7, 0.7):

@@ -18,7 +18,7 @@ SLICE_GRACE = 0.1  # a trial starts only if its full slice fits before the searc
 PROBE_SHARE = 0.03  # of the budget, for the speed probe, between these bounds (seconds):
 PROBE_MIN_S, PROBE_MAX_S = 1.0, 10.0
 # --final-fraction auto: the search phase ends between these shares of the budget, as soon as it is past
-# the first and its best value has not improved in STAGNANT_TRIALS complete trials in a row; the final
+# the first and its best value has not improved in STAGNANT_TRIALS judged trials in a row; the final
 # phase gets the rest (docs/search.md, "The final phase's share")
 AUTO_SEARCH_MIN, AUTO_SEARCH_MAX = 0.4, 0.75
 STAGNANT_TRIALS = 3

@@ -359,17 +359,22 @@ def final_share(opts: SearchOptions) -> str:
 
 
 def trials_since_best(study: optuna.Study) -> int | None:
-    """Complete trials, in trial order, since the best one (a tie does not beat it); None before any.
-    The rule of Optuna's ``BestValueStagnationEvaluator``, whose ``optuna.terminator`` module is deprecated
-    (Optuna 4.9) and warns on every use."""
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not done:
-        return None
-    best = 0
-    for i, t in enumerate(done):
-        if t.value > done[best].value:
-            best = i
-    return len(done) - 1 - best
+    """Judged trials, in trial order, since the best complete one (a tie does not beat it); None before any
+    complete trial. Judged: complete, or stopped by the pruner (state ``pruned``: below the median, or
+    Ray's scheduler), which found it worse than the median of its peers at the same point, let alone the
+    best. Optuna's ``BestValueStagnationEvaluator`` (deprecated with ``optuna.terminator`` in 4.9) counts
+    complete trials only; under a median pruner most trials end pruned, and a search on the whole of a
+    2-core CPU then ran to the 75% limit with 1-2 complete trials after its best (docs/benchmarks.md).
+    Trials too slow for their slice, diverged, rejected or interrupted say nothing about the space's
+    best and are not counted."""
+    best, since = None, 0
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                      optuna.trial.TrialState.PRUNED)):
+        if t.state == optuna.trial.TrialState.COMPLETE and (best is None or t.value > best):
+            best, since = t.value, 0
+        elif t.state == optuna.trial.TrialState.COMPLETE or t.user_attrs.get("state") == "pruned":
+            since += 1
+    return None if best is None else since
 
 
 def search_fits(opts: SearchOptions, study: optuna.Study, clock: Clock, slice_s: float,
@@ -377,7 +382,7 @@ def search_fits(opts: SearchOptions, study: optuna.Study, clock: Clock, slice_s:
     """``fits(extra=0)``: whether another trial starts, in the leader and in every worker. Its full slice
     must fit before the search phase ends (give or take ``SLICE_GRACE``). With ``final_auto`` the phase
     also ends, once past ``AUTO_SEARCH_MIN`` of the budget, when the best value has not improved in
-    ``STAGNANT_TRIALS`` complete trials in a row (``trials_since_best``); the final phase gets the rest."""
+    ``STAGNANT_TRIALS`` judged trials in a row (``trials_since_best``); the final phase gets the rest."""
     search_end = opts.budget_seconds * (1 - opts.final_fraction)
 
     def stagnant() -> bool:
@@ -391,7 +396,8 @@ def search_fits(opts: SearchOptions, study: optuna.Study, clock: Clock, slice_s:
         study.set_user_attr("search_ended", round(clock.used(), 1))
         if reporter is not None:
             reporter.message(f"search ends at {clock.used():.0f} s: its best value has not improved in "
-                             f"{STAGNANT_TRIALS} complete trials; the final phase gets {share:.0%} of the budget")
+                             f"{STAGNANT_TRIALS} judged trials (complete, or pruned below the median); the "
+                             f"final phase gets {share:.0%} of the budget")
         return True
 
     def fits(extra: float = 0.0) -> bool:
