@@ -113,7 +113,6 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
     deadline = opts.budget_seconds - WRITE_RESERVE_S + 1.0
     teacher = None
     if opts.teacher == "auto":  # trained here, out of this phase's own time, when teacher and student fit
-        teacher = None
         if runs > 1:  # resumed: the teacher an interrupted run trained is reused, not paid for twice
             teacher, note = reuse_teacher(study.user_attrs.get("teacher_checkpoint"), opts.dataset, data,
                                           opts.device)
