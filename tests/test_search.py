@@ -775,7 +775,7 @@ def test_teacher_auto_trains_a_teacher_and_the_student_inside_the_final_phase(tm
     assert saved["extra"]["phase"] == "teacher" and saved["n_params"] == teacher_params
     assert Path(study.user_attrs["teacher_checkpoint"]).parent == Path(opts.artifact_dir).absolute()
     runs.clear()
-    clock, out = Clock(budget, 0.0, time.perf_counter()), io.StringIO()
+    clock, out = Clock(budget / 2, 0.0, time.perf_counter()), io.StringIO()  # what a resume has left
     phase, _ = final.final_training(opts, study, best, clock, lambda: False, Reporter("text", out), "fp32")
     assert [m for m, _, _ in runs] == [final.__name__], out.getvalue()  # the student's run only
     reused = runs[0][2]["teacher"]
