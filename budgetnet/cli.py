@@ -489,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--final-fraction", type=final_share, default="auto", metavar="F|auto",
                    help="share of the budget for training the best config on train+validation. auto (default): "
                    f"the search ends once past {AUTO_SEARCH_MIN:.0%}% of the budget when {STAGNANT_TRIALS} "
-                   f"complete trials in a row have not beaten the best (at {AUTO_SEARCH_MAX:.0%}% at the "
-                   "latest), and the final phase gets the rest. F: a fixed share (e.g. 0.35); 0 = no final "
+                   "judged trials in a row (complete, or pruned below the median) have not beaten the best "
+                   f"(at {AUTO_SEARCH_MAX:.0%}% at the latest), and the final phase gets the rest. F: a fixed share (e.g. 0.35); 0 = no final "
                    "phase, best.pt is the best search trial's model")
     s.add_argument("--trial-seconds", type=positive_float, default=None,
                    help=f"time slice of one trial (default: search time / {TRIALS_PER_SEARCH}, at least "

@@ -227,7 +227,8 @@ def test_trial_seconds_help_states_the_rule_the_code_uses(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"search time / {TRIALS_PER_SEARCH}, at least {MIN_SLICE_S:g} s" in help_text
     assert "--precision {auto,fp32,bf16,fp16}" in help_text
-    assert "auto (default): the search ends once past 40% of the budget when 3 complete trials" in help_text
+    assert ("auto (default): the search ends once past 40% of the budget when 3 judged trials in a row "
+            "(complete, or pruned below the median)") in help_text
 
 
 @pytest.mark.parametrize("command", ["search", "train", "evaluate", "report", "prune", "datasets", "dashboard"])
