@@ -150,6 +150,23 @@ class _Controller:
         return self.trials
 
 
+def test_a_restored_experiment_keeps_its_scheduler_and_says_so():
+    study = optuna.create_study(direction="maximize")
+    said = []
+    assert rb.kept_scheduler(study, "median", restored=False, message=said.append) == "median"
+    assert study.user_attrs["ray_scheduler"] == "median" and not said
+    assert rb.kept_scheduler(study, "asha", restored=True, message=said.append) == "median"
+    assert said == ["--ray-scheduler asha not applied: the restored experiment keeps its median stopping rule "
+                    "(give a new --study-name to search with another)"]
+    assert rb.kept_scheduler(study, "median", restored=True, message=said.append) == "median" and len(said) == 1
+    # an experiment whose folder was removed is created anew, with the scheduler asked for
+    assert rb.kept_scheduler(study, "asha", restored=False, message=said.append) == "asha"
+    assert study.user_attrs["ray_scheduler"] == "asha" and len(said) == 1
+    # a study from before the attr was recorded: the flag is all there is to go by
+    old = optuna.create_study(direction="maximize")
+    assert rb.kept_scheduler(old, "asha", restored=True, message=said.append) == "asha" and len(said) == 1
+
+
 def test_median_stopping_judges_reports_from_the_third_and_never_pauses():
     from ray.tune.schedulers import TrialScheduler
 
@@ -262,8 +279,9 @@ def interrupted_and_resumed(ray_cluster, tmp_path_factory):
     used_before = optuna.load_study(study_name="r", storage=make_storage(url)).user_attrs["seconds_used"]
     between = optuna.load_study(study_name="r", storage=make_storage(url))
     running_between = between.get_trials(states=(TrialState.RUNNING,))
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=budget + 120)
+    t0 = time.perf_counter()  # the resume asks for another scheduler, which the restored experiment cannot take
+    done = subprocess.run(cmd + ["--ray-scheduler", "asha"], capture_output=True, text=True, env=env,
+                          timeout=budget + 120)
     runs.append((done.returncode, _events(done.stdout), done.stderr, time.perf_counter() - t0))
     return {"tmp": tmp, "url": url, "budget": budget, "runs": runs, "running_between": running_between,
             "used_before": used_before}
@@ -329,6 +347,10 @@ def test_a_ray_search_killed_mid_search_resumes_through_tuner_restore_with_its_c
     texts = [e.get("text", "") for e in ev2 if e["event"] == "message"]
     assert any(t.startswith("resuming study 'r'") for t in texts), texts
     assert any("experiment restored from" in t for t in texts), texts  # Tuner.restore
+    # ... with the scheduler it was created with, which the resume's messages and reasons name
+    assert any(t.startswith("--ray-scheduler asha not applied: the restored experiment keeps its median")
+               for t in texts), texts
+    assert not any("ASHA" in t.user_attrs.get("reason", "") for t in study.trials)
     # the budget carried over: the second session starts from the first one's seconds
     assert second["seconds_used"] >= r["used_before"] + 0.9 * wall2 - 5.0 and r["used_before"] > 5.0
     assert second["checkpoint_phase"] in ("final", "search")

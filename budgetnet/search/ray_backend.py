@@ -357,6 +357,23 @@ class _Watch(tune.Callback):
             pass
 
 
+SCHEDULER_NAMES = {"median": "median stopping rule", "asha": "ASHA scheduler"}
+
+
+def kept_scheduler(study: optuna.Study, asked: str, restored: bool, message) -> str:
+    """The scheduler of the study's experiment (study attr ``ray_scheduler``): ``asked`` for a new one. A
+    restored experiment keeps the scheduler it was created with (``Tuner.restore`` restores it), so a
+    resume that asks for another is told so, and its trials' reasons name the one that judges them."""
+    kept = study.user_attrs.get("ray_scheduler") if restored else None
+    if kept is None:
+        study.set_user_attr("ray_scheduler", asked)
+        return asked
+    if kept != asked:
+        message(f"--ray-scheduler {asked} not applied: the restored experiment keeps its "
+                f"{SCHEDULER_NAMES[kept]} (give a new --study-name to search with another)")
+    return kept
+
+
 def make_scheduler(name: str):
     """Ray's scheduler on the shared progress axis: a report per 10% of a slice, judged from 30%."""
     if name == "asha":
@@ -427,8 +444,11 @@ def ray_search_phase(objective, fits) -> None:
         resources = trial_resources(str(opts.device), opts.workers, opts.gpus_per_trial)
         grace = SLICE_GRACE * objective.slice_s
         key = study.study_name
+        path = experiment_dir(study, opts.artifact_dir)
+        restored = tune.Tuner.can_restore(str(path))
+        scheduler = kept_scheduler(study, opts.ray_scheduler, restored, objective.reporter.message)
         _LIVE[key] = live = _Live(objective, fits, opts.workers, objective.search_end + 3 * grace + 5.0,
-                                  "ASHA scheduler" if opts.ray_scheduler == "asha" else "median stopping rule")
+                                  SCHEDULER_NAMES[scheduler])
         ctx = TrialContext(study=key, out=str(Path(opts.out).absolute()), max_params=opts.max_params,
                            slice_s=objective.slice_s, search_end=objective.search_end,
                            budget_seconds=opts.budget_seconds, used_before=clock.used_before,
@@ -437,8 +457,6 @@ def ray_search_phase(objective, fits) -> None:
                            compile=opts.compile)
         trainable = tune.with_parameters(tune.with_resources(ray_trial, resources),
                                          data=objective.data.to("cpu"), ctx=ctx)
-        path = experiment_dir(study, opts.artifact_dir)
-        restored = tune.Tuner.can_restore(str(path))
         if restored:
             tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=False, resume_errored=False,
                                        restart_errored=False)
@@ -446,7 +464,7 @@ def ray_search_phase(objective, fits) -> None:
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=_Generator(BudgetSearch(key)),
-                                            scheduler=make_scheduler(opts.ray_scheduler), num_samples=-1,
+                                            scheduler=make_scheduler(scheduler), num_samples=-1,
                                             reuse_actors=True),
                 run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), stop=_Deadline(key),
                                           callbacks=[_Watch(key)], verbose=0,
