@@ -9,7 +9,9 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import write_fashion_mnist
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -83,3 +85,23 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
     (row,) = [line for line in block.splitlines() if line.startswith("| synthetic, 22 s |")]
     assert "| ok," in row and "overshoot" in row
     assert (tmp_path / "precision.json").exists() and (tmp_path / "synthetic, 22 s" / "study.db").exists()
+
+
+def test_bench_folder_search_writes_pngs_whose_cache_equals_the_idx_files(tmp_path):
+    """The folder benchmark's own check, on fabricated idx files: the PNG folders it writes load (through
+    the folder cache) as exactly the idx files' images and labels; one changed image is caught."""
+    from PIL import Image
+
+    bench = _load("bench_folder_search")
+    data_dir, root = tmp_path / "idx", tmp_path / "png"
+    write_fashion_mnist(data_dir, n_train=60, n_test=40, seed=1)
+    n, _ = bench.write_pngs(root, str(data_dir))
+    assert n == 100 and len(list(root.glob("*/*/*.png"))) == 100
+    assert bench.write_pngs(root, str(data_dir))[1] == 0.0  # all there: not written again
+    check = bench.check_cache(root, str(data_dir))
+    assert check["train_equal"] and check["test_equal"], check
+    first = sorted(root.glob("train/*/*.png"))[0]
+    pixels = np.array(Image.open(first))
+    Image.fromarray(255 - pixels).save(first)
+    check = bench.check_cache(root, str(data_dir))
+    assert not check["train_equal"] and check["test_equal"], check
