@@ -4,7 +4,10 @@ For a small ResNet (ResNet-20) and a plain net (the warm start's shape, without 
 pieces: ``build_model``, ``make_optimizer``, ``autocast``, channels_last, cross-entropy with label
 smoothing) at batch 128 on CIFAR-shaped random data, in fp32 and in bf16 autocast (fp16 too with
 ``--fp16``), and in fp32 with the NCHW layout (``fp32-nchw``: budgetnet's channels_last choice against the
-default layout), interleaved over ``--repeats`` rounds. A round times ``--steps`` steps after ``--warmup``
+default layout), and for the plain nets in fp32 with each block's activation before its max pool
+(``fp32-act-first``, budgetnet's order until 2026-11-23: the pool now runs first, on four times the values
+the activation then sees), interleaved over ``--repeats`` rounds. ``--image 1,28`` times Fashion-MNIST's
+shape (one channel, 28 px, 10 classes) instead of CIFAR-100's. A round times ``--steps`` steps after ``--warmup``
 untimed ones. The ratio against fp32 in the same run is the number to read; the absolute rate means
 something only on a GPU.
 
@@ -45,6 +48,7 @@ from budgetnet.device import (  # noqa: E402
     synchronize,
 )
 from budgetnet.models import build_model  # noqa: E402
+from budgetnet.models import plain as plain_family  # noqa: E402
 from budgetnet.train import make_optimizer, optimizer_step  # noqa: E402
 
 MODELS = {
@@ -57,21 +61,35 @@ DEFAULT_MODELS = ["resnet20", "plain", "plain-bn"]
 SHAPE = Shape(3, 100, 32)
 
 
+def build(cfg, shape: Shape, act_first: bool = False):
+    """``build_model``; ``act_first``: a plain net's activations before its max pools, as before 2026-11-23."""
+    kept = plain_family.MONOTONE
+    plain_family.MONOTONE = () if act_first else kept
+    try:
+        return build_model(cfg, shape)
+    finally:
+        plain_family.MONOTONE = kept
+
+
 def time_steps(cfg, precision: str, device: torch.device, batch: int, steps: int, warmup: int,
-               backend: str | None = None) -> tuple[float, float]:
+               backend: str | None = None, shape: Shape = SHAPE) -> tuple[float, float]:
     """Images per second of ``steps`` training steps after ``warmup`` untimed ones, and the seconds the
-    warm-up took. ``fp32-nchw``: fp32 in the default (NCHW) layout instead of budgetnet's ``memory_format``.
+    warm-up took. ``fp32-nchw``: fp32 in the default (NCHW) layout instead of budgetnet's ``memory_format``;
+    ``fp32-act-first``: fp32 with the activation before the pool.
     ``backend``: the steps run ``torch.compile(model, backend=backend)`` (compiled during the warm-up)."""
     torch.manual_seed(0)
     fmt = memory_format(device)
     if precision == "fp32-nchw":
         precision, fmt = "fp32", torch.contiguous_format
-    model = build_model(cfg, SHAPE).to(device, memory_format=fmt).train()
+    act_first = precision == "fp32-act-first"
+    precision = "fp32" if act_first else precision
+    model = build(cfg, shape, act_first).to(device, memory_format=fmt).train()
     tc = TrainConfig(batch_size=batch)
     opt, scaler = make_optimizer(model, tc), grad_scaler(device, precision)
     forward = torch.compile(model, backend=backend) if backend else model
-    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, SHAPE.num_classes, (batch,), device=device)
+    x = torch.randn(batch, shape.channels, shape.image_size, shape.image_size, device=device)
+    x = x.contiguous(memory_format=fmt)
+    y = torch.randint(0, shape.num_classes, (batch,), device=device)
 
     def step():
         with autocast(device, precision):
@@ -102,8 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp16", action="store_true", help="time fp16 autocast with a grad scaler too")
     ap.add_argument("--compile", default=None, metavar="BACKEND",
                     help="time eager against torch.compile with this backend (inductor, or eager for a smoke run)")
+    ap.add_argument("--image", default="3,32", metavar="C,SIZE",
+                    help="input channels and side in pixels: 3,32 (CIFAR-100, the default) or 1,28 (Fashion-MNIST)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="PRECISION",
+                    help="time only these rows besides fp32 (bf16, fp16, fp32-nchw, fp32-act-first)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    channels, size = (int(v) for v in args.image.split(","))
+    shape = Shape(channels, 100 if channels == 3 else 10, size)
     args.models = args.models or (["resnet20", "plain", "mobilenet"] if args.compile else DEFAULT_MODELS)
     device = resolve_device(args.device)
     prepare(device)
@@ -123,13 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"auto picks {auto}")
 
     if args.compile:
-        return compare_compiled(args, device, auto, env)
-    precisions = ["fp32", "bf16"] + (["fp16"] if args.fp16 else []) + ["fp32-nchw"]
-    rates: dict[str, dict[str, list[float]]] = {m: {p: [] for p in precisions} for m in args.models}
+        return compare_compiled(args, device, auto, env, shape)
+    precisions = {m: ["fp32", "bf16"] + (["fp16"] if args.fp16 else []) + ["fp32-nchw"]
+                  + (["fp32-act-first"] if m.startswith("plain") else []) for m in args.models}
+    if args.only:
+        precisions = {m: [p for p in ps if p == "fp32" or p in args.only] for m, ps in precisions.items()}
+    rates: dict[str, dict[str, list[float]]] = {m: {p: [] for p in precisions[m]} for m in args.models}
     for _ in range(args.repeats):  # interleaved, so that drift on the host hits every precision alike
         for m in args.models:
-            for p in precisions:
-                rates[m][p].append(time_steps(MODELS[m], p, device, args.batch_size, args.steps, args.warmup)[0])
+            for p in precisions[m]:
+                rates[m][p].append(time_steps(MODELS[m], p, device, args.batch_size, args.steps, args.warmup,
+                                              shape=shape)[0])
 
     print()
     print(f"| model | precision | images/s (median of {args.repeats}) | vs fp32 |")
@@ -137,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     table = []
     for m in args.models:
         base = statistics.median(rates[m]["fp32"])
-        for p in precisions:
+        for p in precisions[m]:
             med = statistics.median(rates[m][p])
             table.append({"model": m, "precision": p, "images_per_s": med, "vs_fp32": med / base,
                           "rounds": rates[m][p]})
@@ -146,14 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compare_compiled(args, device: torch.device, auto: str, env: dict) -> int:
+def compare_compiled(args, device: torch.device, auto: str, env: dict, shape: Shape = SHAPE) -> int:
     """Eager against compiled training steps, in the ``auto`` precision, interleaved over the repeats."""
     rows = []
     for m in args.models:
         eager, compiled, compile_s = [], [], []
         for _ in range(args.repeats):
-            eager.append(time_steps(MODELS[m], auto, device, args.batch_size, args.steps, args.warmup)[0])
-            rate, warm = time_steps(MODELS[m], auto, device, args.batch_size, args.steps, args.warmup, args.compile)
+            eager.append(time_steps(MODELS[m], auto, device, args.batch_size, args.steps, args.warmup, shape=shape)[0])
+            rate, warm = time_steps(MODELS[m], auto, device, args.batch_size, args.steps, args.warmup, args.compile,
+                                    shape)
             compiled.append(rate)
             compile_s.append(warm)
         e, c = statistics.median(eager), statistics.median(compiled)

@@ -412,3 +412,45 @@ def test_plain_stops_pooling_at_one_pixel():
     assert sum(isinstance(m, nn.MaxPool2d) for m in model) == 4
     assert [m for m in model if isinstance(m, nn.Linear)][0].in_features == 4
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_a_monotone_activation_runs_after_the_max_pool_with_the_same_outputs_grads_and_names(
+        activation, batch_norm, monkeypatch):
+    """Max pooling commutes with a non-decreasing activation, so the plain net pools first (the activation
+    then sees a quarter of the values): the same function, gradients and state_dict keys as pooling after
+    it, so checkpoints written before the change load and predict the same."""
+    from budgetnet.models import plain
+
+    cfg = PlainConfig(n_conv=4, convs_per_block=2, width=6, hidden=(16,), activation=activation,
+                      batch_norm=batch_norm, dropout=0.0)
+    shape = Shape(1, 10, 28)
+    torch.manual_seed(0)
+    pool_first = build_model(cfg, shape)
+    kinds = [type(m).__name__ for m in pool_first]
+    pools = [i for i, k in enumerate(kinds) if k == "MaxPool2d"]
+    assert len(pools) == 2 and all(kinds[i + 1] in ("ReLU", "LeakyReLU") for i in pools)
+    monkeypatch.setattr(plain, "MONOTONE", ())  # the order before: activation, then pool
+    act_first = build_model(cfg, shape)
+    assert all(type(act_first[i - 1]).__name__ in ("ReLU", "LeakyReLU") for i, m in enumerate(act_first)
+               if isinstance(m, nn.MaxPool2d))
+    assert act_first.load_state_dict(pool_first.state_dict()).missing_keys == []  # the same names
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    outs = []
+    for model in (pool_first, act_first):
+        model.eval()
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        outs.append((out, [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("activation,pool", [("gelu", "max"), ("prelu", "max"), ("relu", "avg")])
+def test_the_activation_stays_before_a_pool_it_does_not_commute_with(activation, pool):
+    cfg = PlainConfig(n_conv=2, width=4, hidden=(), activation=activation, pool=pool, batch_norm=False)
+    kinds = [type(m) for m in build_model(cfg, Shape(1, 10, 28))]
+    pools = [i for i, k in enumerate(kinds) if k in (nn.MaxPool2d, nn.AvgPool2d)]
+    assert pools and all(kinds[i - 1] not in (nn.Conv2d, nn.BatchNorm2d) for i in pools)

@@ -62,7 +62,8 @@ def test_bench_precision_reports_every_model_and_precision_against_fp32(tmp_path
     assert rc == 0
     report = json.loads(out.read_text())
     assert {(r["model"], r["precision"]) for r in report["results"]} == {
-        (m, p) for m in ("resnet20", "plain") for p in ("fp32", "bf16", "fp16", "fp32-nchw")}
+        (m, p) for m in ("resnet20", "plain") for p in ("fp32", "bf16", "fp16", "fp32-nchw")} | {
+        ("plain", "fp32-act-first")}  # the layer order is the plain net's only
     assert all(r["images_per_s"] > 0 for r in report["results"])
     assert [r["vs_fp32"] for r in report["results"] if r["precision"] == "fp32"] == [1.0, 1.0]
     assert report["auto"] == report["profile"]["precision"] in ("fp32", "bf16")

@@ -1,4 +1,6 @@
-"""Plain ConvNet: ``[(conv -> [bn] -> act) x P -> pool] x (N/P) -> (fc -> act) x M -> fc``."""
+"""Plain ConvNet: ``[(conv -> [bn] -> act) x P -> pool] x (N/P) -> (fc -> act) x M -> fc``.
+
+With max pooling and a monotone activation, each block's last activation runs after its pool (below)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from torch import nn
 from budgetnet.config import PlainConfig, Shape
 from budgetnet.models import register
 from budgetnet.models.layers import make_activation
+
+MONOTONE = ("relu", "leaky_relu")  # non-decreasing and parameter-free: max(f(a), f(b)) = f(max(a, b))
 
 
 @register("plain")
@@ -19,11 +23,15 @@ def build_plain(cfg: PlainConfig, shape: Shape) -> nn.Module:
         layers.append(nn.Conv2d(c, width, k, padding=k // 2, bias=cfg.conv_bias))
         if cfg.batch_norm:
             layers.append(nn.BatchNorm2d(width))
-        layers.append(make_activation(cfg.activation, width))
+        act = make_activation(cfg.activation, width)
         c = width
         if (i + 1) % cfg.convs_per_block == 0 and size >= 2:  # the spatial size is known analytically
-            layers.append(pool(2, 2))
+            # A monotone activation commutes with max pooling, so it runs after the pool, on a quarter of
+            # the values: the same function and gradients, and the same parameter names (it has none).
+            layers.extend((pool(2, 2), act) if cfg.pool == "max" and cfg.activation in MONOTONE else (act, pool(2, 2)))
             size //= 2
+        else:
+            layers.append(act)
     layers.append(nn.Flatten())
     features = c * size * size
     for h in cfg.hidden:
