@@ -37,12 +37,12 @@ def test_real_fashion_mnist_loads_in_its_splits_with_its_class_names():
 
 def test_real_fashion_mnist_search_then_evaluate(tmp_path):
     cmd = [sys.executable, "-m", "budgetnet", "search", "--dataset", "fashion_mnist", "--max-params", "1e6",
-           "--hours", "0.015", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--out", str(tmp_path / "best.pt"),
+           "--hours", "0.01", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--out", str(tmp_path / "best.pt"),
            "--artifact-dir", str(tmp_path / "art"), "--device", "cpu", "--json"]
     search = subprocess.run(cmd, capture_output=True, text=True, timeout=200)
     assert search.returncode == 0, search.stderr
     summary = json.loads(search.stdout.strip().splitlines()[-1])
-    assert summary["seconds_used"] <= 54 + 15
+    assert summary["seconds_used"] <= 36 + 15
     assert summary["n_params"] <= 1e6
     ev = subprocess.run([sys.executable, "-m", "budgetnet", "evaluate", str(tmp_path / "best.pt"), "--json"],
                         capture_output=True, text=True, timeout=120)

@@ -106,3 +106,14 @@ def test_bench_folder_search_writes_pngs_whose_cache_equals_the_idx_files(tmp_pa
     Image.fromarray(255 - pixels).save(first)
     check = bench.check_cache(root, str(data_dir))
     assert not check["train_equal"] and check["test_equal"], check
+
+
+def test_bench_pool_order_runs_both_orders_to_the_same_fit(capsys):
+    assert _load("bench_pool_order").main(["--dataset", "synthetic", "--epochs", "0.3", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    fits = [line.rsplit("fit ", 1)[1] for line in out.splitlines() if line.startswith("round 1:")]
+    assert len(fits) == 2 and fits[0] == fits[1] != "None"  # the same function: the same fit, to the digit
+    assert "| pool, then ReLU |" in out and "| ReLU, then pool |" in out
+    from budgetnet.models import plain
+
+    assert plain.MONOTONE == ("relu", "leaky_relu")  # restored
