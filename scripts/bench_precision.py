@@ -48,8 +48,10 @@ from budgetnet.device import (  # noqa: E402
     synchronize,
 )
 from budgetnet.models import build_model  # noqa: E402
-from budgetnet.models import plain as plain_family  # noqa: E402
 from budgetnet.train import make_optimizer, optimizer_step  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pool_order import act_first as act_first_order  # noqa: E402, I001 - the scripts folder is not a package
 
 MODELS = {
     "resnet20": ResNetConfig(),
@@ -59,16 +61,6 @@ MODELS = {
 }
 DEFAULT_MODELS = ["resnet20", "plain", "plain-bn"]
 SHAPE = Shape(3, 100, 32)
-
-
-def build(cfg, shape: Shape, act_first: bool = False):
-    """``build_model``; ``act_first``: a plain net's activations before its max pools, as before 2026-11-23."""
-    kept = plain_family.MONOTONE
-    plain_family.MONOTONE = () if act_first else kept
-    try:
-        return build_model(cfg, shape)
-    finally:
-        plain_family.MONOTONE = kept
 
 
 def time_steps(cfg, precision: str, device: torch.device, batch: int, steps: int, warmup: int,
@@ -83,7 +75,8 @@ def time_steps(cfg, precision: str, device: torch.device, batch: int, steps: int
         precision, fmt = "fp32", torch.contiguous_format
     act_first = precision == "fp32-act-first"
     precision = "fp32" if act_first else precision
-    model = build(cfg, shape, act_first).to(device, memory_format=fmt).train()
+    with act_first_order(act_first):
+        model = build_model(cfg, shape).to(device, memory_format=fmt).train()
     tc = TrainConfig(batch_size=batch)
     opt, scaler = make_optimizer(model, tc), grad_scaler(device, precision)
     forward = torch.compile(model, backend=backend) if backend else model
