@@ -95,52 +95,6 @@ def test_space_respects_a_flop_cap():
         study.tell(trial, 0.0)
 
 
-def test_a_family_slower_per_flop_is_sampled_at_widths_it_can_train(tmp_path, synthetic_data):
-    """A trial's measured speed gives its family a FLOP cap of its own (``Objective.flops_cap``): a family
-    that trains fewer FLOPs per second than the search's cap assumes is then sampled at widths that can
-    see half an epoch in a slice, instead of at widths that end too slow. The fastest trial of a family
-    sets its cap, which never exceeds the search's."""
-    from budgetnet.search.clock import Clock
-    from budgetnet.search.runner import MIN_EPOCHS_PER_TRIAL, Interrupt, Objective
-
-    shape = synthetic_data.info.shape
-    study = optuna.create_study(direction="maximize")
-    lines = io.StringIO()
-    slice_s, n = 3.0, len(synthetic_data.train)
-    mobilenet = {k: v for k, v in WARM_START.items() if not k.startswith("plain_")}
-    mobilenet.update(family="mobilenet", mobilenet_depth=2, mobilenet_expansion=6, width_frac=1.0)
-    widest = count_flops(suggest_config(optuna.trial.FixedTrial(mobilenet), shape, 1e6, DataConfig()).model, shape)
-    search_cap = 2.0 * widest  # the probe's cap: every mobilenet under 1M parameters passes it
-    objective = Objective(_opts(tmp_path, max_params=1e6), synthetic_data, Clock(100, 0, time.perf_counter(), study),
-                          65, slice_s, Interrupt(), Reporter("json", lines), study, max_flops=search_cap)
-    assert objective.flops_cap("mobilenet") == search_cap
-
-    def rate_for(cap: float, flops: float) -> float:  # the images/s at which feasible_flops gives ``cap``
-        return cap * MIN_EPOCHS_PER_TRIAL * n / (flops * slice_s)
-
-    # the widest mobilenet trained too slowly: a quarter of its FLOPs fit a slice at that speed
-    objective.learn_speed(1, rate_for(widest / 4, widest), widest, 40, "mobilenet")
-    assert objective.flops_cap("mobilenet") == pytest.approx(widest / 4)
-    assert objective.flops_cap("plain") == objective.max_flops == search_cap  # other families: the search's
-    assert "trial 1 trained" in lines.getvalue() and "mobilenet nets up to" in lines.getvalue()
-    assert study.user_attrs["time_feasible_flops_by_family"] == {"mobilenet": pytest.approx(widest / 4)}
-    cfg = objective.sample(optuna.trial.FixedTrial(mobilenet))
-    assert count_flops(cfg.model, shape) <= widest / 4 < widest
-    plain = objective.sample(optuna.trial.FixedTrial(WARM_START))
-    assert plain.model == suggest_config(optuna.trial.FixedTrial(WARM_START), shape, 1e6, DataConfig(dataset="synthetic"),
-                                         max_flops=search_cap).model
-    # a slower mobilenet trial leaves the cap where the fastest put it; one step is no speed
-    objective.learn_speed(2, rate_for(widest / 20, widest), widest, 40, "mobilenet")
-    objective.learn_speed(3, 1e9, widest, 1, "mobilenet")
-    assert objective.flops_cap("mobilenet") == pytest.approx(widest / 4)
-    assert lines.getvalue().count("mobilenet nets up to") == 1  # said once: when it was lowered
-    # a faster one raises it, up to the search's cap (which it raises too, past 1.25x)
-    objective.learn_speed(4, rate_for(widest, widest), widest, 40, "mobilenet")
-    assert objective.flops_cap("mobilenet") == pytest.approx(widest)
-    objective.learn_speed(5, rate_for(10 * search_cap, widest), widest, 40, "mobilenet")
-    assert objective.max_flops == pytest.approx(10 * search_cap) == objective.flops_cap("mobilenet")
-
-
 def test_tpe_study_of_100_trials_proposes_under_5_percent_oversized():
     study = optuna.create_study(direction="maximize", sampler=runner.make_sampler("tpe", seed=0))
     study.enqueue_trial(WARM_START)

@@ -188,8 +188,7 @@ class _Live:
             row["reason"] = reason
         row.update(state=state, seconds=(attrs or {}).get("seconds", row.get("seconds", 0.0)))
         if "images_per_s" in (attrs or {}):  # the trial trained: its speed may raise the driver's FLOP cap
-            self.objective.learn_speed(trial.number, attrs["images_per_s"], row.get("flops"), attrs.get("steps", 0),
-                                       row.get("family"))
+            self.objective.learn_speed(trial.number, attrs["images_per_s"], row.get("flops"), attrs.get("steps", 0))
         try:
             study.tell(trial, value if state == "complete" else None, state=optuna_state(state))
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):

@@ -184,7 +184,6 @@ class Objective:
                  max_flops: float | None = None, precision: str = "fp32", worker: int = 0,
                  lease: Lease | None = None, before_trial=None):
         self.opts, self.data, self.clock, self.max_flops = opts, data, clock, max_flops
-        self.family_flops: dict[str, float] = {}  # family -> the cap its own fastest trial showed
         self.search_end, self.slice_s, self.precision = search_end, slice_s, precision
         self.interrupt, self.reporter, self.study = interrupt, reporter, study
         self.worker, self.lease, self.before_trial = worker, lease, before_trial
@@ -225,14 +224,7 @@ class Objective:
             cfg = suggest_grid_config(trial, *opts.grid, seed=opts.seed + trial.number)
             return cfg.replace(data=dataclasses.replace(cfg.data, dataset=opts.dataset, image_size=opts.image_size))
         return suggest_config(trial, self.shape, opts.max_params, self.base_data, seed=opts.seed + trial.number,
-                              max_flops=self.flops_cap)
-
-    def flops_cap(self, family: str) -> float | None:
-        """The time-feasible FLOP cap for a model of ``family``: the search's, lowered to what the family's
-        own fastest trial showed it can train (families differ several-fold in FLOPs per second on a CPU)."""
-        if self.max_flops is None:
-            return None
-        return min(self.max_flops, self.family_flops.get(family, math.inf))
+                              max_flops=self.max_flops)
 
     def _run(self, trial: optuna.Trial, row: dict) -> float:
         opts = self.opts
@@ -258,7 +250,7 @@ class Objective:
         row.update(n_params=out.n_params, flops=out.flops, progress=out.progress, val_acc=out.val_acc,
                    state=out.state)
         if out.result is not None:
-            self.learn_speed(trial.number, out.result.images_per_s, out.flops, out.result.steps, cfg.model.family)
+            self.learn_speed(trial.number, out.result.images_per_s, out.flops, out.result.steps)
         if out.constraint is not None:
             trial.set_constraint("params", out.constraint)
         if out.state != "complete":
@@ -270,27 +262,15 @@ class Objective:
         return out.value
 
 
-    def learn_speed(self, number: int, images_per_s: float, flops: int | None, steps: int,
-                    family: str | None = None) -> None:
+    def learn_speed(self, number: int, images_per_s: float, flops: int | None, steps: int) -> None:
         """Raise the time-feasible FLOP cap to what trial ``number`` showed this device can do (``images_per_s``
         of a model of ``flops`` per image, over ``steps`` steps), on either backend. The probe is one short
         measurement: taken in a busy moment (35-71 images/s against ~700 idle on the 2-core machine), it
         would keep the whole search among tiny models. The cap only rises; a model that then trains too
-        slowly still ends at its own speed check, early in its slice.
-
-        The trial's ``family`` keeps the highest cap its own trials showed (``flops_cap``): a family that
-        trains fewer FLOPs per second than the search's cap assumes is sampled at widths it can train,
-        instead of at widths that end ``too slow`` a few seconds into their slice."""
+        slowly still ends at its own speed check, early in its slice."""
         if self.max_flops is None or not flops or steps < 2 or not images_per_s > 0:
             return
         cap = feasible_flops(images_per_s, flops, len(self.data.train), self.slice_s)
-        if family is not None:
-            before = self.flops_cap(family)
-            self.family_flops[family] = max(self.family_flops.get(family, 0.0), cap)
-            if self.flops_cap(family) < 0.8 * before:  # only a family's first trial can lower its cap
-                self.reporter.message(f"trial {number} trained {images_per_s:,.0f} images/s: {family} nets up to "
-                                      f"{cap / 1e6:,.1f} MFLOPs/image are time-feasible (was {before / 1e6:,.0f})")
-            self.study.set_user_attr("time_feasible_flops_by_family", dict(self.family_flops))
         if cap > 1.25 * self.max_flops:
             self.reporter.message(f"trial {number} trained {images_per_s:,.0f} images/s: models up to "
                                   f"{cap / 1e6:,.0f} MFLOPs/image are time-feasible (was {self.max_flops / 1e6:,.0f})")

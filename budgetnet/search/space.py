@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -127,13 +126,12 @@ def _fit_width(cfg: ModelConfig, shape: Shape, max_params: float, max_flops: flo
 
 
 def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: DataConfig,
-                   seed: int = 0, max_flops: float | Callable[[str], float | None] | None = None) -> RunConfig:
+                   seed: int = 0, max_flops: float | None = None) -> RunConfig:
     """Sample an architecture and a schedule for ``trial``.
 
     The model fits ``max_params`` by construction, and ``max_flops`` (forward FLOPs per image) when given:
     the search derives that from the device's measured speed so that every trial can see at least half
-    its training split in its time slice (see ``runner.feasible_flops``). A callable gives the cap for
-    the sampled family (``runner.Objective.flops_cap``).
+    its training split in its time slice (see ``runner.feasible_flops``).
     """
     common = dict(
         activation=trial.suggest_categorical("activation", ACTIVATIONS),
@@ -163,7 +161,7 @@ def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: D
             depths=tuple(max(1, round(d * scale / 2)) for d in MOBILENET_DEPTHS), **common)
     # Log scale: parameters grow with the square of the width, so this spreads trials over model sizes.
     frac = trial.suggest_float("width_frac", MIN_WIDTH_FRAC, 1.0, log=True)
-    model = _fit_width(model, shape, max_params, max_flops(family) if callable(max_flops) else max_flops, frac)
+    model = _fit_width(model, shape, max_params, max_flops, frac)
 
     optimizer = trial.suggest_categorical("optimizer", ("sgd", "adamw"))
     batch_size = trial.suggest_categorical("batch_size", (64, 128, 256, 512))
