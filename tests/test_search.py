@@ -158,7 +158,23 @@ def _opts(tmp_path, slice_s=3.0, **kw) -> SearchOptions:
 
 @pytest.mark.timing
 @pytest.mark.slow
-def test_end_to_end_search_writes_best_pt_that_evaluates(tmp_path, slice_s):
+def test_end_to_end_search_writes_best_pt_that_evaluates(tmp_path, monkeypatch, slice_s):
+    import weakref
+
+    import budgetnet.search.final as final
+
+    real, loaded = runner.load_data, []
+
+    def spy(cfg, *a, merge_val=False, **kw):
+        if merge_val:  # the final phase: the search's split must be freed by now
+            assert all(ref() is None for ref in loaded), "the search split is still alive"
+        data = real(cfg, *a, merge_val=merge_val, **kw)
+        if not merge_val:
+            loaded.append(weakref.ref(data.train.images))
+        return data
+
+    monkeypatch.setattr(runner, "load_data", spy)
+    monkeypatch.setattr(final, "load_data", spy)  # the final phase loads train+validation there
     t0 = time.perf_counter()
     budget = 10 * slice_s
     # A 100k cap: the warm start's 512-unit hidden layer fits, and it learns the task in one short slice
@@ -169,7 +185,7 @@ def test_end_to_end_search_writes_best_pt_that_evaluates(tmp_path, slice_s):
     assert wall <= budget + max(0.01 * budget, 15.0)  # the promised overshoot bound
     assert summary["seconds_used"] <= budget + max(0.01 * budget, 15.0)
     assert summary["trials"]["complete"] >= 1
-    assert summary["checkpoint_phase"] == "final"
+    assert summary["checkpoint_phase"] == "final" and loaded  # the spy saw both phases load
     ckpt = load_checkpoint(tmp_path / "best.pt")
     assert ckpt["extra"]["phase"] == "final" and ckpt["n_params"] <= 100_000
     best_json = json.loads((tmp_path / "best.json").read_text())
@@ -493,28 +509,6 @@ def test_a_search_gives_its_probe_a_small_share_of_the_budget(tmp_path, monkeypa
                                    2000, study.user_attrs["slice_seconds"])
     assert study.user_attrs["time_feasible_flops"] > 1.25 * probed
     assert "are time-feasible (was" in out.getvalue()
-
-
-def test_the_search_split_is_freed_before_the_final_phase_loads_its_own(tmp_path, monkeypatch, slice_s):
-    import weakref
-
-    real = runner.load_data
-    loaded = []
-
-    def spy(cfg, *a, merge_val=False, **kw):
-        if merge_val:  # the final phase: the search's images must be gone by now
-            assert all(ref() is None for ref in loaded), "the search split is still alive"
-        data = real(cfg, *a, merge_val=merge_val, **kw)
-        if not merge_val:
-            loaded.append(weakref.ref(data.train.images))
-        return data
-
-    import budgetnet.search.final as final
-
-    monkeypatch.setattr(runner, "load_data", spy)
-    monkeypatch.setattr(final, "load_data", spy)  # the final phase loads train+validation there
-    summary = run_search(_opts(tmp_path, slice_s, budget_seconds=8 * slice_s), Reporter("quiet"))
-    assert loaded and summary["checkpoint_phase"] == "final"
 
 
 @pytest.mark.parametrize("search_end, used, expected", [
