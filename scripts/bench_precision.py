@@ -9,7 +9,8 @@ default layout), and for the plain nets in fp32 with each block's activation bef
 the activation then sees), interleaved over ``--repeats`` rounds. ``--image 1,28`` times Fashion-MNIST's
 shape (one channel, 28 px, 10 classes) instead of CIFAR-100's. A round times ``--steps`` steps after ``--warmup``
 untimed ones. The ratio against fp32 in the same run is the number to read; the absolute rate means
-something only on a GPU.
+something only on a GPU. glibc's allocator is tuned as the CLI tunes it (``tune_cpu_allocator``);
+``--untuned-allocator`` leaves it alone, to compare the two in separate invocations (it is process-wide).
 
 ``--compile BACKEND`` times something else: eager against ``torch.compile(model, backend=BACKEND)``
 (``inductor`` is torch's default; ``eager`` only traces, for a smoke run) in the precision ``auto`` picks,
@@ -48,7 +49,7 @@ from budgetnet.device import (  # noqa: E402
     synchronize,
 )
 from budgetnet.models import build_model  # noqa: E402
-from budgetnet.train import make_optimizer, optimizer_step  # noqa: E402
+from budgetnet.train import make_optimizer, optimizer_step, tune_cpu_allocator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pool_order import act_first as act_first_order  # noqa: E402, I001 - the scripts folder is not a package
@@ -118,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", default=None, metavar="PRECISION",
                     help="time only these rows besides fp32 (bf16, fp16, fp32-nchw, fp32-act-first)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--untuned-allocator", action="store_true",
+                    help="leave glibc's allocator as it is (the CLI raises its thresholds: tune_cpu_allocator)")
     args = ap.parse_args(argv)
+    tuned = False if args.untuned_allocator else tune_cpu_allocator()  # as the budgetnet CLI does
     channels, size = (int(v) for v in args.image.split(","))
     shape = Shape(channels, 100 if channels == 3 else 10, size)
     args.models = args.models or (["resnet20", "plain", "mobilenet"] if args.compile else DEFAULT_MODELS)
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     profile = cpu_profile() if device.type == "cpu" else None
     env = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS") if k in os.environ}
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, env {env or '-'}")
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, env {env or '-'}, "
+          f"glibc allocator tuned: {tuned}")
     if profile:
         print(f"auto picks {auto} (decided in {decide_ms:.0f} ms): native bf16 {profile.native_bf16}, "
               f"probe step fp32 {profile.fp32_ms:.1f} ms, bf16 "
@@ -197,7 +202,7 @@ def write_json(args, device: torch.device, env: dict, auto: str, results: list[d
         args.json.write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
             "device": str(device), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "env": env, "auto": auto, **extra, "results": results}, indent=2))
+            "threads": torch.get_num_threads(), "env": env, "allocator_tuned": not args.untuned_allocator, "auto": auto, **extra, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
