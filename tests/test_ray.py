@@ -26,6 +26,7 @@ pytest.importorskip("ray")
 import budgetnet  # noqa: E402
 from budgetnet.cli import main  # noqa: E402
 from budgetnet.config import DataConfig  # noqa: E402
+from budgetnet.data import DATASET_INFO  # noqa: E402
 from budgetnet.search import ray_backend as rb  # noqa: E402
 from budgetnet.search.clock import Clock  # noqa: E402
 from budgetnet.search.report import Reporter  # noqa: E402
@@ -34,6 +35,7 @@ from budgetnet.search.space import WARM_START, warm_start  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 CAP = 30_000
+SYNTHETIC_SHAPE = DATASET_INFO["synthetic"].shape
 OVER_CAP = {**WARM_START, "plain_hidden": 512}  # a 512-unit fc alone is over a 30k cap at any width
 
 
@@ -279,6 +281,10 @@ def interrupted_and_resumed(ray_cluster, tmp_path_factory):
     used_before = optuna.load_study(study_name="r", storage=make_storage(url)).user_attrs["seconds_used"]
     between = optuna.load_study(study_name="r", storage=make_storage(url))
     running_between = between.get_trials(states=(TrialState.RUNNING,))
+    # The resume starts with a config known to learn in a 3 s slice, the cap-sized warm start (the search
+    # adds its own only to an empty study, and this one began with OVER_CAP). Without it, on a slow host
+    # every sampled config once stayed at chance (0.085-0.12) and best.pt with them.
+    between.enqueue_trial(warm_start(SYNTHETIC_SHAPE, CAP, DataConfig(dataset="synthetic")))
     t0 = time.perf_counter()  # the resume asks for another scheduler, which the restored experiment cannot take
     done = subprocess.run(cmd + ["--ray-scheduler", "asha"], capture_output=True, text=True, env=env,
                           timeout=budget + 120)
@@ -319,7 +325,10 @@ def test_a_ray_search_on_a_two_node_cluster_holds_budget_guard_and_states(interr
     # best.pt evaluates above chance (10 classes)
     from budgetnet.evaluate import evaluate_checkpoint
 
-    assert summary["checkpoint"] and evaluate_checkpoint(summary["checkpoint"], device="cpu")["top1"] > 0.2
+    top1 = evaluate_checkpoint(summary["checkpoint"], device="cpu")["top1"] if summary["checkpoint"] else None
+    assert top1 is not None and top1 > 0.2, (top1, {k: summary.get(k) for k in (
+        "checkpoint_phase", "best_trial", "best_val_acc", "final_metrics", "trials", "seconds_used")},
+        {t.number: (t.value, t.user_attrs.get("state")) for t in study.trials})
     # optuna-dashboard's own app reads the study: one request to its API
     import optuna_dashboard
 
