@@ -315,13 +315,33 @@ def test_ctrl_c_stops_gracefully_and_keeps_best_so_far(tmp_path, slice_s):
 
 
 @pytest.mark.timing
-def test_no_final_phase_keeps_the_best_trial_model(tmp_path, slice_s):
+def test_no_final_phase_keeps_the_best_trial_model(tmp_path, slice_s, monkeypatch):
+    import io
+
+    import budgetnet.search.final as final
+
+    # Every score counts as "near chance" here (under 11x a tenth), to see the runner say so of its best trial.
+    monkeypatch.setattr(final, "CHANCE_FACTOR", 11.0)
+    out = io.StringIO()
     summary = run_search(_opts(tmp_path, slice_s, final_fraction=0.0, budget_seconds=4 * slice_s),
-                         Reporter("quiet"))
+                         Reporter("text", out))
     ckpt = load_checkpoint(tmp_path / "best.pt")
     assert ckpt["extra"]["phase"] == "search" and ckpt["extra"]["trial"] == summary["best_trial"]
     assert ckpt["metrics"]["val_acc"] == pytest.approx(summary["best_val_acc"])
     assert torch.is_tensor(next(iter(ckpt["state_dict"].values())))
+    (warning,) = [line for line in out.getvalue().splitlines() if "near chance" in line]
+    assert f"best trial ({summary['best_trial']}) scored {summary['best_val_acc']:.1%}" in warning
+    assert "(10.0% for 10 classes)" in warning
+
+
+def test_a_best_trial_near_chance_is_named_before_its_model_is_written():
+    from budgetnet.search.final import near_chance
+
+    for value, classes, warned in ((0.12, 10, True), (0.149, 10, True), (0.151, 10, False), (0.9975, 10, False),
+                                   (0.014, 100, True), (0.02, 100, False)):
+        note = near_chance(optuna.trial.create_trial(value=value), classes)
+        assert (note is not None) == warned, (value, classes, note)
+    assert near_chance(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED), 10) is None
 
 
 def _study_attrs(tmp_path) -> dict:
@@ -417,6 +437,7 @@ def test_a_final_phase_too_short_to_learn_keeps_the_search_model(tmp_path, slice
     assert ckpt["extra"] == {"phase": "search", "study": summary["study"], "trial": summary["best_trial"]}
     skipped = [line for line in out.getvalue().splitlines() if line.startswith("final training skipped")]
     assert len(skipped) == 1 and "fewer than its" in skipped[0]
+    assert "near chance" not in out.getvalue()  # its trials learned: no warning
     study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert "final_runs" not in study.user_attrs and not study.user_attrs.get("final_done")
 

@@ -33,6 +33,7 @@ from budgetnet.train import COMPLETE, DIVERGED, EVAL_SUBSET, RunResult, compile_
 
 WRITE_RESERVE_S = 3.0  # kept back at the end for the FLOP count, checkpoint write and artifact upload
 FIT_MARGIN = 0.05  # how far below the best trial's val accuracy the final model's training fit may fall
+CHANCE_FACTOR = 1.5  # a best trial under this multiple of chance accuracy has learned nothing to speak of
 FINAL_RETRIES = 2  # a diverged final run is run again at half the lr, then a quarter, while time allows
 
 
@@ -84,6 +85,17 @@ def final_too_short(best: optuna.trial.FrozenTrial, seconds: float, images: int,
     return (f"final training skipped: {max(seconds, 0):.0f} s left would train trial {best.number}'s config for "
             f"about {epochs:.2f} epochs, fewer than its {trial_epochs:.2f} in the search; {out} keeps that "
             f"trial's model")
+
+
+def near_chance(best: optuna.trial.FrozenTrial, num_classes: int) -> str | None:
+    """A warning when the best trial scored under 1.5x chance: nothing the search trained has learned (slices
+    too short for the sampled configs on this device, say), so ``best.pt`` will not be a useful model."""
+    chance = 1.0 / max(num_classes, 1)
+    if best.value is None or best.value >= CHANCE_FACTOR * chance:
+        return None
+    return (f"warning: the best trial ({best.number}) scored {best.value:.1%} validation accuracy, near chance "
+            f"({chance:.1%} for {num_classes} classes): nothing this search trained has learned, and the model "
+            "it writes will not be useful; give it more --hours, longer --trial-seconds or a smaller --max-params")
 
 
 def fit_fell_short(result: RunResult, best: optuna.trial.FrozenTrial) -> str | None:

@@ -56,6 +56,7 @@ from budgetnet.search.final import (
     final_too_short,
     final_training,
     keep_if_best,
+    near_chance,
 )
 from budgetnet.search.report import Reporter
 from budgetnet.search.space import suggest_config, suggest_grid_config, warm_start
@@ -436,6 +437,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
     data = load_data(DataConfig(dataset=opts.dataset, image_size=opts.image_size), opts.data_dir, opts.device,
                      download=opts.download)
     train_images, final_images = len(data.train), len(data.train) + (len(data.val) if data.val else 0)
+    num_classes = data.info.num_classes
     study = _open_study(opts, study_name, opts.seed)
     attrs = study.user_attrs
     used_before = float(attrs.get("seconds_used", 0.0))
@@ -530,6 +532,8 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
 
         best = _best_trial(study)
         checkpoint_phase = "search" if best is not None else None
+        if best is not None and (warning := near_chance(best, num_classes)):
+            reporter.message(warning)
         final_metrics: dict = {}
         if study.user_attrs.get("final_done") and Path(opts.out).is_file():
             checkpoint_phase = "final"  # an earlier run of this command finished; nothing left to do
