@@ -202,7 +202,8 @@ def write_json(args, device: torch.device, env: dict, auto: str, results: list[d
         args.json.write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
             "device": str(device), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "env": env, "allocator_tuned": not args.untuned_allocator, "auto": auto, **extra, "results": results}, indent=2))
+            "threads": torch.get_num_threads(), "env": env, "allocator_tuned": not args.untuned_allocator,
+            "auto": auto, **extra, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
