@@ -172,18 +172,21 @@ def _read_int(path: str, key: str | None = None) -> int | None:
 def available_memory(device: torch.device) -> int | None:
     """Bytes a new allocation can still get on ``device``; None where it cannot be told.
 
-    CUDA: the driver's free memory, and what this process's share leaves of it (``--workers`` give each
-    process 1/N of the device: ``device.set_memory_share``; the caching allocator's reserved bytes count
-    against it). CPU (Linux): MemAvailable, and what the cgroup v2 limit leaves.
+    CUDA: the driver's free memory plus what this process's caching allocator holds unused (reserved, not
+    allocated: it serves new tensors first, and frees it before it reports out of memory), and no more
+    than this process's share leaves (``--workers`` give each process 1/N of the device:
+    ``device.set_memory_share``; the allocator caps what it has allocated at the share). CPU (Linux):
+    MemAvailable, and what the cgroup v2 limit leaves.
     """
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        free = torch.cuda.mem_get_info(index)[0]
+        allocated = torch.cuda.memory_allocated(index)
+        free = torch.cuda.mem_get_info(index)[0] + max(torch.cuda.memory_reserved(index) - allocated, 0)
         # 1.0 unless a share was set (and on a torch too old to tell)
         share = getattr(torch.cuda, "get_per_process_memory_fraction", lambda i: 1.0)(index)
         if share < 1.0:
             total = torch.cuda.get_device_properties(index).total_memory
-            free = min(free, max(int(share * total) - torch.cuda.memory_reserved(index), 0))
+            free = min(free, max(int(share * total) - allocated, 0))
         return free
     if device.type != "cpu":
         return None

@@ -116,14 +116,13 @@ def _step_ms(precision: str, repeats: int = 3, give_up_ms: float = float("inf"),
     cuda = device.type == "cuda"
     net, x, y = _probe_net(device, 256 if cuda else 32, 32 if cuda else 16)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    scaler = grad_scaler(device, precision)  # fp16 trains through it, and pays its per-step checks
     steps, warmup = (20, 5) if cuda else (1, 1)
 
     def step():
         with autocast(device, precision):
             loss = torch.nn.functional.cross_entropy(net(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(loss, opt, scaler)  # the training loop's own step
 
     for _ in range(warmup):
         step()
@@ -189,6 +188,20 @@ def autocast(device: torch.device, precision: str):
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
     """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """Zero the gradients, backpropagate ``loss`` and step. With fp16's scaler the loss is scaled, and a
+    step whose gradients hold inf or nan is skipped and the scale lowered (``train_run``'s step, and the
+    precision measurement's, so that fp16 is timed with the checks it trains with)."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
 
 # -- layout and device flags ----------------------------------------------------------------------------

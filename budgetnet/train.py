@@ -29,6 +29,7 @@ from budgetnet.device import (
     first_step_is_setup,
     grad_scaler,
     memory_format,
+    optimizer_step,
     prepare,
     resolve_precision,
     synchronize,
@@ -70,6 +71,15 @@ class RunResult:
     state_dict: dict | None = None  # final weights (the EMA weights when EMA is on), on the CPU
     precision: str = "fp32"  # what the run trained in: fp32, bf16 or fp16 (autocast)
     compile: dict = field(default_factory=dict)  # mode, compiled, and (auto) compile_s, both rates, reason
+
+
+def fresh_compile(model: nn.Module, **options) -> nn.Module:
+    """``torch.compile(model)`` with Dynamo's caches cleared first. Every run compiles a new net through its
+    family's one ``forward``, and Dynamo compiles a code object at most ``recompile_limit`` (8) times in a
+    process before it runs it eager with only a logged warning: a process that compiled eight trials would
+    train its next ones, and its final run, uncompiled while reporting them compiled."""
+    torch._dynamo.reset()
+    return torch.compile(model, **options)
 
 
 def compile_mode(value: bool | str | None) -> str:
@@ -120,7 +130,7 @@ class AutoCompile:
                 self.info["reason"] = f"{left_s:.0f} s of training left, under {COMPILE_AUTO_MIN_S:.0f} s"
                 return None
             self.state, self.t_mark, self.info["compiled"] = "compiling", train_time, True
-            return torch.compile(model)
+            return fresh_compile(model)
         elif self.state == "compiling":
             self.info["compile_s"] = round(train_time - self.t_mark, 2)
             self.state, self.t_mark, self.end = "timing", train_time, step + COMPILE_MEASURE_STEPS
@@ -234,19 +244,6 @@ class EMA:
         self.updates += 1
 
 
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-    """Zero the gradients, backpropagate ``loss`` and step. With fp16's scaler the loss is scaled, and a
-    step whose gradients hold inf or nan is skipped and the scale lowered."""
-    opt.zero_grad(set_to_none=True)
-    if scaler is None:
-        loss.backward()
-        opt.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-
 def training_loss(logits: torch.Tensor, y: torch.Tensor, tc: TrainConfig,
                   teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy with ``tc.label_smoothing``; with a teacher, knowledge distillation (Hinton et al.,
@@ -268,19 +265,27 @@ def training_loss(logits: torch.Tensor, y: torch.Tensor, tc: TrainConfig,
 @torch.no_grad()
 def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.device,
                    batch_size: int = 1024, precision: str = "fp32") -> dict:
-    """Loss and top-1 accuracy of ``model`` on a device-resident split (eval mode, ``precision`` autocast)."""
-    was_training = model.training
+    """Loss and top-1 accuracy of ``model`` on a device-resident split (eval mode, ``precision`` autocast).
+
+    Without cuDNN's autotuning, whatever the run set: an evaluation's batch shapes (1024, a split's
+    remainder) are new to a run, and timing algorithms for them would cost seconds that no slice or
+    budget reserves for the last evaluation."""
+    was_training, autotune = model.training, torch.backends.cudnn.benchmark
     model.eval()
+    torch.backends.cudnn.benchmark = False
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for i in range(0, len(data), batch_size):
-        x = normalize(data.images[i:i + batch_size])  # in the layout the normalizer was made for
-        y = data.labels[i:i + batch_size]
-        with autocast(device, precision):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    model.train(was_training)
+    try:
+        for i in range(0, len(data), batch_size):
+            x = normalize(data.images[i:i + batch_size])  # in the layout the normalizer was made for
+            y = data.labels[i:i + batch_size]
+            with autocast(device, precision):
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+    finally:
+        model.train(was_training)
+        torch.backends.cudnn.benchmark = autotune
     n = max(len(data), 1)
     return {"val_loss": loss_sum.item() / n, "val_acc": correct.item() / n}
 
@@ -353,11 +358,13 @@ def measure_rate(cfg: RunConfig, data: DeviceData, *, device, seconds: float, pr
                  stop: Callable[[], bool] | None = None) -> float | None:
     """Training images/s of ``cfg`` on this device (after its first step), measured by training it for at
     most ``seconds`` of wall time, set-up included, with no evaluation and, as search trials train, without
-    cuDNN's autotuning. None if it finished no step."""
+    cuDNN's autotuning. None if it finished no step, or on CUDA only its first (set-up, not speed)."""
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, eval_points=1))
     result = train_run(cfg, DeviceData(data.info, data.classes, data.train, None), device=device, seconds=seconds,
                        stop=stop, precision=precision, autotune=False)
-    if result.status not in (COMPLETE, STOPPED) or result.steps < 1 or not result.images_per_s > 0:
+    # Where step 1 is set-up (CUDA), a run of one step has no rate of its own: its figure would be set-up.
+    min_steps = 2 if first_step_is_setup(torch.device(device)) else 1
+    if result.status not in (COMPLETE, STOPPED) or result.steps < min_steps or not result.images_per_s > 0:
         return None
     return result.images_per_s
 
@@ -376,7 +383,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     if init_state is not None:
         model.load_state_dict(init_state)
     mode = compile_mode(compile)
-    step_model = torch.compile(model) if mode == "on" else model  # shares model's parameters
+    step_model = fresh_compile(model) if mode == "on" else model  # shares model's parameters
     ema = EMA(model, tc.ema) if tc.ema else None
     if teacher is not None:
         teacher = teacher.to(device, memory_format=fmt).eval().requires_grad_(False)
@@ -469,6 +476,11 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
             first_alone = step == 1 and p >= marks[0] and first_is_speed  # eval due before a step 2
             if speed_check and p >= SPEED_CHECK_AT and (step >= 2 or first_alone):
                 speed_check = False
+                # On CUDA the steps since step 1's sync may still be queued: their launch time alone would
+                # judge how fast the host issues kernels, not how fast the device trains.
+                tw = time.perf_counter()
+                synchronize(device)
+                train_time += time.perf_counter() - tw
                 rate = steady_rate()
                 projected = rate * seconds / n
                 if projected < min_epochs:

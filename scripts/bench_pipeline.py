@@ -66,6 +66,7 @@ from budgetnet.device import (  # noqa: E402
     autocast,
     grad_scaler,
     memory_format,
+    optimizer_step,
     resolve_device,
     resolve_precision,
 )
@@ -74,7 +75,6 @@ from budgetnet.train import (  # noqa: E402
     SYNC_EVERY,
     lr_factor,
     make_optimizer,
-    optimizer_step,
     train_run,
     tune_cpu_allocator,
 )

@@ -43,13 +43,14 @@ from budgetnet.device import (  # noqa: E402
     cpu_profile,
     grad_scaler,
     memory_format,
+    optimizer_step,
     prepare,
     resolve_device,
     resolve_precision,
     synchronize,
 )
 from budgetnet.models import build_model  # noqa: E402
-from budgetnet.train import make_optimizer, optimizer_step, tune_cpu_allocator  # noqa: E402
+from budgetnet.train import make_optimizer, tune_cpu_allocator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pool_order import act_first as act_first_order  # noqa: E402, I001 - the scripts folder is not a package

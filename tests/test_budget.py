@@ -133,7 +133,9 @@ def test_check_memory_refuses_a_model_whose_training_state_cannot_fit(monkeypatc
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux only")
 def test_available_cuda_memory_is_this_process_share_of_the_device(monkeypatch):
     """Under --workers 4 each process may allocate a quarter of the GPU (device.set_memory_share): the memory
-    check must count against that, not against the whole device's free memory (CUDA calls stubbed here)."""
+    check must count against that, not against the whole device's free memory. Memory the caching
+    allocator holds unused (reserved, not allocated) serves new tensors first, so it counts as free: a
+    process whose cache grew in earlier trials must not refuse a model that fits (CUDA calls stubbed here)."""
     gib = 2**30
     share = {"fraction": 1.0}
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -141,9 +143,13 @@ def test_available_cuda_memory_is_this_process_share_of_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda i: share["fraction"])
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 80 * gib}))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 3 * gib)
-    assert bb.available_memory(torch.device("cuda")) == 70 * gib  # no share set: what the driver has free
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 1 * gib)
+    # no share set: what the driver has free, and the 2 GiB this process's cache holds unused
+    assert bb.available_memory(torch.device("cuda")) == 72 * gib
     share["fraction"] = 0.25
-    assert bb.available_memory(torch.device("cuda")) == 17 * gib  # a quarter of 80, less the 3 reserved
+    assert bb.available_memory(torch.device("cuda")) == 19 * gib  # a quarter of 80, less the 1 allocated
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (5 * gib, 80 * gib))  # other processes hold the rest
+    assert bb.available_memory(torch.device("cuda")) == 7 * gib
     share["fraction"] = 0.01
     assert bb.available_memory(torch.device("cuda:0")) == 0  # a share already used up
 

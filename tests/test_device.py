@@ -64,6 +64,23 @@ def test_the_probe_step_times_a_real_training_step_on_the_cpu():
     assert 0 < ms < 10_000
 
 
+def test_the_precision_measurement_times_fp16_through_its_grad_scaler(monkeypatch):
+    """fp16 trains through a GradScaler (a host sync and unscale kernels each step): timing it without one
+    would credit fp16 with a speed its training steps do not have."""
+    steps = []
+    real = torch.amp.GradScaler.step
+
+    def spy(self, opt, *a, **k):
+        steps.append(self.get_scale())
+        return real(self, opt, *a, **k)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "step", spy)
+    dev._step_ms("fp32", repeats=1, device=CPU)
+    assert steps == []
+    dev._step_ms("fp16", repeats=1, device=CPU)
+    assert len(steps) == 2  # the warm-up step and the timed one
+
+
 def test_fp16_gets_a_grad_scaler_and_the_others_do_not():
     assert isinstance(dev.grad_scaler(CPU, "fp16"), torch.amp.GradScaler)
     assert dev.grad_scaler(CPU, "bf16") is None and dev.grad_scaler(CPU, "fp32") is None

@@ -12,6 +12,7 @@ import torch
 import budgetnet.device as dev
 import budgetnet.train as bt
 from budgetnet.config import SCHEDULES, DataConfig, PlainConfig, RunConfig, TrainConfig
+from budgetnet.data import DATASET_INFO
 from budgetnet.models import build_model
 from budgetnet.train import COMPLETE, DIVERGED, STOPPED, lr_factor, train_run
 
@@ -247,6 +248,90 @@ def test_a_slow_first_step_judges_the_speed_only_where_it_is_not_set_up(syntheti
         assert r.status == COMPLETE and r.steps > 2 and r.first_step_s >= 0.4 * slice_s
     else:
         assert r.status == bt.TOO_SLOW and r.steps == 1 and "needs 0.2" in r.reason
+
+
+@pytest.mark.timing
+def test_the_speed_check_waits_for_the_device_work_its_steps_queued(synthetic_data, warm_torch, monkeypatch):
+    """On CUDA a step returns once its kernels are launched, and the device runs them later. A fake
+    asynchronous device here: each step queues 0.3 s of device work that only ``synchronize`` waits for.
+    Judged on the launch times of the steps after step 1's sync, this model would look about 100x faster
+    than it trains; the check must wait for the queue and judge what the device does (~210 img/s: 0.4
+    epochs in the slice, under the 2 it needs)."""
+    queued = [0.0]
+    real_step = bt.optimizer_step
+
+    def launch(*a, **kw):
+        real_step(*a, **kw)
+        queued[0] += 0.3
+
+    def wait(device):
+        time.sleep(queued[0])
+        queued[0] = 0.0
+
+    monkeypatch.setattr(bt, "optimizer_step", launch)
+    monkeypatch.setattr(bt, "synchronize", wait)
+    monkeypatch.setattr(bt, "first_step_is_setup", lambda device: True)
+    r = train_run(run_cfg(), synthetic_data, device="cpu", seconds=4.0, min_epochs=2.0)
+    assert r.status == bt.TOO_SLOW and "needs 2" in r.reason, (r.status, r.reason, r.steps)
+    assert r.images_per_s < 64 / 0.3, r.reason
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("setup_step", [False, True], ids=["cpu-first-step-is-speed", "cuda-first-step-is-setup"])
+def test_a_rate_measured_over_its_first_step_alone_is_no_rate_where_that_step_is_set_up(
+        synthetic_data, warm_torch, monkeypatch, setup_step):
+    """The search's speed probe and a teacher candidate's measurement (``measure_rate``) end after their
+    seconds. When step 1 outlasts them, its rate is set-up where step 1 is set-up (CUDA: an H100's probe
+    once read 43 img/s and capped the search's FLOPs by it): no rate. On the CPU step 1 is a step."""
+    calls, real_step = [], bt.optimizer_step
+
+    def slow_first(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.5)
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(bt, "optimizer_step", slow_first)
+    monkeypatch.setattr(bt, "first_step_is_setup", lambda device: setup_step)
+    rate = bt.measure_rate(run_cfg(), synthetic_data, device="cpu", seconds=1.0)
+    assert len(calls) == 1  # the measurement's time ended with its first step
+    if setup_step:
+        assert rate is None
+    else:
+        assert rate is not None and 0 < rate < 64 / 1.5
+
+
+def test_evaluation_runs_without_cudnn_autotuning_and_leaves_the_runs_setting(synthetic_data, monkeypatch):
+    """A run's evaluation batches (1,024, and a split's remainder) are shapes its training never ran: with
+    cuDNN's autotuning on (long runs) each would time algorithms inside an evaluation that no slice or
+    budget keeps room for. Evaluation turns it off, and gives the run its setting back."""
+    seen = []
+    model = build_model(TINY, synthetic_data.info.shape)
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.cudnn.benchmark))
+    normalize = bt.normalizer(synthetic_data.info, torch.device("cpu"), torch.channels_last)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    metrics = bt.evaluate_model(model, synthetic_data.val, normalize, torch.device("cpu"), batch_size=128)
+    assert seen == [False] * math.ceil(len(synthetic_data.val) / 128) and 0 <= metrics["val_acc"] <= 1
+    assert torch.backends.cudnn.benchmark is True and model.training
+
+
+def test_each_compilation_starts_from_cleared_dynamo_caches():
+    """Every run compiles a new net through its family's one ``forward``. Dynamo compiles a code object
+    at most ``recompile_limit`` (8) times in a process, then runs it eager with only a logged warning:
+    a search that compiled eight trials would train the next ones, and its final run, uncompiled while
+    reporting them compiled. ``fresh_compile`` clears the caches, so the tenth net still compiles."""
+    compiled = []
+
+    def backend(graph, example_inputs):  # counts Dynamo's compilations; runs the graph as traced
+        compiled.append(1)
+        return graph.forward
+
+    shape = DATASET_INFO["synthetic"].shape
+    x = torch.randn(4, shape.channels, shape.image_size, shape.image_size)
+    for k in range(torch._dynamo.config.recompile_limit + 2):
+        model = build_model(PlainConfig(n_conv=1, width=2 + k, hidden=()), shape)
+        bt.fresh_compile(model, backend=backend)(x)
+        assert len(compiled) == k + 1, f"net {k + 1} ran uncompiled"
 
 
 def test_exactly_one_budget():
