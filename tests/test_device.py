@@ -16,6 +16,20 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 @pytest.fixture
+def scaler_steps(monkeypatch) -> list[float]:
+    """The loss scale at every GradScaler step taken while the test runs."""
+    steps = []
+    real = torch.amp.GradScaler.step
+
+    def spy(self, opt, *a, **k):
+        steps.append(self.get_scale())
+        return real(self, opt, *a, **k)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "step", spy)
+    return steps
+
+
+@pytest.fixture
 def fresh_profile():
     """Each test measures (or stubs) the CPU anew; the process's real profile is restored afterwards."""
     dev.cpu_profile.cache_clear()
@@ -64,17 +78,10 @@ def test_the_probe_step_times_a_real_training_step_on_the_cpu():
     assert 0 < ms < 10_000
 
 
-def test_the_precision_measurement_times_fp16_through_its_grad_scaler(monkeypatch):
+def test_the_precision_measurement_times_fp16_through_its_grad_scaler(scaler_steps):
     """fp16 trains through a GradScaler (a host sync and unscale kernels each step): timing it without one
     would credit fp16 with a speed its training steps do not have."""
-    steps = []
-    real = torch.amp.GradScaler.step
-
-    def spy(self, opt, *a, **k):
-        steps.append(self.get_scale())
-        return real(self, opt, *a, **k)
-
-    monkeypatch.setattr(torch.amp.GradScaler, "step", spy)
+    steps = scaler_steps
     dev._step_ms("fp32", repeats=1, device=CPU)
     assert steps == []
     dev._step_ms("fp16", repeats=1, device=CPU)
@@ -155,15 +162,8 @@ def test_train_run_computes_in_the_precision_it_reports(synthetic_data, monkeypa
     assert all(v.dtype == torch.float32 for v in r.state_dict.values() if v.is_floating_point())
 
 
-def test_fp16_steps_through_the_grad_scaler(synthetic_data, monkeypatch):
-    steps = []
-    real = torch.amp.GradScaler.step
-
-    def spy(self, opt, *a, **k):
-        steps.append(self.get_scale())
-        return real(self, opt, *a, **k)
-
-    monkeypatch.setattr(torch.amp.GradScaler, "step", spy)
+def test_fp16_steps_through_the_grad_scaler(synthetic_data, scaler_steps):
+    steps = scaler_steps
     r = train_run(_cfg(), synthetic_data, device="cpu", epochs=0.2, precision="fp16")
     assert r.status == "complete" and len(steps) == r.steps and steps[0] == 2.0**16
 
