@@ -55,6 +55,75 @@ def test_a_live_lease_is_never_failed_and_a_lapsed_one_is(tmp_path, monkeypatch,
     assert not workers.fail_trial(study._storage, lapsed._trial_id, "again")  # already finished: no change
 
 
+def test_a_lapsed_lease_is_failed_only_when_its_process_is_gone(tmp_path):
+    """A lease lapses when its process stops renewing it: dead, or only suspended (Ctrl-Z on the leader,
+    a laptop's sleep) or held up by a stalled database. Only a process that is gone (or a zombie, dead
+    and not yet reaped) loses its trial; one alive on this machine keeps it, whatever its lease says. A
+    process of another machine can only be judged by its lease."""
+    import socket
+
+    study = optuna.create_study(study_name="s", storage=make_storage(f"sqlite:///{tmp_path / 's.db'}"),
+                                direction="maximize")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # gone and reaped
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    owners = {"suspended": (os.getpid(), socket.gethostname()), "dead": (ended.pid, socket.gethostname()),
+              "zombie": (zombie.pid, socket.gethostname()), "elsewhere": (os.getpid(), "another-machine")}
+    trials = {}
+    for name, (pid, host) in owners.items():
+        trials[name] = study.ask()
+        for key, value in ((workers.PID_KEY, pid), (workers.HOST_KEY, host), (workers.LEASE_KEY, time.time() - 1)):
+            study._storage.set_trial_system_attr(trials[name]._trial_id, key, value)
+    deadline = time.time() + 30  # until the child has exited (it stays a zombie: nothing waits for it)
+    while workers.alive_here(zombie.pid, socket.gethostname()) and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        assert workers.fail_orphans(study, stale_only=True) == 3
+    finally:
+        zombie.wait()
+    states = {name: study._storage.get_trial(t._trial_id).state for name, t in trials.items()}
+    assert states == {"suspended": TrialState.RUNNING, "dead": TrialState.FAIL, "zombie": TrialState.FAIL,
+                      "elsewhere": TrialState.FAIL}
+
+
+def test_a_trial_ended_by_another_worker_while_it_ran_leaves_its_worker_searching(tmp_path, synthetic_data,
+                                                                                   monkeypatch):
+    """Should another process fail a trial this one is running (as an orphan), the trial's next report
+    cannot be written and Optuna refuses to tell it: the trial keeps the other's verdict, and this worker
+    goes on with its next trial instead of ending the search with a traceback."""
+    import budgetnet.search.runner as runner
+    from budgetnet.search.clock import Clock
+    from budgetnet.search.report import Reporter
+    from budgetnet.search.trial import TrialOutcome
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    opts = runner.SearchOptions(max_params=30_000, budget_seconds=100, dataset="synthetic", storage=url,
+                                study_name="s", out=str(tmp_path / "best.pt"), device="cpu")
+    study = optuna.create_study(study_name="s", storage=make_storage(url), direction="maximize")
+    ran = []
+
+    def run_trial(cfg, data, *, report, **kw):
+        ran.append(1)
+        if len(ran) == 1:  # another worker fails this trial as an orphan, then it reaches an evaluation mark
+            running = study.get_trials(states=(TrialState.RUNNING,))[0]
+            assert workers.fail_trial(study._storage, running._trial_id, "interrupted: worker 1 says so")
+        report(0.1, 0.5)
+        result = RunResult(COMPLETE, state_dict={"w": torch.zeros(2)}, seconds=1.0, steps=10, images_per_s=100.0)
+        return TrialOutcome("complete", value=0.5 + 0.1 * len(ran), val_acc=0.5, n_params=1000, flops=1,
+                            result=result)
+
+    monkeypatch.setattr(runner, "run_trial", run_trial)
+    lines = __import__("io").StringIO()
+    objective = runner.Objective(opts, synthetic_data, Clock(100, 0, time.perf_counter(), study), 65, 3.0,
+                                 runner.Interrupt(), Reporter("json", lines), study)
+    runner._search_phase(study, objective, lambda extra=0.0: len(ran) < 3, runner.Interrupt())
+    assert len(ran) == 3
+    first, *rest = study.trials
+    assert first.state == TrialState.FAIL and first.user_attrs["reason"] == "interrupted: worker 1 says so"
+    assert [t.state for t in rest] == [TrialState.COMPLETE] * 2
+    assert "ended by another worker" in lines.getvalue()
+
+
 def test_a_worker_clock_counts_from_the_session_anchor():
     leader = Clock(100.0, 12.0, time.perf_counter() - 3.0)  # 12 s from earlier runs, 3 s of this one
     joined = Clock.from_anchor(100.0, 12.0, leader.anchor())

@@ -188,6 +188,7 @@ class Objective:
         self.search_end, self.slice_s, self.precision = search_end, slice_s, precision
         self.interrupt, self.reporter, self.study = interrupt, reporter, study
         self.worker, self.lease, self.before_trial = worker, lease, before_trial
+        self.lost: int | None = None  # the number of a trial that another process ended while this one ran it
         self.shape = data.info.shape
         self.base_data = DataConfig(dataset=opts.dataset, image_size=opts.image_size)
 
@@ -206,6 +207,10 @@ class Objective:
             return self._run(trial, row)
         except optuna.TrialPruned:
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:  # failed as an orphan meanwhile: it keeps that reason
+            self.lost = trial.number
+            row.update(state="failed", reason="ended by another worker while this one ran it")
+            raise
         except Exception as e:  # a bug or a broken config: record it, let the search go on
             row.update(state="failed", reason=f"{type(e).__name__}: {e}"[:300])
             trial.set_user_attr("reason", row["reason"])
@@ -214,7 +219,8 @@ class Objective:
             if self.lease is not None:
                 self.lease.release()
             row["seconds"] = time.perf_counter() - t0
-            trial.set_user_attr("state", row.get("state", "failed"))
+            if self.lost != trial.number:
+                trial.set_user_attr("state", row.get("state", "failed"))
             self.clock.save()
             self.reporter.trial(row, self.clock.used(), self.clock.total)
 
@@ -414,8 +420,14 @@ def _search_phase(study: optuna.Study, objective: Objective, fits, interrupt: In
         if interrupt.event.is_set() or not fits():
             study.stop()
 
-    if fits() and not interrupt.event.is_set():
-        study.optimize(objective, callbacks=[enough_time], catch=(Exception,), gc_after_trial=False)
+    while fits() and not interrupt.event.is_set():
+        try:
+            study.optimize(objective, callbacks=[enough_time], catch=(Exception,), gc_after_trial=False)
+            return
+        except ValueError:  # Optuna's "Cannot tell a FAIL trial": one it ran was ended by another process
+            if objective.lost is None:
+                raise
+            objective.lost = None  # that trial is recorded (failed, with the other's reason): go on
 
 
 def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: float | None = None) -> dict:

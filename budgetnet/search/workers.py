@@ -8,8 +8,10 @@ Rules (docs/search.md, "Several workers"):
   whichever process saves it; a resume starts a new session from the last saved ``seconds_used``.
 - **Leases.** While a process trains a trial, a daemon thread renews the trial's lease (a system attr:
   a wall time ``LEASE_TTL_S`` ahead) every ``LEASE_INTERVAL_S``. Before each trial every worker fails
-  the RUNNING trials whose lease has run out; a live worker's trial is never failed by another. The
-  leader also fails a dead worker's trial as soon as it sees the process end, with its exit status.
+  the RUNNING trials whose lease has run out and whose process is gone; a live worker's trial is never
+  failed by another, even when its lease lapsed because the process was suspended (Ctrl-Z, a laptop's
+  sleep) or the database stalled. The leader also fails a dead worker's trial as soon as it sees the
+  process end, with its exit status.
 - **One leader.** Only the leader probes, writes the session, waits for every worker, and runs the final
   phase and its ``best.pt`` write; workers end when no full slice fits, or when their leader is gone.
 - **Resources.** Each process gets ``1/N`` of the CPU threads, or of the GPU's memory.
@@ -21,6 +23,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +37,8 @@ from optuna.trial import TrialState
 LEASE_INTERVAL_S = 2.0  # a worker renews its running trial's lease this often (seconds) ...
 LEASE_TTL_S = 20.0  # ... to this far ahead: ten renewals may be missed (a loaded machine, a slow database)
 LEASE_KEY = "budgetnet:lease_until"  # trial system attr: wall time (epoch seconds) the lease runs to
-PID_KEY = "budgetnet:pid"  # trial system attr: the process that runs the trial
+PID_KEY = "budgetnet:pid"  # trial system attr: the process that runs the trial ...
+HOST_KEY = "budgetnet:host"  # ... and the machine it runs on
 
 
 def new_session(study: optuna.Study, anchor: float, used_before: float, workers: int) -> str:
@@ -56,11 +60,31 @@ def fail_trial(storage: optuna.storages.BaseStorage, trial_id: int, reason: str)
         return False
 
 
+def alive_here(pid: int | None, host: str | None) -> bool:
+    """Whether process ``pid`` of machine ``host`` is alive, as far as this machine can tell: False for
+    another machine's process (only its lease speaks for it), a process that is gone, or a zombie (dead,
+    not yet reaped by its parent)."""
+    if pid is None or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def fail_orphans(study: optuna.Study, *, stale_only: bool, match: Callable | None = None,
                  reason: str = "interrupted: its process ended") -> int:
     """Fail RUNNING trials that no live process runs. ``stale_only``: only those whose lease has run out
-    (or, without a lease yet, that started ``LEASE_TTL_S`` ago); otherwise every one (a new session: no
-    process of it has started a trial yet). ``match(trial)`` narrows the choice. Returns how many."""
+    (or, without a lease yet, that started ``LEASE_TTL_S`` ago) and whose process is not alive on this
+    machine; otherwise every one (a new session: no process of it has started a trial yet).
+    ``match(trial)`` narrows the choice. Returns how many."""
     now, n = time.time(), 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if match is not None and not match(t):
@@ -70,7 +94,7 @@ def fail_orphans(study: optuna.Study, *, stale_only: bool, match: Callable | Non
             lease = t.system_attrs.get(LEASE_KEY)
             start = t.datetime_start.timestamp() if t.datetime_start else now
             limit = lease if lease is not None else start + LEASE_TTL_S
-            if now <= limit:
+            if now <= limit or alive_here(t.system_attrs.get(PID_KEY), t.system_attrs.get(HOST_KEY)):
                 continue
             why = (f"interrupted: worker {t.user_attrs.get('worker', '?')} (pid {t.system_attrs.get(PID_KEY, '?')})"
                    f" stopped renewing its lease (it ran out {now - limit:.0f} s ago)")
@@ -92,6 +116,7 @@ class Lease(threading.Thread):
 
     def hold(self, trial_id: int) -> None:
         self.storage.set_trial_system_attr(trial_id, PID_KEY, os.getpid())
+        self.storage.set_trial_system_attr(trial_id, HOST_KEY, socket.gethostname())
         self._renew(trial_id)
         self.trial_id = trial_id
 
