@@ -229,6 +229,9 @@ def cmd_search(args) -> int:
         backend=args.backend, ray_address=args.ray_address, gpus_per_trial=args.gpus_per_trial,
         ray_scheduler=args.ray_scheduler or "median", compile=args.compile,
     )
+    if opts.backend == "ray" and opts.device.startswith("cuda") and opts.gpus_per_trial == 0:
+        raise UserError("--gpus-per-trial 0 on CUDA: a Ray trial without a GPU share sees no GPU; give a share "
+                        "above 0, or leave the flag out (1/--workers)")
     mode = "json" if args.json else "quiet" if args.quiet else "text"
     summary = run_search(opts, Reporter(mode), started=STARTED)
     if summary.get("error"):

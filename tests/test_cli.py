@@ -82,6 +82,44 @@ def test_bad_search_input_is_one_line_exit_2_and_touches_nothing(tmp_path, capsy
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["keep"]
 
 
+@pytest.mark.parametrize("kind", ["text file as sqlite", "garbage journal", "server without its driver"])
+def test_a_storage_optuna_cannot_use_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, monkeypatch, kind):
+    """Past the URL's syntax: a file that is not a study database, a damaged journal, a server database
+    whose Python driver is not installed. Each is the user's to fix: one line, exit 2, the file as it was."""
+    import builtins
+
+    junk = tmp_path / ("notes.txt" if kind != "garbage journal" else "study.log")
+    junk.write_text("{not a study\n")
+    url = {"text file as sqlite": f"sqlite:///{junk}", "garbage journal": str(junk),
+           "server without its driver": "postgresql://127.0.0.1:1/budgetnet"}[kind]
+    if kind == "server without its driver":  # whichever drivers this machine has: none, as on a fresh one
+        real_import = builtins.__import__
+
+        def no_drivers(name, *a, **k):
+            if name.split(".")[0] in ("psycopg", "psycopg2", "pg8000", "asyncpg"):
+                raise ModuleNotFoundError(f"No module named {name!r}")
+            return real_import(name, *a, **k)
+
+        monkeypatch.setattr(builtins, "__import__", no_drivers)
+    code = main(["search", "--dataset", "synthetic", "--hours", "0.01", "--storage", url,
+                 "--out", str(tmp_path / "best.pt"), "--artifact-dir", str(tmp_path / "art")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"budgetnet: error: cannot use --storage {url}"), err
+    assert junk.read_text() == "{not a study\n" and not (tmp_path / "best.pt").exists()
+
+
+def test_ray_on_cuda_with_no_gpu_share_is_refused_before_anything(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import budgetnet.cli as cli
+
+    monkeypatch.setattr(cli, "_device", lambda name: torch.device("cuda", 0))  # as if a GPU were here
+    code = main(_search(tmp_path, "--hours", "0.01", "--backend", "ray", "--gpus-per-trial", "0"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--gpus-per-trial 0 on CUDA" in err[0], err
+    assert not (tmp_path / "keep.db").exists()
+
+
 def test_a_model_left_at_out_by_something_else_is_never_overwritten(tmp_path, capsys, stored_study):
     code = main(_search(tmp_path, "--hours", "0.01", "--max-params", "20k"))  # otherwise a valid command
     err = capsys.readouterr().err.strip().splitlines()

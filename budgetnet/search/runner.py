@@ -17,6 +17,7 @@ Budget semantics (docs/search.md has the long form):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -100,6 +101,11 @@ class SearchOptions:
 
 class StudyMismatch(ConfigError):
     """A resume asked for a different cap or dataset than the study was started with (a user mistake)."""
+
+
+class StorageError(ConfigError):
+    """``--storage`` names something Optuna cannot use: a database without its driver installed, a file
+    that is not a study database or journal, a damaged one (a user mistake)."""
 
 
 def default_study_name(dataset: str, max_params: float, hours: float) -> str:
@@ -330,9 +336,20 @@ def _check_same_study(url: str, name: str, opts: SearchOptions) -> None:
     path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url if "://" not in url else None
     if path is not None and not Path(path).exists():
         return
-    storage = make_storage(url)
+    if "://" not in url and Path(url).stat().st_size:  # Optuna would append to any file (a run's text log)
+        with open(url, "rb") as f:
+            head = f.readline()
+        try:
+            journal = isinstance(entry := json.loads(head), dict) and "op_code" in entry
+        except ValueError:
+            journal = False
+        if not journal:
+            raise StorageError(f"cannot use --storage {url} as an Optuna journal file: its first line is not a "
+                               "journal entry (a journal file is created by the search; give a new path)")
     try:
-        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+        with storage_errors(url):
+            storage = make_storage(url)
+            attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
     except KeyError:  # a new study
         return
     for key, new in (("max_params", opts.max_params), ("dataset", opts.dataset), ("image_size", opts.image_size)):
@@ -347,10 +364,26 @@ def _check_same_study(url: str, name: str, opts: SearchOptions) -> None:
                             f"{flag} {old_s}, or give a new --study-name")
 
 
+@contextlib.contextmanager
+def storage_errors(url: str):
+    """Whatever opening ``--storage`` raises, but a KeyError (no such study), as one-line ``StorageError``:
+    no driver for a server database, a file that is not a study database, a damaged journal."""
+    try:
+        yield
+    except KeyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - each is the user's to fix, in one line
+        cause = e.__cause__ or e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        kind = "an Optuna journal file" if "://" not in url else "a study database"
+        raise StorageError(f"cannot use --storage {url} as {kind}: {first[:200]}") from None
+
+
 def _open_study(opts: SearchOptions, study_name: str, seed: int) -> optuna.Study:
     sampler = make_sampler(opts.sampler, seed, opts.grid[1] if opts.grid else None)
-    return optuna.create_study(study_name=study_name, storage=make_storage(opts.storage), direction="maximize",
-                               sampler=sampler, pruner=make_pruner(opts.pruner), load_if_exists=True)
+    with storage_errors(opts.storage):
+        return optuna.create_study(study_name=study_name, storage=make_storage(opts.storage), direction="maximize",
+                                   sampler=sampler, pruner=make_pruner(opts.pruner), load_if_exists=True)
 
 
 def _quiet_optuna() -> None:
