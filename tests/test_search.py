@@ -557,6 +557,28 @@ def test_a_trial_starts_only_if_its_slice_ends_within_a_tenth_of_a_slice_of_the_
     assert slice_fits(used, 30.0, 100.0) is fits
 
 
+def test_with_no_final_phase_no_trial_is_started_or_run_past_the_budget():
+    """The grace past the search phase's end is absorbed by the final phase; with none (--final-fraction
+    0) a trial must end, and be stopped, before the budget does, with room to write best.pt. A 1,800 s
+    budget with 300 s slices: a trial started at 1,529 s would have run to 1,829 s, 29 s over."""
+    from budgetnet.search.clock import SLICE_GRACE, WRITE_RESERVE_S, slice_fits, trial_deadline
+
+    budget = 1800.0
+    assert slice_fits(1529.0, 300.0, budget) and not slice_fits(1529.0, 300.0, budget, budget)
+    assert slice_fits(budget - 300.0 - WRITE_RESERVE_S, 300.0, budget, budget)
+    assert trial_deadline(budget, 300.0, budget) == budget - WRITE_RESERVE_S
+    # with a final phase after it, the grace stays: the final phase gives up what a late trial takes
+    assert slice_fits(1229.0, 300.0, 1500.0, budget) and not slice_fits(1231.0, 300.0, 1500.0, budget)
+    assert trial_deadline(1500.0, 300.0, budget) == 1500.0 + 2 * SLICE_GRACE * 300.0
+    # and the search's own rule applies it, as every worker and backend asks it
+    from budgetnet.search.clock import Clock
+
+    opts = runner.SearchOptions(max_params=1e5, budget_seconds=budget, dataset="synthetic", final_fraction=0.0)
+    study = optuna.create_study()
+    for used, fits in ((1529.0, False), (1490.0, True)):
+        assert runner.search_fits(opts, study, Clock(budget, used, time.perf_counter()), 300.0)() is fits
+
+
 def _teacher(path, dataset="synthetic"):
     """A small trained checkpoint to distil from."""
     from budgetnet.checkpoint import save_checkpoint

@@ -7,6 +7,7 @@ neither torch nor optuna, so the command line can show these rules in its help w
 
 from __future__ import annotations
 
+import math
 import time
 
 TRIALS_PER_SEARCH = 12  # full-length trial slices per search phase; median stopping fits in more trials
@@ -22,6 +23,7 @@ PROBE_MIN_S, PROBE_MAX_S = 1.0, 10.0
 # phase gets the rest (docs/search.md, "The final phase's share")
 AUTO_SEARCH_MIN, AUTO_SEARCH_MAX = 0.4, 0.75
 STAGNANT_TRIALS = 3
+WRITE_RESERVE_S = 3.0  # kept back at the end for the FLOP count, checkpoint write and artifact upload
 CLOCK_SAVE_SHARE = 0.005  # the clock is saved to the study this often (share of the budget, 1 to 5 s):
 CLOCK_SAVE_MIN_S, CLOCK_SAVE_MAX_S = 1.0, 5.0  # a kill -9 loses at most that much of the accounting
 
@@ -75,11 +77,19 @@ def clamp(x: float, lo: float, hi: float) -> float:
     return min(max(x, lo), hi)
 
 
-def slice_fits(used: float, slice_s: float, search_end: float) -> bool:
+def slice_fits(used: float, slice_s: float, search_end: float, budget: float = math.inf) -> bool:
     """Whether a trial of ``slice_s`` seconds, started ``used`` seconds into the budget, ends before the
-    search phase does (at ``search_end``), give or take ``SLICE_GRACE`` of a slice: the one rule for
-    starting a trial, on every backend and in every worker."""
-    return used + slice_s <= search_end + SLICE_GRACE * slice_s
+    search phase does (at ``search_end``), give or take ``SLICE_GRACE`` of a slice, and in any case
+    ``WRITE_RESERVE_S`` before the ``budget`` ends (with no final phase, nothing after the search absorbs
+    a late trial): the one rule for starting a trial, on every backend and in every worker."""
+    return used + slice_s <= min(search_end + SLICE_GRACE * slice_s, budget - WRITE_RESERVE_S)
+
+
+def trial_deadline(search_end: float, slice_s: float, budget: float = math.inf) -> float:
+    """Budget seconds at which a running trial is stopped whatever its own slice says (the safety net
+    behind it): ``2 * SLICE_GRACE`` of a slice past the search phase's end, never later than
+    ``WRITE_RESERVE_S`` before the ``budget`` ends."""
+    return min(search_end + 2 * SLICE_GRACE * slice_s, budget - WRITE_RESERVE_S)
 
 
 def slice_seconds(search_end: float, used: float) -> float:

@@ -49,7 +49,7 @@ from ray.tune.search.optuna import OptunaSearch
 from budgetnet.config import ConfigError, RunConfig
 from budgetnet.data import DeviceData
 from budgetnet.device import set_memory_share
-from budgetnet.search.clock import SLICE_GRACE, Clock, slice_fits
+from budgetnet.search.clock import SLICE_GRACE, Clock, slice_fits, trial_deadline
 from budgetnet.search.final import keep_if_best
 from budgetnet.search.trial import REPORT_STEPS, guard, run_trial
 
@@ -122,7 +122,7 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
         set_memory_share(device, ctx.gpus)
     data = data.to(device)
     clock = Clock.from_anchor(ctx.budget_seconds, ctx.used_before, ctx.anchor)  # the session's deadline
-    grace = SLICE_GRACE * ctx.slice_s
+    deadline = trial_deadline(ctx.search_end, ctx.slice_s, ctx.budget_seconds)
     attrs: dict = {"ray_node": ray.util.get_node_ip_address()}
 
     def report(progress: float, val_acc: float) -> bool:
@@ -135,8 +135,8 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
         cfg = RunConfig.from_json(config[CONFIG_KEY])
         out = run_trial(cfg, data, max_params=ctx.max_params, slice_s=ctx.slice_s, device=device,
                         precision=ctx.precision, set_attr=attrs.__setitem__, report=report,
-                        fits=lambda: slice_fits(clock.used(), ctx.slice_s, ctx.search_end),
-                        stop=lambda: clock.used() > ctx.search_end + 2 * grace, sampled=ctx.sampled,
+                        fits=lambda: slice_fits(clock.used(), ctx.slice_s, ctx.search_end, ctx.budget_seconds),
+                        stop=lambda: clock.used() > deadline, sampled=ctx.sampled,
                         compile=ctx.compile)
         if out.state == "complete":
             keep_if_best(ctx.out, ctx.study, config[NUMBER_KEY], cfg, out.result, out.value, out.n_params,
@@ -447,7 +447,9 @@ def ray_search_phase(objective, fits) -> None:
         path = experiment_dir(study, opts.artifact_dir)
         restored = tune.Tuner.can_restore(str(path))
         scheduler = kept_scheduler(study, opts.ray_scheduler, restored, objective.reporter.message)
-        _LIVE[key] = live = _Live(objective, fits, opts.workers, objective.search_end + 3 * grace + 5.0,
+        _LIVE[key] = live = _Live(objective, fits, opts.workers,
+                                  trial_deadline(objective.search_end, objective.slice_s, opts.budget_seconds)
+                                  + grace + 5.0,
                                   SCHEDULER_NAMES[scheduler])
         ctx = TrialContext(study=key, out=str(Path(opts.out).absolute()), max_params=opts.max_params,
                            slice_s=objective.slice_s, search_end=objective.search_end,

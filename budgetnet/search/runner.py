@@ -45,15 +45,15 @@ from budgetnet.search.clock import (
     PROBE_MAX_S,
     PROBE_MIN_S,
     PROBE_SHARE,
-    SLICE_GRACE,
     STAGNANT_TRIALS,
+    WRITE_RESERVE_S,
     Clock,
     clamp,
     slice_fits,
     slice_seconds,
+    trial_deadline,
 )
 from budgetnet.search.final import (
-    WRITE_RESERVE_S,
     final_too_short,
     final_training,
     keep_if_best,
@@ -245,8 +245,7 @@ class Objective:
         row["family"] = cfg.model.family
         # Every trial trains for the full slice, so that all of them are ranked on equal terms. One that
         # would not fit before the search phase ends is not started: that time goes to the final phase.
-        grace = SLICE_GRACE * self.slice_s
-        deadline = self.search_end + 2 * grace  # the safety net behind the slice
+        deadline = trial_deadline(self.search_end, self.slice_s, opts.budget_seconds)  # the net behind the slice
 
         def report(progress: float, val_acc: float) -> bool:
             row.update(progress=progress, val_acc=val_acc)
@@ -256,7 +255,7 @@ class Objective:
 
         out = run_trial(cfg, self.data, max_params=opts.max_params, slice_s=self.slice_s, device=opts.device,
                         precision=self.precision, set_attr=trial.set_user_attr, report=report,
-                        fits=lambda: slice_fits(self.clock.used(), self.slice_s, self.search_end),
+                        fits=lambda: slice_fits(self.clock.used(), self.slice_s, self.search_end, opts.budget_seconds),
                         stop=lambda: (self.interrupt.event.is_set() or self.clock.used() > deadline
                                       or self.clock.tick()),
                         sampled=opts.grid is None, interrupted=self.interrupt.event.is_set, compile=opts.compile)
@@ -441,7 +440,7 @@ def search_fits(opts: SearchOptions, study: optuna.Study, clock: Clock, slice_s:
         return True
 
     def fits(extra: float = 0.0) -> bool:
-        return slice_fits(clock.used() + extra, slice_s, search_end) and not stagnant()
+        return slice_fits(clock.used() + extra, slice_s, search_end, opts.budget_seconds) and not stagnant()
 
     return fits
 
