@@ -203,6 +203,17 @@ def test_end_to_end_search_writes_best_pt_that_evaluates(tmp_path, monkeypatch, 
         assert 100 in t.intermediate_values
         assert t.user_attrs["seconds"] >= 0.9 * slice_s  # ranked only after a full slice
     assert summary["precision"] == study.user_attrs["precision"] == ckpt["precision"]
+    # The same command again, once it is done: nothing to do, and none of the budget spent on saying so
+    used = study.user_attrs["seconds_used"]
+    best_pt = (tmp_path / "best.pt").read_bytes()
+    again = run_search(_opts(tmp_path, slice_s, budget_seconds=budget, max_params=100_000), Reporter("quiet"),
+                       started=time.perf_counter() - 5.0)  # as if its start-up had taken 5 s
+    assert again["checkpoint_phase"] == "final" and again["best_trial"] == summary["best_trial"]
+    assert again["seconds_used"] == pytest.approx(used, abs=0.5)
+    assert again["overshoot_s"] == pytest.approx(summary["overshoot_s"], abs=0.5)
+    assert optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp_path / 'study.db'}"
+                             ).user_attrs["seconds_used"] == used
+    assert (tmp_path / "best.pt").read_bytes() == best_pt
 
 
 def test_tiny_cap_never_trains_an_oversized_model(tmp_path, monkeypatch, slice_s):
