@@ -85,7 +85,18 @@ def test_suggest_guards_before_a_ray_trial_and_records_budgetnet_states(tmp_path
         d = searcher.suggest("d")
         searcher.on_trial_complete("d", None, error=True)  # its actor died
         assert study.trials[d[rb.NUMBER_KEY]].state == TrialState.FAIL
+        real_sample, broken = objective.sample, []
+
+        def breaks_once(trial):  # a config the space cannot build (a bug, say): recorded, never a Ray trial
+            if not broken:
+                broken.append(trial.number)
+                raise RuntimeError("no such width")
+            return real_sample(trial)
+
+        objective.sample = breaks_once
         e = searcher.suggest("e")  # Tune will stop it at the experiment's end without telling the searcher
+        assert study.trials[broken[0]].state == TrialState.FAIL and e[rb.NUMBER_KEY] == broken[0] + 1
+        assert study.trials[broken[0]].user_attrs["reason"] == "RuntimeError: no such width"
         fits["ok"] = False
         assert searcher.suggest("f") == rb.Searcher.FINISHED  # no full slice left: no more proposals
         live.end(study)
@@ -94,7 +105,7 @@ def test_suggest_guards_before_a_ray_trial_and_records_budgetnet_states(tmp_path
         assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
         assert pickle.loads(pickle.dumps(searcher))._key == "u"  # Tune's experiment state: the key alone
         states = [json.loads(line)["state"] for line in lines.getvalue().splitlines()]
-        assert states == ["rejected", "pruned", "complete", "too slow", "failed", "stopped"]
+        assert states == ["rejected", "pruned", "complete", "too slow", "failed", "failed", "stopped"]
     finally:
         rb._LIVE.pop("u", None)
     from budgetnet.search.summary import study_summary, trials_frame

@@ -284,10 +284,17 @@ class BudgetSearch(OptunaSearch):
                 return Searcher.FINISHED
             if len(self._ot_trials) >= live.concurrent:
                 return None
-            params = super().suggest(trial_id)  # ask (a queued warm start first), then sample the space
-            trial = self._ot_trials[trial_id]
-            cfg = RunConfig.from_json(params[CONFIG_KEY])
-            out = guard(cfg, live.objective.shape, live.objective.opts.max_params, trial.set_user_attr)
+            try:
+                params = super().suggest(trial_id)  # ask (a queued warm start first), then sample the space
+                trial = self._ot_trials[trial_id]
+                cfg = RunConfig.from_json(params[CONFIG_KEY])
+                out = guard(cfg, live.objective.shape, live.objective.opts.max_params, trial.set_user_attr)
+            except Exception as e:  # noqa: BLE001 - a config that cannot be sampled or built: recorded, the search goes on
+                trial = self._ot_trials.pop(trial_id, None)
+                if trial is None:  # not even asked: nothing to record, nothing to retry
+                    raise
+                live.record(self._ot_study, trial, "failed", f"{type(e).__name__}: {e}"[:300])
+                continue
             trial.set_constraint("params", out.constraint)
             live.rows[trial.number] = {"number": trial.number, "family": cfg.model.family,
                                        "n_params": out.n_params, "flops": out.flops, "progress": None,
@@ -440,6 +447,7 @@ def ray_search_phase(objective, fits) -> None:
     opts, clock, study = objective.opts, objective.clock, objective.study
     t0 = time.perf_counter()
     start_ray(opts.ray_address)
+    live = None
     try:
         resources = trial_resources(str(opts.device), opts.workers, opts.gpus_per_trial)
         grace = SLICE_GRACE * objective.slice_s
@@ -480,8 +488,9 @@ def ray_search_phase(objective, fits) -> None:
             + f"; {live.scheduler}; experiment {'restored from' if restored else 'in'} {path}")
         if not live.stopping():
             tuner.fit()
-        live.end(study)
     finally:
+        if live is not None:  # whatever ended the experiment, no trial of it stays RUNNING
+            live.end(study)
         _LIVE.pop(study.study_name, None)
         ray.shutdown()  # the final phase gets the machine (a joined cluster stays up)
         clock.save()
