@@ -124,9 +124,13 @@ def _check_writable(path: str) -> None:
         raise UserError(f"cannot write --out {path}: {e.strerror or e}") from None
 
 
-def _check_not_someone_elses(out: str, study_name: str) -> None:
-    """Never overwrite a model that another study (or something else) left at --out."""
+def _check_not_someone_elses(out: str, study_name: str, storage: str) -> None:
+    """Never overwrite a model that another study (or something else) left at --out, nor one that an
+    earlier study of the same name left there: a study deleted from the storage (to start over) and
+    begun again would otherwise rank its trials against that model, and keep it while its best.json
+    named the new study's trials."""
     from budgetnet.checkpoint import CheckpointError, load_checkpoint
+    from budgetnet.search.runner import stored_study_attrs
 
     if not Path(out).exists():
         return
@@ -138,6 +142,9 @@ def _check_not_someone_elses(out: str, study_name: str) -> None:
     if owner != study_name:
         raise UserError(f"--out {out} holds the model of study {owner!r}, not {study_name!r}; move it or "
                         f"choose another --out")
+    if stored_study_attrs(storage, study_name) is None:
+        raise UserError(f"--out {out} holds the model of an earlier study {study_name!r} that --storage {storage} "
+                        f"no longer holds; move it or choose another --out")
 
 
 def _check_storage(url: str) -> None:
@@ -210,7 +217,7 @@ def cmd_search(args) -> int:
     _check_storage(args.storage)
     named = args.dataset + (f"-{args.image_size}px" if args.image_size else "")  # another size: another study
     study_name = args.study_name or default_study_name(named, args.max_params, args.hours)
-    _check_not_someone_elses(args.out, study_name)
+    _check_not_someone_elses(args.out, study_name, args.storage)
     teacher = None if args.teacher == "none" else args.teacher
     if teacher not in (None, "auto"):  # a wrong teacher is refused now, not after the search
         from budgetnet.data import dataset_info

@@ -120,6 +120,30 @@ def test_ray_on_cuda_with_no_gpu_share_is_refused_before_anything(tmp_path, caps
     assert not (tmp_path / "keep.db").exists()
 
 
+@pytest.mark.parametrize("case", ["another study's", "a deleted study's of the same name"])
+def test_a_model_of_another_study_at_out_is_never_ranked_against_nor_overwritten(tmp_path, capsys, case):
+    """--out holds a budgetnet model of another study; or of this study's name, in a storage that no
+    longer holds that study (deleted, to start over): a new search would rank its trials against that
+    model and keep it. One line, exit 2, the model as it was."""
+    import torch
+
+    from budgetnet.checkpoint import save_checkpoint
+    from budgetnet.config import DataConfig, RunConfig
+    from budgetnet.search.runner import default_study_name
+
+    name = default_study_name("synthetic", 20_000, 0.01)
+    owner = "other" if case == "another study's" else name
+    save_checkpoint(tmp_path / "best.pt", RunConfig(data=DataConfig(dataset="synthetic")), {"w": torch.zeros(2)},
+                    metrics={"val_acc": 0.9}, n_params=2, flops=2, classes=["a", "b"], train_seconds=1.0,
+                    precision="fp32", extra={"phase": "search", "study": owner, "trial": 3})
+    before = (tmp_path / "best.pt").read_bytes()
+    code = main(_search(tmp_path, "--hours", "0.01", "--max-params", "20k"))
+    err = capsys.readouterr().err.strip().splitlines()
+    says = "not " + repr(name) if case == "another study's" else "no longer holds"
+    assert code == 2 and len(err) == 1 and says in err[0], err
+    assert (tmp_path / "best.pt").read_bytes() == before and not (tmp_path / "keep.db").exists()
+
+
 def test_a_model_left_at_out_by_something_else_is_never_overwritten(tmp_path, capsys, stored_study):
     code = main(_search(tmp_path, "--hours", "0.01", "--max-params", "20k"))  # otherwise a valid command
     err = capsys.readouterr().err.strip().splitlines()

@@ -328,13 +328,13 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(done, key=lambda t: t.value) if done else None
 
 
-def _check_same_study(url: str, name: str, opts: SearchOptions) -> None:
-    """A resume must search the same problem: another cap, dataset or image size would rank (and final-train) models
-    against trials they cannot be compared with. Checked before the data is loaded or anything written:
-    a local storage file that does not exist yet holds no study, and is not created here."""
+def stored_study_attrs(url: str, name: str) -> dict | None:
+    """The user attrs of study ``name`` in storage ``url``; None when it holds no such study. Nothing is
+    created: a local storage file that does not exist yet holds no study. A storage Optuna cannot use is
+    a one-line ``StorageError``."""
     path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url if "://" not in url else None
     if path is not None and not Path(path).exists():
-        return
+        return None
     if "://" not in url and Path(url).stat().st_size:  # Optuna would append to any file (a run's text log)
         with open(url, "rb") as f:
             head = f.readline()
@@ -348,8 +348,16 @@ def _check_same_study(url: str, name: str, opts: SearchOptions) -> None:
     try:
         with storage_errors(url):
             storage = make_storage(url)
-            attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+            return storage.get_study_user_attrs(storage.get_study_id_from_name(name))
     except KeyError:  # a new study
+        return None
+
+
+def _check_same_study(url: str, name: str, opts: SearchOptions) -> None:
+    """A resume must search the same problem: another cap, dataset or image size would rank (and final-train) models
+    against trials they cannot be compared with. Checked before the data is loaded or anything written."""
+    attrs = stored_study_attrs(url, name)
+    if attrs is None:  # a new study
         return
     for key, new in (("max_params", opts.max_params), ("dataset", opts.dataset), ("image_size", opts.image_size)):
         if key not in attrs:  # a study from before the attr was recorded
