@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         STAGNANT_TRIALS,
         TRIALS_PER_SEARCH,
     )
-    from budgetnet.train import COMPILE_AUTO_MIN_S, COMPILE_MODES
+    from budgetnet.train import COMPILE_AUTO_MIN_S, COMPILE_MODES, COMPILE_ON_MIN_S
 
     p = _Parser(prog="budgetnet", description="Find the best small CNN a parameter cap and a time budget buy.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -462,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"train {what}through torch.compile. auto (default): only a run on a GPU with at "
                         f"least {COMPILE_AUTO_MIN_S:.0f} s of training left tries it, after timing its eager steps, and "
                         "keeps the compiled model only if its steps then time faster; on (or --compile alone): "
-                        "always; off: never. Compiling is paid out of the run's time")
+                        f"every run by epochs, and every run of at least {COMPILE_ON_MIN_S:.0f} s (a compilation "
+                        "cannot be stopped); off: never. Compiling is paid out of the run's time")
 
     def data_flags(sp):
         sp.add_argument("--data-dir", default=None, help="folder holding the dataset in torchvision's layout "

@@ -52,6 +52,10 @@ COMPILE_AUTO_MIN_S = 600.0
 # in 9.5-67 s and their steps then ran at 0.48-0.89x of eager (docs/benchmarks.md): a CPU run would pay
 # up to a minute to learn that, so on a CPU only --compile on compiles.
 COMPILE_AUTO_DEVICES = ("cuda",)
+# compile="on" compiles a run with a time budget only when it has at least this long: a compilation cannot
+# be stopped, and took up to 67 s on a 2-core CPU and 31 s on an H100 (docs/benchmarks.md), so in a search
+# trial's slice or a final run's last seconds it would overrun the budget. Runs by epochs always compile.
+COMPILE_ON_MIN_S = 120.0
 COMPILE_MEASURE_STEPS = 16  # steps timed eager, then compiled, before "auto" keeps the faster
 COMPILE_MIN_SPEEDUP = 1.02  # compiled steps must time at least this much faster than eager ones to be kept
 
@@ -383,6 +387,11 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     if init_state is not None:
         model.load_state_dict(init_state)
     mode = compile_mode(compile)
+    compile_info = {"mode": mode, "compiled": mode == "on"}
+    if mode == "on" and seconds is not None and seconds < COMPILE_ON_MIN_S:
+        mode, compile_info = "off", {"mode": "on", "compiled": False,
+                                     "reason": f"a {seconds:.0f} s run is too short to compile in (a compilation "
+                                               f"cannot be stopped; on from {COMPILE_ON_MIN_S:.0f} s)"}
     step_model = fresh_compile(model) if mode == "on" else model  # shares model's parameters
     ema = EMA(model, tc.ema) if tc.ema else None
     if teacher is not None:
@@ -397,7 +406,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     steps_per_epoch = n // bs  # drop the last partial batch: one compiled shape, unbiased BN statistics
     total_steps = max(1, round(epochs * steps_per_epoch)) if epochs is not None else None
     auto = AutoCompile(bs, device) if mode == "auto" else None
-    compile_info = auto.info if auto is not None else {"mode": mode, "compiled": mode == "on"}
+    compile_info = auto.info if auto is not None else compile_info
 
     history: list[dict] = []
     marks = [(k + 1) / tc.eval_points for k in range(tc.eval_points)]

@@ -430,6 +430,7 @@ def test_compilation_is_paid_out_of_the_slice_and_left_out_of_the_rate(synthetic
         return forward
 
     monkeypatch.setattr(torch, "compile", slow_compile)
+    monkeypatch.setattr(bt, "COMPILE_ON_MIN_S", 0.0)  # a 4 s run stands in for a long one
     r = train_run(run_cfg(eval_points=2), synthetic_data, device="cpu", seconds=4.0, compile=True)
     assert r.status == COMPLETE and len(compiled) == r.steps  # every training step ran the compiled model
     assert r.first_step_s >= 1.5  # what compilation cost is reported ...
@@ -437,6 +438,18 @@ def test_compilation_is_paid_out_of_the_slice_and_left_out_of_the_rate(synthetic
     # the rate is the compiled model's steady rate after step 1: at least the images of the later steps
     # over the run's time less the 1.5 s (diluted by it, it would be under steps * 64 / seconds)
     assert r.images_per_s >= (r.steps - 1) * 64 / (r.seconds - 1.5)
+
+
+def test_compile_on_leaves_a_run_too_short_to_compile_in_eager_and_says_why(synthetic_data, monkeypatch):
+    """A compilation cannot be stopped (up to 67 s on a CPU, 31 s on an H100): --compile on in a search
+    trial's slice, or in a final run's last seconds, would overrun the budget. A run with a time budget
+    under COMPILE_ON_MIN_S trains eager and records why; a run by epochs has no deadline, and compiles."""
+    calls = spy_compile(monkeypatch)
+    r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", seconds=1.0, compile="on")
+    assert r.status == COMPLETE and calls == [] and r.compile["compiled"] is False
+    assert f"on from {bt.COMPILE_ON_MIN_S:.0f} s" in bt.compile_note(r.compile)
+    r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=0.2, compile="on")
+    assert r.status == COMPLETE and len(calls) == r.steps and r.compile["compiled"] is True
 
 
 def spy_compile(monkeypatch, delay_s: float = 0.0, fail: bool = False) -> list[int]:
