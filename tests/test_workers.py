@@ -124,6 +124,26 @@ def test_a_trial_ended_by_another_worker_while_it_ran_leaves_its_worker_searchin
     assert "ended by another worker" in lines.getvalue()
 
 
+def test_a_worker_still_running_past_the_deadline_is_killed_and_its_trial_failed(tmp_path):
+    """A worker whose process hangs (a driver call that never returns, say) must not hold the leader's
+    final phase past the budget: once overdue it is killed, its trial failed with the reason."""
+    study = optuna.create_study(study_name="s", storage=make_storage(f"sqlite:///{tmp_path / 's.db'}"),
+                                direction="maximize")
+    stuck = study.ask()
+    stuck.set_user_attr("worker", 1)
+    pool = workers.Workers.__new__(workers.Workers)  # the leader's bookkeeping, over a process that never ends
+    pool.procs, pool.ended = {1: subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])}, {}
+    notes, t0 = [], time.perf_counter()
+    try:
+        pool.wait(study, stop=lambda: False, note=notes.append, overdue=lambda: time.perf_counter() - t0 > 0.5)
+    finally:
+        pool.procs[1].kill()
+    assert time.perf_counter() - t0 < 30 and pool.procs[1].returncode == -signal.SIGKILL
+    assert any("still running past the search phase's deadline" in n for n in notes), notes
+    failed = study._storage.get_trial(stuck._trial_id)
+    assert failed.state == TrialState.FAIL and "killed by signal 9" in failed.user_attrs["reason"]
+
+
 def test_a_worker_clock_counts_from_the_session_anchor():
     leader = Clock(100.0, 12.0, time.perf_counter() - 3.0)  # 12 s from earlier runs, 3 s of this one
     joined = Clock.from_anchor(100.0, 12.0, leader.anchor())

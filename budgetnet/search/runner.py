@@ -62,7 +62,15 @@ from budgetnet.search.final import (
 from budgetnet.search.report import Reporter
 from budgetnet.search.space import suggest_config, suggest_grid_config, warm_start
 from budgetnet.search.trial import MIN_EPOCHS_PER_TRIAL, REPORT_STEPS, run_trial
-from budgetnet.search.workers import Lease, Workers, fail_orphans, new_session, split_resources, wait_ready
+from budgetnet.search.workers import (
+    LEASE_TTL_S,
+    Lease,
+    Workers,
+    fail_orphans,
+    new_session,
+    split_resources,
+    wait_ready,
+)
 from budgetnet.train import measure_rate
 
 
@@ -578,7 +586,10 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         elif searching:
             _search_phase(study, objective, fits, interrupt)
         if workers is not None:
-            workers.wait(study, interrupt.event.is_set, reporter.message)
+            # past the trials' own deadline and a lease's lifetime (the budget at the latest), a worker still
+            # running is stuck
+            overdue_at = min(trial_deadline(search_end, slice_s, opts.budget_seconds) + LEASE_TTL_S, opts.budget_seconds)
+            workers.wait(study, interrupt.event.is_set, reporter.message, overdue=lambda: clock.used() > overdue_at)
             # Every worker has ended: a trial still RUNNING is one that a dead process left behind.
             fail_orphans(study, stale_only=False)
         lease.stop()

@@ -209,13 +209,23 @@ class Workers:
                 notes.append(f"worker {index} (pid {p.pid}) {how}; the search goes on")
         return notes
 
-    def wait(self, study: optuna.Study, stop: Callable[[], bool], note: Callable[[str], None]) -> None:
-        """Wait for every worker to end (they stop when no full slice fits), forwarding a stop once."""
-        forwarded = False
+    def wait(self, study: optuna.Study, stop: Callable[[], bool], note: Callable[[str], None],
+             overdue: Callable[[], bool] = lambda: False) -> None:
+        """Wait for every worker to end (they stop when no full slice fits), forwarding a stop once. A worker
+        still running once ``overdue()`` (its trials stop themselves well before) is stuck: it is killed,
+        and its trial failed, so that it cannot hold the final phase past the budget."""
+        forwarded = killed = False
         while len(self.ended) < len(self.procs):
             if stop() and not forwarded:
                 self.signal(signal.SIGINT)
                 forwarded = True
+            if not killed and overdue():
+                for index, p in self.procs.items():
+                    if index not in self.ended and p.poll() is None:
+                        note(f"worker {index} (pid {p.pid}) is still running past the search phase's deadline; "
+                             "killing it")
+                self.signal(signal.SIGKILL)
+                killed = True
             for line in self.reap(study):
                 if not forwarded:  # after a stop, an exit status is the stop's, not news
                     note(line)
