@@ -171,6 +171,72 @@ def test_the_second_run_loads_the_cache_and_a_changed_file_rebuilds_it(split_fol
     assert changed[i, 0].float().mean() > 250 and changed[i, 1:].float().mean() < 5
 
 
+def test_a_damaged_cache_is_rebuilt_not_a_crash(split_folder, tmp_path):
+    """A cache cut short (a partial copy, a disk fault) is no zip archive: rebuilt like a stale one."""
+    data = tmp_path / "photos"
+    shutil.copytree(split_folder, data)
+    first = load_test(_name(data))[0].images  # built, or copied fresh
+    (cache,) = _caches(data)
+    cache.write_bytes(cache.read_bytes()[:1000])
+    assert torch.equal(load_test(_name(data))[0].images, first)
+    assert cache.stat().st_size > 1000
+
+
+def test_deep_and_float_grayscale_images_are_scaled_not_clipped(tmp_path):
+    """16-bit PNG/TIFF, 32-bit integer and float TIFF (microscopy, medical, thermal images): Pillow's
+    convert("L") clips them (a 16-bit ramp came out 99% white, a float image in [0, 1] all black)."""
+    from budgetnet.decode import decode_image
+
+    ramp = np.arange(64 * 64).reshape(64, 64) / (64 * 64 - 1)  # 0..1, left to right then down
+    cases = {"16bit.png": Image.fromarray((ramp * 65535).astype(np.uint16)),
+             "float.tif": Image.fromarray(ramp.astype(np.float32), "F"),
+             "int32.tif": Image.fromarray((ramp * 4_000_000 - 1_000_000).astype(np.int32), "I")}
+    eight = None
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+        a = decode_image(str(tmp_path / name), 32)
+        assert a is not None and a.dtype == np.uint8 and a.shape == (32, 32), name
+        assert a.min() < 10 and a.max() > 245 and (a == 255).mean() < 0.01, (name, a.min(), a.max())
+        eight = a if eight is None else eight
+        assert np.abs(a.astype(int) - eight.astype(int)).max() <= 2, name  # the same ramp, whatever the depth
+
+
+def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
+    """A phone stores a portrait photo landscape and tags it "rotate 90° clockwise" (orientation 6)."""
+    from budgetnet.decode import decode_image
+
+    img = Image.new("RGB", (40, 20))
+    img.paste((255, 0, 0), (0, 0, 20, 20))  # red on the left as stored: on top once turned upright
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "portrait.jpg", exif=exif)
+    a = decode_image(str(tmp_path / "portrait.jpg"), 16).astype(float)
+    assert a[:4, :, 0].mean() > 200 and a[-4:, :, 0].mean() < 50  # red above, black below
+
+
+def test_a_dangling_link_is_an_unreadable_image_and_an_unreadable_folder_one_line(tmp_path, caplog, capsys,
+                                                                                monkeypatch):
+    root = tmp_path / "photos"
+    write_image_folder(root, {"": 30})
+    (root / "ants" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with caplog.at_level("WARNING"):
+        info = dataset_info(_name(root))
+    assert info.train_size > 0 and "skipped 1 unreadable image(s) of 91" in caplog.text and "gone.jpg" in caplog.text
+    locked = root / "bees" / "more"
+    locked.mkdir()
+    real_scandir = os.scandir
+
+    def no_permission(path):  # what chmod 0 does to anyone but root (the tests may run as root)
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(folder.os, "scandir", no_permission)
+    code = main(["datasets", _name(root)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"cannot read folder {locked}" in err[0], err
+
+
 def test_loading_a_folder_scans_its_files_once(split_folder, monkeypatch):
     load_data(DataConfig(dataset=_name(split_folder)))  # the cache is built (or found) first
     scans = []
