@@ -7,6 +7,8 @@ folder and renamed into place, so a crash never leaves a half-written ``best.pt`
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -54,13 +56,19 @@ def save_checkpoint(path: str | os.PathLike, cfg: RunConfig, state_dict: dict, *
     return write_atomic(path, lambda f: torch.save(payload, f))
 
 
+REQUIRED = {"state_dict": dict, "metrics": dict, "n_params": int, "flops": int, "train_seconds": float,
+            "extra": dict}  # what every reader of a checkpoint relies on, beside its config and its input
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read and validate a checkpoint; adds ``run_config`` (a RunConfig). Raises CheckpointError."""
+    """Read and validate a checkpoint; adds ``run_config`` (a RunConfig) and ``sha256``, the hash of the
+    very bytes read (a search may replace the file while it is evaluated). Raises CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        raw = path.read_bytes()  # a model under the cap is a few MB: read once, hashed and loaded alike
+        ckpt = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickle with code in it: all refused here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable budgetnet checkpoint ({first[:160]})") from None
@@ -71,8 +79,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                               f"supported (this budgetnet reads version {FORMAT_VERSION})")
     try:
         ckpt["run_config"] = RunConfig.from_json(ckpt["config"])
-    except (KeyError, ConfigError) as e:
+    except (KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{path}: checkpoint config is invalid ({e})") from None
+    for key, kind in REQUIRED.items():
+        if not isinstance(ckpt.get(key), kind if kind is not float else (int, float)):
+            raise CheckpointError(f"{path}: checkpoint has no valid {key!r}")
+    ckpt["sha256"] = hashlib.sha256(raw).hexdigest()
     return ckpt
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,7 +41,8 @@ def test_metrics(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
                  device: torch.device, num_classes: int, batch_size: int = 1024) -> dict:
     """Top-1, top-5, mean loss and the confusion matrix (rows: true class, columns: predicted), in the
     precision of the model's weights; and ``top1_flip``, the top-1 of the mean of the logits over each image
-    and its horizontal mirror (test-time flip averaging), kept apart from the plain numbers."""
+    and its horizontal mirror (test-time flip averaging), kept apart from the plain numbers. With 5 classes
+    or fewer top-5 is 100% by construction: it is None then."""
     loss_sum, top1, top5, top1_flip = 0.0, 0, 0, 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     k = min(5, num_classes)
@@ -55,8 +58,14 @@ def test_metrics(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
         top1_flip += ((logits + mirrored).argmax(1) == y).sum().item()  # the mean's argmax: the sum's
         confusion += torch.bincount(y * num_classes + topk[:, 0], minlength=num_classes**2).view_as(confusion)
     n = len(labels)
-    return {"top1": top1 / n, "top5": top5 / n, "loss": loss_sum / n, "top1_flip": top1_flip / n,
-            "confusion": confusion.cpu()}
+    return {"top1": top1 / n, "top5": top5 / n if num_classes > 5 else None, "loss": loss_sum / n,
+            "top1_flip": top1_flip / n, "confusion": confusion.cpu()}
+
+
+def class_accuracy(confusion: torch.Tensor) -> torch.Tensor:
+    """Each class's test accuracy from the confusion matrix's rows; NaN for a class with no test image (a
+    small folder's split can leave one without), which is then no class's worst and no part of a mean."""
+    return confusion.diag().double() / confusion.sum(1).double()
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -124,13 +133,14 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
     normalize = normalizer(info, device, memory_format(device))
     m = test_metrics(model, test.images, test.labels, normalize, device, len(classes))
     confusion = m.pop("confusion")
-    per_class = (confusion.diag().float() / confusion.sum(1).clamp(min=1).float()).tolist()
-    worst = sorted(range(len(classes)), key=lambda c: per_class[c])[:5]
+    per_class = class_accuracy(confusion).tolist()
+    worst = sorted((c for c in range(len(classes)) if not math.isnan(per_class[c])), key=lambda c: per_class[c])[:5]
     off_diag = confusion.clone().fill_diagonal_(0)
     pairs = torch.topk(off_diag.flatten(), min(5, off_diag.numel())).indices.tolist()
     n_params = count_params(cfg.model, info.shape)
     report = {
         "checkpoint": str(path),
+        "checkpoint_sha256": ckpt["sha256"],  # of the bytes evaluated, whatever has replaced the file since
         "dataset": dataset or cfg.data.dataset,
         "test_images": len(test),
         **m,
@@ -146,6 +156,7 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
         "latency": [measure_latency(model, (info.channels, info.image_size, info.image_size), device, bs,
                                     repeats=latency_repeats) for bs in (1, 256)],
         "worst_classes": [{"class": classes[c], "accuracy": per_class[c]} for c in worst],
+        "classes_without_test_images": [classes[c] for c in range(len(classes)) if math.isnan(per_class[c])],
         "top_confusions": [{"true": classes[i // len(classes)], "predicted": classes[i % len(classes)],
                             "count": int(off_diag.flatten()[i])} for i in pairs if off_diag.flatten()[i] > 0],
         "train_seconds": ckpt["train_seconds"],
@@ -176,10 +187,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def save_evaluation(report: dict) -> Path:
-    """Write ``report`` beside its checkpoint (``evaluation_path``), atomically, with the checkpoint's
-    SHA-256, so that ``budgetnet report`` shows its test accuracy only while the file is the one evaluated."""
-    data = {**report, "checkpoint_sha256": file_sha256(report["checkpoint"])}
-    return write_atomic(evaluation_path(report["checkpoint"]), lambda f: f.write(json.dumps(data, indent=2).encode()))
+    """Write ``report`` beside its checkpoint (``evaluation_path``), atomically. It carries the SHA-256 of
+    the bytes it evaluated, so that ``budgetnet report`` shows its test accuracy only while the file is
+    those bytes."""
+    return write_atomic(evaluation_path(report["checkpoint"]), lambda f: f.write(json.dumps(report, indent=2).encode()))
 
 
 def _pyplot():
@@ -196,7 +207,7 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], out: Path) -> Pa
     plt = _pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
     norm = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1).float()
-    per_class = norm.diag().numpy()
+    per_class = class_accuracy(confusion).numpy()  # NaN: no test image (no bar, left out of the mean)
     n = len(classes)
     size = max(6.0, min(24.0, n * 0.22))
     fig, (ax, bars) = plt.subplots(1, 2, sharey=True, figsize=(size * 1.3, size), layout="constrained",
@@ -210,14 +221,17 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], out: Path) -> Pa
     ax.set_title("confusion (row-normalised)")
     fig.colorbar(im, ax=[ax, bars], fraction=0.04, label="share of the true class's images")
     # Bars on the rows' own y positions: a class's accuracy sits beside its row of confusions.
-    bars.barh(range(n), per_class, height=0.8, color=plt.cm.viridis(per_class))
-    bars.axvline(per_class.mean(), color="grey", linestyle="--", linewidth=1)
+    shown = np.nan_to_num(per_class)
+    mean = float(np.nanmean(per_class)) if not np.isnan(per_class).all() else 0.0
+    bars.barh(range(n), shown, height=0.8, color=plt.cm.viridis(shown))
+    bars.axvline(mean, color="grey", linestyle="--", linewidth=1)
     if n <= 30:
         for y, acc in enumerate(per_class):
-            bars.text(0.02, y, f"{acc:.0%}", va="center", fontsize=8, color="black" if acc > 0.5 else "white")
+            bars.text(0.02, y, "no test images" if np.isnan(acc) else f"{acc:.0%}", va="center", fontsize=8,
+                      color="black" if np.isnan(acc) or acc > 0.5 else "white")
     bars.set_xlim(0, 1)
     bars.set_xlabel("accuracy")
-    bars.set_title(f"per class\n(mean {per_class.mean():.0%}, dashed)")
+    bars.set_title(f"per class\n(mean {mean:.0%}, dashed)")
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
@@ -259,7 +273,8 @@ def format_report(r: dict) -> str:
     """Human-readable summary of ``evaluate_checkpoint``'s report."""
     lines = [
         f"{r['checkpoint']}  ({r['dataset']} test, {r['test_images']:,} images)",
-        f"  top-1 {r['top1']:.2%}   top-5 {r['top5']:.2%}   loss {r['loss']:.4f}   "
+        f"  top-1 {r['top1']:.2%}   " + (f"top-5 {r['top5']:.2%}   " if r["top5"] is not None else "")
+        + f"loss {r['loss']:.4f}   "
         f"(flip-averaged top-1 {r['top1_flip']:.2%}"
         + ("" if r.get("trained_with_flips", True) else "; trained without flips, so mirrored images are new to it")
         + ")",
@@ -271,6 +286,8 @@ def format_report(r: dict) -> str:
         lines.append(f"  batch {lat['batch_size']:>3} on {r['device']} in {r['precision']}: {lat['latency_ms']:.2f} ms, "
                      f"{lat['images_per_s']:,.0f} images/s")
     lines.append("  worst classes: " + ", ".join(f"{w['class']} {w['accuracy']:.0%}" for w in r["worst_classes"]))
+    if r.get("classes_without_test_images"):
+        lines.append("  no test images: " + ", ".join(r["classes_without_test_images"]))
     if r["top_confusions"]:
         lines.append("  most confused: " + ", ".join(
             f"{c['true']}->{c['predicted']} ({c['count']})" for c in r["top_confusions"][:3]))

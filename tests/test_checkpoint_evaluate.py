@@ -192,7 +192,8 @@ class _Evil:
         return (print, ("pwned",))
 
 
-@pytest.mark.parametrize("kind", ["missing", "random", "truncated", "not_budgetnet", "pickled_code", "bad_config"])
+@pytest.mark.parametrize("kind", ["missing", "random", "truncated", "not_budgetnet", "pickled_code", "bad_config",
+                                  "config_not_text", "no_param_count"])
 def test_bad_checkpoints_give_one_line_and_exit_2(tmp_path, capsys, kind):
     path = tmp_path / "bad.pt"
     if kind == "random":
@@ -207,6 +208,14 @@ def test_bad_checkpoints_give_one_line_and_exit_2(tmp_path, capsys, kind):
     elif kind == "bad_config":
         torch.save({"format": "budgetnet-checkpoint", "format_version": 1, "config": '{"model": {"family": "x"}}'},
                    path)
+    elif kind in ("config_not_text", "no_param_count"):  # hand-edited files
+        cfg, good, _ = _tiny_cifar_checkpoint(tmp_path)
+        raw = torch.load(good, weights_only=True)
+        if kind == "config_not_text":
+            raw["config"] = 5
+        else:
+            del raw["n_params"]
+        torch.save(raw, path)
     code = main(["evaluate", str(path), "--device", "cpu"])
     out = capsys.readouterr()
     assert code == 2
@@ -215,6 +224,38 @@ def test_bad_checkpoints_give_one_line_and_exit_2(tmp_path, capsys, kind):
     assert len(lines) == 1 and lines[0].startswith("budgetnet: error:") and "Traceback" not in out.err
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
+
+
+def test_a_saved_evaluation_names_the_bytes_it_evaluated_even_if_the_file_was_replaced_meanwhile(tmp_path,
+                                                                                                 monkeypatch):
+    """`budgetnet evaluate best.pt` while a search runs: the search may replace best.pt mid-evaluation. The
+    saved report must carry the hash of the model it scored, so that `budgetnet report` does not show that
+    model's accuracy as the new file's."""
+    cfg, path, _ = _tiny_cifar_checkpoint(tmp_path)
+    evaluated = hashlib.sha256(path.read_bytes()).hexdigest()
+    real = evaluate.test_metrics
+
+    def replaced_meanwhile(*a, **kw):
+        out = real(*a, **kw)
+        raw = torch.load(path, weights_only=True)
+        raw["metrics"]["val_acc"] = 0.99  # another model's file, say
+        torch.save(raw, path)
+        return out
+
+    monkeypatch.setattr(evaluate, "test_metrics", replaced_meanwhile)
+    report = evaluate_checkpoint(path, data_dir=tmp_path, device="cpu", latency_repeats=1)
+    saved = json.loads(evaluate.save_evaluation(report).read_text())
+    assert saved["checkpoint_sha256"] == evaluated != hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_class_with_no_test_image_is_no_worst_class_and_top5_needs_more_than_5_classes():
+    confusion = torch.tensor([[3, 1, 0], [0, 0, 0], [1, 0, 4]])  # class 1 has no test image
+    acc = evaluate.class_accuracy(confusion)
+    assert acc[0] == 0.75 and torch.isnan(acc[1]) and acc[2] == 0.8
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    images, labels = torch.zeros(6, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2])
+    m = evaluate.test_metrics(model, images, labels, lambda x: x.float(), torch.device("cpu"), 3)
+    assert m["top5"] is None and 0 <= m["top1"] <= 1  # top-5 of 3 classes would be 100% by construction
 
 
 def test_a_checkpoint_claiming_a_very_deep_net_is_refused_in_bounded_time(tmp_path, capsys, monkeypatch):

@@ -417,7 +417,8 @@ def _summary_html(s: dict, df: pd.DataFrame) -> str:
         cards.append("<div><h3>Best trial</h3><p>No trial has completed yet.</p></div>")
     ck = s.get("checkpoint")
     if ck:
-        test = (f"<b>{ck['test_top1']:.2%}</b> top-1, {ck['test_top5']:.2%} top-5 (in "
+        top5 = f", {ck['test_top5']:.2%} top-5" if ck.get("test_top5") is not None else ""
+        test = (f"<b>{ck['test_top1']:.2%}</b> top-1{top5} (in "
                 f"{esc(str(ck.get('evaluated_precision')))}, <code>{esc(ck['evaluation'])}</code>)"
                 if ck.get("test_top1") is not None else
                 f"not evaluated yet: <code>budgetnet evaluate {esc(ck['path'])}</code>")
