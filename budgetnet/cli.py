@@ -621,6 +621,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError, DatasetNotFound, CheckpointError, BudgetExceeded) as e:
         print(f"budgetnet: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's to fix, not a bug: a read-only --out, a busy port, a full disk
+        where = f": {e.filename}" if e.filename else ""
+        print(f"budgetnet: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("budgetnet: interrupted", file=sys.stderr)
         return 130

@@ -170,6 +170,8 @@ def _load_cifar(name: str, data_dir: Path, train: bool, download: bool):
         labels = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):
+            raise ValueError(f"labels run from {labels.min()} to {labels.max()}, for {len(classes)} classes")
     except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
         raise DatasetNotFound(f"{name} files under {root} are unreadable or corrupt: {e}") from None
     return images, labels, classes
@@ -274,6 +276,9 @@ def _load_fashion_mnist(data_dir: Path, train: bool, download: bool):
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetNotFound(f"{paths[0]} and {paths[1]} do not match: {images.shape} images, "
                               f"{labels.shape} labels")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < len(FASHION_MNIST_CLASSES):
+        raise DatasetNotFound(f"{paths[1]} is corrupt: labels run from {labels.min()} to {labels.max()}, for "
+                              f"{len(FASHION_MNIST_CLASSES)} classes")
     return images[:, None], labels, list(FASHION_MNIST_CLASSES)
 
 

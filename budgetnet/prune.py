@@ -188,6 +188,7 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None 
     report["pruned"] = measure(pruned, pruned_cfg, info, test, device, precision)
     state = {k: v.detach().clone().contiguous() for k, v in pruned.state_dict().items()}
     metrics, trained_s, trained_in = dict(ckpt["metrics"]), 0.0, ckpt.get("precision", "fp32")
+    trained_on = info  # the normalisation the weights last trained with: the file's, or the fine-tuning's data
     if seconds > 0:
         data = load_data(cfg.data, data_dir, device, download=download)
         tune_cfg = pruned_cfg.replace(train=dataclasses.replace(cfg.train, lr=cfg.train.lr * FINETUNE_LR_SCALE))
@@ -202,12 +203,13 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None 
         if result.status != COMPLETE:
             raise PruneError(f"fine-tuning ended {result.status} ({result.reason}); nothing written")
         state, metrics, trained_s, trained_in = result.state_dict, result.metrics, result.seconds, result.precision
+        trained_on = data.info
         report["finetune_seconds"] = result.seconds
     save_checkpoint(out, pruned_cfg, state, metrics=metrics, n_params=count_params(pruned_model_cfg, shape),
                     flops=count_flops(pruned_model_cfg, shape), classes=ckpt["classes"],
                     train_seconds=ckpt["train_seconds"] + trained_s, precision=trained_in,
                     extra={"phase": "prune", "pruned_from": str(path), "amount": amount,
-                           "finetune_seconds": trained_s})
+                           "finetune_seconds": trained_s}, info=trained_on)
     rebuilt = model_from_checkpoint(load_checkpoint(out))  # the numbers after are the file's own
     last = "finetuned" if seconds > 0 else "written"
     report[last], stages[last] = measure(rebuilt, pruned_cfg, info, test, device, precision), rebuilt

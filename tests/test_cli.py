@@ -144,6 +144,16 @@ def test_a_model_of_another_study_at_out_is_never_ranked_against_nor_overwritten
     assert (tmp_path / "best.pt").read_bytes() == before and not (tmp_path / "keep.db").exists()
 
 
+def test_a_place_the_machine_cannot_write_is_one_line_exit_2(tmp_path, capsys, stored_study):
+    """Not a mistake in a flag's value but the machine's to fix (a path through a file, a read-only or
+    full disk, a busy port): one line naming it, exit 2, no traceback."""
+    (tmp_path / "afile").write_text("")
+    storage, _ = stored_study
+    code = main(["report", "--storage", storage, "--out", str(tmp_path / "afile" / "report")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("budgetnet: error: Not a directory"), err
+
+
 def test_a_model_left_at_out_by_something_else_is_never_overwritten(tmp_path, capsys, stored_study):
     code = main(_search(tmp_path, "--hours", "0.01", "--max-params", "20k"))  # otherwise a valid command
     err = capsys.readouterr().err.strip().splitlines()

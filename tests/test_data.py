@@ -458,6 +458,13 @@ def test_image_label_count_mismatch_is_refused(tmp_path):
         load_data(DataConfig(dataset="fashion_mnist", val_size=2), tmp_path)
 
 
+def test_labels_outside_the_classes_are_a_corrupt_file_not_a_crash_later(tmp_path):
+    write_fashion_mnist(tmp_path, 12, 6)
+    write_idx(tmp_path / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte.gz", np.full(12, 10, np.uint8))
+    with pytest.raises(DatasetNotFound, match="labels run from 10 to 10, for 10 classes"):
+        load_data(DataConfig(dataset="fashion_mnist", val_size=2), tmp_path)
+
+
 def test_fashion_files_are_not_mixed_across_folders(tmp_path, monkeypatch):
     debian = tmp_path / "debian"
     for prefix, n in (("train", 30), ("t10k", 30)):

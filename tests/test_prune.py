@@ -173,6 +173,26 @@ def test_prune_command_fine_tunes_writes_a_checkpoint_evaluate_reads(checkpoints
     assert not torch.allclose(tuned["0.weight"], first)
 
 
+def test_a_pruned_file_records_the_normalisation_its_weights_trained_with(checkpoints, tmp_path, monkeypatch):
+    """Without fine-tuning, the pruned weights are the original's: the file keeps the original's recorded
+    input and normalisation (a folder dataset's images may have changed since, and scanning it again
+    could re-decode it), not the dataset's of today."""
+    import budgetnet.checkpoint as bc
+
+    raw = torch.load(checkpoints["plain"], weights_only=True)
+    raw["normalization"] = {"mean": [0.25] * SHAPE.channels, "std": [0.5] * SHAPE.channels}  # as trained then
+    source = tmp_path / "trained.pt"
+    torch.save(raw, source)
+
+    def no_lookup(*a, **k):
+        raise AssertionError("the dataset was looked up again")
+
+    monkeypatch.setattr(bc, "dataset_info", no_lookup)
+    out = tmp_path / "pruned.pt"
+    assert main(["prune", str(source), "--amount", "0.3", "--seconds", "0", "--out", str(out), "--device", "cpu"]) == 0
+    assert torch.load(out, weights_only=True)["normalization"] == raw["normalization"]
+
+
 @pytest.mark.parametrize("args, says", [
     (["--amount", "1.5"], "between 0 and 1"),
     (["--amount", "0.3", "--max-params", "1000"], "not allowed with"),
