@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -236,6 +237,45 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_dashboard_over_no_study_is_refused_and_creates_nothing(tmp_path, capsys):
+    code = main(["dashboard", "--storage", f"sqlite:///{tmp_path / 'none.db'}", "--artifact-dir",
+                 str(tmp_path / "art")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no study storage at" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_storage_flag_names_and_what_a_user_can_feed_back(tmp_path, capsys, stored_study):
+    """--version; an unwritable --storage is named as --storage, not --out; a search's best.json trains as a
+    config; a model of another study at --out that the storage still holds names --study-name to go on."""
+    import stat
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip().startswith("budgetnet ")
+    assert main(_search(tmp_path, "--storage", "sqlite:////proc/budgetnet/s.db")) == 2
+    assert "cannot write --storage /proc/budgetnet/s.db" in capsys.readouterr().err
+    # best.json, as a search writes it beside best.pt (its config under "config")
+    cfg = {"model": {"family": "plain", "n_conv": 2, "width": 8, "hidden": [16]}, "data": {"dataset": "synthetic"}}
+    (tmp_path / "best.json").write_text(json.dumps({"best_trial": 3, "config": cfg, "study": "s"}))
+    assert main(["train", "--config", str(tmp_path / "best.json"), "--epochs", "0.1", "--out",
+                 str(tmp_path / "t.pt"), "--device", "cpu"]) == 0
+    mode = stat.S_IMODE((tmp_path / "t.pt").stat().st_mode)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # written through a temp file, yet with a plain file's mode
+    # a model of the stored study "keep" at --out, and a command whose default study name differs
+    from budgetnet.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "t.pt")
+    save_checkpoint(tmp_path / "best.pt", ckpt["run_config"], ckpt["state_dict"], metrics={}, n_params=1, flops=1,
+                    classes=ckpt["classes"], train_seconds=1.0, precision="fp32",
+                    extra={"phase": "search", "study": "keep", "trial": 0})
+    capsys.readouterr()
+    assert main(_search(tmp_path, "--hours", "0.01")) == 2
+    assert "--study-name keep goes on with that study" in capsys.readouterr().err
 
 
 def test_dashboard_serves_the_study_on_localhost(tmp_path):

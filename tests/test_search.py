@@ -344,6 +344,16 @@ def test_no_final_phase_keeps_the_best_trial_model(tmp_path, slice_s, monkeypatc
     (warning,) = [line for line in out.getvalue().splitlines() if "near chance" in line]
     assert f"best trial ({summary['best_trial']}) scored {summary['best_val_acc']:.1%}" in warning
     assert "(10.0% for 10 classes)" in warning
+    # the same command again: its search is over and no final phase comes, so none of the budget is spent
+    def used() -> float:
+        return optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp_path / 'study.db'}"
+                                 ).user_attrs["seconds_used"]
+
+    before = used()
+    again = run_search(_opts(tmp_path, slice_s, final_fraction=0.0, budget_seconds=4 * slice_s), Reporter("quiet"),
+                       started=time.perf_counter() - 5.0)  # as if its start-up had taken 5 s
+    assert again["checkpoint_phase"] == "search" and again["best_trial"] == summary["best_trial"]
+    assert used() == before and again["seconds_used"] == pytest.approx(before, abs=0.5)
 
 
 def test_a_best_trial_near_chance_is_named_before_its_model_is_written():

@@ -508,11 +508,14 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
     for key, value in (("budget_seconds", opts.budget_seconds), ("max_params", opts.max_params),
                        ("dataset", opts.dataset), ("image_size", opts.image_size), ("precision", precision)):
         study.set_user_attr(key, value)
-    # A study whose final phase is done, with its best.pt in place: this run has nothing to do, and spends
-    # none of the budget (a rerun to see the result must not add its start-up to the time used, nor
-    # save the clock). Otherwise the clock counts from the command's start and is saved at once, so that
-    # a kill -9 in the first seconds loses no more than one save interval of the accounting.
-    finished = bool(attrs.get("final_done")) and Path(opts.out).is_file()
+    # A study that is over, with its best.pt in place: its final phase done, or its search over with no
+    # final phase to come (--final-fraction 0, or one skipped as too short, under the same budget). This run
+    # has nothing to do and spends none of the budget (a rerun to see the result must not add its start-up
+    # to the time used, nor save the clock). Otherwise the clock counts from the command's start and is
+    # saved at once, so that a kill -9 in the first seconds loses no more than one save interval of it.
+    same_budget = math.isclose(attrs.get("budget_seconds", -1.0), opts.budget_seconds)
+    no_final = attrs.get("phase") == "final" and same_budget and (opts.final_fraction == 0 or "final_skipped" in attrs)
+    finished = bool(attrs.get("final_done") or no_final) and Path(opts.out).is_file()
     clock = Clock(opts.budget_seconds, used_before, time.perf_counter() if finished else started,
                   None if finished else study,
                   save_every=clamp(CLOCK_SAVE_SHARE * opts.budget_seconds, CLOCK_SAVE_MIN_S, CLOCK_SAVE_MAX_S))
@@ -605,12 +608,13 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         if best is not None and (warning := near_chance(best, num_classes)):
             reporter.message(warning)
         final_metrics: dict = {}
-        if finished:
-            checkpoint_phase = "final"  # an earlier run of this command finished; nothing left to do
+        if finished:  # an earlier run of this command finished; nothing left to do
+            checkpoint_phase = "final" if study.user_attrs.get("final_done") else checkpoint_phase
         elif best is not None and opts.final_fraction > 0 and not interrupt.event.is_set():
             too_short = final_too_short(best, clock.left() - WRITE_RESERVE_S, final_images, opts.out)
             if too_short:
                 reporter.message(too_short)
+                study.set_user_attr("final_skipped", too_short)
             else:
                 objective.data = data = None  # free the search split before loading train+validation
                 gc.collect()

@@ -86,18 +86,24 @@ def _local_path(url: str) -> Path | None:
     return None
 
 
-def open_study(url: str, name: str | None = None) -> optuna.Study:
-    """Load a study for reading. Without ``name``, the storage's only study. Raises ReportError (one
-    line) for a storage file that does not exist, which is not created, or a study that is not in it."""
+def study_names(url: str) -> list[str]:
+    """The names of the studies in storage ``url``. Raises ReportError (one line) for a storage file that
+    does not exist, which is not created, or one Optuna cannot read."""
     path = _local_path(url)
     if path is not None and not path.is_file():
         raise ReportError(f"no study storage at {path} (--storage {url})")
     try:
-        storage = make_storage(url)
-        names = [s.study_name for s in storage.get_all_studies()]
+        return [s.study_name for s in make_storage(url).get_all_studies()]
     except Exception as e:  # noqa: BLE001 - not a database optuna can read: say so in one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ReportError(f"cannot read --storage {url}: {first[:200]}") from None
+
+
+def open_study(url: str, name: str | None = None) -> optuna.Study:
+    """Load a study for reading. Without ``name``, the storage's only study. Raises ReportError (one
+    line) for a storage file that does not exist, which is not created, or a study that is not in it."""
+    names = study_names(url)
+    storage = make_storage(url)
     if not names:
         raise ReportError(f"--storage {url} holds no study")
     if name is None:
