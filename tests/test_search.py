@@ -74,6 +74,18 @@ def test_largest_width_equals_a_full_scan(a, b, c, kink, jump, cap, limit):
     assert _largest(count, cap, limit) == expected
 
 
+def test_the_width_bound_is_counted_once_per_shape_of_net_whatever_its_dropout_and_init():
+    """Dropout and the initialiser change no count, so configs that differ only in them share one bound."""
+    from budgetnet.search.space import _fit_width
+
+    max_width.cache_clear()
+    base = PlainConfig(n_conv=3, hidden=(128,))
+    widths = {_fit_width(dataclasses.replace(base, dropout=d, init=i), CIFAR, 1e5, None, 0.5).width
+              for d in (0.0, 0.13, 0.29) for i in ("default", "kaiming")}
+    info = max_width.cache_info()
+    assert len(widths) == 1 and info.misses == 1 and info.hits == 5
+
+
 @pytest.mark.parametrize("cfg", [ResNetConfig(depths=(5, 5, 5)), PlainConfig(width_pattern="halving", n_conv=4),
                                  MobileNetConfig(), PlainConfig(hidden=(256,), n_conv=2)],
                          ids=["resnet32", "plain-halving", "mobilenet", "plain-hidden"])
