@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 
 import numpy as np
@@ -332,6 +334,35 @@ def test_each_compilation_starts_from_cleared_dynamo_caches():
         model = build_model(PlainConfig(n_conv=1, width=2 + k, hidden=()), shape)
         bt.fresh_compile(model, backend=backend)(x)
         assert len(compiled) == k + 1, f"net {k + 1} ran uncompiled"
+
+
+@pytest.mark.timing
+def test_priming_pays_a_process_first_optimizer_steps_outside_the_first_run(tmp_path):
+    """A fresh process's first optimizer steps carry torch's one-off set-up (1.4-2.2 s on a 2-core CPU). A
+    search worker, a grid study and a Ray actor prime first, so that their first trial's slice and schedule
+    do not pay it: after priming, a first run's first step costs a fraction of what priming did."""
+    import subprocess
+    import sys
+
+    code = """
+import json, time
+from budgetnet.config import DataConfig, PlainConfig, RunConfig, TrainConfig
+from budgetnet.data import load_data
+from budgetnet.train import prime_optimizers, train_run
+data = load_data(DataConfig(dataset="synthetic"), device="cpu")
+t = time.perf_counter()
+prime_optimizers()
+primed = time.perf_counter() - t
+cfg = RunConfig(model=PlainConfig(n_conv=2, width=8, hidden=(32,)), train=TrainConfig(batch_size=64, lr=0.05),
+                data=DataConfig(dataset="synthetic"))
+r = train_run(cfg, data, device="cpu", epochs=0.1)
+print(json.dumps({"primed": primed, "first_step": r.first_step_s}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    t = json.loads(out.stdout.strip().splitlines()[-1])
+    assert t["first_step"] < 0.5 * t["primed"], t
 
 
 def test_exactly_one_budget():

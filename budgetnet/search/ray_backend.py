@@ -52,6 +52,7 @@ from budgetnet.device import set_memory_share
 from budgetnet.search.clock import SLICE_GRACE, Clock, slice_fits, trial_deadline
 from budgetnet.search.final import keep_if_best
 from budgetnet.search.trial import REPORT_STEPS, guard, run_trial
+from budgetnet.train import prime_optimizers
 
 METRIC = "val_acc"  # what every report carries and the scheduler compares
 MARKS = 10  # reports per full trial: TrainConfig.eval_points, at 10%, 20%, ... 100% of the slice
@@ -116,6 +117,7 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
     import torch
 
     torch.set_num_threads(max(1, int(ctx.cpus)))
+    prime_optimizers()  # an actor's first trial would pay it out of its slice (later ones: nothing)
     device = ctx.device
     if device.startswith("cuda"):
         device = "cuda"  # Ray shows the trial only the GPU it was given

@@ -71,7 +71,7 @@ from budgetnet.search.workers import (
     split_resources,
     wait_ready,
 )
-from budgetnet.train import measure_rate
+from budgetnet.train import measure_rate, prime_optimizers
 
 
 @dataclass
@@ -553,6 +553,8 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
             split_resources(opts.device, opts.workers)  # before the probe: it measures one worker's share
             if opts.workers > 1 and opts.backend == "optuna":  # they start up while this process probes
                 interrupt.forward = workers = Workers(opts, study_name, opts.workers, session, reporter.mode)
+        if searching and not sample:  # no probe to pay the first steps' one-off cost: the first trial would
+            prime_optimizers()
         if searching and sample:  # the speed probe only matters when trials will be sampled
             images_per_s = probe_speed(data, opts.device, probe_s, precision=precision,
                                        stop=lambda: interrupt.event.is_set() or clock.tick())
@@ -672,6 +674,7 @@ def run_worker(opts: SearchOptions, study_name: str, index: int, n: int, leader:
         clock = Clock.from_anchor(opts.budget_seconds, attrs["session_used_before"], attrs["session_started_at"],
                                   study, save_every=save_every)
         data = load_data(DataConfig(dataset=opts.dataset, image_size=opts.image_size), opts.data_dir, opts.device, download=opts.download)
+        prime_optimizers()  # while the leader probes: not out of this worker's first slice
         attrs = wait_ready(study, session, leader, stop=interrupt.event.is_set)
         if attrs is None:  # the leader is gone, a stop, or a newer command owns the study
             return 0
