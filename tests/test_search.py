@@ -74,6 +74,18 @@ def test_largest_width_equals_a_full_scan(a, b, c, kink, jump, cap, limit):
     assert _largest(count, cap, limit) == expected
 
 
+def test_each_optimizer_samples_weight_decay_in_its_own_range():
+    """SGD's coupled weight decay and AdamW's decoupled one differ ~100-1000x in effect per number: a shared
+    range left AdamW trials all but unregularised."""
+    decays = {"sgd": [], "adamw": []}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(60):
+        cfg = suggest_config(study.ask(), CIFAR, 1e5, DataConfig(dataset="synthetic"))
+        decays[cfg.train.optimizer].append(cfg.train.weight_decay)
+    assert decays["sgd"] and decays["adamw"]
+    assert all(1e-5 <= d <= 2e-3 for d in decays["sgd"]) and all(5e-3 <= d <= 0.2 for d in decays["adamw"])
+
+
 def test_the_width_bound_is_counted_once_per_shape_of_net_whatever_its_dropout_and_init():
     """Dropout and the initialiser change no count, so configs that differ only in them share one bound."""
     from budgetnet.search.space import _fit_width

@@ -177,7 +177,10 @@ def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: D
     train = TrainConfig(
         optimizer=optimizer, lr=lr,
         momentum=trial.suggest_float("momentum", 0.8, 0.95),
-        weight_decay=trial.suggest_float("weight_decay", 1e-5, 2e-3, log=True),
+        # SGD's decay is coupled (scaled by lr in the step); AdamW's is decoupled, decay * lr a step, so the
+        # same number regularises ~100-1000x less there (Loshchilov & Hutter 2019): a range of its own
+        weight_decay=(trial.suggest_float("weight_decay", 1e-5, 2e-3, log=True) if optimizer == "sgd"
+                      else trial.suggest_float("adamw_weight_decay", 5e-3, 0.2, log=True)),
         batch_size=batch_size,
         warmup=trial.suggest_float("warmup", 0.0, 0.2),
         schedule=trial.suggest_categorical("schedule", ("onecycle", "cosine", "linear", "step")),
