@@ -885,7 +885,7 @@ def test_a_run_without_validation_scores_its_fit_on_a_sample_of_its_training_ima
 
 @pytest.mark.parametrize("optimizer, rule", [("sgd", lambda r: r), ("adamw", math.sqrt)])
 def test_the_sampled_lr_scales_with_the_sampled_batch(optimizer, rule):
-    params = {**WARM_START, "optimizer": optimizer, f"{optimizer}_lr_128": 0.02}
+    params = {**WARM_START, "optimizer": optimizer, f"{optimizer}_lr_128": 0.02, "adamw_weight_decay": 0.05}
     lrs = {}
     for batch in (64, 128, 512):
         cfg = suggest_config(optuna.trial.FixedTrial({**params, "batch_size": batch}), CIFAR, 1e6, DataConfig())
