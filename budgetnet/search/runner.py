@@ -379,6 +379,13 @@ def _check_same_study(url: str, name: str, opts: SearchOptions) -> None:
                             f"{flag} {old_s}, or give a new --study-name")
 
 
+def error_line(e: BaseException) -> str:
+    """The first line of an error (or of the error that caused it), at most 200 characters: what a one-line
+    message quotes of a library's exception."""
+    cause = e.__cause__ or e
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+
+
 @contextlib.contextmanager
 def storage_errors(url: str):
     """Whatever opening ``--storage`` raises, but a KeyError (no such study), as one-line ``StorageError``:
@@ -388,10 +395,8 @@ def storage_errors(url: str):
     except KeyError:
         raise
     except Exception as e:  # noqa: BLE001 - each is the user's to fix, in one line
-        cause = e.__cause__ or e
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         kind = "an Optuna journal file" if "://" not in url else "a study database"
-        raise StorageError(f"cannot use --storage {url} as {kind}: {first[:200]}") from None
+        raise StorageError(f"cannot use --storage {url} as {kind}: {error_line(e)}") from None
 
 
 def _open_study(opts: SearchOptions, study_name: str, seed: int) -> optuna.Study:

@@ -35,7 +35,7 @@ from budgetnet.checkpoint import CheckpointError, load_checkpoint
 from budgetnet.config import ConfigError
 from budgetnet.evaluate import evaluation_path, file_sha256
 from budgetnet.files import write_atomic
-from budgetnet.search.runner import REPORT_STEPS, make_storage
+from budgetnet.search.runner import REPORT_STEPS, error_line, make_storage
 
 # trials_dataframe() column -> the report's column. Trials written by another budgetnet version may lack
 # some of them: a missing one is an empty column, never an error.
@@ -86,24 +86,28 @@ def _local_path(url: str) -> Path | None:
     return None
 
 
-def study_names(url: str) -> list[str]:
-    """The names of the studies in storage ``url``. Raises ReportError (one line) for a storage file that
-    does not exist, which is not created, or one Optuna cannot read."""
+def _read_storage(url: str) -> tuple[optuna.storages.BaseStorage, list[str]]:
+    """Storage ``url``, opened once, and the names of its studies. Raises ReportError (one line) for a
+    storage file that does not exist, which is not created, or one Optuna cannot read."""
     path = _local_path(url)
     if path is not None and not path.is_file():
         raise ReportError(f"no study storage at {path} (--storage {url})")
     try:
-        return [s.study_name for s in make_storage(url).get_all_studies()]
+        storage = make_storage(url)
+        return storage, [s.study_name for s in storage.get_all_studies()]
     except Exception as e:  # noqa: BLE001 - not a database optuna can read: say so in one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ReportError(f"cannot read --storage {url}: {first[:200]}") from None
+        raise ReportError(f"cannot read --storage {url}: {error_line(e)}") from None
+
+
+def study_names(url: str) -> list[str]:
+    """The names of the studies in storage ``url`` (ReportError as ``_read_storage``)."""
+    return _read_storage(url)[1]
 
 
 def open_study(url: str, name: str | None = None) -> optuna.Study:
     """Load a study for reading. Without ``name``, the storage's only study. Raises ReportError (one
     line) for a storage file that does not exist, which is not created, or a study that is not in it."""
-    names = study_names(url)
-    storage = make_storage(url)
+    storage, names = _read_storage(url)
     if not names:
         raise ReportError(f"--storage {url} holds no study")
     if name is None:
@@ -117,9 +121,7 @@ def open_study(url: str, name: str | None = None) -> optuna.Study:
     try:
         study.get_trials(deepcopy=False)  # a damaged file fails here, in one line, not halfway through a report
     except Exception as e:  # noqa: BLE001
-        cause = e.__cause__ or e
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise ReportError(f"cannot read the trials of study {name!r} in {url}: {first[:200]}") from None
+        raise ReportError(f"cannot read the trials of study {name!r} in {url}: {error_line(e)}") from None
     return study
 
 
