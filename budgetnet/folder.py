@@ -12,8 +12,8 @@ at least the target size), ``ImageOps.fit`` resizes the shorter side to the targ
 longer one, in one process per core (``decode_images``; ``budgetnet.decode`` holds the per-image code). All images become
 grayscale (1 channel) when every one of them is, RGB (3) otherwise. The result, with the labels, class
 names, the training split's per-channel mean and std, and a fingerprint of the file list (paths, sizes,
-mtimes), is one ``.npz`` file beside the data (``studies/folder-cache/`` when the data folder is not
-writable), written to a temporary file and renamed. A run whose fingerprint matches loads it; any change
+mtimes), is one ``.npz`` file beside the data (in the user's cache folder, ``fallback_dir()``, when the data
+folder is not writable), written to a temporary file and renamed. A run whose fingerprint matches loads it; any change
 of the files rebuilds it. Names starting with "." are skipped when scanning, so the cache and the manifest
 are never read as images or classes.
 """
@@ -47,7 +47,8 @@ MAX_BAD_SHARE = 0.05  # unreadable images are skipped up to this share of the fi
 MAX_DEFAULT_VAL = 5_000  # the default validation hold-out is 10% of the training split, at most this
 CACHE_VERSION = 1  # bump when the cache's contents change meaning
 MANIFEST = ".budgetnet-split.json"
-FALLBACK_DIR = Path("studies/folder-cache")  # for data folders we may not write into
+CACHE_ENV = "BUDGETNET_CACHE_DIR"  # overrides where caches of read-only data folders go
+LEGACY_FALLBACK_DIR = Path("studies/folder-cache")  # where they went before: relative to the working directory, read only
 DECODE_WORKERS = min(32, os.cpu_count() or 1)  # decoding processes: one per core
 MIN_PARALLEL_IMAGES = 512  # fewer images decode in this process: a pool's start-up would cost more
 
@@ -161,9 +162,27 @@ def _check_classes(root: Path, classes: list[str]) -> None:
                               f"a classifier needs at least 2 (one folder of images per class)")
 
 
+def fallback_dir() -> Path:
+    """Where the cache and split manifest of a data folder we may not write into go: $BUDGETNET_CACHE_DIR,
+    else the user's cache folder ($XDG_CACHE_HOME or ~/.cache, then budgetnet/folder-cache). One place
+    whatever the working directory: a manifest found from one directory and not from another would split a
+    grown folder afresh there, and move images a model was tested on into its training split."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "budgetnet" / "folder-cache"
+
+
+def _beside_or_fallback(root: Path, beside: str, suffix: str) -> list[Path]:
+    """Where one of ``root``'s files may be: beside the data, under ``fallback_dir()``, or (read only) under
+    the working directory's ``studies/folder-cache/``, where earlier versions wrote it. Writers take the
+    first of these that can be written and never reach the last."""
+    key = f"{_root_key(root)}-{suffix}"
+    return [root / beside, fallback_dir() / key, LEGACY_FALLBACK_DIR / key]
+
+
 def _manifest_paths(root: Path) -> list[Path]:
-    """Where the split manifest may live: beside the data, else under FALLBACK_DIR."""
-    return [root / MANIFEST, FALLBACK_DIR / f"{_root_key(root)}-split.json"]
+    return _beside_or_fallback(root, MANIFEST, "split.json")
 
 
 def _root_key(root: Path) -> str:
@@ -250,11 +269,12 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def _cache_paths(root: Path, size: int) -> list[Path]:
-    return [root / f".budgetnet-cache-{size}px.npz", FALLBACK_DIR / f"{_root_key(root)}-{size}px.npz"]
+    return _beside_or_fallback(root, f".budgetnet-cache-{size}px.npz", f"{size}px.npz")
 
 
 def _write_first(paths: list[Path], write) -> Path:
-    """Write to the first of ``paths`` that can be written (the data folder, else FALLBACK_DIR)."""
+    """Write to the first of ``paths[:2]`` that can be written (the data folder, else ``fallback_dir()``)."""
+    paths = paths[:2]
     for i, path in enumerate(paths):
         try:
             write_atomic(path, write)

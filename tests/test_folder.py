@@ -264,25 +264,71 @@ def test_another_image_size_is_another_cache(split_folder, tmp_path):
     assert {c.name for c in _caches(data)} >= {".budgetnet-cache-48px.npz"}
 
 
-def test_a_read_only_data_folder_caches_under_studies(split_folder, tmp_path, monkeypatch):
-    data = tmp_path / "photos"
-    shutil.copytree(split_folder, data)
-    for c in _caches(data):
-        c.unlink()
-    monkeypatch.setattr(folder, "FALLBACK_DIR", tmp_path / "studies" / "folder-cache")
+def _read_only(monkeypatch, data: Path) -> None:
+    """What a read-only mount of ``data`` does to budgetnet's writes (chmod does not stop root, who runs CI)."""
     real = folder.write_atomic
 
-    def read_only_data(path, write):  # what a read-only mount does (chmod does not stop root, who runs CI)
-        if path.parent == data:
+    def read_only_data(path, write):
+        if data in Path(path).parents:
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, write)
 
     monkeypatch.setattr(folder, "write_atomic", read_only_data)
+
+
+def test_a_read_only_data_folder_caches_in_the_users_cache_folder(split_folder, tmp_path, monkeypatch):
+    data = tmp_path / "photos"
+    shutil.copytree(split_folder, data)
+    for c in _caches(data):
+        c.unlink()
+    monkeypatch.delenv(folder.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    _read_only(monkeypatch, data)
     info = dataset_info(_name(data))
     assert info.num_classes == 3 and not _caches(data) and not list(data.glob(".*"))
-    cached = list((tmp_path / "studies" / "folder-cache").glob("photos-*-32px.npz"))
+    cached = list((tmp_path / "xdg" / "budgetnet" / "folder-cache").glob("photos-*-32px.npz"))
     assert len(cached) == 1
     assert folder.describe(_name(data))["cache"] == "fresh"  # found there on the next run
+    monkeypatch.setenv(folder.CACHE_ENV, str(tmp_path / "mine"))  # the override
+    assert folder.describe(_name(data))["cache"] == "missing"
+    dataset_info(_name(data))
+    assert len(list((tmp_path / "mine").glob("photos-*-32px.npz"))) == 1
+
+
+def test_a_read_only_single_tree_keeps_its_split_from_any_working_directory(tmp_path, monkeypatch):
+    """The split manifest of a folder budgetnet may not write into is found from every directory: when it
+    was kept under the working directory, a run from elsewhere after images were added split all of them
+    afresh, and moved images that a model had been tested on into its training split."""
+    root = tmp_path / "tree"
+    write_image_folder(root, {"": 20}, gray=True)
+    monkeypatch.setenv(folder.CACHE_ENV, str(tmp_path / "cache"))
+    _read_only(monkeypatch, root)
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    first = folder.scan(root)
+    folder.write_manifest(first)
+    assert not (root / folder.MANIFEST).exists()
+    write_image_folder(root, {"": 30}, gray=True, seed=1)  # 10 more images a class
+    monkeypatch.chdir(tmp_path / "b")
+    grown = folder.scan(root)
+    for split in ("train", "test"):
+        assert {f for f, _ in first.files[split]} <= {f for f, _ in grown.files[split]}, split
+
+
+def test_a_manifest_an_earlier_version_kept_under_studies_is_still_read(tmp_path, monkeypatch):
+    root = tmp_path / "tree"
+    write_image_folder(root, {"": 10}, gray=True)
+    split = folder.scan(root).files
+    moved = split["test"][0][0]  # a split no seed gives: one test image moved to train
+    legacy = {"train": [f for f, _ in split["train"]] + [moved], "test": [f for f, _ in split["test"][1:]]}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(folder.CACHE_ENV, str(tmp_path / "cache"))
+    key = folder._manifest_paths(root)[-1]
+    key.parent.mkdir(parents=True)
+    key.write_text(json.dumps(legacy))
+    assert key.parent == Path("studies/folder-cache")
+    assert moved in {f for f, _ in folder.scan(root).files["train"]}
 
 
 # -- the single-tree layout: a stable test split --------------------------------------------------------
