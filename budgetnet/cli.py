@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: none)")
     compile_flag(s, "trials and the final phase ")
     out = s.add_mutually_exclusive_group()
-    out.add_argument("--quiet", action="store_true", help="print only the final summary")
+    out.add_argument("--quiet", action="store_true", help="print only the final summary (and warnings, on standard error)")
     out.add_argument("--json", action="store_true", help="print JSON lines (one per trial, then a summary)")
     s.set_defaults(fn=cmd_search)
 

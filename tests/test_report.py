@@ -207,3 +207,22 @@ def test_user_mistakes_give_one_line_and_exit_2(two_studies, tmp_path, capsys, c
         assert (tmp_path / "out").read_text() == "keep me"
     else:
         assert not (tmp_path / "out").exists()  # nothing written for a refused command
+
+
+@pytest.mark.parametrize("mode", ["text", "quiet", "json"])
+def test_a_warning_reaches_the_user_in_every_output_mode(mode):
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    reporter = Reporter(mode, out, err)
+    reporter.message("resuming study 's'")
+    reporter.warning("could not attach best.pt to the study as an artifact (disk full)")
+    if mode == "json":
+        events = [json.loads(line) for line in out.getvalue().splitlines()]
+        assert events[-1] == {"event": "message", "level": "warning",
+                              "text": "warning: could not attach best.pt to the study as an artifact (disk full)"}
+        assert "level" not in events[0] and not err.getvalue()
+    else:  # on standard error: --quiet and a redirected standard output keep it
+        assert err.getvalue() == "warning: could not attach best.pt to the study as an artifact (disk full)\n"
+        assert "warning" not in out.getvalue()
+        assert ("resuming" in out.getvalue()) == (mode == "text")

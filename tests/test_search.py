@@ -358,14 +358,15 @@ def test_no_final_phase_keeps_the_best_trial_model(tmp_path, slice_s, monkeypatc
 
     # Every score counts as "near chance" here (under 11x a tenth), to see the runner say so of its best trial.
     monkeypatch.setattr(final, "CHANCE_FACTOR", 11.0)
-    out = io.StringIO()
+    out, err = io.StringIO(), io.StringIO()
     summary = run_search(_opts(tmp_path, slice_s, final_fraction=0.0, budget_seconds=4 * slice_s),
-                         Reporter("text", out))
+                         Reporter("quiet", out, err))
     ckpt = load_checkpoint(tmp_path / "best.pt")
     assert ckpt["extra"]["phase"] == "search" and ckpt["extra"]["trial"] == summary["best_trial"]
     assert ckpt["metrics"]["val_acc"] == pytest.approx(summary["best_val_acc"])
     assert torch.is_tensor(next(iter(ckpt["state_dict"].values())))
-    (warning,) = [line for line in out.getvalue().splitlines() if "near chance" in line]
+    (warning,) = [line for line in err.getvalue().splitlines() if "near chance" in line]  # --quiet keeps it
+    assert warning.startswith("warning: the best trial") and "near chance" not in out.getvalue()
     assert f"best trial ({summary['best_trial']}) scored {summary['best_val_acc']:.1%}" in warning
     assert "(10.0% for 10 classes)" in warning
     # the same command again: its search is over and no final phase comes, so none of the budget is spent
@@ -472,18 +473,18 @@ def test_kill_9_mid_search_and_mid_final_phase_each_resumed_by_the_same_command(
 def test_a_final_phase_too_short_to_learn_keeps_the_search_model(tmp_path, slice_s):
     import io
 
-    out = io.StringIO()
+    out, err = io.StringIO(), io.StringIO()
     # Trials of 3 slices; the final phase gets 10% of the budget plus what no full trial could use, less
     # the write reserve: under 2.1 slices, which would show the merged data (1.2x the trials' split) fewer
     # epochs than a trial saw.
     summary = run_search(_opts(tmp_path, 3 * slice_s, budget_seconds=10 * slice_s, final_fraction=0.1),
-                         Reporter("text", out))
+                         Reporter("text", out, err))
     assert summary["checkpoint_phase"] == "search" and summary["trials"]["complete"] >= 1
     ckpt = load_checkpoint(tmp_path / "best.pt")
     assert ckpt["extra"] == {"phase": "search", "study": summary["study"], "trial": summary["best_trial"]}
     skipped = [line for line in out.getvalue().splitlines() if line.startswith("final training skipped")]
     assert len(skipped) == 1 and "fewer than its" in skipped[0]
-    assert "near chance" not in out.getvalue()  # its trials learned: no warning
+    assert "near chance" not in out.getvalue() + err.getvalue()  # its trials learned: no warning
     study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert "final_runs" not in study.user_attrs and not study.user_attrs.get("final_done")
 

@@ -205,5 +205,5 @@ def upload_artifact(study: optuna.Study, path: Path, artifact_dir: str, reporter
                                       mimetype="application/octet-stream")
         study.set_user_attr("best_artifact_id", artifact_id)
     except OSError as e:  # the model is already safe on disk; a full artifact folder must not lose it
-        reporter.message(f"warning: could not attach {path} to the study as an artifact ({e})")
+        reporter.warning(f"could not attach {path} to the study as an artifact ({e})")
 

@@ -28,11 +28,14 @@ def budget_bar(used: float, total: float, width: int = 24) -> str:
 
 
 class Reporter:
-    """Writes search events. ``mode`` is "text" (default), "quiet" (summary only) or "json" (JSON lines)."""
+    """Writes search events. ``mode`` is "text" (default), "quiet" (summary only) or "json" (JSON lines).
+    Warnings go to ``err`` (standard error) in text and quiet modes, so that --quiet and a redirected
+    standard output keep them, and are message events with ``"level": "warning"`` in JSON."""
 
-    def __init__(self, mode: str = "text", stream: TextIO | None = None):
+    def __init__(self, mode: str = "text", stream: TextIO | None = None, err: TextIO | None = None):
         self.mode = mode
         self.stream = stream or sys.stdout
+        self.err = err or sys.stderr
 
     def _write(self, text: str) -> None:
         self.stream.write(text + "\n")
@@ -43,6 +46,15 @@ class Reporter:
             self._write(text)
         elif self.mode == "json":
             self._write(json.dumps({"event": "message", "text": text}))
+
+    def warning(self, text: str) -> None:
+        """Something the user must see whatever the mode: a search that learned nothing, a lost artifact."""
+        text = text if text.startswith("warning: ") else f"warning: {text}"
+        if self.mode == "json":
+            self._write(json.dumps({"event": "message", "level": "warning", "text": text}))
+        else:
+            self.err.write(text + "\n")
+            self.err.flush()
 
     def trial(self, row: dict, used: float, total: float) -> None:
         """``row``: number, family, n_params, flops, progress, val_acc, state, reason, seconds."""

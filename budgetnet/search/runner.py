@@ -613,7 +613,7 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
         best = _best_trial(study)
         checkpoint_phase = "search" if best is not None else None
         if best is not None and (warning := near_chance(best, num_classes)):
-            reporter.message(warning)
+            reporter.warning(warning)
         final_metrics: dict = {}
         if finished:  # an earlier run of this command finished; nothing left to do
             checkpoint_phase = "final" if study.user_attrs.get("final_done") else checkpoint_phase
