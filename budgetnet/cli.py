@@ -55,6 +55,12 @@ def _number(text: str, ok, wanted: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {text!r}")
+    return int(text)
+
+
 def positive_float(text: str) -> float:
     return _number(text, lambda v: v > 0, "a positive number")
 
@@ -444,11 +450,11 @@ def cmd_dashboard(args) -> int:
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
-    _check_storage(args.storage)
     from budgetnet.search.runner import make_storage
     from budgetnet.search.summary import study_names
 
-    if not study_names(args.storage):  # as report: a storage with no study is refused, not created empty
+    # read only, as report: a storage with no study (or no Optuna tables) is refused, not created or written
+    if not study_names(args.storage):
         raise UserError(f"--storage {args.storage} holds no study")
     Path(args.artifact_dir).mkdir(parents=True, exist_ok=True)
     print(f"optuna-dashboard on http://{args.host}:{args.port}/  (Ctrl-C stops it)", flush=True)
@@ -620,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--storage", default=DEFAULT_STORAGE)
     d.add_argument("--artifact-dir", default=DEFAULT_ARTIFACTS)
     d.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
-    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--port", type=port_number, default=8080, help="TCP port (default 8080)")
     d.set_defaults(fn=cmd_dashboard)
     return p
 

@@ -247,6 +247,33 @@ def test_a_dashboard_over_no_study_is_refused_and_creates_nothing(tmp_path, caps
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["dashboard", "report"])
+def test_readers_leave_a_database_that_is_not_optunas_as_it_was(tmp_path, capsys, command):
+    """report and dashboard only read: Optuna's RDBStorage adds its tables to any database it opens, so a
+    user's own SQLite file (or an empty one) given as --storage came back with Optuna's schema in it."""
+    import sqlite3
+
+    theirs, empty = tmp_path / "photos.db", tmp_path / "empty.db"
+    with sqlite3.connect(theirs) as db:
+        db.execute("create table photos (id integer)")
+    empty.touch()
+    before = {p: p.read_bytes() for p in (theirs, empty)}
+    extra = ["--artifact-dir", str(tmp_path / "art")] if command == "dashboard" else ["--out", str(tmp_path / "r")]
+    for path in (theirs, empty, tmp_path / "missing" / "s.db"):
+        assert main([command, "--storage", f"sqlite:///{path}", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(path) in err[0], err
+    assert {p: p.read_bytes() for p in (theirs, empty)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db", "photos.db"]  # no folder made either
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "0", "http"])
+def test_a_dashboard_port_out_of_range_is_one_line(port, capsys):
+    assert main(["dashboard", "--port", port]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "from 1 to 65535" in err[0], err
+
+
 def test_version_storage_flag_names_and_what_a_user_can_feed_back(tmp_path, capsys, stored_study):
     """--version; an unwritable --storage is named as --storage, not --out; a search's best.json trains as a
     config; a model of another study at --out that the storage still holds names --study-name to go on."""

@@ -176,18 +176,24 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=30, interval_steps=10)
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An RDB URL (sqlite:///..., postgresql://...) or a path to a journal file (several local workers)."""
+def make_storage(url: str, *, create: bool = True) -> optuna.storages.BaseStorage:
+    """An RDB URL (sqlite:///..., postgresql://...) or a path to a journal file (several local workers).
+    ``create=False`` (readers: report, dashboard's check) creates nothing: no folder, and no Optuna tables in
+    a database that lacks them (Optuna's ``RDBStorage`` adds its schema to any database it opens), which
+    then fails to open instead."""
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend
 
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(url))
+    kwargs: dict = {"skip_table_creation": not create}
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         # Several workers write to one file: wait up to 30 s for its lock instead of sqlite's 5 s.
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
-    return optuna.storages.RDBStorage(url)
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 30}}
+    return optuna.storages.RDBStorage(url, **kwargs)
 
 
 class Objective:

@@ -93,7 +93,7 @@ def _read_storage(url: str) -> tuple[optuna.storages.BaseStorage, list[str]]:
     if path is not None and not path.is_file():
         raise ReportError(f"no study storage at {path} (--storage {url})")
     try:
-        storage = make_storage(url)
+        storage = make_storage(url, create=False)
         return storage, [s.study_name for s in storage.get_all_studies()]
     except Exception as e:  # noqa: BLE001 - not a database optuna can read: say so in one line
         raise ReportError(f"cannot read --storage {url}: {error_line(e)}") from None
