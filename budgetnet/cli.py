@@ -224,6 +224,9 @@ def cmd_search(args) -> int:
     if args.image_size is not None and not is_folder(args.dataset):
         raise UserError(f"--image-size applies to folder:PATH datasets only; {args.dataset} has its own size")
     _check_ray_flags(args)
+    if Path(args.out).suffix.lower() == ".json":  # the summary goes to <stem>.json: it would replace the model
+        raise UserError(f"--out {args.out} ends in .json, the name of the search's summary beside the model; "
+                        f"give a .pt path such as {Path(args.out).with_suffix('.pt')}")
     _check_writable(args.out)
     _check_storage(args.storage)
     named = args.dataset + (f"-{args.image_size}px" if args.image_size else "")  # another size: another study

@@ -41,6 +41,7 @@ BAD = {
     "unsupported storage": ["--storage", "redis://localhost/0"],
     "unwritable out": ["--out", "/proc/budgetnet/best.pt"],
     "out is a directory": ["--out", "/tmp"],
+    "out named like the summary": ["--out", "/tmp/budgetnet-model.json"],  # best.json would replace the model
     "final fraction 1": ["--final-fraction", "1"],
     "final fraction word": ["--final-fraction", "most"],
     "grid without file": ["--sampler", "grid"],
@@ -69,7 +70,7 @@ def test_bad_search_input_is_one_line_exit_2_and_touches_nothing(tmp_path, capsy
     if case == "cuda without gpu" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     args = _search(tmp_path, *BAD[case])
-    if case.startswith("unwritable") or case == "out is a directory":
+    if case.startswith(("unwritable", "out ")):
         args = [a for a in args if a != str(tmp_path / "best.pt")]  # keep only the bad --out value
         args.remove("--out")
         args += BAD[case]

@@ -226,3 +226,24 @@ def test_a_warning_reaches_the_user_in_every_output_mode(mode):
         assert err.getvalue() == "warning: could not attach best.pt to the study as an artifact (disk full)\n"
         assert "warning" not in out.getvalue()
         assert ("resuming" in out.getvalue()) == (mode == "text")
+
+
+def test_counts_stay_whole_numbers_when_some_trials_lack_them(tmp_path):
+    """A rejected trial has n_params but no FLOPs, a running one neither: the columns had turned float
+    (the table and summary.json said 1000.0 params)."""
+    from optuna.trial import TrialState, create_trial
+
+    from budgetnet.search.summary import study_summary, trials_frame
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    attrs = {"state": "complete", "family": "resnet", "n_params": 1000, "flops": 1_000_000, "seconds": 3.0}
+    study.add_trial(create_trial(value=0.5, user_attrs=attrs, state=TrialState.COMPLETE))
+    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={"state": "rejected", "n_params": 2_000_000,
+                                                                      "reason": "over the cap"}))
+    study.ask()  # running: no attrs yet
+    df = trials_frame(study)
+    assert df["n_params"].tolist()[:2] == [1000, 2_000_000] and df["flops"].tolist()[0] == 1_000_000
+    assert str(df["n_params"].dtype) == str(df["flops"].dtype) == "Int64"
+    best = study_summary(study, df, None)["best"]
+    assert json.dumps({k: best[k] for k in ("n_params", "flops")}) == '{"n_params": 1000, "flops": 1000000}'
+    assert "1000.0" not in df.to_csv()

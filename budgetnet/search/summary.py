@@ -134,9 +134,10 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     df = df.drop(columns=[c for c in DROPPED if c in df.columns]).rename(columns=TRIAL_ATTRS)
     for col in ("datetime_start", "datetime_complete"):  # typed even when empty or never set
         df[col] = pd.to_datetime(df[col])
-    for col in ("val_acc", "n_params", "flops", "seconds", "images_per_s", "epochs"):
+    for col in ("val_acc", "seconds", "images_per_s", "epochs"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
-    df["number"] = df["number"].astype("Int64")
+    for col in ("number", "n_params", "flops"):  # counts stay integers where a trial lacks them (a rejected
+        df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")  # one has no FLOPs)
     df["state"] = df["state"].astype("string")
     df["budgetnet_state"] = df["budgetnet_state"].astype("string").fillna(df["state"].map(STATE_OF))
     steps = {t.number: max(t.intermediate_values) / REPORT_STEPS
