@@ -247,3 +247,33 @@ def test_counts_stay_whole_numbers_when_some_trials_lack_them(tmp_path):
     best = study_summary(study, df, None)["best"]
     assert json.dumps({k: best[k] for k in ("n_params", "flops")}) == '{"n_params": 1000, "flops": 1000000}'
     assert "1000.0" not in df.to_csv()
+
+
+def test_the_search_summary_says_why_its_trials_were_pruned(tmp_path):
+    """The search's closing line and best.json count by Optuna state; pruned_by splits the pruned ones by
+    budgetnet's reason, as budgetnet report does (best.json had said 3 pruned where the report said 1 too
+    slow, 1 diverged, 1 stopped)."""
+    from optuna.trial import TrialState, create_trial
+
+    from budgetnet.search.runner import _counts
+    from budgetnet.search.summary import study_summary, trials_frame
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    study.add_trial(create_trial(value=0.5, state=TrialState.COMPLETE, user_attrs={"state": "complete"}))
+    for state in ("rejected", "too slow", "too slow", "diverged", "stopped"):
+        study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={"state": state, "reason": "r"}))
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"state": "failed", "reason": "r"}))
+    counts = _counts(study)
+    assert counts == {"complete": 1, "pruned": 4, "rejected": 1, "failed": 1,
+                      "pruned_by": {"too slow": 2, "diverged": 1, "stopped": 1}}
+    report = study_summary(study, trials_frame(study), None)["trials"]
+    assert {k: report[k] for k in counts["pruned_by"]} == counts["pruned_by"]
+    out = io.StringIO()
+    Reporter("text", out).summary({"trials": counts, "seconds_used": 10, "budget_seconds": 60,
+                                   "dashboard_command": "optuna-dashboard x"})
+    assert "1 complete, 4 pruned (2 too slow, 1 diverged, 1 stopped), 1 rejected, 1 failed" in out.getvalue()
+    by_pruner = {**counts, "pruned": 2, "pruned_by": {"pruned": 2}}  # the pruner's own: nothing to add
+    out = io.StringIO()
+    Reporter("text", out).summary({"trials": by_pruner, "seconds_used": 10, "budget_seconds": 60,
+                                   "dashboard_command": "optuna-dashboard x"})
+    assert "1 complete, 2 pruned, 1 rejected" in out.getvalue()

@@ -27,6 +27,14 @@ def budget_bar(used: float, total: float, width: int = 24) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {_duration(used)} used, {_duration(total - used)} left"
 
 
+def _pruned_by(trials: dict) -> str:
+    """" (2 too slow, 1 diverged)" when the pruned trials ended for more than the pruner's reasons."""
+    by = trials.get("pruned_by") or {}
+    if set(by) <= {"pruned"}:
+        return ""
+    return " (" + ", ".join(f"{n} {state}" for state, n in by.items()) + ")"
+
+
 class Reporter:
     """Writes search events. ``mode`` is "text" (default), "quiet" (summary only) or "json" (JSON lines).
     Warnings go to ``err`` (standard error) in text and quiet modes, so that --quiet and a redirected
@@ -79,7 +87,8 @@ class Reporter:
             return
         lines = [
             "",
-            f"search finished: {summary['trials']['complete']} complete, {summary['trials']['pruned']} pruned, "
+            f"search finished: {summary['trials']['complete']} complete, {summary['trials']['pruned']} pruned"
+            f"{_pruned_by(summary['trials'])}, "
             f"{summary['trials']['rejected']} rejected, {summary['trials']['failed']} failed "
             f"in {_duration(summary['seconds_used'])} of {_duration(summary['budget_seconds'])}",
         ]

@@ -326,14 +326,21 @@ def feasible_flops(images_per_s: float, flops_per_image: float, train_images: in
 
 
 def _counts(study: optuna.Study) -> dict:
+    """Trials by Optuna state (rejected apart from pruned), and ``pruned_by``: the pruned ones by budgetnet's
+    reason (pruned by the pruner, too slow, diverged, out of memory, stopped), as ``budgetnet report`` counts."""
     counts = {"complete": 0, "pruned": 0, "rejected": 0, "failed": 0}
+    pruned_by: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.COMPLETE:
             counts["complete"] += 1
         elif t.state == TrialState.PRUNED:
-            counts["rejected" if t.user_attrs.get("state") == "rejected" else "pruned"] += 1
+            state = t.user_attrs.get("state") or "pruned"
+            counts["rejected" if state == "rejected" else "pruned"] += 1
+            if state != "rejected":
+                pruned_by[state] = pruned_by.get(state, 0) + 1
         elif t.state == TrialState.FAIL:
             counts["failed"] += 1
+    counts["pruned_by"] = dict(sorted(pruned_by.items(), key=lambda kv: -kv[1]))
     return counts
 
 
