@@ -123,7 +123,7 @@ def _device(name: str):
 def _check_writable(path: str, flag: str = "--out") -> None:
     p = Path(path)
     if p.is_dir():
-        example = p / ("best.pt" if flag == "--out" else "budgetnet.db")
+        example = p / {"--out": "best.pt", "--csv": "trials.csv"}.get(flag, "budgetnet.db")
         raise UserError(f"{flag} {path} is a directory; give a file path such as {example}")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -349,6 +349,8 @@ def cmd_report(args) -> int:
     if args.csv == "-" and args.json:
         raise UserError("--csv - and --json both print on stdout; choose one")
     out = args.out or (None if args.csv == "-" or args.json else "report")
+    if args.csv not in (None, "-"):  # checked before the page is written, and named as the user gave it
+        _check_writable(args.csv, "--csv")
     study = open_study(args.storage, args.study_name)
     checkpoint, note = None, None
     path = args.checkpoint or "best.pt"  # the search's default --out

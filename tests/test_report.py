@@ -173,7 +173,7 @@ def two_studies(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("case", ["no_file", "not_a_database", "no_study", "two_studies", "out_is_a_file",
-                                  "both_on_stdout", "checkpoint_of_another_study"])
+                                  "both_on_stdout", "checkpoint_of_another_study", "csv_is_a_folder"])
 def test_user_mistakes_give_one_line_and_exit_2(two_studies, tmp_path, capsys, case):
     storage = two_studies
     args = ["report", "--storage", storage, "--study-name", "a", "--out", str(tmp_path / "out")]
@@ -197,9 +197,14 @@ def test_user_mistakes_give_one_line_and_exit_2(two_studies, tmp_path, capsys, c
         save_checkpoint(tmp_path / "best.pt", cfg, {}, metrics={}, n_params=1, flops=1, classes=[],
                         train_seconds=0, precision="fp32", extra={"study": "someone-else"})
         args += ["--checkpoint", str(tmp_path / "best.pt")]
+    elif case == "csv_is_a_folder":  # refused before the page is written, in the user's own words
+        (tmp_path / "tables").mkdir()
+        args += ["--csv", str(tmp_path / "tables")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("budgetnet: error: ") and "\n" not in err
+    if case == "csv_is_a_folder":
+        assert f"--csv {tmp_path / 'tables'} is a directory" in err
     assert not (tmp_path / "missing.db").exists()  # a storage that does not exist is not created
     if case == "not_a_database":
         assert (tmp_path / "notes.db").read_text() == "not sqlite"
@@ -277,3 +282,37 @@ def test_the_search_summary_says_why_its_trials_were_pruned(tmp_path):
     Reporter("text", out).summary({"trials": by_pruner, "seconds_used": 10, "budget_seconds": 60,
                                    "dashboard_command": "optuna-dashboard x"})
     assert "1 complete, 2 pruned, 1 rejected" in out.getvalue()
+
+
+def test_the_model_card_never_mixes_two_checkpoints(tmp_path, monkeypatch):
+    """A running search may replace best.pt between the report's reads: the test accuracy shown must be that
+    of the bytes whose trial and size are shown (the file had been hashed again after loading)."""
+    import os
+
+    import budgetnet.search.summary as summary
+    from budgetnet.config import PlainConfig, RunConfig
+    from budgetnet.evaluate import file_sha256
+
+    cfg = RunConfig(model=PlainConfig(n_conv=1, width=4, hidden=()))
+
+    def save(path, trial):
+        save_checkpoint(path, cfg, {}, metrics={}, n_params=1000 + trial, flops=1, classes=[], train_seconds=0,
+                        precision="fp32", extra={"phase": "search", "study": "a", "trial": trial})
+
+    save(tmp_path / "best.pt", 3)  # what the report reads
+    save(tmp_path / "new.pt", 7)  # what the search writes a moment later, and evaluate scored
+    (tmp_path / "best.eval.json").write_text(json.dumps({"checkpoint_sha256": file_sha256(tmp_path / "new.pt"),
+                                                         "top1": 0.71}))
+    real = summary.load_checkpoint
+
+    def replaced_meanwhile(path):
+        ckpt = real(path)
+        os.replace(tmp_path / "new.pt", tmp_path / "best.pt")
+        return ckpt
+
+    monkeypatch.setattr(summary, "load_checkpoint", replaced_meanwhile)
+    info = summary.checkpoint_info(tmp_path / "best.pt", "a")
+    assert (info["trial"], info["n_params"], info["test_top1"]) == (3, 1003, None)
+    monkeypatch.setattr(summary, "load_checkpoint", real)
+    info = summary.checkpoint_info(tmp_path / "best.pt", "a")  # now the evaluated bytes: shown with them
+    assert (info["trial"], info["n_params"], info["test_top1"]) == (7, 1007, 0.71)

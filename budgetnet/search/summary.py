@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 
 from budgetnet.checkpoint import CheckpointError, load_checkpoint
 from budgetnet.config import ConfigError
-from budgetnet.evaluate import evaluation_path, file_sha256
+from budgetnet.evaluate import evaluation_path
 from budgetnet.files import write_atomic
 from budgetnet.search.runner import REPORT_STEPS, error_line, make_storage
 
@@ -172,20 +172,21 @@ def checkpoint_info(path: str | Path, study_name: str) -> dict:
     """What the report says about a checkpoint: its phase and trial, and the test accuracy that
     ``budgetnet evaluate`` saved for these exact bytes (``None`` if it saved none, or for other bytes).
     Raises CheckpointError for a file that is not a budgetnet checkpoint or belongs to another study."""
-    ckpt = load_checkpoint(path)
+    written = datetime.fromtimestamp(Path(path).stat().st_mtime).isoformat()  # before the bytes: a search
+    ckpt = load_checkpoint(path)  # may replace the file meanwhile, and then the time is the older one's
     owner = ckpt["extra"].get("study")
     if owner != study_name:
         raise CheckpointError(f"{path} holds the model of study {owner!r}, not {study_name!r}")
     info = {"path": str(path), "phase": ckpt["extra"].get("phase"), "trial": ckpt["extra"].get("trial"),
             "n_params": ckpt["n_params"], "flops": ckpt["flops"], "test_top1": None, "test_top5": None,
-            "evaluation": None, "written": datetime.fromtimestamp(Path(path).stat().st_mtime).isoformat()}
+            "evaluation": None, "written": written}
     saved = evaluation_path(path)
     if saved.is_file():
         try:
             ev = json.loads(saved.read_text())
         except (OSError, ValueError):
             return info
-        if ev.get("checkpoint_sha256") == file_sha256(path):  # else: evaluated bytes since replaced
+        if ev.get("checkpoint_sha256") == ckpt["sha256"]:  # the bytes read above; else another model's
             info.update(test_top1=ev.get("top1"), test_top5=ev.get("top5"), evaluation=str(saved),
                         evaluated_precision=ev.get("precision"), evaluated_device=ev.get("device"))
     return info
