@@ -55,6 +55,23 @@ def _number(text: str, ok, wanted: str) -> float:
     return value
 
 
+MAX_WORKERS = 1_024  # local worker processes (each imports torch and holds its share of the device)
+MAX_SAMPLER_SEED = 2**32 - 1 - MAX_WORKERS  # numpy's seeds end at 2**32-1; worker k samples with seed + k
+
+
+def worker_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WORKERS}, got {text!r}")
+    return value
+
+
+def sampler_seed(text: str) -> int:
+    if not text.strip().isdigit() or int(text) > MAX_SAMPLER_SEED:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SAMPLER_SEED}, got {text!r}")
+    return int(text)
+
+
 def port_number(text: str) -> int:
     if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {text!r}")
@@ -63,6 +80,13 @@ def port_number(text: str) -> int:
 
 def positive_float(text: str) -> float:
     return _number(text, lambda v: v > 0, "a positive number")
+
+
+MAX_HOURS = 8_760.0  # a year: a budget must stay a finite number of seconds (1e308 hours were inf)
+
+
+def hours(text: str) -> float:
+    return _number(text, lambda v: 0 < v <= MAX_HOURS, f"more than 0 and at most {MAX_HOURS:,.0f} (a year)")
 
 
 def positive_int(text: str) -> int:
@@ -115,6 +139,8 @@ def _device(name: str):
         device = resolve_device(name)
     except RuntimeError as e:
         raise UserError(f"bad --device {name!r}: {e}") from None
+    if device.type not in ("cpu", "cuda"):  # torch parses meta, mps, xpu...: budgetnet trains on neither
+        raise UserError(f"--device {name} is not one budgetnet runs on: auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
     return device
@@ -219,11 +245,14 @@ def cmd_search(args) -> int:
             grid = load_grid(Path(args.grid).read_text())
         except OSError as e:
             raise UserError(f"cannot read --grid {args.grid}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"--grid {args.grid} is not a JSON text file") from None
         except ConfigError as e:
             raise UserError(f"bad --grid {args.grid}: {e}") from None
     if args.image_size is not None and not is_folder(args.dataset):
         raise UserError(f"--image-size applies to folder:PATH datasets only; {args.dataset} has its own size")
     _check_ray_flags(args)
+    device = str(_device(args.device))  # a flag's mistake before any file's
     if Path(args.out).suffix.lower() == ".json":  # the summary goes to <stem>.json: it would replace the model
         raise UserError(f"--out {args.out} ends in .json, the name of the search's summary beside the model; "
                         f"give a .pt path such as {Path(args.out).with_suffix('.pt')}")
@@ -245,7 +274,7 @@ def cmd_search(args) -> int:
         seed=args.seed, pruner=args.pruner, sampler=args.sampler, grid=grid,
         final_fraction=1 - AUTO_SEARCH_MAX if args.final_fraction == "auto" else args.final_fraction,
         final_auto=args.final_fraction == "auto", trial_seconds=args.trial_seconds,
-        device=str(_device(args.device)), artifact_dir=args.artifact_dir, download=args.download,
+        device=device, artifact_dir=args.artifact_dir, download=args.download,
         warm_start=not args.no_warm_start, precision=args.precision, teacher=teacher, workers=args.workers,
         backend=args.backend, ray_address=args.ray_address, gpus_per_trial=args.gpus_per_trial,
         ray_scheduler=args.ray_scheduler or "median", compile=args.compile,
@@ -280,8 +309,15 @@ def cmd_train(args) -> int:
         cfg = RunConfig.from_json(text)
     except OSError as e:
         raise UserError(f"cannot read --config {args.config}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--config {args.config} is not a JSON text file (a checkpoint? a search's best.json "
+                        f"beside it holds its config)") from None
     except ConfigError as e:
         raise UserError(f"bad --config {args.config}: {e}") from None
+    if cfg.train.distill > 0:  # a distilled search's best.json: its teacher is not in the file
+        print(f"budgetnet: note: train.distill {cfg.train.distill:g} needs the teacher that search trained, which "
+              f"train does not take: training on the labels alone", file=sys.stderr)
+        cfg = cfg.replace(train=dataclasses.replace(cfg.train, distill=0.0))
     if args.dataset is not None or args.image_size is not None:  # the flags override the config's data
         dataset = args.dataset or cfg.data.dataset
         size = args.image_size or (cfg.data.image_size if is_folder(dataset) else None)  # a folder's kept
@@ -509,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="search architectures and schedules under a parameter and time budget")
     s.add_argument("--max-params", type=parse_count, default=1e6, help="parameter cap, e.g. 1e6, 1M, 250k")
-    s.add_argument("--hours", type=positive_float, default=1.0,
+    s.add_argument("--hours", type=hours, default=1.0,
                    help="wall-clock budget for the whole command (search + final training)")
     s.add_argument("--dataset", type=dataset_name, default="cifar100",
                    help=f"{', '.join(DATASETS)} (fashion-mnist, FashionMNIST and the like are accepted), or "
@@ -522,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL, or a journal file (*.log)")
     s.add_argument("--study-name", default=None, help="default: from the dataset and the caps")
     s.add_argument("--out", default="best.pt", help="where the best model goes (best.json beside it)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=sampler_seed, default=0, help="the sampler's seed (worker k uses seed + k)")
     s.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
     s.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe")
     s.add_argument("--grid", default=None, help='grid file for --sampler grid: {"base": {...}, "grid": {...}}')
@@ -535,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trial-seconds", type=positive_float, default=None,
                    help=f"time slice of one trial (default: search time / {TRIALS_PER_SEARCH}, at least "
                    f"{MIN_SLICE_S:g} s, shorter only where {MIN_TRIALS} such slices would not fit)")
-    s.add_argument("--workers", type=positive_int, default=1,
+    s.add_argument("--workers", type=worker_count, default=1,
                    help="local worker processes searching the study at once (default 1); each gets 1/N of the "
                    "CPU threads or of the GPU's memory, and one of them alone runs the final phase")
     s.add_argument("--backend", choices=("optuna", "ray"), default="optuna",

@@ -27,6 +27,17 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
+MAX_LAYERS = 2_000  # weight layers a config may describe (ResNet-1202, the deepest CIFAR net of He et al., fits):
+# past it a typo (n_conv of 3,000,000) had the guard build layers on the meta device for minutes
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
+
+
+def _check_depth(cfg: ModelConfig) -> None:
+    if cfg.min_layers() > MAX_LAYERS:
+        raise ConfigError(f"a {cfg.family} config of {cfg.min_layers():,} layers or more is past the "
+                          f"{MAX_LAYERS:,} any config may have")
+
+
 def _check_positive(name: str, values) -> None:
     for v in values if isinstance(values, tuple) else (values,):
         if not isinstance(v, int) or v < 1:
@@ -93,6 +104,7 @@ class ResNetConfig(ModelConfig):
         _check_positive("stem_width", self.stem_width)
         if len(self.depths) != len(self.widths):
             raise ConfigError("depths and widths must have one entry per stage")
+        _check_depth(self)
 
     def min_layers(self) -> int:
         return 2 + sum(self.depths) * (2 if self.block == "basic" else 3)  # stem, blocks, head
@@ -135,6 +147,7 @@ class PlainConfig(ModelConfig):
             _check_positive("hidden", self.hidden)
         if self.conv_widths is not None and len(self.conv_widths) != self.n_conv:
             raise ConfigError(f"conv_widths has {len(self.conv_widths)} entries for {self.n_conv} conv layers")
+        _check_depth(self)
 
     def min_layers(self) -> int:
         return self.n_conv + len(self.hidden) + 1
@@ -185,6 +198,7 @@ class MobileNetConfig(ModelConfig):
             raise ConfigError(f"kernel must be a positive odd integer, got {self.kernel}")
         if self.head_width < 0:
             raise ConfigError("head_width must be >= 0")
+        _check_depth(self)
 
     def min_layers(self) -> int:
         return 2 + 2 * sum(self.depths)  # stem, head; each block has at least a depthwise and a projection
@@ -195,6 +209,7 @@ MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
 }
 
 OPTIMIZERS = ("sgd", "adamw")
+MAX_EVAL_POINTS = 1_000  # validation evaluations a run may ask for (each scores the validation images)
 SCHEDULES = ("onecycle", "cosine", "linear", "step")
 
 
@@ -227,6 +242,8 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         _check_positive("batch_size", self.batch_size)
         _check_positive("eval_points", self.eval_points)
+        if self.eval_points > MAX_EVAL_POINTS:
+            raise ConfigError(f"eval_points must be at most {MAX_EVAL_POINTS}, got {self.eval_points}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup must be in [0, 1), got {self.warmup}")
         if not 0 <= self.ema < 1:
@@ -277,6 +294,12 @@ class DataConfig:
                 raise ConfigError(f"image_size applies to folder datasets only ({self.dataset} has its own size)")
         if (self.val_size is not None and self.val_size < 0) or self.crop_padding < 0 or self.cutout < 0:
             raise ConfigError("val_size, crop_padding and cutout must be >= 0")
+        side = IMAGE_SIZE_RANGE[1]  # the largest image side of any dataset
+        if self.crop_padding > side or self.cutout > side:
+            raise ConfigError(f"crop_padding and cutout are pixels of an image side: at most {side}, got "
+                              f"{self.crop_padding} and {self.cutout}")
+        if not 0 <= self.split_seed <= MAX_SEED:
+            raise ConfigError(f"split_seed must be from 0 to 2**63-1, got {self.split_seed}")
 
 
 @dataclass(frozen=True)
@@ -308,11 +331,11 @@ class RunConfig:
             raise ConfigError("model must be a JSON object")
         model_d = dict(model_d)
         family = model_d.pop("family", None)
-        if family not in MODEL_CONFIGS:
+        if not isinstance(family, str) or family not in MODEL_CONFIGS:
             raise ConfigError(f"model.family={family!r} is not one of {', '.join(MODEL_CONFIGS)}")
         seed = d.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ConfigError(f"seed must be an integer, got {seed!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"seed must be an integer from 0 to 2**63-1, got {seed!r}")
         return cls(
             model=_build(MODEL_CONFIGS[family], model_d, "model"),
             train=_build(TrainConfig, d.get("train", {}), "train"),

@@ -66,11 +66,12 @@ class Scan:
     manifest_needed: dict | None = None  # single tree: the manifest to write (new or changed), else None
 
     def fingerprint(self, image_size: int) -> str:
-        h = hashlib.sha256(f"v{CACHE_VERSION} {image_size}px {self.layout}\n".encode())
+        h = hashlib.sha256(f"v{CACHE_VERSION} {image_size}px {self.layout}\n".encode())  # names that are
+        # not UTF-8 (bytes from another system's encoding) hash as the bytes they are: surrogateescape
         for split in ("train", "test"):
             for rel, label in self.files[split]:
                 size, mtime = self.stats[rel]
-                h.update(f"{split}\t{label}\t{rel}\t{size}\t{mtime}\n".encode())
+                h.update(f"{split}\t{label}\t{rel}\t{size}\t{mtime}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
     def counts(self) -> dict[str, list[int]]:
@@ -157,6 +158,13 @@ def scan(root: str | os.PathLike) -> Scan:
 
 
 def _check_classes(root: Path, classes: list[str]) -> None:
+    for c in classes:  # a class name travels in best.pt, reports and printed lines: it must be text
+        try:
+            c.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = c.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise DatasetNotFound(f"class folder '{shown}' under {root} has a name that is not UTF-8 text; "
+                                  f"rename it (its name is the class name)") from None
     if len(classes) < 2:
         raise DatasetNotFound(f"{root} holds {len(classes)} class folder(s){': ' + classes[0] if classes else ''}; "
                               f"a classifier needs at least 2 (one folder of images per class)")
@@ -186,7 +194,8 @@ def _manifest_paths(root: Path) -> list[Path]:
 
 
 def _root_key(root: Path) -> str:
-    return f"{root.name}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]}"
+    name = root.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return f"{name}-{hashlib.sha256(str(root.resolve()).encode('utf-8', 'surrogateescape')).hexdigest()[:12]}"
 
 
 def _read_manifest(root: Path) -> dict[str, str]:

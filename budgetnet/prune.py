@@ -191,7 +191,9 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None 
     trained_on = info  # the normalisation the weights last trained with: the file's, or the fine-tuning's data
     if seconds > 0:
         data = load_data(cfg.data, data_dir, device, download=download)
-        tune_cfg = pruned_cfg.replace(train=dataclasses.replace(cfg.train, lr=cfg.train.lr * FINETUNE_LR_SCALE))
+        # on the labels alone: a distilled model's teacher is not in its checkpoint
+        tune_cfg = pruned_cfg.replace(train=dataclasses.replace(cfg.train, lr=cfg.train.lr * FINETUNE_LR_SCALE,
+                                                                distill=0.0))
 
         def hook(progress: float, m: dict) -> bool:
             acc = f"  val acc {m['val_acc']:.4f}" if "val_acc" in m else ""

@@ -50,7 +50,18 @@ BAD = {
     "cuda without gpu": ["--device", "cuda"],
     "zero workers": ["--workers", "0"],
     "fractional workers": ["--workers", "1.5"],
+    "thousands of workers": ["--workers", "5000"],
+    "a device torch parses but budgetnet cannot train on": ["--device", "meta"],
+    "an mps device": ["--device", "mps"],
+    "negative seed": ["--seed", "-1"],
+    "seed past numpy's": ["--seed", "4294967296"],
+    "hours past a year": ["--hours", "1e308"],  # inf seconds: the search had failed trials forever
+    "binary grid file": ["--sampler", "grid", "--grid", sys.executable],
 }
+# what the line must say, where a later refusal (best.pt here is no checkpoint) would also give exit 2
+SAYS = {"thousands of workers": "at most 1024", "a device torch parses but budgetnet cannot train on": "--device meta",
+        "an mps device": "--device mps", "negative seed": "--seed", "seed past numpy's": "--seed",
+        "hours past a year": "--hours", "binary grid file": "not a JSON text file"}
 
 
 @pytest.fixture
@@ -78,6 +89,7 @@ def test_bad_search_input_is_one_line_exit_2_and_touches_nothing(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
     assert len(err) == 1 and err[0].startswith("budgetnet: error:"), err
+    assert SAYS.get(case, "") in err[0]
     storage, db_bytes = stored_study
     assert (tmp_path / "keep.db").read_bytes() == db_bytes  # no study row changed
     assert (tmp_path / "best.pt").read_bytes() == b"precious"
@@ -193,6 +205,27 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_train_takes_no_binary_config_and_trains_a_distilled_config_on_its_labels(tmp_path, capsys):
+    """A checkpoint given as --config is one line; a distilled search's best.json (train.distill > 0, its
+    teacher not in the file) trains on its labels with a note, where it had raised a ValueError."""
+    import torch
+
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "m.pt")
+    assert main(["train", "--config", str(tmp_path / "m.pt"), "--epochs", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a JSON text file" in err[0], err
+    distilled = tmp_path / "best.json"
+    distilled.write_text(json.dumps({"model": {"family": "plain", "n_conv": 2, "width": 4, "hidden": []},
+                                     "train": {"batch_size": 64, "eval_points": 1, "distill": 0.5},
+                                     "data": {"dataset": "synthetic"}}))
+    assert main(["train", "--config", str(distilled), "--epochs", "0.2", "--out", str(tmp_path / "d.pt"),
+                 "--device", "cpu"]) == 0
+    assert "train.distill 0.5 needs the teacher" in capsys.readouterr().err
+    from budgetnet.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "d.pt")["run_config"].train.distill == 0.0  # what it trained with
 
 
 def test_train_command_bad_config_and_success(tmp_path, capsys, monkeypatch):

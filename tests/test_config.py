@@ -172,6 +172,18 @@ def test_non_object_model_section_rejected(model):
     {"train": {"eval_points": 0}},
     {"data": {"dataset": "imagenet"}},
     {"data": {"cutout": -1}},
+    # past what any run could use: each had ended in a traceback, a hang or a 10^12-entry list
+    {"model": {"family": ["plain"]}},
+    {"model": {"family": {"plain": 1}}},
+    {"data": {"split_seed": -1}},
+    {"seed": -1},
+    {"seed": 2**64},
+    {"data": {"cutout": 10**20}},
+    {"data": {"crop_padding": 257}},
+    {"train": {"eval_points": 10**12}},
+    {"model": {"family": "plain", "n_conv": 3_000_000, "convs_per_block": 3_000_000, "hidden": []}},
+    {"model": {"family": "resnet", "depths": [1000, 1000, 1000]}},
+    {"model": {"family": "mobilenet", "depths": [1, 2, 3, 3, 10**6]}},
 ])
 def test_bad_values_rejected(d):
     with pytest.raises(ConfigError):
@@ -214,3 +226,10 @@ def test_configs_are_frozen():
 def test_train_numbers_validated(train):
     with pytest.raises(ConfigError):
         RunConfig.from_dict({"train": train})
+
+
+def test_the_deepest_reference_net_still_fits_the_layer_bound():
+    from budgetnet.config import MAX_LAYERS
+
+    resnet1202 = ResNetConfig(depths=(200, 200, 200))  # He et al.'s CIFAR ResNet-1202
+    assert resnet1202.min_layers() == 1202 <= MAX_LAYERS

@@ -355,6 +355,22 @@ def test_a_single_tree_keeps_a_stratified_test_split_that_never_moves(tmp_path):
     assert len(after["test"]) == 12 + 3 * 2  # the 10 new files of each class split 80/20 among themselves
 
 
+def test_file_names_that_are_not_utf8_load_and_class_names_that_are_not_are_one_line(tmp_path, capsys):
+    """Bytes from another system's encoding: a file so named is an image like any other (its name had
+    crashed the cache's fingerprint); a class folder so named is refused, as its name is the class's."""
+    root = tmp_path / "tree"
+    write_image_folder(root, {"": 6})
+    odd = os.fsdecode(b"ants/\xff-latin1.png")
+    shutil.copy(root / "ants" / "001.png", root / odd)
+    info = dataset_info(_name(root))
+    assert sum(sum(c) for c in folder.scan(root).counts().values()) == 19 and info.num_classes == 3
+    assert folder.describe(_name(root))["cache"] == "fresh"
+    (root / "bees").rename(root / os.fsdecode(b"b\xe9es"))
+    assert main(["datasets", _name(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not UTF-8 text" in err[0] and "b\\xe9es" in err[0], err
+
+
 # -- bad input: one line, exit code 2, nothing cached ----------------------------------------------------
 
 def _bad(root: Path, case: str) -> Path:

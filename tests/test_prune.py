@@ -193,6 +193,23 @@ def test_a_pruned_file_records_the_normalisation_its_weights_trained_with(checkp
     assert torch.load(out, weights_only=True)["normalization"] == raw["normalization"]
 
 
+def test_a_distilled_model_fine_tunes_on_its_labels(checkpoints, tmp_path):
+    """A search that distilled writes train.distill > 0 into best.pt; its teacher is not in the file, and
+    fine-tuning it had raised a ValueError (after pruning and measuring)."""
+    import dataclasses
+
+    held = load_checkpoint(checkpoints["plain"])
+    cfg = held["run_config"]
+    distilled = cfg.replace(train=dataclasses.replace(cfg.train, distill=0.5))
+    source = save_checkpoint(tmp_path / "distilled.pt", distilled, held["state_dict"], metrics={},
+                             n_params=held["n_params"], flops=held["flops"], classes=held["classes"],
+                             train_seconds=1.0, precision="fp32")
+    out = tmp_path / "pruned.pt"
+    assert main(["prune", str(source), "--amount", "0.3", "--seconds", "1", "--out", str(out), "--device", "cpu",
+                 "--precision", "fp32"]) == 0
+    assert torch.load(out, weights_only=True)["extra"]["finetune_seconds"] > 0
+
+
 @pytest.mark.parametrize("args, says", [
     (["--amount", "1.5"], "between 0 and 1"),
     (["--amount", "0.3", "--max-params", "1000"], "not allowed with"),
