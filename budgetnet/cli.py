@@ -186,6 +186,9 @@ def _check_not_someone_elses(out: str, study_name: str, storage: str) -> None:
 
 def _check_storage(url: str) -> None:
     """Reject a malformed storage before anything is created."""
+    from budgetnet.search.runner import check_journal
+
+    check_journal(url)  # an existing file given as a path: a journal, or an SQLite file that needs sqlite:///
     if url.endswith((".log", ".jsonl")) and "://" not in url:
         _check_writable(url, "--storage")
         return
@@ -358,6 +361,8 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from budgetnet.evaluate import evaluate_checkpoint, format_report, save_evaluation
 
+    if args.plots is not None and Path(args.plots).exists() and not Path(args.plots).is_dir():
+        raise UserError(f"--plots {args.plots} is a file; give a folder for confusion.png and predictions.png")
     report = evaluate_checkpoint(args.checkpoint, args.data_dir, _device(args.device), plots=args.plots,
                                  download=args.download, precision=args.precision, dataset=args.dataset)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -414,7 +419,8 @@ def cmd_report(args) -> int:
         print(f"study {summary['study']!r}: {n} trial{'' if n == 1 else 's'} ({counts or 'none'})")
         if best:
             params = "?" if best["n_params"] is None else f"{best['n_params']:,}"
-            print(f"best trial {best['trial']}: {best['family']}, {params} params, val acc {best['val_acc']:.4f}")
+            print(f"best trial {best['trial']}: {best['family'] or 'family not recorded'}, {params} params, "
+                  f"val acc {best['val_acc']:.4f}")
         print(f"wrote {summary['files']['index']} (open it in a browser; it needs no network) and "
               f"{summary['files']['csv']}")
     return 0

@@ -264,8 +264,9 @@ def test_a_checkpoint_claiming_a_very_deep_net_is_refused_in_bounded_time(tmp_pa
     cfg, good, _ = _tiny_cifar_checkpoint(tmp_path)
     ckpt = torch.load(good, weights_only=True)
     monkeypatch.setattr(models, "build_model", lambda *a: pytest.fail("built a model the file cannot hold"))
-    for deep in (ResNetConfig(depths=(10**9, 1, 1)), MobileNetConfig(depths=(1, 1, 10**8, 1, 1)),
-                 PlainConfig(n_conv=10**7, width=8, width_pattern="equal", hidden=())):
+    # deep, yet within the layers any config may have: refused by the file's tensor count, before building
+    for deep in (ResNetConfig(depths=(600, 1, 1)), MobileNetConfig(depths=(1, 1, 900, 1, 1)),
+                 PlainConfig(n_conv=1500, width=8, width_pattern="equal", hidden=())):
         torch.save({**ckpt, "config": cfg.replace(model=deep).to_json()}, tmp_path / "deep.pt")
         t0 = time.perf_counter()
         with pytest.raises(CheckpointError, match="claims at least .* layers, the file holds"):
@@ -273,6 +274,11 @@ def test_a_checkpoint_claiming_a_very_deep_net_is_refused_in_bounded_time(tmp_pa
         assert time.perf_counter() - t0 < 5.0
         assert main(["evaluate", str(tmp_path / "deep.pt"), "--device", "cpu"]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    # past them: no such config exists, so the file is refused as it is read
+    too_deep = {**cfg.to_dict(), "model": {"family": "resnet", "depths": [10**9, 1, 1], "widths": [16, 32, 64]}}
+    torch.save({**ckpt, "config": json.dumps(too_deep)}, tmp_path / "deep.pt")
+    with pytest.raises(CheckpointError, match="past the 2,000"):
+        load_checkpoint(tmp_path / "deep.pt")
 
 
 def test_a_checkpoint_whose_config_claims_a_huge_model_is_refused_before_building_it(tmp_path, capsys):

@@ -146,7 +146,7 @@ def test_a_replaced_checkpoint_shows_no_stale_test_accuracy(searched, capsys):
     assert shown["path"] == str(copy) and shown["test_top1"] is None
 
 
-def test_a_running_study_and_an_empty_one_still_report(tmp_path, capsys):
+def test_a_running_study_and_an_empty_one_still_report(tmp_path):
     storage = f"sqlite:///{tmp_path}/s.db"
     empty = optuna.create_study(study_name="empty", storage=storage, direction="maximize")
     running = optuna.create_study(study_name="running", storage=storage, direction="maximize")
@@ -154,8 +154,22 @@ def test_a_running_study_and_an_empty_one_still_report(tmp_path, capsys):
     trial = running.ask()
     trial.suggest_float("x", 0, 1)
     trial.report(0.4, 10)  # a trial under way, as a live search leaves it
+    import logging
+
+    logged = []  # Optuna's plots log "[W ...] Study instance does not contain trials" on stderr
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = logged.append
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna").addHandler(catch)
+    try:
+        for name in ("empty", "running"):
+            assert main(["report", "--storage", storage, "--study-name", name, "--out", str(tmp_path / name)]) == 0
+    finally:
+        logging.getLogger("optuna").removeHandler(catch)
+        optuna.logging.set_verbosity(verbosity)
+    assert [r.getMessage() for r in logged] == []
     for name in ("empty", "running"):
-        assert main(["report", "--storage", storage, "--study-name", name, "--out", str(tmp_path / name)]) == 0
         for plot in PLOTS:
             assert (tmp_path / name / f"{plot.name}.html").stat().st_size > 0
     df = pd.read_csv(tmp_path / "running" / "trials.csv")
@@ -173,7 +187,8 @@ def two_studies(tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("case", ["no_file", "not_a_database", "no_study", "two_studies", "out_is_a_file",
-                                  "both_on_stdout", "checkpoint_of_another_study", "csv_is_a_folder"])
+                                  "both_on_stdout", "checkpoint_of_another_study", "csv_is_a_folder",
+                                  "sqlite_file_without_its_scheme", "text_file_as_journal"])
 def test_user_mistakes_give_one_line_and_exit_2(two_studies, tmp_path, capsys, case):
     storage = two_studies
     args = ["report", "--storage", storage, "--study-name", "a", "--out", str(tmp_path / "out")]
@@ -197,6 +212,10 @@ def test_user_mistakes_give_one_line_and_exit_2(two_studies, tmp_path, capsys, c
         save_checkpoint(tmp_path / "best.pt", cfg, {}, metrics={}, n_params=1, flops=1, classes=[],
                         train_seconds=0, precision="fp32", extra={"study": "someone-else"})
         args += ["--checkpoint", str(tmp_path / "best.pt")]
+    elif case in ("sqlite_file_without_its_scheme", "text_file_as_journal"):
+        if case == "text_file_as_journal":
+            (tmp_path / "run.log").write_text("epoch 1 loss 2.3\n")
+        args[2] = two_studies[len("sqlite:///"):] if case.startswith("sqlite") else str(tmp_path / "run.log")
     elif case == "csv_is_a_folder":  # refused before the page is written, in the user's own words
         (tmp_path / "tables").mkdir()
         args += ["--csv", str(tmp_path / "tables")]
@@ -205,6 +224,10 @@ def test_user_mistakes_give_one_line_and_exit_2(two_studies, tmp_path, capsys, c
     assert err.startswith("budgetnet: error: ") and "\n" not in err
     if case == "csv_is_a_folder":
         assert f"--csv {tmp_path / 'tables'} is a directory" in err
+    if case == "sqlite_file_without_its_scheme":  # the URL it needs, where Optuna said 'utf-8' codec can't...
+        assert "is an SQLite database: give it as sqlite:///" in err
+    if case == "text_file_as_journal":
+        assert "its first line is not a journal entry" in err and (tmp_path / "run.log").read_text().count("\n") == 1
     assert not (tmp_path / "missing.db").exists()  # a storage that does not exist is not created
     if case == "not_a_database":
         assert (tmp_path / "notes.db").read_text() == "not sqlite"

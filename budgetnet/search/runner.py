@@ -349,6 +349,24 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(done, key=lambda t: t.value) if done else None
 
 
+def check_journal(url: str) -> None:
+    """A ``--storage`` path (no ``://``) that exists must be an Optuna journal: Optuna would append to any
+    file (a run's text log, say). An SQLite database given so is named with the URL it needs."""
+    if "://" in url or not Path(url).is_file() or not Path(url).stat().st_size:
+        return
+    with open(url, "rb") as f:
+        head = f.readline()
+    if head.startswith(b"SQLite format 3\x00"):
+        raise StorageError(f"--storage {url} is an SQLite database: give it as sqlite:///{Path(url).resolve()}")
+    try:
+        journal = isinstance(entry := json.loads(head), dict) and "op_code" in entry
+    except ValueError:
+        journal = False
+    if not journal:
+        raise StorageError(f"cannot use --storage {url} as an Optuna journal file: its first line is not a "
+                           "journal entry (a journal file is created by the search; give a new path)")
+
+
 def stored_study_attrs(url: str, name: str) -> dict | None:
     """The user attrs of study ``name`` in storage ``url``; None when it holds no such study. Nothing is
     created: a local storage file that does not exist yet holds no study. A storage Optuna cannot use is
@@ -356,16 +374,7 @@ def stored_study_attrs(url: str, name: str) -> dict | None:
     path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else url if "://" not in url else None
     if path is not None and not Path(path).exists():
         return None
-    if "://" not in url and Path(url).stat().st_size:  # Optuna would append to any file (a run's text log)
-        with open(url, "rb") as f:
-            head = f.readline()
-        try:
-            journal = isinstance(entry := json.loads(head), dict) and "op_code" in entry
-        except ValueError:
-            journal = False
-        if not journal:
-            raise StorageError(f"cannot use --storage {url} as an Optuna journal file: its first line is not a "
-                               "journal entry (a journal file is created by the search; give a new path)")
+    check_journal(url)
     try:
         with storage_errors(url):
             storage = make_storage(url)

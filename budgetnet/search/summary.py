@@ -18,6 +18,7 @@ is only read: a storage that does not exist is refused, never created.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import math
@@ -35,7 +36,7 @@ from budgetnet.checkpoint import CheckpointError, load_checkpoint
 from budgetnet.config import ConfigError
 from budgetnet.evaluate import evaluation_path
 from budgetnet.files import write_atomic
-from budgetnet.search.runner import REPORT_STEPS, error_line, make_storage
+from budgetnet.search.runner import REPORT_STEPS, check_journal, error_line, make_storage
 
 # trials_dataframe() column -> the report's column. Trials written by another budgetnet version may lack
 # some of them: a missing one is an empty column, never an error.
@@ -92,6 +93,7 @@ def _read_storage(url: str) -> tuple[optuna.storages.BaseStorage, list[str]]:
     path = _local_path(url)
     if path is not None and not path.is_file():
         raise ReportError(f"no study storage at {path} (--storage {url})")
+    check_journal(url)
     try:
         storage = make_storage(url, create=False)
         return storage, [s.study_name for s in storage.get_all_studies()]
@@ -441,6 +443,18 @@ def _summary_html(s: dict, df: pd.DataFrame) -> str:
     return '<div class="cards">' + "\n".join(cards) + "</div>"
 
 
+@contextlib.contextmanager
+def _optuna_quiet():
+    """Optuna's plots log "[W ...] Study instance does not contain trials" and the like on stderr for a
+    young study; its page shows that plainly, and one line on stderr is kept for the user's mistakes."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
 def write_report(study: optuna.Study, df: pd.DataFrame, summary: dict, out: str | Path) -> dict:
     """Write the report folder (see the module docstring) of ``trials_frame`` and ``study_summary``;
     return the summary with ``files`` added."""
@@ -455,7 +469,9 @@ def write_report(study: optuna.Study, df: pd.DataFrame, summary: dict, out: str 
     write_atomic(files["csv"], lambda f: df.to_csv(f, index=False))
     sections = []
     for plot in PLOTS:
-        fig = plot.build(study, df, summary).update_layout(template="plotly_white", height=420,
+        with _optuna_quiet():
+            built = plot.build(study, df, summary)
+        fig = built.update_layout(template="plotly_white", height=420,
                                                            margin={"l": 60, "r": 20, "t": 30, "b": 50})
         div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"plot-{plot.name}",
                           config={"responsive": True, "displaylogo": False})
