@@ -301,3 +301,15 @@ def test_bad_checkpoint_exit_code_from_the_real_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "budgetnet", "evaluate", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_plots_onto_a_file_is_refused_before_evaluating(tmp_path, capsys, monkeypatch):
+    import budgetnet.evaluate as ev
+
+    _, good, _ = _tiny_cifar_checkpoint(tmp_path)
+    (tmp_path / "notes.txt").write_text("keep")
+    monkeypatch.setattr(ev, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated first"))
+    assert main(["evaluate", str(good), "--device", "cpu", "--plots", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--plots {tmp_path / 'notes.txt'} is a file" in err[0], err
+    assert (tmp_path / "notes.txt").read_text() == "keep"
