@@ -207,8 +207,9 @@ def _check_storage(url: str) -> None:
         _check_writable(parsed.database, "--storage")
 
 
-def _check_ray_flags(args) -> None:
-    """The Ray flags go with --backend ray; a cluster address must answer before anything is created."""
+def _check_ray_flags(args, device: str) -> None:
+    """The Ray flags go with --backend ray; a cluster address must answer before anything is created.
+    ``device``: --device resolved (auto is cuda or cpu by now)."""
     if args.backend != "ray":
         for flag, value in (("--ray-address", args.ray_address), ("--gpus-per-trial", args.gpus_per_trial),
                             ("--ray-scheduler", args.ray_scheduler)):
@@ -217,13 +218,14 @@ def _check_ray_flags(args) -> None:
         return
     if args.sampler == "grid":
         raise UserError("--sampler grid runs on --backend optuna only")
-    if args.gpus_per_trial and not str(args.device).startswith(("cuda", "auto")):
-        raise UserError(f"--gpus-per-trial {args.gpus_per_trial:g} needs a CUDA --device, not {args.device}")
+    if args.gpus_per_trial and not device.startswith("cuda"):  # --device auto on a machine without CUDA too
+        raise UserError(f"--gpus-per-trial {args.gpus_per_trial:g} needs a CUDA device, and --device {args.device} "
+                        f"is {device}")
     if args.ray_address is not None:
         import socket
 
         host, _, port = args.ray_address.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise UserError(f"--ray-address {args.ray_address!r} must be HOST:PORT, the head node's GCS address "
                             f"(what 'ray start --head' prints)")
         try:
@@ -254,8 +256,8 @@ def cmd_search(args) -> int:
             raise UserError(f"bad --grid {args.grid}: {e}") from None
     if args.image_size is not None and not is_folder(args.dataset):
         raise UserError(f"--image-size applies to folder:PATH datasets only; {args.dataset} has its own size")
-    _check_ray_flags(args)
     device = str(_device(args.device))  # a flag's mistake before any file's
+    _check_ray_flags(args, device)
     if Path(args.out).suffix.lower() == ".json":  # the summary goes to <stem>.json: it would replace the model
         raise UserError(f"--out {args.out} ends in .json, the name of the search's summary beside the model; "
                         f"give a .pt path such as {Path(args.out).with_suffix('.pt')}")

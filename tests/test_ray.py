@@ -205,6 +205,8 @@ def test_median_stopping_judges_reports_from_the_third_and_never_pauses():
     (["--backend", "ray", "--gpus-per-trial", "-0.5"], "--gpus-per-trial: must be between 0 and 1"),
     (["--backend", "ray", "--ray-address", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
     (["--ray-scheduler", "asha"], "--ray-scheduler applies to --backend ray only"),
+    (["--backend", "ray", "--ray-address", "127.0.0.1:99999"], "must be HOST:PORT"),  # no port to suggest
+    (["--backend", "ray", "--gpus-per-trial", "0.5", "--device", "cpu"], "--device cpu is cpu"),
 ])
 def test_ray_flag_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, needle):
     rc = main(["search", "--dataset", "synthetic", "--storage", f"sqlite:///{tmp_path / 's.db'}",
@@ -212,6 +214,16 @@ def test_ray_flag_mistakes_are_one_line_and_exit_2(tmp_path, capsys, argv, needl
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s.db").exists()  # refused before anything was created
+
+
+def test_gpus_per_trial_with_device_auto_on_a_machine_without_cuda_is_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = main(["search", "--dataset", "synthetic", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--out",
+               str(tmp_path / "best.pt"), "--backend", "ray", "--gpus-per-trial", "0.5", "--device", "auto"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--device auto is cpu" in err[0], err
 
 
 # -- a real cluster: a head and one more node on 127.0.0.1 ---------------------------------------------

@@ -164,12 +164,20 @@ def test_the_space_samples_ema_and_label_smoothing_up_to_0_3():
 
 
 def test_grid_file_applies_points_on_a_base_config():
+    from budgetnet.config import ConfigError
+
     base, grid = load_grid(json.dumps({"base": {"model": {"family": "plain", "n_conv": 2}},
                                        "grid": {"model.width": [8, 16], "model.hidden": [[50], [100]]}}))
     cfg = grid_config(base, {"model.width": grid["model.width"][1], "model.hidden": grid["model.hidden"][0]})
     assert isinstance(cfg.model, PlainConfig) and cfg.model.width == 16 and cfg.model.hidden == (50,)
     with pytest.raises(ValueError):
         load_grid(json.dumps({"grid": {"model.nonsense": [1]}}))
+    # every point is checked when the file loads: a bad later value, a pair that does not hold together
+    plain = {"model": {"family": "plain", "hidden": []}}
+    with pytest.raises(ConfigError, match='grid point model.width="wide", model.n_conv=3: .*width'):
+        load_grid(json.dumps({"base": plain, "grid": {"model.width": [4, "wide"], "model.n_conv": [3]}}))
+    with pytest.raises(ConfigError, match="model.n_conv=3, model.convs_per_block=2: model: n_conv must be a multiple"):
+        load_grid(json.dumps({"base": plain, "grid": {"model.n_conv": [2, 3], "model.convs_per_block": [1, 2]}}))
 
 
 def _opts(tmp_path, slice_s=3.0, **kw) -> SearchOptions:

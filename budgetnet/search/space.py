@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 from typing import Any
@@ -229,6 +230,9 @@ def warm_start(shape: Shape, max_params: float, data: DataConfig) -> dict[str, A
 
 # -- grids over a user-given subset (the reference reports' way) ------------------------------------
 
+GRID_POINTS_CHECKED = 10_000  # grids up to this many points are validated point by point when loaded
+
+
 def load_grid(text: str) -> tuple[dict, dict[str, list]]:
     """Parse a grid file: ``{"base": {partial RunConfig}, "grid": {"model.width": [8, 16, 32], ...}}``.
 
@@ -249,7 +253,20 @@ def load_grid(text: str) -> tuple[dict, dict[str, list]]:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid values for {key!r} must be a non-empty list")
     encoded = {k: [json.dumps(v) for v in vs] for k, vs in grid.items()}
-    grid_config(base, {k: vs[0] for k, vs in encoded.items()})  # validate the keys against the config now
+    # Every point is checked now, not when its trial comes (a bad later value, or a pair that does not hold
+    # together, such as n_conv 3 with convs_per_block 2); past GRID_POINTS_CHECKED, each value once.
+    points = math.prod(len(vs) for vs in encoded.values())
+    if points <= GRID_POINTS_CHECKED:
+        todo = (dict(zip(encoded, values)) for values in itertools.product(*encoded.values()))
+    else:
+        first = {k: vs[0] for k, vs in encoded.items()}
+        todo = ({**first, k: v} for k, vs in encoded.items() for v in vs)
+    for point in todo:
+        try:
+            grid_config(base, point)
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v}" for k, v in point.items())
+            raise ConfigError(f"grid point {shown}: {e}") from None
     return base, encoded
 
 
