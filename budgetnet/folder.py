@@ -177,7 +177,9 @@ def fallback_dir() -> Path:
     grown folder afresh there, and move images a model was tested on into its training split."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME") or Path(os.path.expanduser("~")) / ".cache"
+    if not Path(base).is_absolute():  # no home directory to be found (a bare container's user)
+        return LEGACY_FALLBACK_DIR
     return Path(base) / "budgetnet" / "folder-cache"
 
 
