@@ -339,3 +339,29 @@ def test_the_model_card_never_mixes_two_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(summary, "load_checkpoint", real)
     info = summary.checkpoint_info(tmp_path / "best.pt", "a")  # now the evaluated bytes: shown with them
     assert (info["trial"], info["n_params"], info["test_top1"]) == (7, 1007, 0.71)
+
+
+def test_a_killed_searchs_trial_reads_interrupted_not_running(tmp_path):
+    """A trial left RUNNING by a search killed with -9 was reported as running until the command ran
+    again. Its lease has run out and its process is gone: the report says interrupted. A live trial,
+    and a Ray study's trials (Ray's hold no lease), stay running."""
+    import socket
+
+    from budgetnet.search.summary import trials_frame
+    from budgetnet.search.workers import HOST_KEY, LEASE_KEY, PID_KEY
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    states = {}
+    for name, ray in (("optuna", False), ("ray", True)):
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+        if ray:
+            study.set_user_attr("ray_experiment", str(tmp_path / "ray" / name))
+        dead, live = study.ask(), study.ask()
+        for trial, until in ((dead, time.time() - 60), (live, time.time() + 20)):
+            study._storage.set_trial_system_attr(trial._trial_id, PID_KEY, gone.pid)
+            study._storage.set_trial_system_attr(trial._trial_id, HOST_KEY, socket.gethostname())
+            study._storage.set_trial_system_attr(trial._trial_id, LEASE_KEY, until)
+        states[name] = trials_frame(study)["budgetnet_state"].tolist()
+    assert states == {"optuna": ["interrupted", "running"], "ray": ["running", "running"]}

@@ -22,6 +22,7 @@ import contextlib
 import html
 import json
 import math
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from budgetnet.config import ConfigError
 from budgetnet.evaluate import evaluation_path
 from budgetnet.files import write_atomic
 from budgetnet.search.runner import REPORT_STEPS, check_journal, error_line, make_storage
+from budgetnet.search.workers import lease_lapsed
 
 # trials_dataframe() column -> the report's column. Trials written by another budgetnet version may lack
 # some of them: a missing one is an empty column, never an error.
@@ -142,6 +144,11 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")  # one has no FLOPs)
     df["state"] = df["state"].astype("string")
     df["budgetnet_state"] = df["budgetnet_state"].astype("string").fillna(df["state"].map(STATE_OF))
+    if "ray_experiment" not in study.user_attrs:  # Ray's trials hold no lease to judge them by
+        now = time.time()  # RUNNING with its lease run out, no process alive here: a killed search's
+        lapsed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                  if lease_lapsed(t, now) is not None]  # (the next run of the command fails it)
+        df.loc[df["number"].isin(lapsed) & (df["state"] == "RUNNING"), "budgetnet_state"] = "interrupted"
     steps = {t.number: max(t.intermediate_values) / REPORT_STEPS
              for t in study.get_trials(deepcopy=False) if t.intermediate_values}
     df.insert(df.columns.get_loc("val_acc") + 1, "progress", df["number"].map(steps).astype("Float64"))

@@ -91,15 +91,25 @@ def fail_orphans(study: optuna.Study, *, stale_only: bool, match: Callable | Non
             continue
         why = reason
         if stale_only:
-            lease = t.system_attrs.get(LEASE_KEY)
-            start = t.datetime_start.timestamp() if t.datetime_start else now
-            limit = lease if lease is not None else start + LEASE_TTL_S
-            if now <= limit or alive_here(t.system_attrs.get(PID_KEY), t.system_attrs.get(HOST_KEY)):
+            lapsed = lease_lapsed(t, now)
+            if lapsed is None:
                 continue
             why = (f"interrupted: worker {t.user_attrs.get('worker', '?')} (pid {t.system_attrs.get(PID_KEY, '?')})"
-                   f" stopped renewing its lease (it ran out {now - limit:.0f} s ago)")
+                   f" stopped renewing its lease (it ran out {lapsed:.0f} s ago)")
         n += fail_trial(study._storage, t._trial_id, why)
     return n
+
+
+def lease_lapsed(trial: optuna.trial.FrozenTrial, now: float) -> float | None:
+    """Seconds since a RUNNING trial's lease ran out (with no lease yet: ``LEASE_TTL_S`` after it started)
+    when its process is not alive on this machine; None while something may still run it. Trials of the
+    optuna backend only: Ray's hold no lease."""
+    lease = trial.system_attrs.get(LEASE_KEY)
+    start = trial.datetime_start.timestamp() if trial.datetime_start else now
+    limit = lease if lease is not None else start + LEASE_TTL_S
+    if now <= limit or alive_here(trial.system_attrs.get(PID_KEY), trial.system_attrs.get(HOST_KEY)):
+        return None
+    return now - limit
 
 
 class Lease(threading.Thread):
