@@ -66,16 +66,19 @@ def worker_count(text: str) -> int:
     return value
 
 
-def sampler_seed(text: str) -> int:
-    if not text.strip().isdigit() or int(text) > MAX_SAMPLER_SEED:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SAMPLER_SEED}, got {text!r}")
+def _whole(text: str, lo: int, hi: int, what: str) -> int:
+    """A whole number from ``lo`` to ``hi``, both included (``what`` names it in the error)."""
+    if not text.strip().isdigit() or not lo <= int(text) <= hi:
+        raise argparse.ArgumentTypeError(f"must be {what} from {lo} to {hi}, got {text!r}")
     return int(text)
+
+
+def sampler_seed(text: str) -> int:
+    return _whole(text, 0, MAX_SAMPLER_SEED, "a whole number")
 
 
 def port_number(text: str) -> int:
-    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {text!r}")
-    return int(text)
+    return _whole(text, 1, 65535, "a TCP port")
 
 
 def positive_float(text: str) -> float:
@@ -124,10 +127,7 @@ def image_size(text: str) -> int:
     """--image-size: a side in pixels within config.IMAGE_SIZE_RANGE."""
     from budgetnet.config import IMAGE_SIZE_RANGE
 
-    lo, hi = IMAGE_SIZE_RANGE
-    if not text.strip().isdigit() or not lo <= int(text) <= hi:
-        raise argparse.ArgumentTypeError(f"must be a whole number of pixels from {lo} to {hi}, got {text!r}")
-    return int(text)
+    return _whole(text, *IMAGE_SIZE_RANGE, "a whole number of pixels")
 
 
 def _device(name: str):

@@ -28,7 +28,8 @@ def budget_bar(used: float, total: float, width: int = 24) -> str:
 
 
 def _pruned_by(trials: dict) -> str:
-    """" (2 too slow, 1 diverged)" when the pruned trials ended for more than the pruner's reasons."""
+    """The closing line's " (2 too slow, 1 diverged)", when pruned trials ended for more than the pruner's
+    reasons; empty otherwise."""
     by = trials.get("pruned_by") or {}
     if set(by) <= {"pruned"}:
         return ""
