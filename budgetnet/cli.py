@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
+import os
 import re
 import sys
 import tempfile
@@ -151,9 +153,15 @@ def _check_writable(path: str, flag: str = "--out") -> None:
     if p.is_dir():
         example = p / {"--out": "best.pt", "--csv": "trials.csv"}.get(flag, "budgetnet.db")
         raise UserError(f"{flag} {path} is a directory; give a file path such as {example}")
+    # Tried in the nearest folder that exists: the folders still missing are made when the file is written,
+    # and a command refused later (a bad flag after this one) leaves none of them behind.
+    folder = p.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=".budgetnet-write-test"):
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".budgetnet-write-test"):
             pass
     except OSError as e:
         raise UserError(f"cannot write {flag} {path}: {e.strerror or e}") from None

@@ -301,6 +301,21 @@ def test_readers_leave_a_database_that_is_not_optunas_as_it_was(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db", "photos.db"]  # no folder made either
 
 
+def test_a_refused_search_leaves_no_folder_of_its_out_path(tmp_path, capsys):
+    """--out's folders are made when the model is written; a search refused after --out was checked (here
+    for its --storage, or a missing --teacher) leaves none behind, nor a file of the write check."""
+    out = tmp_path / "runs" / "a" / "best.pt"
+    for bad in (["--storage", "sqlite:////proc/budgetnet/s.db"], ["--teacher", str(tmp_path / "none.pt")]):
+        assert main([*_search(tmp_path, *bad), "--out", str(out)]) == 2  # the last --out is the one used
+        assert capsys.readouterr().err.count("\n") == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert main([*_search(tmp_path), "--out", str(file / "sub" / "best.pt")]) == 2
+    assert "cannot write --out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 @pytest.mark.parametrize("port", ["70000", "-1", "0", "http"])
 def test_a_dashboard_port_out_of_range_is_one_line(port, capsys):
     assert main(["dashboard", "--port", port]) == 2
