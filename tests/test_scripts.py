@@ -117,3 +117,14 @@ def test_bench_pool_order_runs_both_orders_to_the_same_fit(capsys):
     from budgetnet.models import plain
 
     assert plain.MONOTONE == ("relu", "leaky_relu")  # restored
+
+
+def test_bench_warm_start_prints_one_row_per_lr_and_counts_failed_runs(capsys):
+    bench = _load("bench_warm_start")
+    assert bench.main(["--max-params", "1e5", "--epochs", "0.1", "--seeds", "2", "--lrs", "0.05,1e-6",
+                       "--failed", "0.5"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.05 |")
+            or line.startswith("| 1e-06 |")]
+    assert [r[0] for r in rows] == ["| 0.05", "| 1e-06"]
+    assert len(rows[1][2].split(" / ")) == 2  # one accuracy per seed
+    assert rows[1][-1] == "2 of 2 |"  # lr 1e-6 learns nothing in a tenth of an epoch: both runs under 50%
