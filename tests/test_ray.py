@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pickle
+import secrets
 import signal
 import subprocess
 import sys
@@ -255,6 +256,11 @@ def ray_cluster():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
                RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", RAY_AUTH_MODE="token")
     temp = tempfile.mkdtemp(prefix="bnray", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    # Token mode needs a token: its own, not ~/.ray/auth_token, which only a machine where Ray once started
+    # locally has (on a fresh one `ray start` refused to run).
+    token = Path(temp) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env["RAY_AUTH_TOKEN_PATH"] = str(token)
     port = _free_port()
     nodes = [_ray_start(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
                          "--include-dashboard=false", f"--temp-dir={temp}"], env)]
