@@ -521,8 +521,15 @@ def cmd_dashboard(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from budgetnet.config import DATASETS, FOLDER_IMAGE_SIZE
-    from budgetnet.device import PRECISIONS
+    # Nothing here imports torch (seconds): --help and a flag's mistake answer at once.
+    from budgetnet.config import (
+        COMPILE_AUTO_MIN_S,
+        COMPILE_MODES,
+        COMPILE_ON_MIN_S,
+        DATASETS,
+        FOLDER_IMAGE_SIZE,
+        PRECISIONS,
+    )
     from budgetnet.search.clock import (
         AUTO_SEARCH_MAX,
         AUTO_SEARCH_MIN,
@@ -531,7 +538,6 @@ def build_parser() -> argparse.ArgumentParser:
         STAGNANT_TRIALS,
         TRIALS_PER_SEARCH,
     )
-    from budgetnet.train import COMPILE_AUTO_MIN_S, COMPILE_MODES, COMPILE_ON_MIN_S
 
     p = _Parser(prog="budgetnet", description="Find the best small CNN a parameter cap and a time budget buy.")
     p.add_argument("--version", action="version", version=f"budgetnet {__version__}")
@@ -688,21 +694,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _user_mistakes() -> tuple[type[Exception], ...]:
+    """The errors that are the user's to fix, reported in one line. Imported when one is raised, not
+    before: their modules import torch, which a parse error or --help need not wait for."""
     from budgetnet.budget import BudgetExceeded
     from budgetnet.checkpoint import CheckpointError
     from budgetnet.config import ConfigError
     from budgetnet.data import DatasetNotFound
-    from budgetnet.train import tune_cpu_allocator
 
+    return ConfigError, DatasetNotFound, CheckpointError, BudgetExceeded
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        from budgetnet.train import tune_cpu_allocator
+
         tune_cpu_allocator()
         return args.fn(args)
-    except (UserError, ConfigError, DatasetNotFound, CheckpointError, BudgetExceeded) as e:
-        print(f"budgetnet: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the machine's to fix, not a bug: a read-only --out, a busy port, a full disk
+    except Exception as e:
+        if isinstance(e, UserError) or isinstance(e, _user_mistakes()):  # a UserError imports nothing
+            print(f"budgetnet: error: {e}", file=sys.stderr)
+            return 2
+        if not isinstance(e, OSError):
+            raise
+        # the machine's to fix, not a bug: a read-only --out, a busy port, a full disk
         where = f": {e.filename}" if e.filename else ""
         print(f"budgetnet: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from budgetnet.config import PRECISIONS
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_MIN_SPEEDUP = 1.15  # a lower precision must beat fp32 by this much to be worth its lost bits
 

@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from budgetnet.budget import BudgetExceeded, check_memory
-from budgetnet.config import RunConfig, TrainConfig
+from budgetnet.config import (
+    COMPILE_AUTO_MIN_S,
+    COMPILE_MODES,
+    COMPILE_ON_MIN_S,
+    RunConfig,
+    TrainConfig,
+)
 from budgetnet.data import DeviceData, ImageSet, normalizer, train_batches
 from budgetnet.device import (
     autocast,
@@ -42,20 +48,10 @@ COMPLETE, STOPPED, DIVERGED, OOM, TOO_SLOW = "complete", "stopped", "diverged", 
 EVAL_SUBSET = 2000  # validation images scored at intermediate marks (all of them at the last mark)
 SYNC_EVERY = 8  # steps between host syncs (divergence check, stop poll); bounds how far the CPU runs ahead
 SPEED_CHECK_AT = 0.05  # progress from which a time-sliced run with ``min_epochs`` checks its own speed
-COMPILE_MODES = ("auto", "on", "off")
-# compile="auto": a run tries torch.compile only with at least this much training left after timing its
-# eager steps. On an H100 compiling a space config took 6-31 s and its steps then ran 1.20-1.31x faster
-# (docs/benchmarks.md), so it paid back after 30-150 s; at 600 s a compilation that gains nothing costs a
-# few percent of the run. Whether it is faster is then measured, not assumed (``AutoCompile``).
-COMPILE_AUTO_MIN_S = 600.0
-# Devices on which "auto" tries at all. On machine A (2-core AVX2 CPU) inductor compiled three space configs
+# compile="auto" tries only on these devices (COMPILE_AUTO_MIN_S, COMPILE_ON_MIN_S: config.py). On machine A (2-core AVX2 CPU) inductor compiled three space configs
 # in 9.5-67 s and their steps then ran at 0.48-0.89x of eager (docs/benchmarks.md): a CPU run would pay
 # up to a minute to learn that, so on a CPU only --compile on compiles.
 COMPILE_AUTO_DEVICES = ("cuda",)
-# compile="on" compiles a run with a time budget only when it has at least this long: a compilation cannot
-# be stopped, and took up to 67 s on a 2-core CPU and 31 s on an H100 (docs/benchmarks.md), so in a search
-# trial's slice or a final run's last seconds it would overrun the budget. Runs by epochs always compile.
-COMPILE_ON_MIN_S = 120.0
 COMPILE_MEASURE_STEPS = 16  # steps timed eager, then compiled, before "auto" keeps the faster
 COMPILE_MIN_SPEEDUP = 1.02  # compiled steps must time at least this much faster than eager ones to be kept
 

@@ -437,3 +437,15 @@ def test_a_trial_line_for_a_trial_that_failed_before_its_family_was_known():
     Reporter("text", out).trial(row, 10.0, 60.0)
     first = out.getvalue().splitlines()[0]
     assert first.startswith("trial    3  -") and first.endswith("failed (ConfigError: bad grid point)")
+
+
+def test_help_and_a_flag_mistake_answer_without_importing_torch():
+    """torch takes seconds to import: --help and a flag's mistake, the commands a user runs to find their
+    way, must not wait for it (they waited 2-3 s)."""
+    code = ("import sys\nfrom budgetnet.cli import main\nrc = main(['search', '--hours', '-1'])\n"
+            "try:\n    main(['search', '--help'])\nexcept SystemExit as e:\n    rc = (rc, e.code)\n"
+            "print(rc, 'torch' in sys.modules, file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "--max-params" in proc.stdout  # the help was printed
+    assert proc.stderr.splitlines()[-1] == "(2, 0) False", proc.stderr
+    assert "--hours: must be more than 0" in proc.stderr
