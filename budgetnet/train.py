@@ -48,9 +48,10 @@ COMPLETE, STOPPED, DIVERGED, OOM, TOO_SLOW = "complete", "stopped", "diverged", 
 EVAL_SUBSET = 2000  # validation images scored at intermediate marks (all of them at the last mark)
 SYNC_EVERY = 8  # steps between host syncs (divergence check, stop poll); bounds how far the CPU runs ahead
 SPEED_CHECK_AT = 0.05  # progress from which a time-sliced run with ``min_epochs`` checks its own speed
-# compile="auto" tries only on these devices (COMPILE_AUTO_MIN_S, COMPILE_ON_MIN_S: config.py). On machine A (2-core AVX2 CPU) inductor compiled three space configs
-# in 9.5-67 s and their steps then ran at 0.48-0.89x of eager (docs/benchmarks.md): a CPU run would pay
-# up to a minute to learn that, so on a CPU only --compile on compiles.
+# compile="auto" tries only on these devices (its thresholds, COMPILE_AUTO_MIN_S and COMPILE_ON_MIN_S, are
+# in config.py). On machine A (2-core AVX2 CPU) inductor compiled three space configs in 9.5-67 s and
+# their steps then ran at 0.48-0.89x of eager (docs/benchmarks.md): a CPU run would pay up to a minute to
+# learn that, so on a CPU only --compile on compiles.
 COMPILE_AUTO_DEVICES = ("cuda",)
 COMPILE_MEASURE_STEPS = 16  # steps timed eager, then compiled, before "auto" keeps the faster
 COMPILE_MIN_SPEEDUP = 1.02  # compiled steps must time at least this much faster than eager ones to be kept

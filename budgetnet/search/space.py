@@ -226,8 +226,8 @@ def warm_start(shape: Shape, max_params: float, data: DataConfig) -> dict[str, A
     that fits. The fc layer does not shrink with the width knob: at a cap of a few hundred thousand
     parameters a 512-unit layer leaves the convolutions one or two channels wide, a net that lost 6 points
     on Fashion-MNIST (82% against 89% without the hidden layer at a 100k cap, 2 epochs) and stayed under
-    50% in 1 of 8 seeds of the synthetic task; at a few tens of thousands the guard would reject it, and the trial that
-    should set the median pruner's bar would be lost."""
+    50% in 1 of 8 seeds of the synthetic task; at a few tens of thousands the guard would reject it, and
+    the trial that should set the median pruner's bar would be lost."""
     best, best_width = None, 0
     for hidden in (512, 256, 128, 0):
         params = {**WARM_START, "plain_hidden": hidden}
