@@ -66,8 +66,8 @@ class Scan:
     manifest_needed: dict | None = None  # single tree: the manifest to write (new or changed), else None
 
     def fingerprint(self, image_size: int) -> str:
-        h = hashlib.sha256(f"v{CACHE_VERSION} {image_size}px {self.layout}\n".encode())  # names that are
-        # not UTF-8 (bytes from another system's encoding) hash as the bytes they are: surrogateescape
+        # File names that are not UTF-8 (bytes of another system's encoding) hash as the bytes they are.
+        h = hashlib.sha256(f"v{CACHE_VERSION} {image_size}px {self.layout}\n".encode())
         for split in ("train", "test"):
             for rel, label in self.files[split]:
                 size, mtime = self.stats[rel]

@@ -240,6 +240,7 @@ def warm_start(shape: Shape, max_params: float, data: DataConfig) -> dict[str, A
             best, best_width = params, cfg.model.width
     return best if best is not None else params
 
+
 # -- grids over a user-given subset (the reference reports' way) ------------------------------------
 
 GRID_POINTS_CHECKED = 10_000  # grids up to this many points are validated point by point when loaded

@@ -140,14 +140,17 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         df[col] = pd.to_datetime(df[col])
     for col in ("val_acc", "seconds", "images_per_s", "epochs"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
-    for col in ("number", "n_params", "flops"):  # counts stay integers where a trial lacks them (a rejected
-        df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")  # one has no FLOPs)
+    # Counts stay integers where a trial lacks them (a rejected one has no FLOPs).
+    for col in ("number", "n_params", "flops"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")
     df["state"] = df["state"].astype("string")
     df["budgetnet_state"] = df["budgetnet_state"].astype("string").fillna(df["state"].map(STATE_OF))
-    if "ray_experiment" not in study.user_attrs:  # Ray's trials hold no lease to judge them by
-        now = time.time()  # RUNNING with its lease run out, no process alive here: a killed search's
+    # A RUNNING trial whose lease ran out, with no process alive here, is a killed search's (the next run of
+    # the command fails it). Ray's trials hold no lease to judge them by.
+    if "ray_experiment" not in study.user_attrs:
+        now = time.time()
         lapsed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                  if lease_lapsed(t, now) is not None]  # (the next run of the command fails it)
+                  if lease_lapsed(t, now) is not None]
         df.loc[df["number"].isin(lapsed) & (df["state"] == "RUNNING"), "budgetnet_state"] = "interrupted"
     steps = {t.number: max(t.intermediate_values) / REPORT_STEPS
              for t in study.get_trials(deepcopy=False) if t.intermediate_values}
@@ -181,8 +184,9 @@ def checkpoint_info(path: str | Path, study_name: str) -> dict:
     """What the report says about a checkpoint: its phase and trial, and the test accuracy that
     ``budgetnet evaluate`` saved for these exact bytes (``None`` if it saved none, or for other bytes).
     Raises CheckpointError for a file that is not a budgetnet checkpoint or belongs to another study."""
-    written = datetime.fromtimestamp(Path(path).stat().st_mtime).isoformat()  # before the bytes: a search
-    ckpt = load_checkpoint(path)  # may replace the file meanwhile, and then the time is the older one's
+    # The time before the bytes: a search may replace the file meanwhile, and then the time is the older one's.
+    written = datetime.fromtimestamp(Path(path).stat().st_mtime).isoformat()
+    ckpt = load_checkpoint(path)
     owner = ckpt["extra"].get("study")
     if owner != study_name:
         raise CheckpointError(f"{path} holds the model of study {owner!r}, not {study_name!r}")
@@ -478,8 +482,7 @@ def write_report(study: optuna.Study, df: pd.DataFrame, summary: dict, out: str 
     for plot in PLOTS:
         with _optuna_quiet():
             built = plot.build(study, df, summary)
-        fig = built.update_layout(template="plotly_white", height=420,
-                                                           margin={"l": 60, "r": 20, "t": 30, "b": 50})
+        fig = built.update_layout(template="plotly_white", height=420, margin={"l": 60, "r": 20, "t": 30, "b": 50})
         div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"plot-{plot.name}",
                           config={"responsive": True, "displaylogo": False})
         caption = f'<p class="caption">{html.escape(plot.caption)}</p>'
