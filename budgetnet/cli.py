@@ -305,9 +305,10 @@ def cmd_search(args) -> int:
 def cmd_train(args) -> int:
     from budgetnet.budget import check_memory, check_params, count_flops
     from budgetnet.checkpoint import save_checkpoint
+    from budgetnet.compile import compile_note
     from budgetnet.config import ConfigError, RunConfig, is_folder
     from budgetnet.data import dataset_info, load_data
-    from budgetnet.train import COMPLETE, EVAL_SUBSET, compile_note, train_run
+    from budgetnet.train import COMPLETE, EVAL_SUBSET, train_run
 
     if (args.seconds is None) == (args.epochs is None):
         raise UserError("give exactly one of --seconds S or --epochs E")
@@ -708,7 +709,7 @@ def _user_mistakes() -> tuple[type[Exception], ...]:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        from budgetnet.train import tune_cpu_allocator
+        from budgetnet.device import tune_cpu_allocator
 
         tune_cpu_allocator()
         return args.fn(args)

@@ -9,7 +9,6 @@ nor ray: the search adapts hooks to its tuner.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import math
@@ -22,25 +21,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from budgetnet.budget import BudgetExceeded, check_memory
-from budgetnet.config import (
-    COMPILE_AUTO_MIN_S,
-    COMPILE_MODES,
-    COMPILE_ON_MIN_S,
-    RunConfig,
-    TrainConfig,
-)
+from budgetnet.compile import AutoCompile, compile_failure, compile_plan, fresh_compile
+from budgetnet.config import RunConfig
 from budgetnet.data import DeviceData, ImageSet, normalizer, train_batches
 from budgetnet.device import (
     autocast,
     first_step_is_setup,
     grad_scaler,
+    is_oom,
     memory_format,
     optimizer_step,
     prepare,
     resolve_precision,
     synchronize,
 )
+from budgetnet.errors import first_line
 from budgetnet.models import build_model
+from budgetnet.recipe import EMA, lr_factor, make_optimizer, training_loss
 
 Hook = Callable[[float, dict], bool]
 
@@ -48,13 +45,6 @@ COMPLETE, STOPPED, DIVERGED, OOM, TOO_SLOW = "complete", "stopped", "diverged", 
 EVAL_SUBSET = 2000  # validation images scored at intermediate marks (all of them at the last mark)
 SYNC_EVERY = 8  # steps between host syncs (divergence check, stop poll); bounds how far the CPU runs ahead
 SPEED_CHECK_AT = 0.05  # progress from which a time-sliced run with ``min_epochs`` checks its own speed
-# compile="auto" tries only on these devices (its thresholds, COMPILE_AUTO_MIN_S and COMPILE_ON_MIN_S, are
-# in config.py). On machine A (2-core AVX2 CPU) inductor compiled three space configs in 9.5-67 s and
-# their steps then ran at 0.48-0.89x of eager (docs/benchmarks.md): a CPU run would pay up to a minute to
-# learn that, so on a CPU only --compile on compiles.
-COMPILE_AUTO_DEVICES = ("cuda",)
-COMPILE_MEASURE_STEPS = 16  # steps timed eager, then compiled, before "auto" keeps the faster
-COMPILE_MIN_SPEEDUP = 1.02  # compiled steps must time at least this much faster than eager ones to be kept
 
 
 @dataclass
@@ -72,207 +62,6 @@ class RunResult:
     state_dict: dict | None = None  # final weights (the EMA weights when EMA is on), on the CPU
     precision: str = "fp32"  # what the run trained in: fp32, bf16 or fp16 (autocast)
     compile: dict = field(default_factory=dict)  # mode, compiled, and (auto) compile_s, both rates, reason
-
-
-def fresh_compile(model: nn.Module, **options) -> nn.Module:
-    """``torch.compile(model)`` with Dynamo's caches cleared first. Every run compiles a new net through its
-    family's one ``forward``, and Dynamo compiles a code object at most ``recompile_limit`` (8) times in a
-    process before it runs it eager with only a logged warning: a process that compiled eight trials would
-    train its next ones, and its final run, uncompiled while reporting them compiled."""
-    torch._dynamo.reset()
-    return torch.compile(model, **options)
-
-
-def compile_mode(value: bool | str | None) -> str:
-    """``train_run``'s ``compile`` as one of COMPILE_MODES (True is "on", False and None are "off")."""
-    if value is True or value is False or value is None:
-        return "on" if value else "off"
-    if value not in COMPILE_MODES:
-        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {value!r}")
-    return value
-
-
-class AutoCompile:
-    """``compile="auto"``: measure, then keep whichever of eager and compiled training is faster.
-
-    Only on ``COMPILE_AUTO_DEVICES`` (CUDA). Steps 2 to 1 + M (M = ``COMPILE_MEASURE_STEPS``) run eager
-    and are timed. If the run then has at least ``COMPILE_AUTO_MIN_S`` of training left, the next step
-    compiles (its time, like step 1's, is set-up: paid out of the run, left out of its rate), the M after
-    it are timed, and the compiled model is kept only if it trained at least ``COMPILE_MIN_SPEEDUP`` times
-    as fast; otherwise the run goes on eager.
-    Every step trains: the measurement costs the run nothing but the compilation itself. The timed
-    windows start and end on a device sync (``syncs``).
-    """
-
-    def __init__(self, batch_size: int, device: torch.device):
-        self.bs, self.state, self.t_mark, self.end = batch_size, "eager", 0.0, 1 + COMPILE_MEASURE_STEPS
-        self.info: dict = {"mode": "auto", "compiled": False}
-        if device.type not in COMPILE_AUTO_DEVICES:  # recorded, but nothing to say about it (compile_note)
-            self.state, self.info["eligible"] = "done", False
-            self.info["reason"] = f"auto compiles on {', '.join(COMPILE_AUTO_DEVICES)} only (--compile on to force it)"
-
-    def syncs(self, step: int) -> bool:
-        """Whether step ``step`` (1-based, just run) closes a timed window: the caller syncs the device
-        before reading the clock."""
-        return self.state != "done" and step > 1 and (self.state == "compiling" or step == self.end)
-
-    def after_step(self, step: int, train_time: float, left_s: float, model: nn.Module):
-        """Called after every step with the run's training time so far (synced when ``syncs`` said so) and
-        an estimate of the training time still to come. Returns the module the next steps train through,
-        or None to keep the current one."""
-        if self.state == "done" or step < 1:
-            return None
-        if step == 1:
-            self.t_mark = train_time
-        elif self.state == "eager" and step == self.end:
-            self.info["eager_images_per_s"] = round(COMPILE_MEASURE_STEPS * self.bs / (train_time - self.t_mark), 1)
-            if left_s < COMPILE_AUTO_MIN_S:
-                self.state = "done"
-                self.info["reason"] = f"{left_s:.0f} s of training left, under {COMPILE_AUTO_MIN_S:.0f} s"
-                return None
-            self.state, self.t_mark, self.info["compiled"] = "compiling", train_time, True
-            return fresh_compile(model)
-        elif self.state == "compiling":
-            self.info["compile_s"] = round(train_time - self.t_mark, 2)
-            self.state, self.t_mark, self.end = "timing", train_time, step + COMPILE_MEASURE_STEPS
-        elif self.state == "timing" and step == self.end:
-            rate = COMPILE_MEASURE_STEPS * self.bs / (train_time - self.t_mark)
-            eager = self.info["eager_images_per_s"]
-            self.info["compiled_images_per_s"] = round(rate, 1)
-            self.state, keep = "done", rate >= eager * COMPILE_MIN_SPEEDUP
-            self.info.update(compiled=keep, reason=f"compiled {rate / eager:.2f}x the eager rate")
-            return None if keep else model
-        return None
-
-
-def compile_note(info: dict) -> str | None:
-    """One line on how a run used ``torch.compile`` (its ``RunResult.compile``), or None where there is
-    nothing to say: it was off, or "auto" on a device it never tries (a CPU)."""
-    if not info or info.get("mode") == "off" or info.get("eligible") is False:
-        return None
-    if info["mode"] == "on" and info.get("compiled"):
-        return f"compiled (first step {info.get('compile_s', 0.0):.1f} s)"
-    if "compile_s" in info:
-        kept = "kept" if info["compiled"] else "not kept, trained eager"
-        why = info.get("reason", "the run ended before its compiled steps were timed")
-        return f"compiled in {info['compile_s']:.1f} s ({why}); {kept}"
-    return f"not compiled: {info['reason']}" if info.get("reason") else None
-
-
-def compile_failure(error: BaseException) -> str:
-    """The reason a run records when compiling failed and it went on eager."""
-    first = str(error).splitlines()[0][:200] if str(error) else ""
-    return f"compilation failed ({type(error).__name__}: {first}); trained eager"
-
-
-# glibc's malloc hands blocks over 128 KiB back to the OS when they are freed (munmap, heap trimming), so
-# on a CPU every training step page-faults its batch buffers in again: batch preparation ran 3x slower at
-# one thread (docs/benchmarks.md). PyTorch's CPU tuning guide recommends jemalloc or tcmalloc for the same
-# reason; raising glibc's two thresholds keeps freed blocks in the heap without preloading anything.
-MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for this setting on 64-bit
-TRIM_THRESHOLD = 256 << 20
-
-
-def tune_cpu_allocator() -> bool:
-    """Keep freed blocks of up to 32 MiB in glibc's heap. True if applied (Linux, glibc), else False.
-
-    Process-wide and idempotent; entry points (the CLI, the benchmarks) call it once at start-up.
-    """
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to tune
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
-
-
-def lr_factor(cfg: TrainConfig, p: float) -> float:
-    """Multiplier of the peak lr at progress p: linear warm-up, then the schedule's decay to ~0 at p=1."""
-    p = min(max(p, 0.0), 1.0)
-    warm = max(cfg.warmup, 0.25) if cfg.schedule == "onecycle" else cfg.warmup
-    if p < warm:
-        start = 0.04 if cfg.schedule == "onecycle" else 0.0
-        return start + (1 - start) * p / warm
-    q = (p - warm) / (1 - warm) if warm < 1 else 1.0
-    if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * q))
-    if cfg.schedule == "step":  # x0.1 at 50% and at 75% of the decay phase
-        return 0.1 ** ((q >= 0.5) + (q >= 0.75))
-    return 1.0 - q  # linear and onecycle end at 0
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum, or AdamW. No weight decay on biases and norm parameters."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-
-
-def prime_optimizers() -> None:
-    """Pay a process's one-off cost of its first optimizer steps (torch's lazy imports and set-up: 1.4-2.2 s
-    on a 2-core CPU, then nothing) before any run's clock starts. Otherwise the first run of a process
-    spends it out of its own slice, and, as its schedule follows elapsed time, past its warm-up: a search
-    worker's first trial, a grid study's (no speed probe pays it), a Ray actor's."""
-    for tc in (TrainConfig(optimizer="sgd"), TrainConfig(optimizer="adamw")):
-        w = nn.Linear(1, 1)
-        opt = make_optimizer(w, tc)
-        w(torch.ones(1, 1)).sum().backward()
-        opt.step()
-
-
-class EMA:
-    """Exponential moving average of a model's weights and float buffers, kept on the model's device.
-
-    One foreach lerp per step over tensors paired once at the start (the optimizer and BN update the
-    model's tensors in place), and a host-side update count: unlike ``torch.optim.swa_utils.AveragedModel``,
-    whose update tests a device counter, it never waits for the device.
-
-    The decay warms up: after n updates it is ``min(decay, (1 + n) / (10 + n))`` (TensorFlow's
-    ``ExponentialMovingAverage`` with ``num_updates``). Without that, a 0.999 average over a slice of a few
-    hundred steps stays close to the initial weights, and the trial that uses it is scored near chance.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay, self.updates = decay, 0
-        self.module = copy.deepcopy(model).requires_grad_(False)
-        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values(), strict=True))
-        self._float = [(a, m) for a, m in pairs if a.is_floating_point()]
-        self._other = [(a, m) for a, m in pairs if not a.is_floating_point()]  # counters: copied
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        averaged, current = [a for a, _ in self._float], [m for _, m in self._float]
-        if self.updates == 0:
-            torch._foreach_copy_(averaged, current)
-        else:
-            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-            torch._foreach_lerp_(averaged, current, 1.0 - decay)
-        if self._other:
-            torch._foreach_copy_([a for a, _ in self._other], [m for _, m in self._other])
-        self.updates += 1
-
-
-def training_loss(logits: torch.Tensor, y: torch.Tensor, tc: TrainConfig,
-                  teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy with ``tc.label_smoothing``; with a teacher, knowledge distillation (Hinton et al.,
-    2015): ``(1 - a) * CE + a * T^2 * KL(teacher_T || student_T)`` with ``a = tc.distill`` and both
-    distributions softened by ``T = tc.distill_temperature`` (T^2 keeps the soft term's gradients on the
-    scale of the hard term's)."""
-    ce = F.cross_entropy(logits, y, label_smoothing=tc.label_smoothing)
-    if teacher_logits is None:
-        return ce
-    if teacher_logits.shape != logits.shape:
-        raise ValueError(f"the teacher's outputs {tuple(teacher_logits.shape)} do not match the student's "
-                         f"{tuple(logits.shape)}")
-    t = tc.distill_temperature
-    kd = F.kl_div(F.log_softmax(logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
-                  reduction="batchmean", log_target=True) * (t * t)
-    return (1 - tc.distill) * ce + tc.distill * kd
 
 
 @torch.no_grad()
@@ -357,14 +146,14 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
         return _train(cfg, data, device, seconds, epochs, hook, stop, min_epochs, precision, teacher, compile,
                       init_state, fit_images, autotune)
     except (torch.OutOfMemoryError, RuntimeError) as e:  # the CPU allocator's is a plain RuntimeError
-        if not _is_oom(e):
+        if not is_oom(e):
             raise
-        reason = str(e).splitlines()[0]
+        reason = first_line(e, 200)
     # Outside the except blocks the traceback (and every tensor its frames held) is released.
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return RunResult(OOM, reason=f"out of memory: {reason[:200]}")
+    return RunResult(OOM, reason=f"out of memory: {reason}")
 
 
 def measure_rate(cfg: RunConfig, data: DeviceData, *, device, seconds: float, precision: str = "auto",
@@ -395,12 +184,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
     model = build_model(cfg.model, data.info.shape).to(device, memory_format=fmt)
     if init_state is not None:
         model.load_state_dict(init_state)
-    mode = compile_mode(compile)
-    compile_info = {"mode": mode, "compiled": mode == "on"}
-    if mode == "on" and seconds is not None and seconds < COMPILE_ON_MIN_S:
-        mode, compile_info = "off", {"mode": "on", "compiled": False,
-                                     "reason": f"a {seconds:.0f} s run is too short to compile in (a compilation "
-                                               f"cannot be stopped; on from {COMPILE_ON_MIN_S:.0f} s)"}
+    mode, compile_info = compile_plan(compile, seconds)
     step_model = fresh_compile(model) if mode == "on" else model  # shares model's parameters
     ema = EMA(model, tc.ema) if tc.ema else None
     if teacher is not None:
@@ -532,7 +316,7 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
                     loss = training_loss(step_model(x), y, tc, soft)
                 optimizer_step(loss, opt, scaler)
             except Exception as e:  # noqa: BLE001 - a compiler's failure of any kind: train on eager
-                if step_model is model or _is_oom(e):
+                if step_model is model or is_oom(e):
                     raise
                 step_model = model
                 compile_info.update(compiled=False, reason=compile_failure(e))
@@ -580,9 +364,3 @@ def _train(cfg: RunConfig, data: DeviceData, device: torch.device, seconds: floa
         images_per_s=steady_rate(), first_step_s=first_step_s, state_dict=state, precision=precision,
         compile=dict(compile_info),
     )
-
-
-def _is_oom(e: BaseException) -> bool:
-    """Whether ``e`` is the device running out of memory (CUDA's typed error, or the CPU allocator's)."""
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or (
-        "out of memory" in str(e).lower())
