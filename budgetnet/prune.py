@@ -42,9 +42,7 @@ from budgetnet.models import build_model
 from budgetnet.train import COMPLETE, train_run
 
 MAX_AMOUNT = 0.95  # the most of each group's filters --max-params may take
-FINETUNE_LR_SCALE = 0.1  # fine-tuning peaks at this share of the checkpoint's own lr: the weights are
-# trained already, and a full peak lr would undo much of that before the schedule anneals (Li et al.
-# retrain at a tenth of the original rate)
+FINETUNE_LR_SCALE = 0.1  # of the checkpoint's lr: a full peak undoes the training (Li et al.)
 
 
 class PruneError(Exception):
