@@ -158,8 +158,8 @@ def _data_flags(sp):
     sp.add_argument("--precision", choices=PRECISIONS, default="auto",
                     help="auto (default) decides on this machine: on a GPU its low precision (bf16 from compute "
                     "capability 8.0, fp16 with loss scaling on 7.x), and on a CPU bf16 where it is native, each "
-                    "only where a training step measured there runs at least 1.15x faster than fp32 (on an H100 "
-                    "small nets did not: fp32); fp32, bf16 or fp16 force one")
+                    "only where a training step measured there runs at least 1.15x faster than fp32; fp32, bf16 "
+                    "or fp16 force one")
 
 
 def _search_flags(sub) -> None:
