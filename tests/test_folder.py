@@ -17,7 +17,8 @@ from PIL import Image
 
 from budgetnet import folder
 from budgetnet.checkpoint import load_checkpoint
-from budgetnet.cli import build_parser, main
+from budgetnet.cli import main
+from budgetnet.cli.parser import build_parser
 from budgetnet.config import ConfigError, DataConfig
 from budgetnet.data import dataset_info, load_data, load_test
 from budgetnet.search.report import Reporter
