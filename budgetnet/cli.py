@@ -276,7 +276,7 @@ def cmd_search(args) -> int:
     _check_not_someone_elses(args.out, study_name, args.storage)
     teacher = None if args.teacher == "none" else args.teacher
     if teacher not in (None, "auto"):  # a wrong teacher is refused now, not after the search
-        from budgetnet.data import dataset_info
+        from budgetnet.datasets.read import dataset_info
         from budgetnet.search.teacher import load_teacher
 
         load_teacher(args.teacher, args.dataset, dataset_info(args.dataset, args.image_size).shape, "cpu")
@@ -306,7 +306,8 @@ def cmd_train(args) -> int:
     from budgetnet.budget import check_memory, check_params, count_flops
     from budgetnet.checkpoint import save_checkpoint
     from budgetnet.config import ConfigError, RunConfig, is_folder
-    from budgetnet.data import dataset_info, load_data
+    from budgetnet.data import load_data
+    from budgetnet.datasets.read import dataset_info
     from budgetnet.train import COMPLETE, EVAL_SUBSET, compile_note, train_run
 
     if (args.seconds is None) == (args.epochs is None):
@@ -440,10 +441,11 @@ def cmd_datasets(args) -> int:
     """List the built-in datasets and where each is looked for, or describe one (a folder: its classes,
     counts per split, image size and cache state). Reads only: nothing is decoded or written."""
     from budgetnet.config import DATASETS, FOLDER_IMAGE_SIZE, is_folder
-    from budgetnet.data import DATASET_INFO, builtin_found, builtin_locations
+    from budgetnet.datasets.builtin import builtin_found, builtin_locations
+    from budgetnet.datasets.info import DATASET_INFO
 
     if args.dataset is not None and is_folder(args.dataset):
-        from budgetnet.folder import describe
+        from budgetnet.datasets.folder import describe
 
         d = describe(args.dataset, args.image_size)
         if args.json:
@@ -700,7 +702,7 @@ def _user_mistakes() -> tuple[type[Exception], ...]:
     from budgetnet.budget import BudgetExceeded
     from budgetnet.checkpoint import CheckpointError
     from budgetnet.config import ConfigError
-    from budgetnet.data import DatasetNotFound
+    from budgetnet.datasets.info import DatasetNotFound
 
     return ConfigError, DatasetNotFound, CheckpointError, BudgetExceeded
 
