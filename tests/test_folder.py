@@ -16,7 +16,8 @@ from conftest import write_fashion_mnist
 from PIL import Image
 
 from budgetnet.checkpoint import load_checkpoint
-from budgetnet.cli import build_parser, main
+from budgetnet.cli import main
+from budgetnet.cli.parser import build_parser
 from budgetnet.config import ConfigError, DataConfig
 from budgetnet.data import load_data, load_test
 from budgetnet.datasets import folder
