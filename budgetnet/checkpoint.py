@@ -16,7 +16,8 @@ import torch
 
 from budgetnet import __version__
 from budgetnet.config import ConfigError, RunConfig
-from budgetnet.data import DatasetInfo, dataset_info
+from budgetnet.datasets.info import DatasetInfo
+from budgetnet.datasets.read import dataset_info
 from budgetnet.errors import first_line
 from budgetnet.files import write_atomic
 

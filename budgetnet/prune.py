@@ -35,7 +35,8 @@ from budgetnet.checkpoint import (
     save_checkpoint,
 )
 from budgetnet.config import ConfigError, ModelConfig, PlainConfig, RunConfig, Shape
-from budgetnet.data import DatasetInfo, load_data, normalizer
+from budgetnet.data import load_data, normalizer
+from budgetnet.datasets.info import DatasetInfo
 from budgetnet.device import memory_format, resolve_precision
 from budgetnet.errors import first_line
 from budgetnet.evaluate import checkpoint_test_split, inference_model, measure_latency, test_metrics

@@ -32,7 +32,7 @@ def _user_mistakes() -> tuple[type[Exception], ...]:
     from budgetnet.budget import BudgetExceeded
     from budgetnet.checkpoint import CheckpointError
     from budgetnet.config import ConfigError
-    from budgetnet.data import DatasetNotFound
+    from budgetnet.datasets.info import DatasetNotFound
 
     return ConfigError, DatasetNotFound, CheckpointError, BudgetExceeded
 

@@ -18,7 +18,8 @@ def cmd_train(args) -> int:
     from budgetnet.budget import check_memory, check_params, count_flops
     from budgetnet.checkpoint import save_checkpoint
     from budgetnet.config import ConfigError, RunConfig, is_folder
-    from budgetnet.data import dataset_info, load_data
+    from budgetnet.data import load_data
+    from budgetnet.datasets.read import dataset_info
     from budgetnet.train import COMPLETE, EVAL_SUBSET, compile_note, train_run
 
     if (args.seconds is None) == (args.epochs is None):
@@ -152,10 +153,11 @@ def cmd_datasets(args) -> int:
     """List the built-in datasets and where each is looked for, or describe one (a folder: its classes,
     counts per split, image size and cache state). Reads only: nothing is decoded or written."""
     from budgetnet.config import DATASETS, FOLDER_IMAGE_SIZE, is_folder
-    from budgetnet.data import DATASET_INFO, builtin_found, builtin_locations
+    from budgetnet.datasets.builtin import builtin_found, builtin_locations
+    from budgetnet.datasets.info import DATASET_INFO
 
     if args.dataset is not None and is_folder(args.dataset):
-        from budgetnet.folder import describe
+        from budgetnet.datasets.folder import describe
 
         d = describe(args.dataset, args.image_size)
         if args.json:

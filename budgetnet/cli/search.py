@@ -49,7 +49,7 @@ def cmd_search(args) -> int:
     _check_not_someone_elses(args.out, study_name, args.storage)
     teacher = None if args.teacher == "none" else args.teacher
     if teacher not in (None, "auto"):  # a wrong teacher is refused now, not after the search
-        from budgetnet.data import dataset_info
+        from budgetnet.datasets.read import dataset_info
         from budgetnet.search.teacher import load_teacher
 
         load_teacher(args.teacher, args.dataset, dataset_info(args.dataset, args.image_size).shape, "cpu")
