@@ -26,7 +26,7 @@ import budgetnet.search.runner as runner
 from budgetnet.budget import count_flops, count_params
 from budgetnet.checkpoint import load_checkpoint
 from budgetnet.config import DataConfig, MobileNetConfig, PlainConfig, ResNetConfig
-from budgetnet.data import DATASET_INFO
+from budgetnet.datasets.info import DATASET_INFO
 from budgetnet.evaluate import evaluate_checkpoint
 from budgetnet.search.report import Reporter
 from budgetnet.search.runner import SearchOptions, run_search

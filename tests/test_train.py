@@ -15,7 +15,7 @@ import budgetnet.compile as comp
 import budgetnet.device as dev
 import budgetnet.train as bt
 from budgetnet.config import SCHEDULES, DataConfig, PlainConfig, RunConfig, TrainConfig
-from budgetnet.data import DATASET_INFO
+from budgetnet.datasets.info import DATASET_INFO
 from budgetnet.models import build_model
 from budgetnet.recipe import lr_factor
 from budgetnet.train import COMPLETE, DIVERGED, STOPPED, train_run

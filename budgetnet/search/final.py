@@ -26,7 +26,8 @@ import optuna
 from budgetnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from budgetnet.compile import compile_note
 from budgetnet.config import RunConfig
-from budgetnet.data import DatasetInfo, load_data
+from budgetnet.data import load_data
+from budgetnet.datasets.info import DatasetInfo
 from budgetnet.search.clock import WRITE_RESERVE_S, Clock
 from budgetnet.search.report import Reporter
 from budgetnet.search.teacher import DISTILL_WEIGHT, auto_teacher, load_teacher, reuse_teacher
