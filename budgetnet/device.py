@@ -240,3 +240,30 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued device work (CUDA kernels run asynchronously); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# glibc hands freed blocks over 128 KiB back to the OS, so on a CPU every step page-faults its batch
+# buffers in again (docs/benchmarks.md, "CPU allocator tuning"); higher thresholds keep them in the heap.
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for this setting on 64-bit
+TRIM_THRESHOLD = 256 << 20
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed blocks of up to 32 MiB in glibc's heap. True if applied (Linux, glibc), else False.
+
+    Process-wide and idempotent; entry points (the CLI, the benchmarks) call it once at start-up.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to tune
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
+
+
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is the device running out of memory (CUDA's typed error, or the CPU allocator's)."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or (
+        "out of memory" in str(e).lower())

@@ -40,7 +40,7 @@ def _user_mistakes() -> tuple[type[Exception], ...]:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        from budgetnet.train import tune_cpu_allocator
+        from budgetnet.device import tune_cpu_allocator
 
         tune_cpu_allocator()
         return COMMANDS[args.command](args)
