@@ -173,7 +173,7 @@ def _check_not_someone_elses(out: str, study_name: str, storage: str) -> None:
     begun again would otherwise rank its trials against that model, and keep it while its best.json
     named the new study's trials."""
     from budgetnet.checkpoint import CheckpointError, load_checkpoint
-    from budgetnet.search.runner import stored_study_attrs
+    from budgetnet.search.storage import stored_study_attrs
 
     if not Path(out).exists():
         return
@@ -194,23 +194,13 @@ def _check_not_someone_elses(out: str, study_name: str, storage: str) -> None:
 
 def _check_storage(url: str) -> None:
     """Reject a malformed storage before anything is created."""
-    from budgetnet.search.runner import check_journal
+    from budgetnet.search.storage import check_journal, parse_url
 
     check_journal(url)  # an existing file given as a path: a journal, or an SQLite file that needs sqlite:///
     if url.endswith((".log", ".jsonl")) and "://" not in url:
         _check_writable(url, "--storage")
         return
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise UserError(f"malformed --storage {url!r}: expected a database URL such as {DEFAULT_STORAGE} "
-                        f"or a journal file ending in .log") from None
-    if parsed.drivername.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
-        raise UserError(f"unsupported --storage {url!r}: use sqlite:///FILE, postgresql://..., mysql://... "
-                        f"or a journal file ending in .log")
+    parsed = parse_url(url)
     if parsed.drivername == "sqlite" and parsed.database:
         _check_writable(parsed.database, "--storage")
 
@@ -246,8 +236,9 @@ def _check_ray_flags(args, device: str) -> None:
 def cmd_search(args) -> int:
     from budgetnet.config import ConfigError, is_folder
     from budgetnet.search.clock import AUTO_SEARCH_MAX
-    from budgetnet.search.report import Reporter
-    from budgetnet.search.runner import SearchOptions, default_study_name, run_search
+    from budgetnet.search.options import SearchOptions, default_study_name
+    from budgetnet.search.progress import Reporter
+    from budgetnet.search.session import run_search
     from budgetnet.search.space import load_grid
 
     if (args.sampler == "grid") != (args.grid is not None):
@@ -389,13 +380,8 @@ def cmd_evaluate(args) -> int:
 def cmd_report(args) -> int:
     from budgetnet.checkpoint import CheckpointError
     from budgetnet.files import write_atomic
-    from budgetnet.search.summary import (
-        checkpoint_info,
-        open_study,
-        study_summary,
-        trials_frame,
-        write_report,
-    )
+    from budgetnet.report.pages import write_report
+    from budgetnet.report.study import checkpoint_info, open_study, study_summary, trials_frame
 
     if args.csv == "-" and args.json:
         raise UserError("--csv - and --json both print on stdout; choose one")
@@ -507,8 +493,8 @@ def cmd_dashboard(args) -> int:
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
-    from budgetnet.search.runner import make_storage
-    from budgetnet.search.summary import study_names
+    from budgetnet.report.study import study_names
+    from budgetnet.search.storage import make_storage
 
     # read only, as report: a storage with no study (or no Optuna tables) is refused, not created or written
     if not study_names(args.storage):

@@ -20,8 +20,9 @@ from budgetnet.checkpoint import load_checkpoint
 from budgetnet.cli import build_parser, main
 from budgetnet.config import ConfigError, DataConfig
 from budgetnet.data import dataset_info, load_data, load_test
-from budgetnet.search.report import Reporter
-from budgetnet.search.runner import SearchOptions, run_search
+from budgetnet.search.options import SearchOptions
+from budgetnet.search.progress import Reporter
+from budgetnet.search.session import run_search
 from budgetnet.search.space import load_grid
 
 CLASSES = ("ants", "bees", "cats")

@@ -8,7 +8,7 @@ of ranges that move with depth. The budget guard stays behind it as a safety net
 
 The "widest that fits" also respects a FLOP cap derived from the device's speed and the trial's time
 slice, so a slow device (a CPU) is not handed 1M-parameter nets that cannot see even half their
-training split in a trial (``runner.MIN_EPOCHS_PER_TRIAL``).
+training split in a trial (``trial.MIN_EPOCHS_PER_TRIAL``).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: D
 
     The model fits ``max_params`` by construction, and ``max_flops`` (forward FLOPs per image) when given:
     the search derives that from the device's measured speed so that every trial can see at least half
-    its training split in its time slice (see ``runner.feasible_flops``).
+    its training split in its time slice (see ``probe.feasible_flops``).
     """
     common = dict(
         activation=trial.suggest_categorical("activation", ACTIVATIONS),
