@@ -60,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from budgetnet import budget  # noqa: E402
 from budgetnet.config import DataConfig, ResNetConfig, RunConfig, Shape, TrainConfig  # noqa: E402
-from budgetnet.data import DATASET_INFO, DeviceData, ImageSet, normalizer, train_batches  # noqa: E402
+from budgetnet.data import DeviceData, ImageSet, normalizer, train_batches  # noqa: E402
+from budgetnet.datasets.info import DATASET_INFO  # noqa: E402
 from budgetnet.device import (  # noqa: E402
     PRECISIONS,
     autocast,

@@ -26,7 +26,7 @@ import budgetnet.train
 from budgetnet.budget import count_flops, count_params
 from budgetnet.checkpoint import load_checkpoint
 from budgetnet.config import DataConfig, MobileNetConfig, PlainConfig, ResNetConfig
-from budgetnet.data import DATASET_INFO
+from budgetnet.datasets.info import DATASET_INFO
 from budgetnet.evaluate import evaluate_checkpoint
 from budgetnet.search import probe
 from budgetnet.search.clock import PROBE_MIN_S

@@ -14,7 +14,7 @@ import torch
 import budgetnet.device as dev
 import budgetnet.train as bt
 from budgetnet.config import SCHEDULES, DataConfig, PlainConfig, RunConfig, TrainConfig
-from budgetnet.data import DATASET_INFO
+from budgetnet.datasets.info import DATASET_INFO
 from budgetnet.models import build_model
 from budgetnet.train import COMPLETE, DIVERGED, STOPPED, lr_factor, train_run
 

@@ -25,7 +25,8 @@ import optuna
 
 from budgetnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from budgetnet.config import RunConfig
-from budgetnet.data import DatasetInfo, load_data
+from budgetnet.data import load_data
+from budgetnet.datasets.info import DatasetInfo
 from budgetnet.search import attrs as A
 from budgetnet.search.clock import WRITE_RESERVE_S, Clock
 from budgetnet.search.progress import Reporter
