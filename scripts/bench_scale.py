@@ -48,7 +48,7 @@ def overheads(storage: str, ray_lanes: int | None = None) -> tuple[list[float], 
     ``ray_lanes``: a Ray study's trials are dealt to that many lanes instead of grouped by worker."""
     import optuna
 
-    from budgetnet.search.runner import make_storage
+    from budgetnet.search.storage import make_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = make_storage(storage)

@@ -144,7 +144,7 @@ def test_a_model_of_another_study_at_out_is_never_ranked_against_nor_overwritten
 
     from budgetnet.checkpoint import save_checkpoint
     from budgetnet.config import DataConfig, RunConfig
-    from budgetnet.search.runner import default_study_name
+    from budgetnet.search.options import default_study_name
 
     name = default_study_name("synthetic", 20_000, 0.01)
     owner = "other" if case == "another study's" else name
@@ -430,7 +430,7 @@ def test_every_command_prints_its_help(command, capsys):
 def test_a_trial_line_for_a_trial_that_failed_before_its_family_was_known():
     import io
 
-    from budgetnet.search.report import Reporter
+    from budgetnet.search.progress import Reporter
 
     out = io.StringIO()
     row = {"number": 3, "family": None, "n_params": None, "flops": None, "progress": None, "val_acc": None,

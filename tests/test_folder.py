@@ -22,8 +22,9 @@ from budgetnet.config import ConfigError, DataConfig
 from budgetnet.data import load_data, load_test
 from budgetnet.datasets import folder
 from budgetnet.datasets.read import dataset_info
-from budgetnet.search.report import Reporter
-from budgetnet.search.runner import SearchOptions, run_search
+from budgetnet.search.options import SearchOptions
+from budgetnet.search.progress import Reporter
+from budgetnet.search.session import run_search
 from budgetnet.search.space import load_grid
 
 CLASSES = ("ants", "bees", "cats")

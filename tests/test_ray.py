@@ -30,9 +30,12 @@ from budgetnet.config import DataConfig  # noqa: E402
 from budgetnet.datasets.info import DATASET_INFO  # noqa: E402
 from budgetnet.search import ray_backend as rb  # noqa: E402
 from budgetnet.search.clock import Clock  # noqa: E402
-from budgetnet.search.report import Reporter  # noqa: E402
-from budgetnet.search.runner import Interrupt, Objective, SearchOptions, make_storage  # noqa: E402
+from budgetnet.search.objective import Objective  # noqa: E402
+from budgetnet.search.options import SearchOptions  # noqa: E402
+from budgetnet.search.phase import Interrupt  # noqa: E402
+from budgetnet.search.progress import Reporter  # noqa: E402
 from budgetnet.search.space import WARM_START, warm_start  # noqa: E402
+from budgetnet.search.storage import make_storage  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 CAP = 30_000
@@ -109,7 +112,7 @@ def test_suggest_guards_before_a_ray_trial_and_records_budgetnet_states(tmp_path
         assert states == ["rejected", "pruned", "complete", "too slow", "failed", "failed", "stopped"]
     finally:
         rb._LIVE.pop("u", None)
-    from budgetnet.search.summary import study_summary, trials_frame
+    from budgetnet.report.study import study_summary, trials_frame
 
     summary = study_summary(study, trials_frame(study), None, None)  # `budgetnet report` reads it
     assert summary["best"]["trial"] == b[rb.NUMBER_KEY]
@@ -118,7 +121,7 @@ def test_suggest_guards_before_a_ray_trial_and_records_budgetnet_states(tmp_path
 def test_a_ray_trial_speed_raises_the_drivers_flop_cap_as_on_the_optuna_backend(tmp_path, synthetic_data):
     """The probe is one short measurement; a Ray trial that trained faster raises the FLOP cap the driver
     samples the next configs under, exactly as ``Objective.learn_speed`` does for the optuna backend."""
-    from budgetnet.search.runner import feasible_flops
+    from budgetnet.search.probe import feasible_flops
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     opts = SearchOptions(max_params=CAP, budget_seconds=100, dataset="synthetic", storage=url, study_name="v",

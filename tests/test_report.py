@@ -18,10 +18,11 @@ import pytest
 from budgetnet.checkpoint import load_checkpoint, save_checkpoint
 from budgetnet.cli import main
 from budgetnet.evaluate import evaluate_checkpoint, save_evaluation
-from budgetnet.search.report import Reporter
-from budgetnet.search.runner import SearchOptions, run_search
+from budgetnet.report.pages import PLOTS
+from budgetnet.search.options import SearchOptions
+from budgetnet.search.progress import Reporter
+from budgetnet.search.session import run_search
 from budgetnet.search.space import load_grid
-from budgetnet.search.summary import PLOTS
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 NETWORK_URL = re.compile(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", re.I)  # http://..., https://..., //cdn...
@@ -111,7 +112,7 @@ def test_the_page_renders_offline_in_headless_chromium(searched, tmp_path):
 
 
 def test_pareto_front_keeps_ties_and_drops_dominated_rows():
-    from budgetnet.search.summary import pareto_front
+    from budgetnet.report.study import pareto_front
 
     df = pd.DataFrame({"n_params": [10, 10, 20, 20, 30, 5, None],
                        "val_acc": [0.5, 0.5, 0.5, 0.7, 0.6, 0.1, 0.9]})
@@ -261,7 +262,7 @@ def test_counts_stay_whole_numbers_when_some_trials_lack_them(tmp_path):
     (the table and summary.json said 1000.0 params)."""
     from optuna.trial import TrialState, create_trial
 
-    from budgetnet.search.summary import study_summary, trials_frame
+    from budgetnet.report.study import study_summary, trials_frame
 
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
     attrs = {"state": "complete", "family": "resnet", "n_params": 1000, "flops": 1_000_000, "seconds": 3.0}
@@ -283,8 +284,8 @@ def test_the_search_summary_says_why_its_trials_were_pruned(tmp_path):
     slow, 1 diverged, 1 stopped)."""
     from optuna.trial import TrialState, create_trial
 
-    from budgetnet.search.runner import _counts
-    from budgetnet.search.summary import study_summary, trials_frame
+    from budgetnet.report.study import study_summary, trials_frame
+    from budgetnet.search.session import counts as _counts
 
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
     study.add_trial(create_trial(value=0.5, state=TrialState.COMPLETE, user_attrs={"state": "complete"}))
@@ -312,7 +313,7 @@ def test_the_model_card_never_mixes_two_checkpoints(tmp_path, monkeypatch):
     of the bytes whose trial and size are shown (the file had been hashed again after loading)."""
     import os
 
-    import budgetnet.search.summary as summary
+    import budgetnet.report.study as summary
     from budgetnet.config import PlainConfig, RunConfig
     from budgetnet.evaluate import file_sha256
 
@@ -347,8 +348,8 @@ def test_a_killed_searchs_trial_reads_interrupted_not_running(tmp_path):
     and a Ray study's trials (Ray's hold no lease), stay running."""
     import socket
 
-    from budgetnet.search.summary import trials_frame
-    from budgetnet.search.workers import HOST_KEY, LEASE_KEY, PID_KEY
+    from budgetnet.report.study import trials_frame
+    from budgetnet.search.attrs import HOST_KEY, LEASE_KEY, PID_KEY
 
     gone = subprocess.Popen(["true"])
     gone.wait()

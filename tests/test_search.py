@@ -22,14 +22,20 @@ from hypothesis import strategies as st
 from optuna.trial import TrialState
 
 import budgetnet.compile
-import budgetnet.search.runner as runner
+import budgetnet.search.session as session
+import budgetnet.train
 from budgetnet.budget import count_flops, count_params
 from budgetnet.checkpoint import load_checkpoint
 from budgetnet.config import DataConfig, MobileNetConfig, PlainConfig, ResNetConfig
 from budgetnet.datasets.info import DATASET_INFO
 from budgetnet.evaluate import evaluate_checkpoint
-from budgetnet.search.report import Reporter
-from budgetnet.search.runner import SearchOptions, run_search
+from budgetnet.search import probe
+from budgetnet.search.clock import PROBE_MIN_S
+from budgetnet.search.options import SearchOptions, StudyMismatch
+from budgetnet.search.phase import search_fits, trials_since_best
+from budgetnet.search.probe import PROBE_MODEL, feasible_flops, probe_speed
+from budgetnet.search.progress import Reporter
+from budgetnet.search.session import run_search
 from budgetnet.search.space import (
     WARM_MIN_WIDTH,
     WARM_START,
@@ -40,6 +46,7 @@ from budgetnet.search.space import (
     suggest_config,
     warm_start,
 )
+from budgetnet.search.storage import make_sampler
 from budgetnet.search.teacher import DISTILL_WEIGHT
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -122,7 +129,7 @@ def test_space_respects_a_flop_cap():
 
 
 def test_tpe_study_of_100_trials_proposes_under_5_percent_oversized():
-    study = optuna.create_study(direction="maximize", sampler=runner.make_sampler("tpe", seed=0))
+    study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", seed=0))
     study.enqueue_trial(WARM_START)
     oversized = 0
     for _ in range(100):
@@ -136,7 +143,7 @@ def test_tpe_study_of_100_trials_proposes_under_5_percent_oversized():
 
 
 def test_the_warm_start_fixes_every_parameter_its_branch_samples():
-    study = optuna.create_study(direction="maximize", sampler=runner.make_sampler("tpe", seed=0))
+    study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", seed=0))
     study.enqueue_trial(WARM_START)
     trial = study.ask()
     cfg = suggest_config(trial, CIFAR, 1e6, DataConfig())
@@ -201,7 +208,7 @@ def test_end_to_end_search_writes_best_pt_that_evaluates(tmp_path, monkeypatch, 
 
     import budgetnet.search.final as final
 
-    real, loaded = runner.load_data, []
+    real, loaded = session.load_data, []
 
     def spy(cfg, *a, merge_val=False, **kw):
         if merge_val:  # the final phase: the search's split must be freed by now
@@ -211,7 +218,7 @@ def test_end_to_end_search_writes_best_pt_that_evaluates(tmp_path, monkeypatch, 
             loaded.append(weakref.ref(data.train.images))
         return data
 
-    monkeypatch.setattr(runner, "load_data", spy)
+    monkeypatch.setattr(session, "load_data", spy)
     monkeypatch.setattr(final, "load_data", spy)  # the final phase loads train+validation there
     t0 = time.perf_counter()
     budget = 10 * slice_s
@@ -298,7 +305,7 @@ def test_diverging_trial_is_recorded_and_the_search_goes_on(tmp_path, slice_s):
 def test_trials_too_slow_for_their_slice_are_pruned_early_and_the_search_goes_on(tmp_path, monkeypatch, slice_s):
     import budgetnet.search.trial as trial_mod
 
-    for module in (trial_mod, runner):  # the speed check, and the FLOP cap scaled from the probe
+    for module in (trial_mod, probe, session):  # the speed check, and the FLOP cap scaled from the probe
         monkeypatch.setattr(module, "MIN_EPOCHS_PER_TRIAL", 1e5)  # no model can see 1e5 epochs in a slice
     summary = run_search(_opts(tmp_path, slice_s, final_fraction=0.0, budget_seconds=7 * slice_s),
                          Reporter("quiet"))
@@ -537,9 +544,9 @@ def test_a_resume_with_another_cap_or_dataset_is_refused(tmp_path, capsys):
     for key, value in (("max_params", 30_000.0), ("dataset", "folder:/data/leaves"), ("image_size", None)):
         folder.set_user_attr(key, value)
     same = dict(max_params=30_000, budget_seconds=60, dataset="folder:/data/leaves")
-    runner._check_same_study(storage, "folder", SearchOptions(**same))
-    with pytest.raises(runner.StudyMismatch, match="--image-size its default, not 64"):
-        runner._check_same_study(storage, "folder", SearchOptions(**same, image_size=64))
+    session._check_same_study(storage, "folder", SearchOptions(**same))
+    with pytest.raises(StudyMismatch, match="--image-size its default, not 64"):
+        session._check_same_study(storage, "folder", SearchOptions(**same, image_size=64))
 
 
 def test_a_budget_too_short_for_one_slice_exits_non_zero_with_one_line(tmp_path):
@@ -559,35 +566,35 @@ def test_a_budget_too_short_for_one_slice_exits_non_zero_with_one_line(tmp_path)
 @pytest.mark.timing
 def test_the_speed_probe_is_bounded_and_stoppable(synthetic_data):
     t0 = time.perf_counter()
-    rate = runner.probe_speed(synthetic_data, "cpu", 1.0)
+    rate = probe_speed(synthetic_data, "cpu", 1.0)
     took = time.perf_counter() - t0
     one_step = 128 / rate
     assert rate > 0 and took <= 1.0 + 2 * one_step + 0.5  # its bound, overshot by at most a step or so
     t0 = time.perf_counter()
-    assert runner.probe_speed(synthetic_data, "cpu", 60.0, stop=lambda: True) is None  # stopped at once
+    assert probe_speed(synthetic_data, "cpu", 60.0, stop=lambda: True) is None  # stopped at once
     assert time.perf_counter() - t0 < 5.0
 
 
 def test_a_search_gives_its_probe_a_small_share_of_the_budget(tmp_path, monkeypatch, slice_s):
     asked = []
-    real = runner.probe_speed
+    real = probe_speed
 
     def spy(data, device, seconds, **kw):
         asked.append(seconds)
         assert kw.get("stop") is not None
         return real(data, device, seconds, **kw) / 50  # measured in a busy moment
 
-    monkeypatch.setattr(runner, "probe_speed", spy)
+    monkeypatch.setattr(session, "probe_speed", spy)
     run_search(_opts(tmp_path, slice_s, budget_seconds=400.0, trial_seconds=500.0), Reporter("quiet"))
     assert not asked  # no slice fits: not even the probe runs
     out = io.StringIO()
     run_search(_opts(tmp_path, slice_s, budget_seconds=3 * slice_s, final_fraction=0.0, study_name="b"),
                Reporter("text", out))
-    assert asked == [runner.PROBE_MIN_S]  # 3% of a short budget is under the 1 s floor
+    assert asked == [PROBE_MIN_S]  # 3% of a short budget is under the 1 s floor
     # The trials' own speeds correct the probe's: the time-feasible FLOP cap rises after the first one.
     study = optuna.load_study(study_name="b", storage=f"sqlite:///{tmp_path / 'study.db'}")
-    probed = runner.feasible_flops(study.user_attrs["probe_images_per_s"],
-                                   count_flops(runner.PROBE_MODEL, DATASET_INFO["synthetic"].shape),
+    probed = feasible_flops(study.user_attrs["probe_images_per_s"],
+                                   count_flops(PROBE_MODEL, DATASET_INFO["synthetic"].shape),
                                    2000, study.user_attrs["slice_seconds"])
     assert study.user_attrs["time_feasible_flops"] > 1.25 * probed
     assert "are time-feasible (was" in out.getvalue()
@@ -634,10 +641,10 @@ def test_with_no_final_phase_no_trial_is_started_or_run_past_the_budget():
     # and the search's own rule applies it, as every worker and backend asks it
     from budgetnet.search.clock import Clock
 
-    opts = runner.SearchOptions(max_params=1e5, budget_seconds=budget, dataset="synthetic", final_fraction=0.0)
+    opts = SearchOptions(max_params=1e5, budget_seconds=budget, dataset="synthetic", final_fraction=0.0)
     study = optuna.create_study()
     for used, fits in ((1529.0, False), (1490.0, True)):
-        assert runner.search_fits(opts, study, Clock(budget, used, time.perf_counter()), 300.0)() is fits
+        assert search_fits(opts, study, Clock(budget, used, time.perf_counter()), 300.0)() is fits
 
 
 def _teacher(path, dataset="synthetic"):
@@ -923,18 +930,18 @@ def test_trials_since_best_counts_judged_trials_after_the_best_complete_one():
                 study.add_trial(optuna.trial.create_trial(state=pruned, user_attrs={"state": t}))
         return study
 
-    assert runner.trials_since_best(study_of()) is None
-    assert runner.trials_since_best(study_of("pruned", "pruned")) is None  # no complete trial yet
-    assert runner.trials_since_best(study_of("pruned", 0.5)) == 0
-    assert runner.trials_since_best(study_of(0.5, "pruned", 0.4, "pruned")) == 3
-    assert runner.trials_since_best(study_of(0.5, "pruned", 0.6, "pruned")) == 1  # a new best resets it
-    assert runner.trials_since_best(study_of(0.5, 0.5, 0.5)) == 2  # ties do not beat the best
-    assert runner.trials_since_best(
+    assert trials_since_best(study_of()) is None
+    assert trials_since_best(study_of("pruned", "pruned")) is None  # no complete trial yet
+    assert trials_since_best(study_of("pruned", 0.5)) == 0
+    assert trials_since_best(study_of(0.5, "pruned", 0.4, "pruned")) == 3
+    assert trials_since_best(study_of(0.5, "pruned", 0.6, "pruned")) == 1  # a new best resets it
+    assert trials_since_best(study_of(0.5, 0.5, 0.5)) == 2  # ties do not beat the best
+    assert trials_since_best(
         study_of(0.5, "too slow", "diverged", "rejected", "stopped", "failed", "pruned")) == 1
 
 
 def test_counting_only_complete_trials_trials_since_best_is_optunas_stagnation_rule():
-    """With no pruned trials, runner.trials_since_best is the rule of optuna.terminator's
+    """With no pruned trials, trials_since_best is the rule of optuna.terminator's
     BestValueStagnationEvaluator (deprecated in Optuna 4.9, a warning on every use): on random studies
     with ties, both agree; trials stopped for other reasons than the pruner change neither."""
     import warnings
@@ -945,7 +952,7 @@ def test_counting_only_complete_trials_trials_since_best_is_optunas_stagnation_r
         from optuna.terminator import BestValueStagnationEvaluator
     for _ in range(30):
         study = optuna.create_study(direction="maximize")
-        assert runner.trials_since_best(study) is None
+        assert trials_since_best(study) is None
         for value in rng.choice([0.5, 0.6, 0.7, 0.8], size=rng.integers(1, 12)):  # ties on purpose
             study.add_trial(optuna.trial.create_trial(value=float(value)))
             if rng.random() < 0.3:
@@ -954,7 +961,7 @@ def test_counting_only_complete_trials_trials_since_best_is_optunas_stagnation_r
         with warnings.catch_warnings():  # deprecated and experimental: warnings either way
             warnings.simplefilter("ignore")
             left = BestValueStagnationEvaluator(max_stagnation_trials=0).evaluate(study.trials, study.direction)
-        assert runner.trials_since_best(study) == -left
+        assert trials_since_best(study) == -left
 
 
 def test_final_fraction_auto_ends_a_stagnant_search_and_hands_the_rest_to_the_final_phase(tmp_path):
@@ -968,7 +975,7 @@ def test_final_fraction_auto_ends_a_stagnant_search_and_hands_the_rest_to_the_fi
     clock = Clock(100.0, 0.0, time.perf_counter())
     clock.used = lambda: used["s"]  # budget time, set by the test
     out = io.StringIO()
-    fits = runner.search_fits(opts, study, clock, 3.0, Reporter("text", out))
+    fits = search_fits(opts, study, clock, 3.0, Reporter("text", out))
     for value in (0.5, 0.8):
         study.add_trial(optuna.trial.create_trial(value=value))
     for _ in range(STAGNANT_TRIALS):
@@ -979,20 +986,20 @@ def test_final_fraction_auto_ends_a_stagnant_search_and_hands_the_rest_to_the_fi
     assert not fits() and "not improved in 3 judged trials" in out.getvalue()
     assert study.user_attrs["search_ended"] == pytest.approx(41.0)
     # every worker sees the decision through the study, whatever its own clock says
-    assert not runner.search_fits(opts, study, Clock(100.0, 0.0, time.perf_counter()), 3.0)()
+    assert not search_fits(opts, study, Clock(100.0, 0.0, time.perf_counter()), 3.0)()
     # one more complete trial that beats the best would have kept it going; a fixed share never stops early
     fresh = optuna.create_study(study_name="t", storage=opts.storage, direction="maximize")
     for value in (0.5, 0.8, 0.7, 0.7, 0.9):
         fresh.add_trial(optuna.trial.create_trial(value=value))
-    assert runner.search_fits(opts, fresh, clock, 3.0)()
+    assert search_fits(opts, fresh, clock, 3.0)()
     # trials the median pruner stopped count as judged: a search whose trials are mostly pruned ends too
     judged = optuna.create_study(study_name="v", storage=opts.storage, direction="maximize")
     judged.add_trial(optuna.trial.create_trial(value=0.8))
     for _ in range(STAGNANT_TRIALS):
         judged.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs={"state": "pruned"}))
-    assert not runner.search_fits(opts, judged, clock, 3.0)() and "search_ended" in judged.user_attrs
+    assert not search_fits(opts, judged, clock, 3.0)() and "search_ended" in judged.user_attrs
     fixed = dataclasses.replace(opts, final_auto=False)
     stagnant = optuna.create_study(study_name="u", storage=opts.storage, direction="maximize")
     for value in (0.8, 0.7, 0.7, 0.7, 0.7):
         stagnant.add_trial(optuna.trial.create_trial(value=value))
-    assert runner.search_fits(fixed, stagnant, clock, 3.0)() and "search_ended" not in stagnant.user_attrs
+    assert search_fits(fixed, stagnant, clock, 3.0)() and "search_ended" not in stagnant.user_attrs

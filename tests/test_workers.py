@@ -21,7 +21,7 @@ from budgetnet.checkpoint import load_checkpoint
 from budgetnet.config import DataConfig, RunConfig
 from budgetnet.search.clock import Clock
 from budgetnet.search.final import keep_if_best
-from budgetnet.search.runner import make_storage
+from budgetnet.search.storage import make_storage
 from budgetnet.train import COMPLETE, RunResult
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -91,13 +91,15 @@ def test_a_trial_ended_by_another_worker_while_it_ran_leaves_its_worker_searchin
     """Should another process fail a trial this one is running (as an orphan), the trial's next report
     cannot be written and Optuna refuses to tell it: the trial keeps the other's verdict, and this worker
     goes on with its next trial instead of ending the search with a traceback."""
-    import budgetnet.search.runner as runner
+    import budgetnet.search.objective as objective_mod
     from budgetnet.search.clock import Clock
-    from budgetnet.search.report import Reporter
+    from budgetnet.search.options import SearchOptions
+    from budgetnet.search.phase import Interrupt, search_phase
+    from budgetnet.search.progress import Reporter
     from budgetnet.search.trial import TrialOutcome
 
     url = f"sqlite:///{tmp_path / 's.db'}"
-    opts = runner.SearchOptions(max_params=30_000, budget_seconds=100, dataset="synthetic", storage=url,
+    opts = SearchOptions(max_params=30_000, budget_seconds=100, dataset="synthetic", storage=url,
                                 study_name="s", out=str(tmp_path / "best.pt"), device="cpu")
     study = optuna.create_study(study_name="s", storage=make_storage(url), direction="maximize")
     ran = []
@@ -112,11 +114,11 @@ def test_a_trial_ended_by_another_worker_while_it_ran_leaves_its_worker_searchin
         return TrialOutcome("complete", value=0.5 + 0.1 * len(ran), val_acc=0.5, n_params=1000, flops=1,
                             result=result)
 
-    monkeypatch.setattr(runner, "run_trial", run_trial)
+    monkeypatch.setattr(objective_mod, "run_trial", run_trial)
     lines = __import__("io").StringIO()
-    objective = runner.Objective(opts, synthetic_data, Clock(100, 0, time.perf_counter(), study), 65, 3.0,
-                                 runner.Interrupt(), Reporter("json", lines), study)
-    runner._search_phase(study, objective, lambda extra=0.0: len(ran) < 3, runner.Interrupt())
+    objective = objective_mod.Objective(opts, synthetic_data, Clock(100, 0, time.perf_counter(), study), 65, 3.0,
+                                 Interrupt(), Reporter("json", lines), study)
+    search_phase(study, objective, lambda extra=0.0: len(ran) < 3, Interrupt())
     assert len(ran) == 3
     first, *rest = study.trials
     assert first.state == TrialState.FAIL and first.user_attrs["reason"] == "interrupted: worker 1 says so"

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from budgetnet.cli.parser import DEFAULT_STORAGE, UserError
+from budgetnet.cli.parser import UserError
 
 
 def _device(name: str):
@@ -54,7 +54,7 @@ def _check_not_someone_elses(out: str, study_name: str, storage: str) -> None:
     begun again would otherwise rank its trials against that model, and keep it while its best.json
     named the new study's trials."""
     from budgetnet.checkpoint import CheckpointError, load_checkpoint
-    from budgetnet.search.runner import stored_study_attrs
+    from budgetnet.search.storage import stored_study_attrs
 
     if not Path(out).exists():
         return
@@ -75,23 +75,13 @@ def _check_not_someone_elses(out: str, study_name: str, storage: str) -> None:
 
 def _check_storage(url: str) -> None:
     """Reject a malformed storage before anything is created."""
-    from budgetnet.search.runner import check_journal
+    from budgetnet.search.storage import check_journal, parse_url
 
     check_journal(url)  # an existing file given as a path: a journal, or an SQLite file that needs sqlite:///
     if url.endswith((".log", ".jsonl")) and "://" not in url:
         _check_writable(url, "--storage")
         return
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise UserError(f"malformed --storage {url!r}: expected a database URL such as {DEFAULT_STORAGE} "
-                        f"or a journal file ending in .log") from None
-    if parsed.drivername.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
-        raise UserError(f"unsupported --storage {url!r}: use sqlite:///FILE, postgresql://..., mysql://... "
-                        f"or a journal file ending in .log")
+    parsed = parse_url(url)
     if parsed.drivername == "sqlite" and parsed.database:
         _check_writable(parsed.database, "--storage")
 

@@ -103,13 +103,8 @@ def cmd_evaluate(args) -> int:
 def cmd_report(args) -> int:
     from budgetnet.checkpoint import CheckpointError
     from budgetnet.files import write_atomic
-    from budgetnet.search.summary import (
-        checkpoint_info,
-        open_study,
-        study_summary,
-        trials_frame,
-        write_report,
-    )
+    from budgetnet.report.pages import write_report
+    from budgetnet.report.study import checkpoint_info, open_study, study_summary, trials_frame
 
     if args.csv == "-" and args.json:
         raise UserError("--csv - and --json both print on stdout; choose one")
@@ -222,8 +217,8 @@ def cmd_dashboard(args) -> int:
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
-    from budgetnet.search.runner import make_storage
-    from budgetnet.search.summary import study_names
+    from budgetnet.report.study import study_names
+    from budgetnet.search.storage import make_storage
 
     # read only, as report: a storage with no study (or no Optuna tables) is refused, not created or written
     if not study_names(args.storage):

@@ -19,8 +19,9 @@ def cmd_search(args) -> int:
     from budgetnet.cli import STARTED  # the budget counts from the command line's import
     from budgetnet.config import ConfigError, is_folder
     from budgetnet.search.clock import AUTO_SEARCH_MAX
-    from budgetnet.search.report import Reporter
-    from budgetnet.search.runner import SearchOptions, default_study_name, run_search
+    from budgetnet.search.options import SearchOptions, default_study_name
+    from budgetnet.search.progress import Reporter
+    from budgetnet.search.session import run_search
     from budgetnet.search.space import load_grid
 
     if (args.sampler == "grid") != (args.grid is not None):

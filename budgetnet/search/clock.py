@@ -1,7 +1,7 @@
 """Budget time: the clock stored in the study, and how the budget is cut into a speed probe and slices.
 
 Every number here is a share of the budget or a bound on one, none a speed: what a device can do in a
-slice is measured on the device (``runner.probe_speed``, ``train_run(min_epochs=)``). This module imports
+slice is measured on the device (``probe.probe_speed``, ``train_run(min_epochs=)``). This module imports
 neither torch nor optuna, so the command line can show these rules in its help without loading either.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+
+from budgetnet.search.attrs import SECONDS_USED
 
 TRIALS_PER_SEARCH = 12  # full-length trial slices per search phase; median stopping fits in more trials
 MIN_SLICE_S = 10.0  # shorter trials rank models by their start-up, not their learning ...
@@ -63,7 +65,7 @@ class Clock:
 
     def save(self) -> None:
         if self.study is not None:
-            self.study.set_user_attr("seconds_used", round(self.used(), 3))
+            SECONDS_USED.set(self.study, round(self.used(), 3))
         self._saved_at = time.perf_counter()
 
     def tick(self) -> bool:

@@ -28,8 +28,9 @@ from budgetnet.compile import compile_note
 from budgetnet.config import RunConfig
 from budgetnet.data import load_data
 from budgetnet.datasets.info import DatasetInfo
+from budgetnet.search import attrs as A
 from budgetnet.search.clock import WRITE_RESERVE_S, Clock
-from budgetnet.search.report import Reporter
+from budgetnet.search.progress import Reporter
 from budgetnet.search.teacher import DISTILL_WEIGHT, auto_teacher, load_teacher, reuse_teacher
 from budgetnet.train import COMPLETE, DIVERGED, EVAL_SUBSET, RunResult, train_run
 
@@ -79,7 +80,7 @@ def keep_if_best(out: str, study_name: str, trial_number: int, cfg: RunConfig, r
 def final_too_short(best: optuna.trial.FrozenTrial, seconds: float, images: int, out: str) -> str | None:
     """Why a final phase of ``seconds`` is not worth running, or None. It must show the best config's data
     at least as many epochs as its trial did: a shorter run from scratch would end below that trial."""
-    rate, trial_epochs = best.user_attrs.get("images_per_s", 0.0), best.user_attrs.get("epochs", 0.0)
+    rate, trial_epochs = A.IMAGES_PER_S.of(best, 0.0), A.EPOCHS.of(best, 0.0)
     epochs = rate * max(seconds, 0.0) / max(images, 1)
     if seconds >= 1.0 and epochs >= trial_epochs:
         return None
@@ -115,10 +116,10 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
                    reporter: Reporter, precision: str) -> tuple[str, dict]:
     """Train ``best``'s config on train+validation until ``WRITE_RESERVE_S`` before the budget ends, write
     ``opts.out`` and attach it to the study. Returns the phase that ``opts.out`` holds and the metrics."""
-    cfg = RunConfig.from_json(best.user_attrs["config"])
+    cfg = RunConfig.from_json(A.CONFIG.of(best))
     cfg = cfg.replace(seed=opts.seed)
-    runs = int(study.user_attrs.get("final_runs", 0)) + 1
-    study.set_user_attr("final_runs", runs)
+    runs = int(A.FINAL_RUNS.of(study, 0)) + 1
+    A.FINAL_RUNS.set(study, runs)
     again = " (again: an earlier run of it was interrupted)" if runs > 1 else ""
     reporter.message(f"final training{again}: trial {best.number}'s config on train+validation for "
                      f"{clock.left() - WRITE_RESERVE_S:.0f} s")
@@ -127,7 +128,7 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
     teacher = None
     if opts.teacher == "auto":  # trained here, out of this phase's own time, when teacher and student fit
         if runs > 1:  # resumed: the teacher an interrupted run trained is reused, not paid for twice
-            teacher, note = reuse_teacher(study.user_attrs.get("teacher_checkpoint"), opts.dataset, data,
+            teacher, note = reuse_teacher(A.TEACHER_CHECKPOINT.of(study), opts.dataset, data,
                                           opts.device)
             if teacher is not None:
                 reporter.message(f"--teacher auto: {note}")
@@ -138,8 +139,8 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
                                          stop=lambda: stop() or clock.used() > deadline or clock.tick(),
                                          save_to=save_to)
             if teacher is not None and save_to.is_file():
-                study.set_user_attr("teacher_checkpoint", str(save_to.absolute()))
-        study.set_user_attr("teacher", note)
+                A.TEACHER_CHECKPOINT.set(study, str(save_to.absolute()))
+        A.TEACHER.set(study, note)
     elif opts.teacher:
         teacher = load_teacher(opts.teacher, opts.dataset, data.info.shape, opts.device)
     if teacher is not None:  # its forward pass on every batch runs inside the final run's own seconds
@@ -166,7 +167,7 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, lr=cfg.train.lr / 2))
         reporter.message(f"final training diverged ({result.reason}); again at half the learning rate "
                          f"({cfg.train.lr:.3g}) for {seconds:.0f} s")
-        study.set_user_attr("final_retries", retry + 1)
+        A.FINAL_RETRIES.set(study, retry + 1)
     if result.status != COMPLETE:
         reporter.message(f"final training ended early ({result.status}: {result.reason}); "
                          f"keeping trial {best.number}'s model in {opts.out}")
@@ -175,23 +176,23 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
     if short:
         reporter.message(f"final training failed its check ({short}); keeping trial {best.number}'s model "
                          f"in {opts.out}")
-        study.set_user_attr("final_failed", short)
+        A.FINAL_FAILED.set(study, short)
         return "search", {}
     metrics = {"best_trial_val_acc": best.value, **numbers(result.metrics)}
-    n_params, flops = best.user_attrs["n_params"], best.user_attrs["flops"]
+    n_params, flops = A.N_PARAMS.of(best), A.FLOPS.of(best)
     with out_lock(opts.out):
         path = save_checkpoint(opts.out, cfg, result.state_dict, metrics=metrics, n_params=n_params, flops=flops,
                                classes=data.classes, train_seconds=result.seconds, precision=result.precision,
                                info=data.info,
                                extra={"phase": "final", "study": study.study_name, "trial": best.number})
     upload_artifact(study, path, opts.artifact_dir, reporter)
-    study.set_user_attr("final_done", True)
+    A.FINAL_DONE.set(study, True)
     return "final", metrics
 
 
 def note_compile(info: dict, study: optuna.Study, reporter: Reporter) -> None:
     """Record how the final run used ``torch.compile`` (study attr ``final_compile``), and say it."""
-    study.set_user_attr("final_compile", info)
+    A.FINAL_COMPILE.set(study, info)
     note = compile_note(info)
     if note:
         reporter.message(f"final training {note}")
@@ -205,7 +206,7 @@ def upload_artifact(study: optuna.Study, path: Path, artifact_dir: str, reporter
         store = FileSystemArtifactStore(artifact_dir)
         artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study,
                                       mimetype="application/octet-stream")
-        study.set_user_attr("best_artifact_id", artifact_id)
+        A.BEST_ARTIFACT_ID.set(study, artifact_id)
     except OSError as e:  # the model is already safe on disk; a full artifact folder must not lose it
         reporter.warning(f"could not attach {path} to the study as an artifact ({e})")
 

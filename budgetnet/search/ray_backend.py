@@ -1,57 +1,56 @@
 """``budgetnet search --backend ray``: the search phase as a Ray Tune experiment, a thin adapter over the
-backend-free ``trial.run_trial``. Everything before (storage, study, clock, probe, slice, warm start) and
-after (the final phase, ``best.pt``, the summary) is ``runner.run_search``'s, shared with the optuna backend.
+backend-free ``trial.run_trial``. Everything before and after the search phase is ``session.run_search``'s.
 
-What differs from Ray Tune's defaults, and why (docs/search.md, "Ray backend"):
-
-- **The guard runs in the driver, before a config becomes a Ray trial** (``BudgetSearch.suggest``): an
-  oversized config is told to the study as PRUNED, state ``rejected``, with its reason, and never starts
-  an actor. The trial runs the guard again (``run_trial``), as a safety net.
-- **budgetnet's states, not OptunaSearch's.** Each trial's last report carries its outcome (complete, too
-  slow, diverged, ...), recorded as the optuna backend records it. A trial the scheduler stopped is PRUNED
-  (state ``pruned``), not COMPLETE with its truncated value. Trials that the experiment's end stopped
-  without telling the searcher (Tune does not) are recorded PRUNED, state ``stopped``: none stays RUNNING.
-- **No ``TuneConfig(time_budget_s)``**: it kills trials and leaves them RUNNING in the study. The searcher
-  stops proposing when a full slice no longer fits (the optuna backend's rule), each trial polls the
-  study's deadline itself, and a ``Stopper`` ends the experiment on Ctrl-C or past a hard deadline.
-- **The scheduler judges on the shared progress axis**: ``training_iteration`` counts reports, one per 10%
-  of a slice, with a grace period of 3 reports (``MedianStoppingRule`` defaults to seconds, with 60 of
-  grace, and would yield trials to pending ones; here it never pauses a trial).
-- **Quiet**: Ray's logs, Tune's loggers and progress tables are off; the ``Reporter`` prints trial lines.
-- **Resume**: the experiment lives under ``studies/ray/<study>`` (beside ``--artifact-dir``); the same
-  command restores it with ``Tuner.restore`` and goes on with what the study's clock has left. The
-  driver's live objects (study, clock, data, reporter) are never pickled into Tune's experiment state: the
-  searcher, stopper and callback hold a key into ``_LIVE``, which this process fills before the Tuner is
-  created or restored. Optuna's storage is the searcher's state.
-
-This is the only module that imports ray; ``runner`` imports it only for ``--backend ray``.
+Where it departs from Tune's defaults, and why (docs/search.md, "Ray backend"):
+- The guard runs in the driver (``BudgetSearch.suggest``): an oversized config is recorded ``rejected``
+  and never starts an actor.
+- Trials end in budgetnet's states (``record.record``, as on the optuna backend); a scheduler's stop is
+  ``pruned``, and trials the experiment's end stopped are ``stopped``: none stays RUNNING.
+- No ``TuneConfig(time_budget_s)`` (it leaves trials RUNNING): the searcher stops proposing when a full
+  slice no longer fits, trials poll the deadline, and a ``Stopper`` ends the experiment on Ctrl-C.
+- The scheduler judges on the shared progress axis: one report per 10% of a slice, from 30%.
+- Resume: the experiment lives under ``studies/ray/<study>`` and is restored by the same command. Live
+  objects are never pickled into Tune's state: searcher, stopper and callback hold a key into ``_LIVE``.
+This is the only module that imports ray.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-import signal
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+import ray
+import torch
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import Searcher, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from budgetnet.config import ConfigError, RunConfig
+from budgetnet.config import RunConfig
 from budgetnet.data import DeviceData
 from budgetnet.device import set_memory_share
 from budgetnet.recipe import prime_optimizers
+from budgetnet.search.attrs import (
+    CONFIG,
+    IMAGES_PER_S,
+    RAY_EXPERIMENT,
+    RAY_NODE,
+    RAY_SCHEDULER,
+    RAY_TRIAL,
+    SECONDS,
+    STEPS,
+    State,
+)
 from budgetnet.search.clock import SLICE_GRACE, Clock, slice_fits, trial_deadline
 from budgetnet.search.final import keep_if_best
+from budgetnet.search.ray_cluster import start_ray, trial_resources
+from budgetnet.search.record import failure_reason, new_row, optuna_state, record
+from budgetnet.search.storage import live_trial, make_sampler, storage_of, trial_id_of
 from budgetnet.search.trial import REPORT_STEPS, guard, run_trial
 
 METRIC = "val_acc"  # what every report carries and the scheduler compares
@@ -62,11 +61,6 @@ REJECTIONS_PER_SUGGEST = 16  # rejected configs told in one suggest() before Tun
 OUTCOME_KEY = "budgetnet_outcome"  # in a trial's last report: its outcome, as JSON
 CONFIG_KEY = "budgetnet_config"  # in a Tune trial's config: the RunConfig, as JSON
 NUMBER_KEY = "budgetnet_trial"  # in a Tune trial's config: its Optuna trial number
-QUIET_ENV = {
-    "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl-C is runner.Interrupt's, as on the optuna backend
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no CSV/JSON/TensorBoard files per trial: the study has it all
-    "RAY_AIR_NEW_OUTPUT": "0",
-}
 
 _LIVE: dict[str, _Live] = {}  # experiment name -> what its searcher, stopper and callback need here
 
@@ -75,13 +69,13 @@ def experiment_dir(study: optuna.Study, artifact_dir: str) -> Path:
     """Where the study's Ray Tune experiment lives: the one recorded in the study (user attr
     ``ray_experiment``), else ``studies/ray/<study>`` beside ``studies/artifacts`` (with a suffix when
     another storage's study of that name has it), recorded for the next session."""
-    recorded = study.user_attrs.get("ray_experiment")
+    recorded = RAY_EXPERIMENT.of(study)
     if recorded:
         return Path(recorded)
     path = base = (Path(artifact_dir).absolute().parent / "ray" / study.study_name).absolute()
     while path.exists():
         path = base.with_name(f"{base.name}-{uuid.uuid4().hex[:6]}")
-    study.set_user_attr("ray_experiment", str(path))
+    RAY_EXPERIMENT.set(study, str(path))
     return path
 
 
@@ -113,9 +107,6 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
     a scheduler's stop ends this thread inside it), and the 100% mark together with its outcome. A
     complete trial writes its model to ``best.pt`` through ``keep_if_best`` (one flock on the folder: the
     driver and the trials must share that folder)."""
-    import ray
-    import torch
-
     torch.set_num_threads(max(1, int(ctx.cpus)))
     prime_optimizers()  # an actor's first trial would pay it out of its slice (later ones: nothing)
     device = ctx.device
@@ -125,7 +116,7 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
     data = data.to(device)
     clock = Clock.from_anchor(ctx.budget_seconds, ctx.used_before, ctx.anchor)  # the session's deadline
     deadline = trial_deadline(ctx.search_end, ctx.slice_s, ctx.budget_seconds)
-    attrs: dict = {"ray_node": ray.util.get_node_ip_address()}
+    attrs: dict = {RAY_NODE: ray.util.get_node_ip_address()}
 
     def report(progress: float, val_acc: float) -> bool:
         if progress < 1.0:  # the last mark goes with the outcome, so that a verdict on it changes nothing
@@ -140,13 +131,13 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
                         fits=lambda: slice_fits(clock.used(), ctx.slice_s, ctx.search_end, ctx.budget_seconds),
                         stop=lambda: clock.used() > deadline, sampled=ctx.sampled,
                         compile=ctx.compile)
-        if out.state == "complete":
+        if out.state == State.COMPLETE:
             keep_if_best(ctx.out, ctx.study, config[NUMBER_KEY], cfg, out.result, out.value, out.n_params,
                          out.flops, data.classes, data.info)
         outcome = {"state": out.state, "reason": out.reason, "value": out.value}
     except Exception as e:  # a bug or a broken config: recorded as FAIL with the reason; the search goes on
-        outcome = {"state": "failed", "reason": f"{type(e).__name__}: {e}"[:300]}
-    attrs.pop("config", None)  # the driver recorded it
+        outcome = {"state": State.FAILED, "reason": failure_reason(e)}
+    attrs.pop(CONFIG, None)  # the driver recorded it
     outcome["attrs"] = attrs
     progress = out.progress if out is not None and out.progress is not None else 0.0
     val_acc = out.val_acc if out is not None and out.val_acc is not None else 0.0
@@ -156,11 +147,6 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
 
 
 # -- the driver -------------------------------------------------------------------------------------
-
-def optuna_state(state: str) -> TrialState:
-    """budgetnet's trial state -> Optuna's (docs/search.md, "How trials are recorded")."""
-    return {"complete": TrialState.COMPLETE, "failed": TrialState.FAIL}.get(state, TrialState.PRUNED)
-
 
 @dataclass
 class _Live:
@@ -181,23 +167,21 @@ class _Live:
     def record(self, study: optuna.Study, trial: optuna.Trial, state: str, reason: str = "",
                value: float | None = None, attrs: dict | None = None) -> None:
         """Tell the study how ``trial`` ended, with budgetnet's user attrs, and print its line."""
+        attrs = attrs or {}
         row = self.rows.pop(trial.number, {"number": trial.number})
-        for key, v in (attrs or {}).items():
+        for key, v in attrs.items():
             trial.set_user_attr(key, v)
-        trial.set_user_attr("state", state)
-        if state != "complete":
-            trial.set_user_attr("reason", reason)
-            row["reason"] = reason
-        row.update(state=state, seconds=(attrs or {}).get("seconds", row.get("seconds", 0.0)))
-        if "images_per_s" in (attrs or {}):  # the trial trained: its speed may raise the driver's FLOP cap
-            self.objective.learn_speed(trial.number, attrs["images_per_s"], row.get("flops"), attrs.get("steps", 0))
-        try:
-            study.tell(trial, value if state == "complete" else None, state=optuna_state(state))
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
-            pass  # finished meanwhile (a new session failed it as interrupted)
-        clock = self.objective.clock
-        clock.save()
-        self.objective.reporter.trial(row, clock.used(), clock.total)
+        row["seconds"] = attrs.get(SECONDS, row.get("seconds", 0.0))
+        if IMAGES_PER_S in attrs:  # the trial trained: its speed may raise the driver's FLOP cap
+            self.objective.learn_speed(trial.number, attrs[IMAGES_PER_S], row.get("flops"), attrs.get(STEPS, 0))
+
+        def tell() -> None:
+            try:
+                study.tell(trial, value if state == State.COMPLETE else None, state=optuna_state(state))
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+                pass  # finished meanwhile (a new session failed it as interrupted)
+
+        record(trial, row, state, reason, self.objective.clock, self.objective.reporter, tell=tell)
 
     def result(self, trial: optuna.Trial, result: dict) -> None:
         """An evaluation mark: the study's intermediate value on the optuna backend's 0..100 axis."""
@@ -223,27 +207,25 @@ class _Live:
             self.record(study, trial, outcome["state"], outcome.get("reason", ""), outcome.get("value"),
                         outcome.get("attrs"))
         elif error:
-            self.record(study, trial, "failed", "its Ray trial failed (its actor or node died; Ray's error "
+            self.record(study, trial, State.FAILED, "its Ray trial failed (its actor or node died; Ray's error "
                         "is in the experiment folder)", attrs={"seconds": round(result.get("time_total_s", 0.0), 2)})
         elif METRIC in result and result.get("progress"):
             self.result(trial, result)
-            self.record(study, trial, "pruned", f"stopped by Ray's {self.scheduler} at {result['progress']:.0%}",
+            self.record(study, trial, State.PRUNED, f"stopped by Ray's {self.scheduler} at {result['progress']:.0%}",
                         attrs={"seconds": round(result.get("time_total_s", 0.0), 2)})
         else:
             self.stopped(study, trial)
 
     def stopped(self, study: optuna.Study, trial: optuna.Trial) -> None:
         interrupted = self.objective.interrupt.event.is_set()
-        self.record(study, trial, "stopped", "interrupted" if interrupted else "search budget exhausted")
+        self.record(study, trial, State.STOPPED, "interrupted" if interrupted else "search budget exhausted")
 
     def end(self, study: optuna.Study) -> None:
         """Record the trials Tune stopped without telling the searcher (the experiment's end, Ctrl-C; it
         never does for them) as PRUNED, state stopped: none stays RUNNING."""
-        storage = study._storage
         for number in list(self.rows):
-            trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-            if storage.get_trial(trial_id).state == TrialState.RUNNING:
-                self.stopped(study, optuna.Trial(study, trial_id))
+            if storage_of(study).get_trial(trial_id_of(study, number)).state == TrialState.RUNNING:
+                self.stopped(study, live_trial(study, number))
             self.rows.pop(number, None)
 
 
@@ -260,11 +242,9 @@ class BudgetSearch(OptunaSearch):
             Searcher.__init__(self, metric=METRIC, mode="max")
             self._ot_trials, self._completed_trials = {}, set()
             return
-        from budgetnet.search.runner import make_sampler
-
         opts, study = live.objective.opts, live.objective.study
         super().__init__(space=lambda trial: {CONFIG_KEY: live.objective.sample(trial).to_json(indent=None)},
-                         metric=METRIC, mode="max", study_name=study.study_name, storage=study._storage,
+                         metric=METRIC, mode="max", study_name=study.study_name, storage=storage_of(study),
                          sampler=make_sampler(opts.sampler, opts.seed, opts.grid[1] if opts.grid else None))
 
     def __getstate__(self) -> dict:
@@ -295,15 +275,14 @@ class BudgetSearch(OptunaSearch):
                 trial = self._ot_trials.pop(trial_id, None)
                 if trial is None:  # not even asked: nothing to record, nothing to retry
                     raise
-                live.record(self._ot_study, trial, "failed", f"{type(e).__name__}: {e}"[:300])
+                live.record(self._ot_study, trial, State.FAILED, failure_reason(e))
                 continue
             trial.set_constraint("params", out.constraint)
-            live.rows[trial.number] = {"number": trial.number, "family": cfg.model.family,
-                                       "n_params": out.n_params, "flops": out.flops, "progress": None,
-                                       "val_acc": None, "seconds": 0.0}
-            if out.state == "rejected":  # told now; never a Ray trial
+            live.rows[trial.number] = new_row(trial.number, family=cfg.model.family, n_params=out.n_params,
+                                              flops=out.flops)
+            if out.state == State.REJECTED:  # told now; never a Ray trial
                 del self._ot_trials[trial_id]
-                live.record(self._ot_study, trial, "rejected", out.reason)
+                live.record(self._ot_study, trial, State.REJECTED, out.reason)
                 continue
             return {**params, NUMBER_KEY: trial.number}
         return None
@@ -358,10 +337,8 @@ class _Watch(tune.Callback):
         if live is None or NUMBER_KEY not in trial.config:
             return
         study = live.objective.study
-        storage = study._storage
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, trial.config[NUMBER_KEY])
         try:
-            storage.set_trial_user_attr(trial_id, "ray_trial", trial.trial_id)
+            RAY_TRIAL.set_in(storage_of(study), trial_id_of(study, trial.config[NUMBER_KEY]), trial.trial_id)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
 
@@ -373,9 +350,9 @@ def kept_scheduler(study: optuna.Study, asked: str, restored: bool, message) -> 
     """The scheduler of the study's experiment (study attr ``ray_scheduler``): ``asked`` for a new one. A
     restored experiment keeps the scheduler it was created with (``Tuner.restore`` restores it), so a
     resume that asks for another is told so, and its trials' reasons name the one that judges them."""
-    kept = study.user_attrs.get("ray_scheduler") if restored else None
+    kept = RAY_SCHEDULER.of(study) if restored else None
     if kept is None:
-        study.set_user_attr("ray_scheduler", asked)
+        RAY_SCHEDULER.set(study, asked)
         return asked
     if kept != asked:
         message(f"--ray-scheduler {asked} not applied: the restored experiment keeps its "
@@ -395,57 +372,9 @@ def make_scheduler(name: str):
                                               min_time_slice=math.inf)
 
 
-def start_ray(address: str | None) -> None:
-    """Join the cluster at ``address``, or start a local one on 127.0.0.1, quietly. ``ray.init`` installs
-    its own SIGTERM handler (exit at once); the command's handlers (graceful stop) are put back."""
-    import ray
-
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message="Define-by-run function passed")
-    if ray.is_initialized():
-        return
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    if address:
-        # A cluster that `ray start` began with this user's token (~/.ray/auth_token, made by Ray's first local
-        # start) checks it; ray.init sends it only in token mode, which it turns on for a local start alone.
-        if (Path.home() / ".ray" / "auth_token").exists():
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
-        try:
-            ray.init(address=address, **kwargs)
-        except (ConnectionError, ray.exceptions.RayError) as e:
-            raise ConfigError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[-1]}") from None
-    else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
-    for s, h in handlers.items():
-        if h is not None:
-            signal.signal(s, h)
-
-
-def trial_resources(device: str, workers: int, gpus_per_trial: float | None) -> dict:
-    """CPUs and GPU share per trial: the cluster's CPUs split among ``workers`` concurrent trials (at most
-    one node's worth, or the trial could never be placed), and ``gpus_per_trial`` of a GPU (default 1/N on
-    CUDA, none on a CPU)."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    total = sum(n.get("CPU", 0) for n in nodes)
-    largest = max((n.get("CPU", 0) for n in nodes), default=1)
-    cpus = max(1.0, min(largest, float(total // workers)))
-    gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 / workers if device.startswith("cuda") else 0.0)
-    if device.startswith("cuda") and not gpus > 0:
-        raise ConfigError("--backend ray on CUDA needs --gpus-per-trial above 0 (a trial without one sees no GPU)")
-    return {"cpu": cpus, "gpu": gpus}
-
-
 def ray_search_phase(objective, fits) -> None:
     """The search phase on Ray Tune: start or join Ray, run the experiment (restored if this study has
     one) until no full slice fits or a stop, record every trial, and shut Ray down for the final phase."""
-    import ray
-
     opts, clock, study = objective.opts, objective.clock, objective.study
     t0 = time.perf_counter()
     start_ray(opts.ray_address)

@@ -8,7 +8,7 @@ of ranges that move with depth. The budget guard stays behind it as a safety net
 
 The "widest that fits" also respects a FLOP cap derived from the device's speed and the trial's time
 slice, so a slow device (a CPU) is not handed 1M-parameter nets that cannot see even half their
-training split in a trial (``runner.MIN_EPOCHS_PER_TRIAL``).
+training split in a trial (``trial.MIN_EPOCHS_PER_TRIAL``).
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def max_width(cfg: ModelConfig, shape: Shape, max_params: float, max_flops: floa
 
 def _fit_width(cfg: ModelConfig, shape: Shape, max_params: float, max_flops: float | None,
                frac: float) -> ModelConfig:
-    # Dropout and the initialiser change no count: left out of max_width's cache key, or a continuous
-    # dropout would make every sampled config a miss (0 hits in 40 samples; ~0.1 s of counting each).
+    # Dropout and the initialiser change no count: kept out of max_width's cache key, which a
+    # continuous dropout would make miss on every sampled config.
     counted = dataclasses.replace(cfg, dropout=0.0, init="default")
     widest = max(1, max_width(counted, shape, max_params, max_flops))
     return _with_width(cfg, max(1, round(frac * widest)))
@@ -135,7 +135,7 @@ def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: D
 
     The model fits ``max_params`` by construction, and ``max_flops`` (forward FLOPs per image) when given:
     the search derives that from the device's measured speed so that every trial can see at least half
-    its training split in its time slice (see ``runner.feasible_flops``).
+    its training split in its time slice (see ``probe.feasible_flops``).
     """
     common = dict(
         activation=trial.suggest_categorical("activation", ACTIVATIONS),
@@ -200,16 +200,9 @@ def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: D
     return RunConfig(model=model, train=train, data=data, seed=seed)
 
 
-# A sound, cheap starting point queued as the first trial of every new study (docs/search.md): a
-# 3-conv plain net without batch norm (BN costs ~40% of a small net's step on a CPU), a 512-unit hidden
-# layer, 35% of the widest width that fits, SGD with one-cycle and flips only. It was the pattern of the
-# best trials of earlier 10-minute Fashion-MNIST studies on one CPU core (over 90% validation accuracy
-# in a 33 s slice, where the previous BN warm start reached 78-84%): it learns quickly on any device,
-# so the median pruner has a high bar from the first trial on, and TPE a good region to start from.
-# Its lr is 0.05 at batch 128: at 0.09 (and 0.07) it ended under 50% in 1-3 of 8 seeds of the 3 x 32 x 32
-# synthetic task (no BN: a spike at the one-cycle peak kills its ReLUs), at 0.05 in none of 24, for 0.5
-# points less on Fashion-MNIST after 2 and 6 epochs, 0.4 after 18 (docs/benchmarks.md, "The warm start's
-# lr and width").
+# The first trial of every new study (docs/search.md): a cheap net that learns quickly on any device,
+# so the median pruner has a high bar at once and TPE a good region. No batch norm: it costs a small
+# net's CPU step much. lr 0.05: higher ones kill its ReLUs at the one-cycle peak (docs/benchmarks.md).
 WARM_START: dict[str, Any] = {
     "activation": "relu", "init": "kaiming", "dropout": 0.2, "family": "plain", "plain_blocks": 3,
     "plain_convs_per_block": 1, "plain_hidden": 512, "plain_width_pattern": "doubling", "plain_kernel": 3,
@@ -223,10 +216,8 @@ WARM_MIN_WIDTH = 8  # channels of the warm start's first conv, which its hidden 
 def warm_start(shape: Shape, max_params: float, data: DataConfig) -> dict[str, Any]:
     """``WARM_START``, with its hidden layer narrowed (512, 256, 128, then none) until the net fits
     ``max_params`` with a first conv of at least ``WARM_MIN_WIDTH`` channels; where none does, the widest
-    that fits. The fc layer does not shrink with the width knob: at a cap of a few hundred thousand
-    parameters a 512-unit layer leaves the convolutions one or two channels wide, a net that lost 6 points
-    on Fashion-MNIST (82% against 89% without the hidden layer at a 100k cap, 2 epochs) and stayed under
-    50% in 1 of 8 seeds of the synthetic task; at a few tens of thousands the guard would reject it, and
+    that fits. The fc layer does not shrink with the width knob: under a small cap a 512-unit layer would
+    leave the convolutions one or two channels wide (a net that learns far less), or be rejected, and
     the trial that should set the median pruner's bar would be lost."""
     best, best_width = None, 0
     for hidden in (512, 256, 128, 0):

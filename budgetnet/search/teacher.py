@@ -37,6 +37,7 @@ from budgetnet.checkpoint import (
 from budgetnet.config import ModelConfig, ResNetConfig, RunConfig, Shape, TrainConfig
 from budgetnet.data import DeviceData
 from budgetnet.models import build_model
+from budgetnet.search import attrs as A
 from budgetnet.search.clock import clamp
 from budgetnet.train import COMPLETE, EVAL_SUBSET, measure_rate, train_run
 
@@ -90,9 +91,9 @@ def plan_teacher(best: optuna.trial.FrozenTrial, seconds: float, images: int, sh
     teacher trains faster than the student did, so a device on which even the student's speed would not
     give a teacher its epochs gets no teacher without any measurement (a CPU, usually).
     """
-    rate = float(best.user_attrs.get("images_per_s", 0.0))
-    s_params = best.user_attrs.get("n_params", 0)
-    trial_epochs = float(best.user_attrs.get("epochs", 0.0))
+    rate = float(A.IMAGES_PER_S.of(best, 0.0))
+    s_params = A.N_PARAMS.of(best, 0)
+    trial_epochs = float(A.EPOCHS.of(best, 0.0))
     if not (rate > 0 and seconds > 0):
         return "the best trial recorded no speed"
     need_student = max(STUDENT_MIN_EPOCHS, trial_epochs)

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from budgetnet.budget import BudgetExceeded, check_params, count_flops
 from budgetnet.config import RunConfig
 from budgetnet.data import DeviceData
-from budgetnet.train import COMPLETE, DIVERGED, OOM, STOPPED, TOO_SLOW, RunResult, train_run
+from budgetnet.search import attrs as A
+from budgetnet.search.attrs import State, of_run
+from budgetnet.train import COMPLETE, STOPPED, RunResult, train_run
 
 REPORT_STEPS = 100  # intermediate values are reported on a 0..100 (percent of the trial's slice) axis
 MIN_EPOCHS_PER_TRIAL = 0.5  # a sampled model must see half its training split per slice (speed check)
-# Runs that ended without a result worth ranking: recorded as PRUNED with this state and the run's reason.
-FAILED_RUN_STATES = {DIVERGED: "diverged", OOM: "out of memory", TOO_SLOW: "too slow"}
 
 
 @dataclass
@@ -46,17 +46,17 @@ def guard(cfg: RunConfig, shape, max_params: float, set_attr: Callable[[str, obj
     numbers, or a ``stopped`` one (not trained yet) that carries ``n_params``, ``flops`` and the constraint.
     ``family``, ``config``, ``n_params`` and ``flops`` go through ``set_attr``. ``run_trial`` starts with it;
     the Ray backend also runs it in the driver, so that a rejected config never becomes a Ray trial."""
-    set_attr("family", cfg.model.family)
-    set_attr("config", cfg.to_json(indent=None))
+    set_attr(A.FAMILY, cfg.model.family)
+    set_attr(A.CONFIG, cfg.to_json(indent=None))
     try:
         n_params = check_params(cfg.model, shape, max_params)
     except BudgetExceeded as e:
-        set_attr("n_params", int(e.value))
-        return TrialOutcome("rejected", str(e), n_params=int(e.value), constraint=float(e.value - max_params))
+        set_attr(A.N_PARAMS, int(e.value))
+        return TrialOutcome(State.REJECTED, str(e), n_params=int(e.value), constraint=float(e.value - max_params))
     flops = count_flops(cfg.model, shape)
-    set_attr("n_params", n_params)
-    set_attr("flops", flops)
-    return TrialOutcome("stopped", n_params=n_params, flops=flops, constraint=float(n_params - max_params))
+    set_attr(A.N_PARAMS, n_params)
+    set_attr(A.FLOPS, flops)
+    return TrialOutcome(State.STOPPED, n_params=n_params, flops=flops, constraint=float(n_params - max_params))
 
 
 def run_trial(cfg: RunConfig, data: DeviceData, *, max_params: float, slice_s: float, device: str,
@@ -75,7 +75,7 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, max_params: float, slice_s: f
     ``epochs``, ``steps`` go through ``set_attr``; the adapter records ``state`` and ``reason`` from the outcome.
     """
     out = guard(cfg, data.info.shape, max_params, set_attr)
-    if out.state == "rejected":
+    if out.state == State.REJECTED:
         return out
     if not fits():
         out.reason = "no full slice left in the search phase"
@@ -89,18 +89,18 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, max_params: float, slice_s: f
                        min_epochs=MIN_EPOCHS_PER_TRIAL if sampled else None, precision=precision,
                        compile=compile, autotune=False)  # a slice of a new model cannot repay cuDNN's algorithm search
     out.result = result
-    set_attr("seconds", round(result.seconds, 2))
-    set_attr("images_per_s", round(result.images_per_s, 1))
-    set_attr("epochs", round(result.metrics.get("epoch", 0.0), 2))
-    set_attr("steps", result.steps)
-    if result.status in FAILED_RUN_STATES:
-        out.state, out.reason = FAILED_RUN_STATES[result.status], result.reason
+    set_attr(A.SECONDS, round(result.seconds, 2))
+    set_attr(A.IMAGES_PER_S, round(result.images_per_s, 1))
+    set_attr(A.EPOCHS, round(result.metrics.get("epoch", 0.0), 2))
+    set_attr(A.STEPS, result.steps)
+    if of_run(result.status) is not None:  # ended without a result worth ranking: PRUNED, with the run's reason
+        out.state, out.reason = of_run(result.status), result.reason
     elif result.status == STOPPED and result.reason == "stopped by hook":
-        out.state, out.reason = "pruned", f"below the median at {out.progress:.0%}"
+        out.state, out.reason = State.PRUNED, f"below the median at {out.progress:.0%}"
     elif result.status == STOPPED:
         out.reason = "interrupted" if interrupted() else "search budget exhausted"
     else:
         assert result.status == COMPLETE
-        out.state, out.value = "complete", result.metrics["val_acc"]
+        out.state, out.value = State.COMPLETE, result.metrics["val_acc"]
         out.val_acc = out.value
     return out

@@ -1,4 +1,4 @@
-"""Several local worker processes on one study (``--workers N``): the session, leases, the workers.
+"""Several local worker processes on one study (``--workers N``): the session, leases, the processes.
 
 Rules (docs/search.md, "Several workers"):
 - **One session per command.** The command's process is the leader. At start it records the session in
@@ -32,29 +32,32 @@ import uuid
 from collections.abc import Callable
 
 import optuna
+import torch
 from optuna.trial import TrialState
+
+from budgetnet.device import set_memory_share
+from budgetnet.search import attrs as A
+from budgetnet.search.attrs import HOST_KEY, LEASE_KEY, PID_KEY, State
+from budgetnet.search.storage import fresh_study_attrs, storage_of, trial_id
 
 LEASE_INTERVAL_S = 2.0  # a worker renews its running trial's lease this often (seconds) ...
 LEASE_TTL_S = 20.0  # ... to this far ahead: ten renewals may be missed (a loaded machine, a slow database)
-LEASE_KEY = "budgetnet:lease_until"  # trial system attr: wall time (epoch seconds) the lease runs to
-PID_KEY = "budgetnet:pid"  # trial system attr: the process that runs the trial ...
-HOST_KEY = "budgetnet:host"  # ... and the machine it runs on
 
 
 def new_session(study: optuna.Study, anchor: float, used_before: float, workers: int) -> str:
     """Record a new session of this study (the leader does, once per command); returns its id."""
     session = uuid.uuid4().hex[:12]
-    for key, value in (("session", session), ("session_started_at", anchor),
-                       ("session_used_before", used_before), ("workers", workers)):
-        study.set_user_attr(key, value)
+    for attr, value in ((A.SESSION, session), (A.SESSION_STARTED_AT, anchor),
+                        (A.SESSION_USED_BEFORE, used_before), (A.WORKERS, workers)):
+        attr.set(study, value)
     return session
 
 
 def fail_trial(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
     """Mark a RUNNING trial FAIL with ``reason``; False if it finished meanwhile (another process got there)."""
     try:
-        storage.set_trial_user_attr(trial_id, "reason", reason)
-        storage.set_trial_user_attr(trial_id, "state", "failed")
+        A.REASON.set_in(storage, trial_id, reason)
+        A.STATE.set_in(storage, trial_id, State.FAILED)
         return storage.set_trial_state_values(trial_id, TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
@@ -94,9 +97,9 @@ def fail_orphans(study: optuna.Study, *, stale_only: bool, match: Callable | Non
             lapsed = lease_lapsed(t, now)
             if lapsed is None:
                 continue
-            why = (f"interrupted: worker {t.user_attrs.get('worker', '?')} (pid {t.system_attrs.get(PID_KEY, '?')})"
+            why = (f"interrupted: worker {A.WORKER.of(t, '?')} (pid {PID_KEY.of(t, '?')})"
                    f" stopped renewing its lease (it ran out {lapsed:.0f} s ago)")
-        n += fail_trial(study._storage, t._trial_id, why)
+        n += fail_trial(storage_of(study), trial_id(t), why)
     return n
 
 
@@ -104,10 +107,10 @@ def lease_lapsed(trial: optuna.trial.FrozenTrial, now: float) -> float | None:
     """Seconds since a RUNNING trial's lease ran out (with no lease yet: ``LEASE_TTL_S`` after it started)
     when its process is not alive on this machine; None while something may still run it. Trials of the
     optuna backend only: Ray's hold no lease."""
-    lease = trial.system_attrs.get(LEASE_KEY)
+    lease = LEASE_KEY.of(trial)
     start = trial.datetime_start.timestamp() if trial.datetime_start else now
     limit = lease if lease is not None else start + LEASE_TTL_S
-    if now <= limit or alive_here(trial.system_attrs.get(PID_KEY), trial.system_attrs.get(HOST_KEY)):
+    if now <= limit or alive_here(PID_KEY.of(trial), HOST_KEY.of(trial)):
         return None
     return now - limit
 
@@ -125,8 +128,8 @@ class Lease(threading.Thread):
         self._done = threading.Event()
 
     def hold(self, trial_id: int) -> None:
-        self.storage.set_trial_system_attr(trial_id, PID_KEY, os.getpid())
-        self.storage.set_trial_system_attr(trial_id, HOST_KEY, socket.gethostname())
+        PID_KEY.set_in(self.storage, trial_id, os.getpid())
+        HOST_KEY.set_in(self.storage, trial_id, socket.gethostname())
         self._renew(trial_id)
         self.trial_id = trial_id
 
@@ -135,7 +138,7 @@ class Lease(threading.Thread):
 
     def _renew(self, trial_id: int) -> None:
         try:
-            self.storage.set_trial_system_attr(trial_id, LEASE_KEY, round(time.time() + LEASE_TTL_S, 3))
+            LEASE_KEY.set_in(self.storage, trial_id, round(time.time() + LEASE_TTL_S, 3))
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # it finished between the check and the write
 
@@ -161,10 +164,10 @@ def wait_ready(study: optuna.Study, session: str, leader: int, stop: Callable[[]
     session ``ready``; returns the study's attrs then, or None if the leader is gone or the study belongs
     to a newer session."""
     while True:
-        attrs = study._storage.get_study_user_attrs(study._study_id)
-        if attrs.get("session") != session or os.getppid() != leader or stop():
+        attrs = fresh_study_attrs(study)
+        if A.SESSION.of(attrs) != session or os.getppid() != leader or stop():
             return None
-        if attrs.get("ready") == session:
+        if A.READY.of(attrs) == session:
             return attrs
         time.sleep(poll_s)
 
@@ -173,10 +176,6 @@ def split_resources(device: str, workers: int) -> None:
     """Give this process its share of the machine: ``1/workers`` of the CPU threads, or on a GPU of the
     device's memory (``set_per_process_memory_fraction``: an allocation past it is an out-of-memory error,
     which the trial records as PRUNED, state out of memory)."""
-    import torch
-
-    from budgetnet.device import set_memory_share
-
     if workers <= 1:
         return
     if str(device).startswith("cuda"):
@@ -196,7 +195,7 @@ class Workers:
             spec = json.dumps({"opts": opts_dict, "study": study_name, "index": index, "workers": n,
                                "leader": os.getpid(), "session": session, "mode": mode})
             # A session of its own: a terminal's Ctrl-C reaches the leader only, which forwards it once.
-            self.procs[index] = subprocess.Popen([sys.executable, "-m", "budgetnet.search.workers", spec],
+            self.procs[index] = subprocess.Popen([sys.executable, "-m", "budgetnet.search.worker", spec],
                                                  start_new_session=True)
 
     def signal(self, signum: int) -> None:
@@ -214,7 +213,7 @@ class Workers:
                    else f"exited with status {p.returncode}")
             self.ended[index] = how
             if p.returncode != 0:
-                fail_orphans(study, stale_only=False, match=lambda t, i=index: t.user_attrs.get("worker") == i,
+                fail_orphans(study, stale_only=False, match=lambda t, i=index: A.WORKER.of(t) == i,
                              reason=f"interrupted: worker {index} (pid {p.pid}) {how}")
                 notes.append(f"worker {index} (pid {p.pid}) {how}; the search goes on")
         return notes
@@ -240,25 +239,3 @@ class Workers:
                 if not forwarded:  # after a stop, an exit status is the stop's, not news
                     note(line)
             time.sleep(0.2)
-
-
-def worker_main(spec: dict) -> int:
-    """A worker process: join the leader's session and search until no full slice fits."""
-    from budgetnet.search import runner
-
-    opts_dict = spec["opts"]
-    if opts_dict.get("grid") is not None:
-        opts_dict["grid"] = tuple(opts_dict["grid"])
-    opts = runner.SearchOptions(**opts_dict)
-    return runner.run_worker(opts, spec["study"], spec["index"], spec["workers"], spec["leader"],
-                             spec["session"], spec["mode"])
-
-
-if __name__ == "__main__":
-    from budgetnet.device import tune_cpu_allocator
-
-    tune_cpu_allocator()
-    try:
-        sys.exit(worker_main(json.loads(sys.argv[1])))
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before the worker could install its handler
-        sys.exit(130)

@@ -1,19 +1,7 @@
-"""What a study found, after the fact: ``budgetnet report``.
+"""``budgetnet report``'s pages: one HTML file per plot, ``index.html``, ``trials.csv``, ``summary.json``.
 
-It reads any budgetnet study (finished, running or resumed) and writes, into one folder:
-
-- ``trials.csv``: ``study.trials_dataframe()`` (pandas), one row per trial, with budgetnet's own columns
-  named plainly (``TRIAL_ATTRS``) and the sampled parameters as ``params_*``;
-- ``summary.json``: budget used, trials by state, the best trial and config, the checkpoint and its test
-  accuracy if ``budgetnet evaluate`` saved one for these exact bytes;
-- one HTML file per plot (``PLOTS``), Optuna's own ``optuna.visualization`` figures where Optuna has the
-  plot and small plotly figures of our own where it has not (accuracy against parameters and FLOPs with
-  the Pareto front and the cap; best-so-far against wall-clock time with the phases; the state breakdown);
-- ``index.html``: the summary, then every plot, in one page that needs no network. plotly.js is written
-  once beside it (``plotly.min.js``), and every page loads it from there.
-
-Every file is written atomically (temp + rename), so a report folder never holds half a file. The study
-is only read: a storage that does not exist is refused, never created.
+Optuna's own figures where it has the plot, small plotly figures of ours where it has not. plotly.js is
+written once beside the pages, which need no network; every file is written atomically.
 """
 
 from __future__ import annotations
@@ -21,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import html
 import json
-import math
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,201 +17,11 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
-from optuna.trial import TrialState
 
-from budgetnet.checkpoint import CheckpointError, load_checkpoint
-from budgetnet.config import ConfigError
-from budgetnet.evaluate import evaluation_path
 from budgetnet.files import write_atomic
-from budgetnet.search.runner import REPORT_STEPS, check_journal, error_line, make_storage
-from budgetnet.search.workers import lease_lapsed
+from budgetnet.report.study import ReportError
+from budgetnet.search import attrs as A
 
-# trials_dataframe() column -> the report's column. Trials written by another budgetnet version may lack
-# some of them: a missing one is an empty column, never an error.
-TRIAL_ATTRS = {
-    "number": "number",
-    "state": "state",  # Optuna's: COMPLETE, PRUNED, FAIL, RUNNING, WAITING
-    "user_attrs_state": "budgetnet_state",  # complete, pruned, rejected, too slow, diverged, out of memory, ...
-    "user_attrs_reason": "reason",
-    "value": "val_acc",
-    "user_attrs_family": "family",
-    "user_attrs_n_params": "n_params",
-    "user_attrs_flops": "flops",  # forward FLOPs per image
-    "user_attrs_seconds": "seconds",  # training seconds of the trial's slice
-    "user_attrs_images_per_s": "images_per_s",
-    "user_attrs_epochs": "epochs",
-    "datetime_start": "datetime_start",
-    "datetime_complete": "datetime_complete",
-}
-DROPPED = ("user_attrs_config",)  # the whole config JSON: in summary.json for the best trial, too wide for a table
-# The study's user attrs the summary shows (written by search/runner.py and search/clock.py); missing: None.
-STUDY_ATTRS = ("dataset", "max_params", "budget_seconds", "seconds_used", "phase", "precision", "slice_seconds",
-               "final_runs", "final_done", "final_failed", "probe_images_per_s", "time_feasible_flops", "best_artifact_id")
-# budgetnet's state of a trial that has none recorded (still running, or from before the attr existed)
-STATE_OF = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
-            "WAITING": "waiting"}
-
-
-class ReportError(ConfigError):
-    """No such storage or study, or nowhere to write (a user mistake: one line, exit code 2)."""
-
-
-def _local_path(url: str) -> Path | None:
-    """The file behind a SQLite URL or a journal path; None for a server database."""
-    if "://" not in url:
-        return Path(url)
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ReportError(f"malformed --storage {url!r}: expected sqlite:///FILE, postgresql://..., "
-                            f"mysql://... or a journal file") from None
-    if parsed.drivername.split("+")[0] == "sqlite":
-        if not parsed.database or parsed.database == ":memory:":
-            raise ReportError(f"--storage {url!r} names no database file")
-        return Path(parsed.database)
-    return None
-
-
-def _read_storage(url: str) -> tuple[optuna.storages.BaseStorage, list[str]]:
-    """Storage ``url``, opened once, and the names of its studies. Raises ReportError (one line) for a
-    storage file that does not exist, which is not created, or one Optuna cannot read."""
-    path = _local_path(url)
-    if path is not None and not path.is_file():
-        raise ReportError(f"no study storage at {path} (--storage {url})")
-    check_journal(url)
-    try:
-        storage = make_storage(url, create=False)
-        return storage, [s.study_name for s in storage.get_all_studies()]
-    except Exception as e:  # noqa: BLE001 - not a database optuna can read: say so in one line
-        raise ReportError(f"cannot read --storage {url}: {error_line(e)}") from None
-
-
-def study_names(url: str) -> list[str]:
-    """The names of the studies in storage ``url`` (ReportError as ``_read_storage``)."""
-    return _read_storage(url)[1]
-
-
-def open_study(url: str, name: str | None = None) -> optuna.Study:
-    """Load a study for reading. Without ``name``, the storage's only study. Raises ReportError (one
-    line) for a storage file that does not exist, which is not created, or a study that is not in it."""
-    storage, names = _read_storage(url)
-    if not names:
-        raise ReportError(f"--storage {url} holds no study")
-    if name is None:
-        if len(names) > 1:
-            raise ReportError(f"--storage {url} holds {len(names)} studies ({', '.join(sorted(names))}); "
-                              f"choose one with --study-name")
-        name = names[0]
-    elif name not in names:
-        raise ReportError(f"no study named {name!r} in {url}; it holds: {', '.join(sorted(names))}")
-    study = optuna.load_study(study_name=name, storage=storage)
-    try:
-        study.get_trials(deepcopy=False)  # a damaged file fails here, in one line, not halfway through a report
-    except Exception as e:  # noqa: BLE001
-        raise ReportError(f"cannot read the trials of study {name!r} in {url}: {error_line(e)}") from None
-    return study
-
-
-def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: ``TRIAL_ATTRS`` (renamed), ``progress`` (the share of its slice the trial
-    reached), ``duration_s``, the Pareto flags, then the sampled ``params_*`` and any other user attrs."""
-    raw = study.trials_dataframe(attrs=("number", "value", "datetime_start", "datetime_complete", "params",
-                                        "user_attrs", "state"))
-    df = raw.reindex(columns=[*TRIAL_ATTRS, *[c for c in raw.columns if c not in TRIAL_ATTRS]])
-    df = df.drop(columns=[c for c in DROPPED if c in df.columns]).rename(columns=TRIAL_ATTRS)
-    for col in ("datetime_start", "datetime_complete"):  # typed even when empty or never set
-        df[col] = pd.to_datetime(df[col])
-    for col in ("val_acc", "seconds", "images_per_s", "epochs"):
-        df[col] = pd.to_numeric(df[col], errors="coerce")
-    # Counts stay integers where a trial lacks them (a rejected one has no FLOPs).
-    for col in ("number", "n_params", "flops"):
-        df[col] = pd.to_numeric(df[col], errors="coerce").round().astype("Int64")
-    df["state"] = df["state"].astype("string")
-    df["budgetnet_state"] = df["budgetnet_state"].astype("string").fillna(df["state"].map(STATE_OF))
-    # A RUNNING trial whose lease ran out, with no process alive here, is a killed search's (the next run of
-    # the command fails it). Ray's trials hold no lease to judge them by.
-    if "ray_experiment" not in study.user_attrs:
-        now = time.time()
-        lapsed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                  if lease_lapsed(t, now) is not None]
-        df.loc[df["number"].isin(lapsed) & (df["state"] == "RUNNING"), "budgetnet_state"] = "interrupted"
-    steps = {t.number: max(t.intermediate_values) / REPORT_STEPS
-             for t in study.get_trials(deepcopy=False) if t.intermediate_values}
-    df.insert(df.columns.get_loc("val_acc") + 1, "progress", df["number"].map(steps).astype("Float64"))
-    duration = (df["datetime_complete"] - df["datetime_start"]).dt.total_seconds()
-    df.insert(df.columns.get_loc("datetime_complete") + 1, "duration_s", duration)
-    complete = df["state"] == "COMPLETE"
-    for key in ("n_params", "flops"):
-        df[f"pareto_{key}"] = pareto_front(df[complete], key).reindex(df.index, fill_value=False)
-    return df.rename(columns=lambda c: c.replace("user_attrs_", ""))
-
-
-def pareto_front(df: pd.DataFrame, cost: str) -> pd.Series:
-    """True for the rows no other row dominates: none costs less and is at least as accurate, none costs
-    as much and is more accurate. (Equal rows are both on the front.)"""
-    d = df[[cost, "val_acc"]].dropna()
-    best_at = d.groupby(cost)["val_acc"].max()  # ascending cost
-    best_cheaper = best_at.cummax().shift(fill_value=-math.inf)
-    front = (d["val_acc"] > d[cost].map(best_cheaper)) & (d["val_acc"] >= d[cost].map(best_at))
-    return front.reindex(df.index, fill_value=False)
-
-
-def _number(x):
-    """A JSON-safe plain number (pandas and numpy scalars, NaN -> None)."""
-    if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA:
-        return None
-    return x.item() if hasattr(x, "item") else x
-
-
-def checkpoint_info(path: str | Path, study_name: str) -> dict:
-    """What the report says about a checkpoint: its phase and trial, and the test accuracy that
-    ``budgetnet evaluate`` saved for these exact bytes (``None`` if it saved none, or for other bytes).
-    Raises CheckpointError for a file that is not a budgetnet checkpoint or belongs to another study."""
-    # The time before the bytes: a search may replace the file meanwhile, and then the time is the older one's.
-    written = datetime.fromtimestamp(Path(path).stat().st_mtime).isoformat()
-    ckpt = load_checkpoint(path)
-    owner = ckpt["extra"].get("study")
-    if owner != study_name:
-        raise CheckpointError(f"{path} holds the model of study {owner!r}, not {study_name!r}")
-    info = {"path": str(path), "phase": ckpt["extra"].get("phase"), "trial": ckpt["extra"].get("trial"),
-            "n_params": ckpt["n_params"], "flops": ckpt["flops"], "test_top1": None, "test_top5": None,
-            "evaluation": None, "written": written}
-    saved = evaluation_path(path)
-    if saved.is_file():
-        try:
-            ev = json.loads(saved.read_text())
-        except (OSError, ValueError):
-            return info
-        if ev.get("checkpoint_sha256") == ckpt["sha256"]:  # the bytes read above; else another model's
-            info.update(test_top1=ev.get("top1"), test_top5=ev.get("top5"), evaluation=str(saved),
-                        evaluated_precision=ev.get("precision"), evaluated_device=ev.get("device"))
-    return info
-
-
-def study_summary(study: optuna.Study, df: pd.DataFrame, checkpoint: dict | None,
-                  checkpoint_note: str | None = None) -> dict:
-    """The page's summary block as a dict (also ``summary.json`` and ``--json``). ``checkpoint`` is
-    ``checkpoint_info``'s; ``checkpoint_note`` says why there is none."""
-    attrs = study.user_attrs
-    summary = {"study": study.study_name, **{k: attrs.get(k) for k in STUDY_ATTRS},
-               "trials": {str(k): int(v) for k, v in df["budgetnet_state"].value_counts().items()},
-               "n_trials": len(df), "best": None, "checkpoint": checkpoint, "checkpoint_note": checkpoint_note,
-               "importances": importances(study)}
-    done = df[df["state"] == "COMPLETE"].dropna(subset=["val_acc"])
-    if len(done):
-        row = done.loc[done["val_acc"].idxmax()]
-        trial = study.trials[int(row["number"])]
-        config = trial.user_attrs.get("config")
-        summary["best"] = {"trial": int(row["number"]), "val_acc": float(row["val_acc"]),
-                           **{k: _number(row.get(k)) for k in ("family", "n_params", "flops", "seconds", "epochs")},
-                           "params": trial.params, "config": json.loads(config) if config else None}
-    return summary
-
-
-# -- plots ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Plot:
@@ -281,7 +77,7 @@ def _learning_curves(study, df: pd.DataFrame, summary: dict):
         if not digits.isdigit():
             continue
         number = int(digits)
-        faded = state.get(number) != "complete"
+        faded = state.get(number) != A.State.COMPLETE
         trace.update(opacity=0.25 if faded else 1.0, name=f"trial {number} ({state.get(number)})",
                      line={"dash": "dot" if faded else "solid"})
     fig.update_layout(title=None, xaxis_title="progress (% of the trial's time slice)",
@@ -320,16 +116,6 @@ def _best_so_far(study, df: pd.DataFrame, summary: dict):
     return fig
 
 
-def importances(study: optuna.Study) -> dict[str, float]:
-    """Optuna's parameter importances (PED-ANOVA) over completed trials, largest first; {} while fewer than
-    two trials have completed."""
-    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 2:
-        return {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "few trials in a regime": true early in any search, and shown as is
-        return optuna.importance.get_param_importances(study)
-
-
 def _optuna_plot(fn, needs: int, top: int | None = None):
     """An ``optuna.visualization`` figure once ``needs`` trials have completed. ``top``: only the most
     important parameters, so that a conditional space of twenty-odd parameters stays readable."""
@@ -365,11 +151,11 @@ def _timeline(study, df: pd.DataFrame, summary: dict):
 PLOTS = (
     Plot("accuracy_vs_params", "Validation accuracy against parameters",
          "Completed trials by family; the Pareto front (no trial with fewer parameters is more accurate) and "
-         "the parameter cap (dashed red).", _accuracy_vs("n_params", "parameters", "max_params", "cap")),
+         "the parameter cap (dashed red).", _accuracy_vs("n_params", "parameters", A.MAX_PARAMS, "cap")),
     Plot("accuracy_vs_flops", "Validation accuracy against FLOPs",
          "Forward FLOPs per image; the dashed red line is the time-feasible FLOP limit the speed probe set, "
          "where the study recorded one.",
-         _accuracy_vs("flops", "FLOPs per image", "time_feasible_flops", "time-feasible limit")),
+         _accuracy_vs("flops", "FLOPs per image", A.TIME_FEASIBLE_FLOPS, "time-feasible limit")),
     Plot("learning_curves", "Learning curves",
          "Validation accuracy at each report, on the shared axis the median pruner compares; trials that did "
          "not complete are faded and dotted.", _learning_curves),
