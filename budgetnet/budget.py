@@ -25,6 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from budgetnet.config import ModelConfig, PlainConfig, Shape, TrainConfig
+from budgetnet.errors import first_line
 from budgetnet.models import build_model
 
 
@@ -59,7 +60,7 @@ def _meta_model(cfg: ModelConfig, shape: Shape) -> torch.nn.Module:
     except RuntimeError as e:
         if "overflow" not in str(e):
             raise
-        raise ModelTooLarge(str(e).splitlines()[0][:120]) from None
+        raise ModelTooLarge(first_line(e, 120)) from None
     finally:
         if enabled:
             gc.enable()

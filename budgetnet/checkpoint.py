@@ -16,7 +16,9 @@ import torch
 
 from budgetnet import __version__
 from budgetnet.config import ConfigError, RunConfig
-from budgetnet.data import DatasetInfo, dataset_info
+from budgetnet.datasets.info import DatasetInfo
+from budgetnet.datasets.read import dataset_info
+from budgetnet.errors import first_line
 from budgetnet.files import write_atomic
 
 FORMAT = "budgetnet-checkpoint"
@@ -70,8 +72,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raw = path.read_bytes()  # a model under the cap is a few MB: read once, hashed and loaded alike
         ckpt = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickle with code in it: all refused here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable budgetnet checkpoint ({first[:160]})") from None
+        raise CheckpointError(f"{path}: not a readable budgetnet checkpoint ({first_line(e, 160)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a budgetnet checkpoint (no '{FORMAT}' marker)")
     if ckpt.get("format_version") != FORMAT_VERSION:
@@ -129,7 +130,7 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tor
     except ConfigError as e:  # per-conv widths (conv_widths) that do not fit the net they describe
         raise CheckpointError(f"checkpoint config is invalid ({e})") from None
     except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint weights do not match its config: {first_line(e, None)}") from None
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"checkpoint weights do not match its config: no values for {', '.join(left[:3])}")

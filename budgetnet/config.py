@@ -23,14 +23,9 @@ INITS = ("default", "xavier", "kaiming", "orthogonal")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("auto", "on", "off")
-# compile="auto": a run tries torch.compile only with at least this much training left after timing its
-# eager steps. On an H100 compiling a space config took 6-31 s and its steps then ran 1.20-1.31x faster
-# (docs/benchmarks.md), so it paid back after 30-150 s; at 600 s a compilation that gains nothing costs a
-# few percent of the run. Whether it is faster is then measured, not assumed (``AutoCompile``).
-COMPILE_AUTO_MIN_S = 600.0
-# compile="on" compiles a run with a time budget only when it has at least this long: a compilation cannot
-# be stopped, and took up to 67 s on a 2-core CPU and 31 s on an H100 (docs/benchmarks.md), so in a search
-# trial's slice or a final run's last seconds it would overrun the budget. Runs by epochs always compile.
+# compile="auto" tries torch.compile only with this much training left: a useless one costs a few percent
+COMPILE_AUTO_MIN_S = 600.0  # (docs/benchmarks.md, "Compilation"); whether it is faster is measured then
+# compile="on" needs this long in a timed run: a compilation cannot be stopped (runs by epochs always compile)
 COMPILE_ON_MIN_S = 120.0
 
 

@@ -1,22 +1,15 @@
 """What the running machine does well, decided on the running machine: device, precision, memory layout.
 
-Nothing here is a constant measured once somewhere else. A speed choice is made from the device's own
-capability, or from a micro-benchmark of tens of milliseconds run once per process, and every choice can be
-overridden (``--precision``).
+No speed choice here is a constant measured elsewhere: each comes from the device's capability or a
+once-per-process micro-benchmark of tens of milliseconds, and ``--precision`` overrides it.
 
-- **CUDA:** the candidate is bf16 autocast where the GPU has bf16 tensor cores (compute capability 8.0
-  and up), fp16 autocast with a gradient scaler where it has fp16 tensor cores (7.0 up to 8.0), fp32
-  below; it is used only where a small conv net's training step measured on this GPU really runs faster
-  in it than in fp32 (with TF32). Small nets are launch-bound: on an H100, bf16 autocast ran a
-  ResNet-20 step at 0.87x and a plain net's at 0.75x of fp32 (docs/benchmarks.md). TF32 is allowed for
-  fp32 matmuls and convolutions, and cuDNN picks the fastest kernels for the training loop's fixed shapes
-  (``prepare``).
-- **CPU:** bf16 only where it is native (oneDNN reports bf16 support) *and* a small conv net's training
-  step measured here really runs faster in bf16 than in fp32; on a CPU without native bf16 (AVX2 only)
-  every bf16 op is emulated and a step ran 11-15x slower. Otherwise fp32.
+- **CUDA:** the candidate is bf16 autocast from compute capability 8.0, fp16 with a gradient scaler on
+  7.x, fp32 below; it is used only where a small conv net's step measured on this GPU runs faster than
+  fp32 with TF32 (small nets are launch-bound: docs/benchmarks.md, "GPU").
+- **CPU:** bf16 only where it is native (oneDNN says so) *and* measured faster than fp32 here; without
+  native bf16 every bf16 op is emulated and far slower (docs/benchmarks.md, "Precision").
 
-``autocast(device, precision)`` and ``grad_scaler(device, precision)`` are what the training loop and
-the evaluation use; this module imports nothing of budgetnet's, so every other module may use it.
+This module imports nothing of budgetnet's but its config choices, so every other module may use it.
 """
 
 from __future__ import annotations
@@ -208,9 +201,8 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch
 # -- layout and device flags ----------------------------------------------------------------------------
 
 def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last on CUDA and on the CPU: fp32 training steps ran 1.26-1.52x faster than in NCHW on an
-    AVX2-only CPU, and NHWC was the faster layout on an AMX CPU too (docs/benchmarks.md); the resident
-    data are NHWC already. Other backends keep the default layout."""
+    """channels_last on CUDA and the CPU, where it measured faster (docs/benchmarks.md, "Precision");
+    the resident data are NHWC already. Other backends keep the default layout."""
     return torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
 
 
@@ -219,9 +211,8 @@ def prepare(device: torch.device, autotune: bool = True) -> None:
 
     CUDA: fp32 matmuls and convolutions may use TF32 tensor cores. With ``autotune``, cuDNN times its
     algorithms once per new shape (``cudnn.benchmark``; the loop's shapes are fixed: one batch size, the
-    last partial batch dropped): a long run repays that search, a search trial's short slice of a model
-    never seen before does not. On an H100 a trial's first step took 1.6-13 s with it on, a whole 10 s
-    slice for some models (docs/benchmarks.md); without it cuDNN picks by heuristics.
+    last partial batch dropped): a long run repays that search, a trial's short slice does not
+    (docs/benchmarks.md, "GPU"); without it cuDNN picks by heuristics.
     """
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = autotune
@@ -230,9 +221,8 @@ def prepare(device: torch.device, autotune: bool = True) -> None:
 
 
 def first_step_is_setup(device: torch.device) -> bool:
-    """Whether a run's first training step is mostly one-off set-up rather than a sample of its speed: on
-    CUDA it loads kernels and selects algorithms (1.6-13 s for a search trial's model on an H100, against
-    milliseconds for the next steps); on the CPU it costs about what the next steps do."""
+    """Whether a run's first step is mostly one-off set-up (CUDA loads kernels and picks algorithms)
+    rather than a sample of its speed; on the CPU it costs what the next steps do."""
     return device.type == "cuda"
 
 
@@ -250,3 +240,30 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued device work (CUDA kernels run asynchronously); a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# glibc hands freed blocks over 128 KiB back to the OS, so on a CPU every step page-faults its batch
+# buffers in again (docs/benchmarks.md, "CPU allocator tuning"); higher thresholds keep them in the heap.
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for this setting on 64-bit
+TRIM_THRESHOLD = 256 << 20
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed blocks of up to 32 MiB in glibc's heap. True if applied (Linux, glibc), else False.
+
+    Process-wide and idempotent; entry points (the CLI, the benchmarks) call it once at start-up.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to tune
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
+
+
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is the device running out of memory (CUDA's typed error, or the CPU allocator's)."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) or (
+        "out of memory" in str(e).lower())

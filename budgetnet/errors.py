@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 
-def first_line(e: BaseException, limit: int = 200, *, cause: bool = False) -> str:
-    """The first line of ``e`` (of the error that caused it, with ``cause``), at most ``limit`` characters;
+def first_line(e: BaseException, limit: int | None = 200, *, cause: bool = False) -> str:
+    """The first line of ``e`` (of the error that caused it, with ``cause``), at most ``limit`` characters (None: all);
     its type's name when it has no text."""
     if cause:
         e = e.__cause__ or e

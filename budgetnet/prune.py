@@ -35,16 +35,16 @@ from budgetnet.checkpoint import (
     save_checkpoint,
 )
 from budgetnet.config import ConfigError, ModelConfig, PlainConfig, RunConfig, Shape
-from budgetnet.data import DatasetInfo, load_data, normalizer
+from budgetnet.data import load_data, normalizer
+from budgetnet.datasets.info import DatasetInfo
 from budgetnet.device import memory_format, resolve_precision
+from budgetnet.errors import first_line
 from budgetnet.evaluate import checkpoint_test_split, inference_model, measure_latency, test_metrics
 from budgetnet.models import build_model
 from budgetnet.train import COMPLETE, train_run
 
 MAX_AMOUNT = 0.95  # the most of each group's filters --max-params may take
-FINETUNE_LR_SCALE = 0.1  # fine-tuning peaks at this share of the checkpoint's own lr: the weights are
-# trained already, and a full peak lr would undo much of that before the schedule anneals (Li et al.
-# retrain at a tenth of the original rate)
+FINETUNE_LR_SCALE = 0.1  # of the checkpoint's lr: a full peak undoes the training (Li et al.)
 
 
 class PruneError(Exception):
@@ -93,7 +93,7 @@ def prune_model(model: nn.Module, cfg: ModelConfig, shape: Shape, amount: float)
         rebuilt.load_state_dict(model.state_dict(), strict=True, assign=True)
     except (ConfigError, RuntimeError) as e:
         raise PruneError(f"the pruned {cfg.family} net cannot be rebuilt from a config: "
-                         f"{str(e).splitlines()[0]}") from None
+                         f"{first_line(e, None)}") from None
     with torch.no_grad():  # same weights, same outputs: the config describes the net torch-pruning made
         same = torch.allclose(rebuilt.eval()(example), model(example), rtol=1e-4, atol=1e-5)
     if not same:

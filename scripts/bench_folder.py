@@ -59,9 +59,9 @@ def main() -> None:
     # Imported here, not at the top: the decoding processes start from a fork server, which imports this
     # script as their main module, and should not pay torch's import (as under `budgetnet`, whose entry
     # point imports nothing heavy).
-    from budgetnet import folder
     from budgetnet.config import DataConfig
     from budgetnet.data import load_data, load_test
+    from budgetnet.datasets import folder
 
     root = Path(args.root).absolute()
     name = f"folder:{root}"

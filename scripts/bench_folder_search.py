@@ -34,7 +34,7 @@ def write_pngs(root: Path, data_dir: str | None) -> tuple[int, float]:
     Returns the number of files and the seconds spent writing them."""
     from PIL import Image
 
-    from budgetnet.data import read_split
+    from budgetnet.datasets.read import read_split
 
     splits = {name: read_split("fashion_mnist", data_dir, train=(name == "train")) for name in ("train", "test")}
     n = sum(len(labels) for _, labels, _ in splits.values())
@@ -52,7 +52,7 @@ def write_pngs(root: Path, data_dir: str | None) -> tuple[int, float]:
 def check_cache(root: Path, data_dir: str | None) -> dict:
     """Build the folder's cache at 28 px and compare it with the idx files, image for image (the folder
     lists images by class, so both sides are sorted by (label, pixels) first)."""
-    from budgetnet.data import read_split
+    from budgetnet.datasets.read import read_split
 
     t0 = time.perf_counter()
     dataset = f"folder:{root}"

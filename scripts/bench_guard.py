@@ -19,7 +19,7 @@ import torch
 
 from budgetnet.budget import BudgetExceeded, check_params, clear_caches, count_flops, count_params
 from budgetnet.config import DataConfig, MobileNetConfig, PlainConfig, ResNetConfig
-from budgetnet.data import DATASET_INFO
+from budgetnet.datasets.info import DATASET_INFO
 from budgetnet.models import build_model
 from budgetnet.search.space import max_width, suggest_config
 

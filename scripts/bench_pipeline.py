@@ -60,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from budgetnet import budget  # noqa: E402
 from budgetnet.config import DataConfig, ResNetConfig, RunConfig, Shape, TrainConfig  # noqa: E402
-from budgetnet.data import DATASET_INFO, DeviceData, ImageSet, normalizer, train_batches  # noqa: E402
+from budgetnet.data import DeviceData, ImageSet, normalizer, train_batches  # noqa: E402
+from budgetnet.datasets.info import DATASET_INFO  # noqa: E402
 from budgetnet.device import (  # noqa: E402
     PRECISIONS,
     autocast,
@@ -69,15 +70,11 @@ from budgetnet.device import (  # noqa: E402
     optimizer_step,
     resolve_device,
     resolve_precision,
-)
-from budgetnet.models import build_model  # noqa: E402
-from budgetnet.train import (  # noqa: E402
-    SYNC_EVERY,
-    lr_factor,
-    make_optimizer,
-    train_run,
     tune_cpu_allocator,
 )
+from budgetnet.models import build_model  # noqa: E402
+from budgetnet.recipe import lr_factor, make_optimizer  # noqa: E402
+from budgetnet.train import SYNC_EVERY, train_run  # noqa: E402
 
 MODELS = {
     "resnet20": ResNetConfig(),  # depths (3, 3, 3): 0.28M parameters at 100 classes
@@ -362,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="time only the augmentation comparison (no model); quick, ~1 core for ~20 s")
     args = ap.parse_args(argv)
     tuned = False if args.untuned_allocator else tune_cpu_allocator()  # as the budgetnet CLI does
-    print(f"glibc allocator thresholds raised (budgetnet.train.tune_cpu_allocator): {tuned}")
+    print(f"glibc allocator thresholds raised (budgetnet.device.tune_cpu_allocator): {tuned}")
 
     device = resolve_device(args.device)
     precision = resolve_precision(device, args.precision)

@@ -48,9 +48,10 @@ from budgetnet.device import (  # noqa: E402
     resolve_device,
     resolve_precision,
     synchronize,
+    tune_cpu_allocator,
 )
 from budgetnet.models import build_model  # noqa: E402
-from budgetnet.train import make_optimizer, tune_cpu_allocator  # noqa: E402
+from budgetnet.recipe import make_optimizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pool_order import act_first as act_first_order  # noqa: E402, I001 - the scripts folder is not a package

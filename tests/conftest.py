@@ -189,7 +189,7 @@ def synthetic_data():
 def warm_torch():
     """Pay torch's one-off first-optimizer cost (~2 s: lazy imports) outside of any timed run."""
     from budgetnet.config import TrainConfig
-    from budgetnet.train import make_optimizer
+    from budgetnet.recipe import make_optimizer
 
     model = torch.nn.Linear(2, 2)
     make_optimizer(model, TrainConfig())

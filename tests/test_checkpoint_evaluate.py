@@ -19,7 +19,8 @@ from budgetnet.budget import count_flops, count_params
 from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from budgetnet.cli import main
 from budgetnet.config import DataConfig, MobileNetConfig, PlainConfig, ResNetConfig, RunConfig, TrainConfig
-from budgetnet.data import DATASET_INFO, load_data
+from budgetnet.data import load_data
+from budgetnet.datasets.info import DATASET_INFO
 from budgetnet.evaluate import evaluate_checkpoint, format_report
 from budgetnet.train import train_run
 

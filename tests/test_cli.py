@@ -13,7 +13,8 @@ import urllib.request
 import optuna
 import pytest
 
-from budgetnet.cli import main, parse_count
+from budgetnet.cli import main
+from budgetnet.cli.parser import parse_count
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -125,7 +126,7 @@ def test_a_storage_optuna_cannot_use_is_one_line_exit_2_and_nothing_written(tmp_
 def test_ray_on_cuda_with_no_gpu_share_is_refused_before_anything(tmp_path, capsys, monkeypatch):
     import torch
 
-    import budgetnet.cli as cli
+    import budgetnet.cli.search as cli
 
     monkeypatch.setattr(cli, "_device", lambda name: torch.device("cuda", 0))  # as if a GPU were here
     code = main(_search(tmp_path, "--hours", "0.01", "--backend", "ray", "--gpus-per-trial", "0"))
@@ -401,7 +402,7 @@ def _has(cmd: str) -> bool:
 
 @pytest.mark.parametrize("typed", ["fashion_mnist", "fashion-mnist", "FashionMNIST", "Fashion-MNIST"])
 def test_dataset_accepts_the_spellings_users_type(typed):
-    from budgetnet.cli import build_parser
+    from budgetnet.cli.parser import build_parser
 
     assert build_parser().parse_args(["search", "--dataset", typed]).dataset == "fashion_mnist"
     assert build_parser().parse_args(["search", "--dataset", "CIFAR-100"]).dataset == "cifar100"

@@ -10,19 +10,11 @@ import pytest
 import torch
 from conftest import idx_bytes, write_cifar10, write_cifar100, write_fashion_mnist, write_idx
 
-import budgetnet.data as bd
+import budgetnet.datasets.builtin as bd
 from budgetnet.config import DataConfig
-from budgetnet.data import (
-    DATASET_INFO,
-    FASHION_MNIST_CLASSES,
-    DatasetNotFound,
-    augment,
-    load_data,
-    load_test,
-    normalizer,
-    read_split,
-    train_batches,
-)
+from budgetnet.data import augment, load_data, load_test, normalizer, train_batches
+from budgetnet.datasets.info import DATASET_INFO, FASHION_MNIST_CLASSES, DatasetNotFound
+from budgetnet.datasets.read import read_split
 
 OFF = DataConfig(crop_padding=0, flip=False, cutout=0)
 

@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import budgetnet.device as dev
 import budgetnet.train as bt
 from budgetnet.config import DataConfig, PlainConfig, RunConfig, TrainConfig
-from budgetnet.train import EMA, train_run
+from budgetnet.recipe import EMA
+from budgetnet.train import train_run
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

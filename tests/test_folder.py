@@ -15,11 +15,13 @@ import torch
 from conftest import write_fashion_mnist
 from PIL import Image
 
-from budgetnet import folder
 from budgetnet.checkpoint import load_checkpoint
-from budgetnet.cli import build_parser, main
+from budgetnet.cli import main
+from budgetnet.cli.parser import build_parser
 from budgetnet.config import ConfigError, DataConfig
-from budgetnet.data import dataset_info, load_data, load_test
+from budgetnet.data import load_data, load_test
+from budgetnet.datasets import folder
+from budgetnet.datasets.read import dataset_info
 from budgetnet.search.report import Reporter
 from budgetnet.search.runner import SearchOptions, run_search
 from budgetnet.search.space import load_grid
@@ -185,7 +187,7 @@ def test_a_damaged_cache_is_rebuilt_not_a_crash(split_folder, tmp_path):
 def test_deep_and_float_grayscale_images_are_scaled_not_clipped(tmp_path):
     """16-bit PNG/TIFF, 32-bit integer and float TIFF (microscopy, medical, thermal images): Pillow's
     convert("L") clips them (a 16-bit ramp came out 99% white, a float image in [0, 1] all black)."""
-    from budgetnet.decode import decode_image
+    from budgetnet.datasets.decode import decode_image
 
     ramp = np.arange(64 * 64).reshape(64, 64) / (64 * 64 - 1)  # 0..1, left to right then down
     cases = {"16bit.png": Image.fromarray((ramp * 65535).astype(np.uint16)),
@@ -203,7 +205,7 @@ def test_deep_and_float_grayscale_images_are_scaled_not_clipped(tmp_path):
 
 def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
     """A phone stores a portrait photo landscape and tags it "rotate 90° clockwise" (orientation 6)."""
-    from budgetnet.decode import decode_image
+    from budgetnet.datasets.decode import decode_image
 
     img = Image.new("RGB", (40, 20))
     img.paste((255, 0, 0), (0, 0, 20, 20))  # red on the left as stored: on top once turned upright

@@ -21,7 +21,7 @@ from budgetnet.config import (
     RunConfig,
     TrainConfig,
 )
-from budgetnet.data import DATASET_INFO
+from budgetnet.datasets.info import DATASET_INFO
 from budgetnet.evaluate import evaluate_checkpoint
 from budgetnet.models import build_model
 from budgetnet.prune import PruneError, amount_for_params, prune_model

@@ -27,7 +27,7 @@ pytest.importorskip("ray")
 import budgetnet  # noqa: E402
 from budgetnet.cli import main  # noqa: E402
 from budgetnet.config import DataConfig  # noqa: E402
-from budgetnet.data import DATASET_INFO  # noqa: E402
+from budgetnet.datasets.info import DATASET_INFO  # noqa: E402
 from budgetnet.search import ray_backend as rb  # noqa: E402
 from budgetnet.search.clock import Clock  # noqa: E402
 from budgetnet.search.report import Reporter  # noqa: E402

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from budgetnet.config import DataConfig
-from budgetnet.data import DEBIAN_FASHION_MNIST, load_data, load_test
+from budgetnet.data import load_data, load_test
+from budgetnet.datasets.builtin import DEBIAN_FASHION_MNIST
 
 pytestmark = [
     pytest.mark.realdata,

@@ -21,12 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
 
+import budgetnet.compile
 import budgetnet.search.runner as runner
-import budgetnet.train
 from budgetnet.budget import count_flops, count_params
 from budgetnet.checkpoint import load_checkpoint
 from budgetnet.config import DataConfig, MobileNetConfig, PlainConfig, ResNetConfig
-from budgetnet.data import DATASET_INFO
+from budgetnet.datasets.info import DATASET_INFO
 from budgetnet.evaluate import evaluate_checkpoint
 from budgetnet.search.report import Reporter
 from budgetnet.search.runner import SearchOptions, run_search
@@ -777,7 +777,7 @@ def test_the_final_run_compiles_as_asked_and_the_study_records_it(tmp_path, synt
         return forward
 
     monkeypatch.setattr(torch, "compile", failing_compile)
-    monkeypatch.setattr(budgetnet.train, "COMPILE_ON_MIN_S", 0.0)  # this short final run stands in for a long one
+    monkeypatch.setattr(budgetnet.compile, "COMPILE_ON_MIN_S", 0.0)  # this short final run stands in for a long one
     out = io.StringIO()
     phase, _ = final.final_training(opts, study, best, Clock(6.0, 0.0, time.perf_counter()), lambda: False,
                                     Reporter("text", out), "fp32")

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+import budgetnet.compile as comp
 import budgetnet.device as dev
 import budgetnet.train as bt
 from budgetnet.config import SCHEDULES, DataConfig, PlainConfig, RunConfig, TrainConfig
-from budgetnet.data import DATASET_INFO
+from budgetnet.datasets.info import DATASET_INFO
 from budgetnet.models import build_model
-from budgetnet.train import COMPLETE, DIVERGED, STOPPED, lr_factor, train_run
+from budgetnet.recipe import lr_factor
+from budgetnet.train import COMPLETE, DIVERGED, STOPPED, train_run
 
 TINY = PlainConfig(n_conv=2, width=8, hidden=(32,))
 MARKS = [pytest.approx((k + 1) / 10) for k in range(10)]
@@ -348,7 +350,8 @@ def test_priming_pays_a_process_first_optimizer_steps_outside_the_first_run(tmp_
 import json, time
 from budgetnet.config import DataConfig, PlainConfig, RunConfig, TrainConfig
 from budgetnet.data import load_data
-from budgetnet.train import prime_optimizers, train_run
+from budgetnet.recipe import prime_optimizers
+from budgetnet.train import train_run
 data = load_data(DataConfig(dataset="synthetic"), device="cpu")
 t = time.perf_counter()
 prime_optimizers()
@@ -461,7 +464,7 @@ def test_compilation_is_paid_out_of_the_slice_and_left_out_of_the_rate(synthetic
         return forward
 
     monkeypatch.setattr(torch, "compile", slow_compile)
-    monkeypatch.setattr(bt, "COMPILE_ON_MIN_S", 0.0)  # a 4 s run stands in for a long one
+    monkeypatch.setattr(comp, "COMPILE_ON_MIN_S", 0.0)  # a 4 s run stands in for a long one
     r = train_run(run_cfg(eval_points=2), synthetic_data, device="cpu", seconds=4.0, compile=True)
     assert r.status == COMPLETE and len(compiled) == r.steps  # every training step ran the compiled model
     assert r.first_step_s >= 1.5  # what compilation cost is reported ...
@@ -478,7 +481,7 @@ def test_compile_on_leaves_a_run_too_short_to_compile_in_eager_and_says_why(synt
     calls = spy_compile(monkeypatch)
     r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", seconds=1.0, compile="on")
     assert r.status == COMPLETE and calls == [] and r.compile["compiled"] is False
-    assert f"on from {bt.COMPILE_ON_MIN_S:.0f} s" in bt.compile_note(r.compile)
+    assert f"on from {comp.COMPILE_ON_MIN_S:.0f} s" in comp.compile_note(r.compile)
     r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=0.2, compile="on")
     assert r.status == COMPLETE and len(calls) == r.steps and r.compile["compiled"] is True
 
@@ -505,47 +508,47 @@ def test_auto_compile_is_not_tried_on_a_cpu_nor_in_a_short_run(synthetic_data, m
     calls = spy_compile(monkeypatch)
     r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="auto")
     assert r.status == COMPLETE and calls == [] and "auto compiles on cuda only" in r.compile["reason"]
-    assert bt.compile_note(r.compile) is None  # the CPU's usual case: recorded, not said
-    monkeypatch.setattr(bt, "COMPILE_AUTO_DEVICES", ("cpu",))  # the CUDA rule, run here
+    assert comp.compile_note(r.compile) is None  # the CPU's usual case: recorded, not said
+    monkeypatch.setattr(comp, "COMPILE_AUTO_DEVICES", ("cpu",))  # the CUDA rule, run here
     r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="auto")
     assert r.status == COMPLETE and calls == []  # 62 steps of a tiny net: far under COMPILE_AUTO_MIN_S
     assert r.compile["compiled"] is False and r.compile["eager_images_per_s"] > 0
-    assert f"under {bt.COMPILE_AUTO_MIN_S:.0f} s" in r.compile["reason"]
-    assert bt.compile_note(r.compile).startswith("not compiled: ")
+    assert f"under {comp.COMPILE_AUTO_MIN_S:.0f} s" in r.compile["reason"]
+    assert comp.compile_note(r.compile).startswith("not compiled: ")
     r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="off")
-    assert calls == [] and bt.compile_note(r.compile) is None
+    assert calls == [] and comp.compile_note(r.compile) is None
 
 
 def test_auto_compile_goes_back_to_eager_when_compiled_steps_time_slower(synthetic_data, monkeypatch):
-    monkeypatch.setattr(bt, "COMPILE_AUTO_DEVICES", ("cpu",))  # the CUDA rule, run here
-    monkeypatch.setattr(bt, "COMPILE_AUTO_MIN_S", 0.0)  # a long run, as far as the rule is concerned
+    monkeypatch.setattr(comp, "COMPILE_AUTO_DEVICES", ("cpu",))  # the CUDA rule, run here
+    monkeypatch.setattr(comp, "COMPILE_AUTO_MIN_S", 0.0)  # a long run, as far as the rule is concerned
     calls = spy_compile(monkeypatch, delay_s=0.03)  # each "compiled" step 30 ms slower than eager
     r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="auto")
-    m = bt.COMPILE_MEASURE_STEPS
+    m = comp.COMPILE_MEASURE_STEPS
     assert r.status == COMPLETE and r.steps == 62
     # Steps 2..1+m timed eager, step 2+m compiled, m more timed, then eager again for the rest.
     assert len(calls) == 1 + m
     assert r.compile["compiled"] is False and r.compile["compiled_images_per_s"] < r.compile["eager_images_per_s"]
-    assert "not kept" in bt.compile_note(r.compile)
+    assert "not kept" in comp.compile_note(r.compile)
     assert r.images_per_s > r.compile["compiled_images_per_s"]  # the run's rate: mostly eager steps
 
 
 def test_auto_compile_keeps_the_compiled_model_when_it_times_faster(synthetic_data, monkeypatch):
-    monkeypatch.setattr(bt, "COMPILE_AUTO_DEVICES", ("cpu",))  # the CUDA rule, run here
-    monkeypatch.setattr(bt, "COMPILE_AUTO_MIN_S", 0.0)
-    monkeypatch.setattr(bt, "COMPILE_MIN_SPEEDUP", 0.0)  # any measured rate counts as faster
+    monkeypatch.setattr(comp, "COMPILE_AUTO_DEVICES", ("cpu",))  # the CUDA rule, run here
+    monkeypatch.setattr(comp, "COMPILE_AUTO_MIN_S", 0.0)
+    monkeypatch.setattr(comp, "COMPILE_MIN_SPEEDUP", 0.0)  # any measured rate counts as faster
     calls = spy_compile(monkeypatch)
     r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile="auto")
-    m = bt.COMPILE_MEASURE_STEPS
+    m = comp.COMPILE_MEASURE_STEPS
     assert r.status == COMPLETE and len(calls) == r.steps - (1 + m)  # every step after the eager ones
     assert r.compile["compiled"] is True and r.compile["compile_s"] >= 0
-    assert bt.compile_note(r.compile).endswith("; kept")
+    assert comp.compile_note(r.compile).endswith("; kept")
 
 
 @pytest.mark.parametrize("mode", ["on", "auto"])
 def test_a_compilation_that_fails_trains_on_eager_with_the_reason(synthetic_data, monkeypatch, mode):
-    monkeypatch.setattr(bt, "COMPILE_AUTO_DEVICES", ("cpu",))  # the CUDA rule, run here
-    monkeypatch.setattr(bt, "COMPILE_AUTO_MIN_S", 0.0)
+    monkeypatch.setattr(comp, "COMPILE_AUTO_DEVICES", ("cpu",))  # the CUDA rule, run here
+    monkeypatch.setattr(comp, "COMPILE_AUTO_MIN_S", 0.0)
     spy_compile(monkeypatch, fail=True)
     r = train_run(run_cfg(eval_points=1), synthetic_data, device="cpu", epochs=2, compile=mode)
     assert r.status == COMPLETE and r.steps == 62 and r.compile["compiled"] is False
@@ -554,10 +557,10 @@ def test_a_compilation_that_fails_trains_on_eager_with_the_reason(synthetic_data
 
 
 def test_compile_modes_are_checked():
-    assert [bt.compile_mode(v) for v in (True, False, None, "auto", "on", "off")] == [
+    assert [comp.compile_mode(v) for v in (True, False, None, "auto", "on", "off")] == [
         "on", "off", "off", "auto", "on", "off"]
     with pytest.raises(ValueError, match="compile must be one of"):
-        bt.compile_mode("fast")
+        comp.compile_mode("fast")
 
 
 def test_out_of_memory_ends_with_a_typed_result(synthetic_data, monkeypatch):

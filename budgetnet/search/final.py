@@ -24,12 +24,14 @@ from pathlib import Path
 import optuna
 
 from budgetnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from budgetnet.compile import compile_note
 from budgetnet.config import RunConfig
-from budgetnet.data import DatasetInfo, load_data
+from budgetnet.data import load_data
+from budgetnet.datasets.info import DatasetInfo
 from budgetnet.search.clock import WRITE_RESERVE_S, Clock
 from budgetnet.search.report import Reporter
 from budgetnet.search.teacher import DISTILL_WEIGHT, auto_teacher, load_teacher, reuse_teacher
-from budgetnet.train import COMPLETE, DIVERGED, EVAL_SUBSET, RunResult, compile_note, train_run
+from budgetnet.train import COMPLETE, DIVERGED, EVAL_SUBSET, RunResult, train_run
 
 FIT_MARGIN = 0.05  # how far below the best trial's val accuracy the final model's training fit may fall
 CHANCE_FACTOR = 1.5  # a best trial under this multiple of chance accuracy has learned nothing to speak of

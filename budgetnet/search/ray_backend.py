@@ -49,10 +49,10 @@ from ray.tune.search.optuna import OptunaSearch
 from budgetnet.config import ConfigError, RunConfig
 from budgetnet.data import DeviceData
 from budgetnet.device import set_memory_share
+from budgetnet.recipe import prime_optimizers
 from budgetnet.search.clock import SLICE_GRACE, Clock, slice_fits, trial_deadline
 from budgetnet.search.final import keep_if_best
 from budgetnet.search.trial import REPORT_STEPS, guard, run_trial
-from budgetnet.train import prime_optimizers
 
 METRIC = "val_acc"  # what every report carries and the scheduler compares
 MARKS = 10  # reports per full trial: TrainConfig.eval_points, at 10%, 20%, ... 100% of the slice

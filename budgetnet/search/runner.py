@@ -37,6 +37,7 @@ from budgetnet.config import ConfigError, DataConfig, ResNetConfig, RunConfig, T
 from budgetnet.data import DeviceData, load_data
 from budgetnet.device import resolve_precision, set_memory_share
 from budgetnet.files import write_atomic
+from budgetnet.recipe import prime_optimizers
 from budgetnet.search.clock import (
     AUTO_SEARCH_MIN,
     CLOCK_SAVE_MAX_S,
@@ -71,7 +72,7 @@ from budgetnet.search.workers import (
     split_resources,
     wait_ready,
 )
-from budgetnet.train import measure_rate, prime_optimizers
+from budgetnet.train import measure_rate
 
 
 @dataclass

@@ -255,7 +255,7 @@ def worker_main(spec: dict) -> int:
 
 
 if __name__ == "__main__":
-    from budgetnet.train import tune_cpu_allocator
+    from budgetnet.device import tune_cpu_allocator
 
     tune_cpu_allocator()
     try:

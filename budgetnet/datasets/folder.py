@@ -3,19 +3,13 @@
 Two layouts, as torchvision's ``ImageFolder`` reads them:
 
 * ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` (the same class folders in both);
-* one ``PATH/<class>/*`` tree: a seeded test split, stratified by class, is kept out and written beside
-  the data as a manifest (``.budgetnet-split.json``). An image keeps its split for good: files added
-  later are split among themselves, files removed are dropped from the manifest.
+* one ``PATH/<class>/*`` tree: a seeded, class-stratified test split is kept out and written down in a
+  manifest (``.budgetnet-split.json``), so an image keeps its split as the folder grows or shrinks.
 
-Pillow decodes (JPEGs through ``Image.draft``, which decodes at 1/2, 1/4 or 1/8 scale when that is still
-at least the target size), ``ImageOps.fit`` resizes the shorter side to the target and centre-crops the
-longer one, in one process per core (``decode_images``; ``budgetnet.decode`` holds the per-image code). All images become
-grayscale (1 channel) when every one of them is, RGB (3) otherwise. The result, with the labels, class
-names, the training split's per-channel mean and std, and a fingerprint of the file list (paths, sizes,
-mtimes), is one ``.npz`` file beside the data (in the user's cache folder, ``fallback_dir()``, when the data
-folder is not writable), written to a temporary file and renamed. A run whose fingerprint matches loads it; any change
-of the files rebuilds it. Names starting with "." are skipped when scanning, so the cache and the manifest
-are never read as images or classes.
+Images are decoded in one process per core (``decode_images``; ``datasets.decode`` holds the per-image
+code), grayscale when all are, RGB otherwise. Arrays, labels, class names, the training split's mean and
+std and a fingerprint of the file list go in one ``.npz`` beside the data (else under ``fallback_dir()``),
+written atomically; any change of the files rebuilds it. Names starting with "." are never read as data.
 """
 
 from __future__ import annotations
@@ -34,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from budgetnet.config import FOLDER_IMAGE_SIZE, FOLDER_PREFIX
-from budgetnet.data import DatasetInfo, DatasetNotFound
-from budgetnet.decode import decode_chunk
+from budgetnet.datasets.decode import decode_chunk
+from budgetnet.datasets.info import DatasetInfo, DatasetNotFound
 from budgetnet.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -48,7 +42,7 @@ MAX_DEFAULT_VAL = 5_000  # the default validation hold-out is 10% of the trainin
 CACHE_VERSION = 1  # bump when the cache's contents change meaning
 MANIFEST = ".budgetnet-split.json"
 CACHE_ENV = "BUDGETNET_CACHE_DIR"  # overrides where caches of read-only data folders go
-LEGACY_FALLBACK_DIR = Path("studies/folder-cache")  # where they went before: relative to the working directory, read only
+LEGACY_FALLBACK_DIR = Path("studies/folder-cache")  # earlier versions wrote here (cwd-relative): read only
 DECODE_WORKERS = min(32, os.cpu_count() or 1)  # decoding processes: one per core
 MIN_PARALLEL_IMAGES = 512  # fewer images decode in this process: a pool's start-up would cost more
 
@@ -100,7 +94,7 @@ def _visible(path: Path | str) -> list[os.DirEntry]:
 def _images_under(path: str, rel: str, stats: dict, out: list[str]) -> None:
     """Append the image files under ``path`` (recursively, in name order) as paths relative to the dataset
     root (``rel`` is ``path``'s), recording each one's size and mtime. ``DirEntry`` saves a path lookup per
-    file: 70,000 files take about half the time of ``os.walk`` + ``os.stat``."""
+    file, a faster scan than ``os.walk`` + ``os.stat``."""
     for e in _visible(path):
         if e.is_dir():
             _images_under(e.path, f"{rel}{e.name}/", stats, out)
@@ -240,15 +234,14 @@ def _single_tree_split(root: Path, by_class: dict[str, list[str]]):
 
 def decode_images(paths: list[str], size: int, workers: int | None = None) -> list[np.ndarray | None]:
     """Decode ``paths`` (``decode.decode_image``), in order, with ``workers`` processes (default: one per
-    core) started from a fork server that imports only Pillow and numpy. Threads were slower: the
-    per-image Python work holds the GIL, so 4 threads on 2 cores decoded 2,330 images/s where 2 processes
-    decoded 3,110 (10,000 JPEGs, docs/benchmarks.md). A few hundred images, one worker, or a platform
-    without a fork server decode in this process."""
+    core) started from a fork server that imports only Pillow and numpy. Processes, not threads: the
+    per-image Python work holds the GIL (docs/benchmarks.md, "Image folders"). A few hundred images,
+    one worker, or a platform without a fork server decode in this process."""
     workers = workers or DECODE_WORKERS
     if workers == 1 or len(paths) < MIN_PARALLEL_IMAGES or "forkserver" not in mp.get_all_start_methods():
         return decode_chunk(paths, size)
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["budgetnet.decode"])
+    ctx.set_forkserver_preload(["budgetnet.datasets.decode"])
     per = max(1, min(256, len(paths) // (4 * workers)))  # a few tasks per worker: balanced, few round trips
     chunks = [paths[i:i + per] for i in range(0, len(paths), per)]
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:

@@ -1,8 +1,6 @@
 """Decoding one image file into a small uint8 array: Pillow and numpy only, no torch.
 
-It lives apart from ``budgetnet.folder`` (which imports torch through ``budgetnet.data``) so that the
-decoding processes ``folder.decode_images`` starts from a fork server import just this: a fresh worker
-is up in a fraction of a second instead of paying torch's ~1.5 s import.
+Apart from ``datasets.folder`` so that its fork-server decoding processes start without importing torch.
 """
 
 from __future__ import annotations
@@ -14,10 +12,9 @@ DEEP_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})  # more th
 
 
 def _to_8bit(im):
-    """A 16-bit, 32-bit or float grayscale image as mode L, scaled, not clipped (Pillow's convert("L")
-    clips: a 16-bit ramp came out 99% white, a float image in [0, 1] all black). 16-bit modes by their
-    depth; 32-bit integers and floats by the range their values use (8 bits, 16 bits or [0, 1] as such,
-    anything else from its minimum to its maximum)."""
+    """A 16-bit, 32-bit or float grayscale image as mode L, scaled, not clipped as Pillow's convert("L")
+    would. 16-bit modes by their depth; 32-bit integers and floats by the range their values use (8 bits,
+    16 bits or [0, 1] as such, anything else from its minimum to its maximum)."""
     from PIL import Image
 
     a = np.asarray(im, dtype=np.float64)
