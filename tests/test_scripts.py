@@ -88,6 +88,29 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
     assert (tmp_path / "precision.json").exists() and (tmp_path / "synthetic, 22 s" / "study.db").exists()
 
 
+def test_gpu_check_cuts_a_step_that_would_not_fit(tmp_path):
+    """Each step's estimate is set against the time left: one that would not fit is cut, and the steps
+    table says why; a cheaper one after it still runs. No step may run past the deadline."""
+    check = _load("gpu_check")
+    now, stops = [0.0], []
+
+    def step(took):
+        def fn(_, until):
+            stops.append(until)
+            now[0] += took
+            return check.Result(["row"])
+        return fn
+
+    steps = [check.Step("a", "machine", 100, step(120)), check.Step("b", "tests", 300, step(0)),
+             check.Step("c", "tests", 30, step(30))]
+    done, rows = check.run_steps(steps, check.Check(sys.executable, True, tmp_path, []), check.RESERVE_S + 200,
+                                 clock=lambda: now[0])
+    assert [s.name for s, _ in done] == ["a", "c"]
+    assert rows[1] == "| b | 300 s | - | cut: needs about 300 s, 80 s left |"
+    assert stops == [200, 200]  # the deadline, before each step's own limit (4 x its estimate under --smoke)
+    assert check.render(done) == ["", "row", "", "**CUDA tests** (`pytest -m gpu`):", "row"]
+
+
 def test_bench_folder_search_writes_pngs_whose_cache_equals_the_idx_files(tmp_path):
     """The folder benchmark's own check, on fabricated idx files: the PNG folders it writes load (through
     the folder cache) as exactly the idx files' images and labels; one changed image is caught."""
