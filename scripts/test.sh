@@ -37,6 +37,8 @@ run_pytest() {
   [ "$rc" -eq 0 ] || exit "$rc"
 }
 
+# The layers in pyproject.toml ([tool.importlinter]): a circle or a wrong-way import fails here.
+.venv/bin/lint-imports --no-cache
 run_pytest .venv/bin/python -m pytest -q "$@"
 # Whether this CPU has more than AVX2, the only case in which the emulation differs from the first pass
 # (ATen's AVX512 capability needs those flags too). Where that cannot be seen (no /proc/cpuinfo): yes.

@@ -23,8 +23,8 @@ from budgetnet.config import ConfigError
 from budgetnet.errors import first_line
 from budgetnet.evaluate import evaluation_path
 from budgetnet.search import attrs as A
+from budgetnet.search.clock import REPORT_STEPS
 from budgetnet.search.storage import check_journal, local_path, make_storage
-from budgetnet.search.trial import REPORT_STEPS
 from budgetnet.search.workers import lease_lapsed
 
 # trials_dataframe() column -> the report's column, in the table's order

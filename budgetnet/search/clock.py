@@ -12,6 +12,7 @@ import time
 
 from budgetnet.search.attrs import SECONDS_USED
 
+REPORT_STEPS = 100  # trials report on a 0..100 axis: percent of their own slice
 TRIALS_PER_SEARCH = 12  # full-length trial slices per search phase; median stopping fits in more trials
 MIN_SLICE_S = 10.0  # shorter trials rank models by their start-up, not their learning ...
 MIN_TRIALS = 4  # ... except in a search phase too short for this many such slices (one may be lost to a

@@ -14,7 +14,7 @@ import optuna
 from budgetnet.config import DataConfig, RunConfig
 from budgetnet.data import DeviceData
 from budgetnet.search.attrs import TIME_FEASIBLE_FLOPS, WORKER, State
-from budgetnet.search.clock import Clock
+from budgetnet.search.clock import REPORT_STEPS, Clock
 from budgetnet.search.final import keep_if_best
 from budgetnet.search.options import Plan, SearchOptions, plan_budget
 from budgetnet.search.phase import Interrupt
@@ -23,7 +23,7 @@ from budgetnet.search.progress import Reporter
 from budgetnet.search.record import failure_reason, new_row, record
 from budgetnet.search.space import suggest_config, suggest_grid_config
 from budgetnet.search.storage import trial_id
-from budgetnet.search.trial import REPORT_STEPS, run_trial
+from budgetnet.search.trial import run_trial
 from budgetnet.search.workers import Lease
 
 

@@ -46,12 +46,12 @@ from budgetnet.search.attrs import (
     STEPS,
     State,
 )
-from budgetnet.search.clock import SLICE_GRACE, Clock, slice_fits, trial_deadline
+from budgetnet.search.clock import REPORT_STEPS, SLICE_GRACE, Clock, slice_fits, trial_deadline
 from budgetnet.search.final import keep_if_best
 from budgetnet.search.ray_cluster import start_ray, trial_resources
 from budgetnet.search.record import failure_reason, new_row, optuna_state, record
 from budgetnet.search.storage import live_trial, make_sampler, storage_of, trial_id_of
-from budgetnet.search.trial import REPORT_STEPS, guard, run_trial
+from budgetnet.search.trial import guard, run_trial
 
 METRIC = "val_acc"  # what every report carries and the scheduler compares
 MARKS = 10  # reports per full trial: TrainConfig.eval_points, at 10%, 20%, ... 100% of the slice

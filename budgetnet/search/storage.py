@@ -15,7 +15,7 @@ import optuna
 
 from budgetnet.config import ConfigError
 from budgetnet.errors import first_line
-from budgetnet.search.trial import REPORT_STEPS
+from budgetnet.search.clock import REPORT_STEPS
 
 DRIVERS = ("sqlite", "postgresql", "mysql")
 

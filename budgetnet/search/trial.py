@@ -20,7 +20,6 @@ from budgetnet.search import attrs as A
 from budgetnet.search.attrs import State, of_run
 from budgetnet.train import COMPLETE, STOPPED, RunResult, train_run
 
-REPORT_STEPS = 100  # intermediate values are reported on a 0..100 (percent of the trial's slice) axis
 MIN_EPOCHS_PER_TRIAL = 0.5  # a sampled model must see half its training split per slice (speed check)
 
 
