@@ -1,5 +1,5 @@
 """The final phase's teacher (``--teacher auto|PATH``): a model of no parameter cap whose outputs the final
-≤cap model also learns from (knowledge distillation, ``train.training_loss``).
+≤cap model also learns from (knowledge distillation, ``recipe.training_loss``).
 
 - ``--teacher PATH``: a checkpoint of the same data (``load_teacher``), checked before the search starts.
 - ``--teacher auto``: a teacher trained inside the budget, on train+validation, in the final phase's own
