@@ -11,8 +11,7 @@ from torch import nn
 from budgetnet.config import COMPILE_AUTO_MIN_S, COMPILE_MODES, COMPILE_ON_MIN_S
 from budgetnet.errors import first_line
 
-# "auto" tries only here: a CPU pays long compiles for slower steps (docs/benchmarks.md, "Eager against
-# compiled training steps on the CPU"); on a CPU only --compile on compiles.
+# "auto" tries only here: a CPU paid long compiles for slower steps (docs/benchmarks.md, "Compilation")
 COMPILE_AUTO_DEVICES = ("cuda",)
 COMPILE_MEASURE_STEPS = 16  # steps timed eager, then compiled, before "auto" keeps the faster
 COMPILE_MIN_SPEEDUP = 1.02  # compiled steps must time at least this much faster than eager ones to be kept

@@ -243,7 +243,7 @@ def synchronize(device: torch.device) -> None:
 
 
 # glibc hands freed blocks over 128 KiB back to the OS, so on a CPU every step page-faults its batch
-# buffers in again (docs/benchmarks.md, "CPU allocator tuning"); higher thresholds keep them in the heap.
+# buffers in again (docs/benchmarks.md, "CPU allocator"); higher thresholds keep them in the heap.
 MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for this setting on 64-bit
 TRIM_THRESHOLD = 256 << 20
 

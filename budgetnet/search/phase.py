@@ -49,8 +49,8 @@ def trials_since_best(study: optuna.Study) -> int | None:
     """Judged trials, in trial order, since the best complete one (a tie does not beat it); None before any
     complete trial. Judged: complete, or pruned (found worse than the median of its peers, let alone the
     best). Optuna's ``BestValueStagnationEvaluator`` counts complete trials only, which a median pruner
-    makes rare (docs/benchmarks.md). Too slow, diverged, rejected or interrupted trials say nothing of
-    the space's best and are not counted."""
+    makes rare (docs/benchmarks.md, "Final share"). Too slow, diverged, rejected or interrupted trials say
+    nothing of the space's best and are not counted."""
     best, since = None, 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         if t.state == TrialState.COMPLETE and (best is None or t.value > best):

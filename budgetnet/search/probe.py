@@ -35,7 +35,7 @@ def learned_cap(max_flops: float | None, images_per_s: float, flops: int | None,
                 train_images: int, slice_s: float) -> float | None:
     """The higher FLOP cap a trial's rate shows (``images_per_s`` of a model of ``flops`` over ``steps``
     steps), or None. The probe is one short measurement, which a busy moment can make far too low
-    (docs/benchmarks.md); the cap only rises, and a model too slow still ends at its own speed check."""
+    (docs/benchmarks.md, "Speed probe"); the cap only rises, and a model too slow still ends at its own speed check."""
     if max_flops is None or not flops or steps < 2 or not images_per_s > 0:
         return None
     cap = feasible_flops(images_per_s, flops, train_images, slice_s)

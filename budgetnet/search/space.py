@@ -202,7 +202,8 @@ def suggest_config(trial: optuna.Trial, shape: Shape, max_params: float, data: D
 
 # The first trial of every new study (docs/search.md): a cheap net that learns quickly on any device,
 # so the median pruner has a high bar at once and TPE a good region. No batch norm: it costs a small
-# net's CPU step much. lr 0.05: higher ones kill its ReLUs at the one-cycle peak (docs/benchmarks.md).
+# net's CPU step much. lr 0.05: higher ones kill its ReLUs at the one-cycle peak
+# (docs/benchmarks.md, "Warm start").
 WARM_START: dict[str, Any] = {
     "activation": "relu", "init": "kaiming", "dropout": 0.2, "family": "plain", "plain_blocks": 3,
     "plain_convs_per_block": 1, "plain_hidden": 512, "plain_width_pattern": "doubling", "plain_kernel": 3,
