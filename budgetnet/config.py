@@ -222,6 +222,26 @@ MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
 OPTIMIZERS = ("sgd", "adamw")
 MAX_EVAL_POINTS = 1_000  # validation evaluations a run may ask for (each scores the validation images)
 SCHEDULES = ("onecycle", "cosine", "linear", "step")
+FREEZE_KINDS = ("none", "head", "last", "gradual")  # fine-tuning strategies (budgetnet.finetune)
+GRADUAL_SHARE = 0.2  # gradual: one more group unfrozen every this share of the run's progress
+
+
+def parse_freeze(text: str) -> tuple[str, float]:
+    """A fine-tuning strategy: ``none``, ``head``, ``last:K`` (K >= 1 groups below the head train too),
+    ``gradual`` or ``gradual:SHARE`` (0 < SHARE <= 1) -> (kind, K or SHARE; 0 for none and head)."""
+    kind, _, value = str(text).partition(":")
+    ok = {"none": not value, "head": not value, "last": value.isdigit() and int(value) >= 1,
+          "gradual": not value or _is_share(value)}.get(kind, False)
+    if not ok:
+        raise ConfigError(f"freeze={text!r} is not one of none, head, last:K (K >= 1), gradual[:SHARE] (0 < SHARE <= 1)")
+    return kind, float(value) if value else (GRADUAL_SHARE if kind == "gradual" else 0.0)
+
+
+def _is_share(text: str) -> bool:
+    try:
+        return 0 < float(text) <= 1
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -241,9 +261,15 @@ class TrainConfig:
     eval_points: int = 10  # validation evaluations per run, at equal progress steps
     distill: float = 0.0  # weight of a teacher's softened outputs in the loss (0 = labels only; needs a teacher)
     distill_temperature: float = 4.0  # softmax temperature of that term (Hinton et al.; 4 is the common choice)
+    # fine-tuning only (a run from a checkpoint's weights): which groups train, the pretrained ones' lr factor
+    freeze: str = "none"
+    backbone_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        parse_freeze(self.freeze)
+        if not 0 < self.backbone_lr_scale <= 1:
+            raise ConfigError(f"backbone_lr_scale must be in (0, 1], got {self.backbone_lr_scale}")
         _check_choice("schedule", self.schedule, SCHEDULES)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")

@@ -151,3 +151,21 @@ def test_bench_warm_start_prints_one_row_per_lr_and_counts_failed_runs(capsys):
     assert [r[0] for r in rows] == ["| 0.05", "| 1e-06"]
     assert len(rows[1][2].split(" / ")) == 2  # one accuracy per seed
     assert rows[1][-1] == "2 of 2 |"  # lr 1e-6 learns nothing in a tenth of an epoch: both runs under 50%
+
+
+@pytest.mark.slow
+def test_bench_transfer_smoke_runs_every_method_and_prints_the_table(tmp_path, capsys):
+    bench = _load("bench_transfer")
+    write_fashion_mnist(tmp_path / "data", 300, 100)
+    out = tmp_path / "out"
+    rc = bench.main(["--smoke", "--data-dir", str(tmp_path / "data"), "--root", str(tmp_path / "png"),
+                     "--out-dir", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == list(bench.METHODS)
+    for r in rows:
+        if r["method"] in bench.STRATEGIES:  # train --init always writes its model
+            assert r["rc"] == 0 and r["test"] is not None, r
+    assert len(list((tmp_path / "png" / "target-5" / "train").glob("*/*.png"))) == 25
+    printed = capsys.readouterr().out
+    assert "| `search --init` |" in printed and "| `train --init --freeze gradual` |" in printed
