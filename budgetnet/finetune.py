@@ -26,7 +26,7 @@ from torch import nn
 from budgetnet.budget import count_params
 from budgetnet.checkpoint import load_checkpoint, model_from_checkpoint, recorded_info
 from budgetnet.config import ConfigError, DataConfig, RunConfig, Shape, TrainConfig, is_folder, parse_freeze
-from budgetnet.data import DeviceData, ImageSet, conform_images, load_data
+from budgetnet.data import CONFORM_CHUNK, DeviceData, ImageSet, conform_images, load_data
 from budgetnet.datasets.info import DatasetInfo
 from budgetnet.models import build_model, groups
 
@@ -117,8 +117,11 @@ def adaptation(source: Source, own: DatasetInfo) -> dict:
 
 def image_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images, in [0, 1]."""
-    x = images.transpose(0, 1).reshape(images.shape[1], -1)
-    counts = torch.stack([torch.bincount(row.long(), minlength=256) for row in x]).double()
+    c = images.shape[1]
+    counts = torch.zeros(c, 256, dtype=torch.float64, device=images.device)
+    for i in range(0, len(images), CONFORM_CHUNK):  # a histogram per channel, a chunk of images at a time
+        x = images[i:i + CONFORM_CHUNK].transpose(0, 1).reshape(c, -1).long()
+        counts += torch.stack([torch.bincount(row, minlength=256) for row in x]).double()
     values = torch.arange(256, dtype=torch.float64, device=counts.device) / 255
     p = counts / counts.sum(1, keepdim=True)
     mean = p @ values
