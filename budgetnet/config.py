@@ -229,9 +229,9 @@ GRADUAL_SHARE = 0.2  # gradual: one more group unfrozen every this share of the 
 def parse_freeze(text: str) -> tuple[str, float]:
     """A fine-tuning strategy: ``none``, ``head``, ``last:K`` (K >= 1 groups below the head train too),
     ``gradual`` or ``gradual:SHARE`` (0 < SHARE <= 1) -> (kind, K or SHARE; 0 for none and head)."""
-    kind, _, value = str(text).partition(":")
-    ok = {"none": not value, "head": not value, "last": value.isdigit() and int(value) >= 1,
-          "gradual": not value or _is_share(value)}.get(kind, False)
+    kind, sep, value = str(text).partition(":")
+    ok = {"none": not sep, "head": not sep, "last": value.isdigit() and int(value) >= 1,
+          "gradual": not sep or _is_share(value)}.get(kind, False)
     if not ok:
         raise ConfigError(f"freeze={text!r} is not one of none, head, last:K (K >= 1), gradual[:SHARE] (0 < SHARE <= 1)")
     return kind, float(value) if value else (GRADUAL_SHARE if kind == "gradual" else 0.0)
