@@ -177,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
                    "order, Debian's /usr/share/datasets/fashion-mnist too)")
     p.add_argument("--out-dir", default=None, help="checkpoints, studies, logs, results.json")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--smoke", action="store_true", help="toy sizes: one seed, 5 images per class, 4 s runs, "
+    p.add_argument("--smoke", action="store_true", help="toy sizes: one seed, 5 images per class, 8 s runs (1 s slices), "
                    "at most 20 source and test images per class, a trained (not searched) source")
     args = p.parse_args(argv)
     limit = 0
     if args.smoke:
         args.seeds, args.per_class, limit = args.seeds[:1], [5], 20
-        args.seconds, args.trial_seconds = min(args.seconds, 4.0), args.trial_seconds or 1.5
+        args.seconds, args.trial_seconds = min(args.seconds, 8.0), args.trial_seconds or 1.0
     out = Path(args.out_dir or tempfile.mkdtemp(prefix="bench_transfer_"))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -163,9 +163,8 @@ def test_bench_transfer_smoke_runs_every_method_and_prints_the_table(tmp_path, c
     assert rc == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == list(bench.METHODS)
-    for r in rows:
-        if r["method"] in bench.STRATEGIES:  # train --init always writes its model
-            assert r["rc"] == 0 and r["test"] is not None, r
+    for r in rows:  # every method writes a model (a search's slices are 1 s)
+        assert r["rc"] == 0 and r["test"] is not None, r
     assert len(list((tmp_path / "png" / "target-5" / "train").glob("*/*.png"))) == 25
     printed = capsys.readouterr().out
     assert "| `search --init` |" in printed and "| `train --init --freeze gradual` |" in printed
