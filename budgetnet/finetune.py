@@ -89,20 +89,26 @@ def load_target(source: Source, dataset: str, data_dir, device, *, merge_val: bo
                 download: bool = False, normalise_with: str = "checkpoint") -> tuple[DeviceData, dict]:
     """``dataset`` on ``device``, conformed to ``source``'s input, and what was adapted (for the record)."""
     data = load_data(target_data(source, dataset), data_dir, device, merge_val=merge_val, download=download)
-    c, size, own = source.info.channels, source.info.image_size, data.info
+    own, c = data.info, source.info.channels
     adapted = adaptation(source, own)
-
-    def conform(s: ImageSet | None) -> ImageSet | None:
-        return None if s is None else ImageSet(conform_images(s.images, c, size), s.labels)
-
-    train, val = conform(data.train), conform(data.val)
-    mean, std = source.info.mean, source.info.std
+    data = conform_data(data, source.info)
     if normalise_with == "data" and own.channels == c:
-        mean, std = own.mean, own.std
+        data.info = dataclasses.replace(data.info, mean=own.mean, std=own.std)
     elif normalise_with == "data":  # repeated grayscale keeps its statistics; luminance needs its own
-        mean, std = (own.mean * 3, own.std * 3) if c == 3 else image_stats(train.images)
-    info = dataclasses.replace(own, channels=c, image_size=size, mean=tuple(mean), std=tuple(std))
-    return DeviceData(info, data.classes, train, val), adapted
+        mean, std = (own.mean * 3, own.std * 3) if c == 3 else image_stats(data.train.images)
+        data.info = dataclasses.replace(data.info, mean=tuple(mean), std=tuple(std))
+    return data, adapted
+
+
+def conform_data(data: DeviceData, info: DatasetInfo) -> DeviceData:
+    """``data`` as a net whose input is ``info`` takes it: its images conformed (``data.conform_images``),
+    normalised with ``info``'s statistics."""
+    def conform(s: ImageSet | None) -> ImageSet | None:
+        return None if s is None else ImageSet(conform_images(s.images, info.channels, info.image_size), s.labels)
+
+    return DeviceData(dataclasses.replace(data.info, channels=info.channels, image_size=info.image_size,
+                                          mean=info.mean, std=info.std), data.classes,
+                      conform(data.train), conform(data.val))
 
 
 def adaptation(source: Source, own: DatasetInfo) -> dict:

@@ -2,9 +2,8 @@
 
 The learning-rate schedule is a function of progress p in [0, 1]. With a time slice, p is the elapsed
 fraction of the slice, so whatever the model's speed the run ends fully annealed exactly when its slice
-ends. The run evaluates on validation at ``eval_points`` equal progress marks and calls
-``hook(progress, metrics)`` there; a truthy return stops the run. This module imports neither optuna
-nor ray: the search adapts hooks to its tuner.
+ends. The run evaluates on validation at ``eval_points`` equal progress marks and calls ``hook(progress,
+metrics)`` there; a truthy return stops it. No optuna nor ray here: the search adapts hooks to its tuner.
 """
 
 from __future__ import annotations
@@ -432,9 +431,8 @@ def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.de
                    batch_size: int = 1024, precision: str = "fp32") -> dict:
     """Loss and top-1 accuracy of ``model`` on a device-resident split (eval mode, ``precision`` autocast).
 
-    Without cuDNN's autotuning, whatever the run set: an evaluation's batch shapes (1024, a split's
-    remainder) are new to a run, and timing algorithms for them would cost seconds that no slice or
-    budget reserves for the last evaluation."""
+    Without cuDNN's autotuning, whatever the run set: timing algorithms for an evaluation's new batch shapes
+    would cost seconds that no slice or budget reserves for the last evaluation."""
     was_training, autotune = model.training, torch.backends.cudnn.benchmark
     model.eval()
     torch.backends.cudnn.benchmark = False

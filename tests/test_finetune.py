@@ -223,6 +223,10 @@ def test_train_init_gives_a_new_head_and_repeats_grayscale_into_an_rgb_net(tmp_p
     report = evaluate_checkpoint(out, device="cpu", latency_repeats=1)  # its test images conformed alike
     assert report["test_images"] == 9 and report["fine_tuned"] == f"fine-tuned from {src.absolute()} (head)"
     assert report["fine_tuned"] in format_report(report)
+    # prune fine-tunes it on the same conformed images, every layer training
+    assert main(["prune", str(out), "--amount", "0.3", "--seconds", "1", "--out", str(tmp_path / "p.pt"),
+                 "--device", "cpu", "--json"]) == 0
+    assert load_checkpoint(tmp_path / "p.pt")["input_shape"] == [3, 32, 32]
 
 
 def test_train_init_turns_rgb_into_luminance_for_a_grayscale_net(tmp_path, capsys):
