@@ -131,8 +131,8 @@ def source_model(folders: dict, args, out: Path) -> Path:
     data = ["--dataset", f"folder:{folders['source']}", "--image-size", "28", "--out", str(ckpt), "--device",
             args.device]
     if args.smoke:
-        (out / "source.json").write_text(json.dumps(SMOKE_SOURCE))
-        argv = ["train", "--config", str(out / "source.json"), "--epochs", "2", *data]
+        (out / "source-config.json").write_text(json.dumps(SMOKE_SOURCE))
+        argv = ["train", "--config", str(out / "source-config.json"), "--epochs", "2", *data]
     else:
         argv = ["search", "--max-params", args.max_params, "--hours", f"{args.source_seconds / 3600:.6f}",
                 "--storage", f"sqlite:///{out / 'source.db'}", "--artifact-dir", str(out / "artifacts"),
@@ -140,7 +140,8 @@ def source_model(folders: dict, args, out: Path) -> Path:
     rc, wall = budgetnet(argv, out / "source.log")
     if rc != 0 or not ckpt.exists():
         raise SystemExit(f"the source model failed (exit {rc}); see {out / 'source.log'}")
-    print(json.dumps({"source": str(ckpt), "wall_s": round(wall, 1), **scores(ckpt, None)}), flush=True)
+    found = scores(ckpt, None if args.smoke else ckpt.with_suffix(".json"))  # a search's: its best.json
+    print(json.dumps({"source": str(ckpt), "wall_s": round(wall, 1), **found}), flush=True)
     return ckpt
 
 
