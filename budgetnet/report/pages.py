@@ -43,7 +43,8 @@ def _empty(why: str):
 
 def _accuracy_vs(cost: str, label: str, caps, fmt: str = ",.0f", empty: str = "no completed trial yet"):
     """Validation accuracy against ``cost``, the Pareto front, and each of ``caps`` the study recorded:
-    (study attr, label, scale onto this axis) drawn as a dashed line."""
+    (study attr, label, scale onto this axis) drawn as a dashed line; the label formats ``cap`` (as recorded)
+    and ``x`` (on this axis)."""
     def build(study, df: pd.DataFrame, summary: dict):
         import plotly.graph_objects as go
 
@@ -64,7 +65,7 @@ def _accuracy_vs(cost: str, label: str, caps, fmt: str = ",.0f", empty: str = "n
             cap = summary.get(attr)
             if cap:  # the cap on this axis, where the study recorded one
                 fig.add_vline(x=cap * scale, line_dash="dash", line_color=colour,
-                              annotation_text=f"{cap_label} {cap * scale:{fmt}}", annotation_position="top left")
+                              annotation_text=cap_label.format(cap=cap, x=cap * scale), annotation_position="top left")
         fig.update_layout(xaxis_title=label, yaxis_title="validation accuracy", legend_title="family")
         return fig
 
@@ -155,17 +156,17 @@ def _timeline(study, df: pd.DataFrame, summary: dict):
 PLOTS = (
     Plot("accuracy_vs_params", "Validation accuracy against parameters",
          "Completed trials by family; the Pareto front (no trial with fewer parameters is more accurate) and "
-         "the parameter cap (dashed red).", _accuracy_vs("n_params", "parameters", [(A.MAX_PARAMS, "cap", 1)])),
+         "the parameter cap (dashed red).", _accuracy_vs("n_params", "parameters", [(A.MAX_PARAMS, "cap {x:,.0f}", 1)])),
     Plot("accuracy_vs_flops", "Validation accuracy against FLOPs",
          "Forward FLOPs per image (2 per multiply-accumulate); dashed, where the study recorded them: the "
          "--max-flops cap (red; it counts MACs, drawn here as FLOPs) and the time-feasible limit the speed "
          "probe set (orange).",
-         _accuracy_vs("flops", "FLOPs per image", [(A.MAX_FLOPS, "--max-flops as FLOPs", 2),
-                                                   (A.TIME_FEASIBLE_FLOPS, "time-feasible limit", 1)])),
+         _accuracy_vs("flops", "FLOPs per image", [(A.MAX_FLOPS, "--max-flops {cap:,.0f} MACs = {x:,.0f} FLOPs", 2),
+                                                   (A.TIME_FEASIBLE_FLOPS, "time-feasible limit {x:,.0f}", 1)])),
     Plot("accuracy_vs_latency", "Validation accuracy against measured latency",
          "Batch-1 latency each trial's guard measured (fp32, on the study's latency device and threads; "
          "only under --max-latency-ms), and the latency cap (dashed red).",
-         _accuracy_vs("latency_ms", "latency at batch 1 (ms)", [(A.MAX_LATENCY_MS, "cap", 1)], fmt=",.3f",
+         _accuracy_vs("latency_ms", "latency at batch 1 (ms)", [(A.MAX_LATENCY_MS, "cap {x:g} ms", 1)], fmt=",.3f",
                       empty="no trial's latency was measured: a search with --max-latency-ms measures each")),
     Plot("learning_curves", "Learning curves",
          "Validation accuracy at each report, on the shared axis the median pruner compares; trials that did "
