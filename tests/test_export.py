@@ -274,3 +274,13 @@ def test_checked_on_test_images_else_training_images_else_random_pixels_said_so(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "calibrates on the checkpoint's training images" in err[0]
     assert not (tmp_path / "d.onnx").exists()
+
+
+def test_int8_is_quantised_for_this_cpu_unless_told_which(checkpoints, tmp_path):
+    from budgetnet.device import cpu_family
+
+    assert cpu_family() in export.INT8_SCHEMES  # what --int8-for auto picks
+    report = export.export_checkpoint(checkpoints["plain"], tmp_path / "arm.onnx", int8=True, int8_for="arm",
+                                      calibration_images=32, int8_max_drop=1.0, **FAST)
+    assert report["int8"]["target"] == "arm"
+    assert json.loads((tmp_path / "arm.json").read_text())["int8_target"] == "arm"
