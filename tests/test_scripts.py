@@ -151,3 +151,15 @@ def test_bench_warm_start_prints_one_row_per_lr_and_counts_failed_runs(capsys):
     assert [r[0] for r in rows] == ["| 0.05", "| 1e-06"]
     assert len(rows[1][2].split(" / ")) == 2  # one accuracy per seed
     assert rows[1][-1] == "2 of 2 |"  # lr 1e-6 learns nothing in a tenth of an epoch: both runs under 50%
+
+
+def test_bench_export_prints_the_table_of_eager_fp32_int8_and_torchscript(tmp_path, capsys):
+    assert _load("bench_export").main(["--smoke", "--torchscript", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    names = [r.split(" | ")[0] for r in rows]
+    assert names[:2] == ["| PyTorch eager", "| ONNX fp32, onnxruntime"] and names[3] == "| TorchScript (frozen), torch.jit"
+    assert names[2].startswith("| ONNX int8 (QDQ, for ") and len(rows) == 4
+    assert "(1.00x)" in rows[0] and "checked on 64 test images" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.int8.json", "tiny.int8.onnx", "tiny.ts.json",
+                                                          "tiny.ts.pt"]
