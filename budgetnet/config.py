@@ -27,6 +27,15 @@ COMPILE_MODES = ("auto", "on", "off")
 COMPILE_AUTO_MIN_S = 600.0  # (docs/benchmarks.md, "Compilation"); whether it is faster is measured then
 # compile="on" needs this long in a timed run: a compilation cannot be stopped (runs by epochs always compile)
 COMPILE_ON_MIN_S = 120.0
+# budgetnet export: the formats, the CPUs an int8 model is quantised for (export.INT8_SCHEMES), and the
+# gates: an fp32 export must agree with PyTorch on this share of top-1 answers, an int8 one may lose at most
+# this much test top-1 against the fp32 graph (a default; --int8-max-drop sets it)
+EXPORT_FORMATS = ("onnx", "torchscript")
+INT8_TARGETS = ("auto", "x86", "x86-vnni", "arm")
+EXPORT_MIN_AGREEMENT = 0.999
+EXPORT_INT8_MAX_DROP = 0.02
+EXPORT_CHECK_IMAGES = 1_000  # the seeded sample of test images each export is checked on
+EXPORT_CALIBRATION_IMAGES = 300  # seeded training images that calibrate the int8 ranges
 
 
 class ConfigError(ValueError):

@@ -80,10 +80,11 @@ def checkpoint_latency(ckpt: dict, device: str | torch.device = "cpu", n_threads
 
 
 def checkpoint_test_split(path: str | Path, ckpt: dict, data_dir, device: torch.device, *,
-                          download: bool = False, dataset: str | None = None):
+                          download: bool = False, dataset: str | None = None, train: bool = False):
     """The official test split of the data a loaded checkpoint was trained on, on ``device``, and its class
-    names; ``dataset`` points a model trained on an image folder at that folder elsewhere. Raises
-    CheckpointError when the test data does not fit the model (other data, classes or input shape)."""
+    names (``train``: its training split); ``dataset`` points a model trained on an image folder at that
+    folder elsewhere. Raises CheckpointError when the data does not fit the model (other data, classes or
+    input shape)."""
     info, name = recorded_info(ckpt), ckpt["run_config"].data.dataset
     if dataset is not None and dataset != name:
         if not (is_folder(dataset) and is_folder(name)):
@@ -91,7 +92,7 @@ def checkpoint_test_split(path: str | Path, ckpt: dict, data_dir, device: torch.
                                   f"pointed elsewhere (--dataset folder:PATH)")
         name = dataset
     test, classes = load_test(name, data_dir, device, download=download,
-                              image_size=info.image_size if is_folder(name) else None)
+                              image_size=info.image_size if is_folder(name) else None, train=train)
     if list(classes) != list(ckpt["classes"]):
         raise CheckpointError(f"{path}: the test data's classes differ from the checkpoint's")
     if tuple(test.images.shape[1:]) != (info.channels, info.image_size, info.image_size):

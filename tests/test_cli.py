@@ -420,7 +420,8 @@ def test_trial_seconds_help_states_the_rule_the_code_uses(capsys):
             "(complete, or pruned below the median)") in help_text
 
 
-@pytest.mark.parametrize("command", ["search", "train", "evaluate", "report", "prune", "datasets", "dashboard"])
+@pytest.mark.parametrize("command", ["search", "train", "evaluate", "report", "prune", "export", "datasets",
+                                     "dashboard"])
 def test_every_command_prints_its_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

@@ -1,4 +1,4 @@
-"""The commands other than search: train, evaluate, report, datasets, prune and dashboard.
+"""The commands other than search: train, evaluate, report, datasets, prune, export and dashboard.
 
 Each takes the parsed flags and returns the exit code; heavy imports wait inside each command.
 """
@@ -221,6 +221,24 @@ def cmd_prune(args) -> int:
     except PruneError as e:
         raise UserError(str(e)) from None
     print(json.dumps(report, indent=2) if args.json else format_prune_report(report))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from budgetnet.export import ExportCheckFailed, ExportError, export_checkpoint, format_export_report
+
+    _check_writable(args.out)
+    try:
+        report = export_checkpoint(args.checkpoint, args.out, fmt=args.format, int8=args.int8, images=args.images,
+                                   calibration_images=args.calibration_images, int8_max_drop=args.int8_max_drop,
+                                   int8_for=args.int8_for, data_dir=args.data_dir, dataset=args.dataset,
+                                   threads=args.threads, log=lambda line: print(f"budgetnet: {line}", file=sys.stderr))
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    except ExportCheckFailed as e:  # not a mistake of the user's: exit code 1
+        print(f"budgetnet: export check failed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else format_export_report(report))
     return 0
 
 

@@ -16,9 +16,15 @@ from budgetnet.config import (
     COMPILE_MODES,
     COMPILE_ON_MIN_S,
     DATASETS,
+    EXPORT_CALIBRATION_IMAGES,
+    EXPORT_CHECK_IMAGES,
+    EXPORT_FORMATS,
+    EXPORT_INT8_MAX_DROP,
+    EXPORT_MIN_AGREEMENT,
     FOLDER_IMAGE_SIZE,
     FOLDER_PREFIX,
     IMAGE_SIZE_RANGE,
+    INT8_TARGETS,
     PRECISIONS,
 )
 from budgetnet.search.clock import (
@@ -320,6 +326,43 @@ def _prune_flags(sub) -> None:
     pr.add_argument("--json", action="store_true", help="print the numbers as JSON")
 
 
+def _export_flags(sub) -> None:
+    ex = sub.add_parser("export", help="a checkpoint as ONNX (fp32 or int8) or TorchScript for deployment, "
+                        "checked against PyTorch on test images before it is written")
+    ex.add_argument("checkpoint")
+    ex.add_argument("--out", required=True, help="the model file, e.g. model.onnx; a JSON beside it (model.json) "
+                    "gives the class names, the input (size, channels, range, layout) and the checkpoint's SHA-256")
+    ex.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
+                    help="onnx (default; needs the extra budgetnet[export]): run in onnxruntime; torchscript: "
+                    "torch.jit, run in PyTorch. Either takes float32 N x C x H x W pixel values in [0, 255] "
+                    "(the normalisation is in the model) at any batch size")
+    ex.add_argument("--int8", action="store_true",
+                    help="quantise the ONNX graph to int8 (onnxruntime static quantisation, QDQ, calibrated on "
+                    "--calibration-images training images); it is written only if its test top-1 stays within "
+                    "--int8-max-drop of the fp32 graph's")
+    ex.add_argument("--int8-for", choices=INT8_TARGETS, default="auto",
+                    help="the CPU the int8 model is for, which picks onnxruntime's advised scheme: x86 (no VNNI: "
+                    "7-bit weights), x86-vnni, arm; auto (default): this machine's")
+    ex.add_argument("--int8-max-drop", type=fraction, default=EXPORT_INT8_MAX_DROP, metavar="F",
+                    help=f"the most test top-1 the int8 model may lose against the fp32 graph (default "
+                    f"{EXPORT_INT8_MAX_DROP:g}: {EXPORT_INT8_MAX_DROP * 100:g} points)")
+    ex.add_argument("--images", type=lambda t: _whole(t, 0, 10**9, "a whole number"), default=EXPORT_CHECK_IMAGES,
+                    metavar="N", help=f"the seeded sample of test images the export is checked on (default {EXPORT_CHECK_IMAGES:,}; "
+                    f"0: all). An fp32 export that agrees with PyTorch's top-1 on fewer than "
+                    f"{EXPORT_MIN_AGREEMENT * 100:g}%% of them is not written (exit code 1)")
+    ex.add_argument("--calibration-images", type=positive_int, default=EXPORT_CALIBRATION_IMAGES, metavar="N",
+                    help=f"--int8: seeded training images the ranges are calibrated on (default "
+                    f"{EXPORT_CALIBRATION_IMAGES})")
+    ex.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                    help="CPU threads for PyTorch and onnxruntime while the latency is timed (default: PyTorch's, "
+                    "this machine's cores)")
+    ex.add_argument("--data-dir", default=None, help="where the checkpoint's dataset is (as evaluate); without "
+                    "any, the check runs on seeded random pixels and says so")
+    ex.add_argument("--dataset", type=dataset_name, default=None,
+                    help="a model trained on folder:PATH: read its images from this folder:PATH instead")
+    ex.add_argument("--json", action="store_true", help="print the check's numbers as JSON")
+
+
 def _dashboard_flags(sub) -> None:
     d = sub.add_parser("dashboard", help="serve optuna-dashboard for the study storage")
     d.add_argument("--storage", default=DEFAULT_STORAGE)
@@ -334,6 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"budgetnet {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add_flags in (_search_flags, _train_flags, _evaluate_flags, _report_flags, _datasets_flags,
-                      _prune_flags, _dashboard_flags):
+                      _prune_flags, _export_flags, _dashboard_flags):
         add_flags(sub)
     return p
