@@ -88,6 +88,7 @@ def test_the_space_samples_no_config_over_the_mac_cap_across_many_tpe_proposals(
     assert max_width(PlainConfig(), CIFAR, 1e6, bound) > 0
 
 
+@pytest.mark.timing
 def test_the_deployment_latency_is_a_bounded_median_on_its_own_threads_restored_after():
     model = build_model(PlainConfig(n_conv=2, width=8, hidden=()), SYNTH).train()
     before = torch.get_num_threads()
