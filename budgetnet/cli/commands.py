@@ -15,7 +15,7 @@ from budgetnet.cli.parser import UserError
 
 
 def cmd_train(args) -> int:
-    from budgetnet.budget import check_memory, check_params, count_flops
+    from budgetnet.budget import check_flops, check_memory, check_params, count_flops
     from budgetnet.checkpoint import save_checkpoint
     from budgetnet.compile import compile_note
     from budgetnet.config import ConfigError, RunConfig, is_folder
@@ -56,6 +56,8 @@ def cmd_train(args) -> int:
     shape = dataset_info(cfg.data.dataset, cfg.data.image_size).shape  # a folder is scanned (and cached) here
     if args.max_params:
         check_params(cfg.model, shape, args.max_params)
+    if args.max_flops:
+        check_flops(cfg.model, shape, args.max_flops)
     device = _device(args.device)
     n_params = check_memory(cfg.model, cfg.train, shape, device)  # before the data and the model are loaded
     data = load_data(cfg.data, args.data_dir, device, merge_val=args.full, download=args.download)
@@ -88,7 +90,9 @@ def cmd_evaluate(args) -> int:
     if args.plots is not None and Path(args.plots).exists() and not Path(args.plots).is_dir():
         raise UserError(f"--plots {args.plots} is a file; give a folder for confusion.png and predictions.png")
     report = evaluate_checkpoint(args.checkpoint, args.data_dir, _device(args.device), plots=args.plots,
-                                 download=args.download, precision=args.precision, dataset=args.dataset)
+                                 download=args.download, precision=args.precision, dataset=args.dataset,
+                                 latency_device=_device(args.latency_device, "--latency-device"),
+                                 latency_threads=args.latency_threads)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     try:  # kept for `budgetnet report`; the evaluation itself is already printed
         saved = save_evaluation(report)
@@ -138,8 +142,14 @@ def cmd_report(args) -> int:
         print(f"study {summary['study']!r}: {n} trial{'' if n == 1 else 's'} ({counts or 'none'})")
         if best:
             params = "?" if best["n_params"] is None else f"{best['n_params']:,}"
-            print(f"best trial {best['trial']}: {best['family'] or 'family not recorded'}, {params} params, "
+            latency = f", {best['latency_ms']:.3f} ms at batch 1" if best.get("latency_ms") is not None else ""
+            print(f"best trial {best['trial']}: {best['family'] or 'family not recorded'}, {params} params{latency}, "
                   f"val acc {best['val_acc']:.4f}")
+        check = (summary.get("checkpoint") or {}).get("final_check")
+        if check:
+            print(f"{summary['checkpoint']['path']}: {check['n_params']:,} params, {check['macs']:,} MACs, "
+                  f"{check['latency_ms']:.3f} ms at batch 1 on {check['latency_device']}: "
+                  + (f"over {', '.join(check['over'])}" if check["over"] else "within every cap"))
         print(f"wrote {summary['files']['index']} (open it in a browser; it needs no network) and "
               f"{summary['files']['csv']}")
     return 0
@@ -204,6 +214,7 @@ def cmd_prune(args) -> int:
     _check_writable(args.out)
     try:
         report = prune_checkpoint(args.checkpoint, args.out, amount=args.amount, max_params=args.max_params,
+                                  max_macs=args.max_flops,
                                   seconds=args.seconds, data_dir=args.data_dir, device=_device(args.device),
                                   precision=args.precision, download=args.download,
                                   log=(lambda line: None) if args.json else print)

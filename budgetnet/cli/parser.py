@@ -168,9 +168,30 @@ def _data_flags(sp):
                     "or fp16 force one")
 
 
+MAX_FLOPS_HELP = ("cap on the multiply-accumulates (MACs) of one image's forward pass, as papers quote "
+                  "'FLOPs' (budgetnet's FLOP counts are 2 per MAC), e.g. 20M or 1.5e7; checked exactly on the "
+                  "meta device before anything is built (default: none)")
+
+
+def _cap_flags(sp) -> None:
+    """The deployment caps beside --max-params: --max-flops, and --max-latency-ms where it is measured."""
+    sp.add_argument("--max-flops", type=parse_count, default=None, metavar="MACS", help=MAX_FLOPS_HELP)
+    sp.add_argument("--max-latency-ms", type=positive_float, default=None, metavar="MS",
+                    help="cap on the batch-1 latency: after the parameter and MAC checks and before any training, "
+                    "each sampled model is built on --latency-device in fp32 and its forward timed (warm-up, then "
+                    "the median of repeats, about a second); a model over the cap is rejected untrained "
+                    "(default: none)")
+    sp.add_argument("--latency-device", default="cpu",
+                    help="where latency is measured: cpu (default, the usual deployment target, even when "
+                    "training on a GPU), cuda or cuda:N")
+    sp.add_argument("--latency-threads", type=positive_int, default=1, metavar="N",
+                    help="CPU threads for the latency measurement only (default 1)")
+
+
 def _search_flags(sub) -> None:
     s = sub.add_parser("search", help="search architectures and schedules under a parameter and time budget")
     s.add_argument("--max-params", type=parse_count, default=1e6, help="parameter cap, e.g. 1e6, 1M, 250k")
+    _cap_flags(s)
     s.add_argument("--hours", type=hours, default=1.0,
                    help="wall-clock budget for the whole command (search + final training)")
     s.add_argument("--dataset", type=dataset_name, default="cifar100",
@@ -235,6 +256,9 @@ def _train_flags(sub) -> None:
     t.add_argument("--out", default="model.pt")
     t.add_argument("--full", action="store_true", help="train on train+validation (no validation metrics)")
     t.add_argument("--max-params", type=parse_count, default=None, help="refuse a config over this cap")
+    t.add_argument("--max-flops", type=parse_count, default=None, metavar="MACS",
+                   help="refuse a config over this many multiply-accumulates per image (MACs, as papers quote "
+                   "'FLOPs'; 2 FLOPs each)")
     _compile_flag(t)
     t.add_argument("--dataset", type=dataset_name, default=None,
                    help="train on this dataset instead of the config's (e.g. folder:PATH)")
@@ -252,6 +276,11 @@ def _evaluate_flags(sub) -> None:
                    "predictions.png (a grid of test images, mistakes in red) into this folder")
     e.add_argument("--dataset", type=dataset_name, default=None,
                    help="a model trained on folder:PATH: read the test images from this folder:PATH instead")
+    e.add_argument("--latency-device", default="cpu",
+                   help="where the deployment latency (batch 1, fp32: what search's --max-latency-ms caps) is "
+                   "measured (default cpu)")
+    e.add_argument("--latency-threads", type=positive_int, default=1, metavar="N",
+                   help="CPU threads for that measurement (default 1)")
 
 
 def _report_flags(sub) -> None:
@@ -286,6 +315,9 @@ def _prune_flags(sub) -> None:
     amount.add_argument("--max-params", type=parse_count, default=None,
                         help="remove the smallest share of filters that brings the model within this many "
                         "parameters")
+    amount.add_argument("--max-flops", type=parse_count, default=None, metavar="MACS",
+                        help="remove the smallest share of filters that brings the model within this many "
+                        "multiply-accumulates per image (MACs, as papers quote 'FLOPs')")
     pr.add_argument("--seconds", type=lambda t: _number(t, lambda v: v >= 0, "a number >= 0"), default=60.0,
                    help="fine-tuning time with the time-aware schedule, at a tenth of the checkpoint's lr "
                    "(default 60; 0 = none)")
