@@ -1,8 +1,10 @@
 """The budget guard: exact parameter and FLOP counts on the meta device, before anything is allocated.
 
 ``check_params`` is the cheap gate (a meta build, a few ms); ``count_flops`` runs a meta forward pass
-under ``torch.utils.flop_counter`` (tens of ms). Neither touches real memory, so an oversized config is
-rejected before it costs a byte of GPU memory or a second of training.
+under ``torch.utils.flop_counter`` (tens of ms), which counts 2 FLOPs per multiply-accumulate;
+``check_flops`` caps the multiply-accumulates (``count_macs``, half of that: the "FLOPs" papers quote).
+None touches real memory, so an oversized config is rejected before it costs a byte of GPU memory or a
+second of training.
 
 Staged families (a ``depths`` field: the ResNets and the inverted-residual net) are counted by depth
 additivity, so the cost does not grow with depth: every block of a stage after its first has the same
@@ -130,6 +132,12 @@ def count_flops(cfg: ModelConfig, shape: Shape) -> int:
     return _by_depth(_flops_built, cfg, shape)
 
 
+def count_macs(cfg: ModelConfig, shape: Shape) -> int:
+    """Multiply-accumulates for one image: what papers quote as "FLOPs", and what ``--max-flops`` caps.
+    Half of ``count_flops`` (``torch.utils.flop_counter`` counts 2 per multiply-add, and only those)."""
+    return count_flops(cfg, shape) // 2
+
+
 def clear_caches() -> None:
     """Forget every cached count (benchmarks and tests that time or watch a cold count)."""
     for fn in (count_params, count_flops, _params_built, _flops_built):
@@ -146,6 +154,16 @@ def check_params(cfg: ModelConfig, shape: Shape, max_params: float) -> int:
     if n > max_params:
         raise BudgetExceeded("parameters", n, max_params)
     return n
+
+
+def check_flops(cfg: ModelConfig, shape: Shape, max_macs: float | None) -> int:
+    """Return the forward FLOPs of one image (``count_flops``), or raise :class:`BudgetExceeded` if its
+    multiply-accumulates (``count_macs``: half of them) are over ``max_macs`` (None: no cap)."""
+    flops = count_flops(cfg, shape)
+    if max_macs is not None and flops // 2 > max_macs:
+        raise BudgetExceeded("MACs", flops // 2, max_macs,
+                             f"MACs {flops // 2:,} per image exceed the --max-flops cap of {max_macs:,.0f} MACs")
+    return flops
 
 
 # -- memory: what training holds besides activations --------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
@@ -27,6 +28,15 @@ COMPILE_MODES = ("auto", "on", "off")
 COMPILE_AUTO_MIN_S = 600.0  # (docs/benchmarks.md, "Compilation"); whether it is faster is measured then
 # compile="on" needs this long in a timed run: a compilation cannot be stopped (runs by epochs always compile)
 COMPILE_ON_MIN_S = 120.0
+# budgetnet export: the formats, the CPUs an int8 model is quantised for (export.INT8_SCHEMES), and the
+# gates: an fp32 export must agree with PyTorch on this share of top-1 answers, an int8 one may lose at most
+# this much test top-1 against the fp32 graph (a default; --int8-max-drop sets it)
+EXPORT_FORMATS = ("onnx", "torchscript")
+INT8_TARGETS = ("auto", "x86", "x86-vnni", "arm")
+EXPORT_MIN_AGREEMENT = 0.999
+EXPORT_INT8_MAX_DROP = 0.02
+EXPORT_CHECK_IMAGES = 1_000  # the seeded sample of test images each export is checked on
+EXPORT_CALIBRATION_IMAGES = 300  # seeded training images that calibrate the int8 ranges
 
 
 class ConfigError(ValueError):
@@ -222,26 +232,18 @@ MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
 OPTIMIZERS = ("sgd", "adamw")
 MAX_EVAL_POINTS = 1_000  # validation evaluations a run may ask for (each scores the validation images)
 SCHEDULES = ("onecycle", "cosine", "linear", "step")
-FREEZE_KINDS = ("none", "head", "last", "gradual")  # fine-tuning strategies (budgetnet.finetune)
 GRADUAL_SHARE = 0.2  # gradual: one more group unfrozen every this share of the run's progress
+_FREEZE = re.compile(r"(none|head)|last:([1-9][0-9]*)|gradual(?::([0-9]*\.?[0-9]+(?:e-?[0-9]+)?))?")
 
 
 def parse_freeze(text: str) -> tuple[str, float]:
-    """A fine-tuning strategy: ``none``, ``head``, ``last:K`` (K >= 1 groups below the head train too),
-    ``gradual`` or ``gradual:SHARE`` (0 < SHARE <= 1) -> (kind, K or SHARE; 0 for none and head)."""
-    kind, sep, value = str(text).partition(":")
-    ok = {"none": not sep, "head": not sep, "last": value.isdigit() and int(value) >= 1,
-          "gradual": not sep or _is_share(value)}.get(kind, False)
-    if not ok:
+    """A fine-tuning strategy (``budgetnet.finetune``): ``none``, ``head``, ``last:K`` (K >= 1 groups below
+    the head train too), ``gradual[:SHARE]`` (0 < SHARE <= 1) -> (kind, K or SHARE; 0 for none and head)."""
+    m = _FREEZE.fullmatch(str(text))
+    share = float(m.group(3)) if m and m.group(3) else GRADUAL_SHARE
+    if not m or not 0 < share <= 1:
         raise ConfigError(f"freeze={text!r} is not one of none, head, last:K (K >= 1), gradual[:SHARE] (0 < SHARE <= 1)")
-    return kind, float(value) if value else (GRADUAL_SHARE if kind == "gradual" else 0.0)
-
-
-def _is_share(text: str) -> bool:
-    try:
-        return 0 < float(text) <= 1
-    except ValueError:
-        return False
+    return (m.group(1), 0.0) if m.group(1) else ("last", float(m.group(2))) if m.group(2) else ("gradual", share)
 
 
 @dataclass(frozen=True)

@@ -90,9 +90,10 @@ def load_data(cfg: DataConfig, data_dir=None, device: torch.device | str = "cpu"
 
 
 def load_test(name: str, data_dir=None, device: torch.device | str = "cpu", download: bool = False,
-              image_size: int | None = None):
-    """The official test split on ``device`` and the class names."""
-    images, labels, classes = read_split(name, data_dir, train=False, download=download, image_size=image_size)
+              image_size: int | None = None, *, train: bool = False):
+    """The official test split on ``device`` and the class names; ``train``: the whole training split
+    instead, for a reader of images that trains nothing (export's checks and int8 calibration)."""
+    images, labels, classes = read_split(name, data_dir, train=train, download=download, image_size=image_size)
     return _to_device(images, labels, torch.device(device)), classes
 
 

@@ -6,6 +6,7 @@ once-per-process micro-benchmark of tens of milliseconds, and ``--precision`` ov
 - **CUDA:** the candidate is bf16 autocast from compute capability 8.0, fp16 with a gradient scaler on
   7.x, fp32 below; it is used only where a small conv net's step measured on this GPU runs faster than
   fp32 with TF32 (small nets are launch-bound: docs/benchmarks.md, "GPU").
+- **int8 export:** which quantisation scheme this CPU runs well (``cpu_family``; ``--int8-for`` overrides).
 - **CPU:** bf16 only where it is native (oneDNN says so) *and* measured faster than fp32 here; without
   native bf16 every bf16 op is emulated and far slower (docs/benchmarks.md, "Precision").
 
@@ -16,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -156,6 +160,18 @@ def cpu_profile() -> CpuProfile:
     bf16 = _step_ms("bf16", give_up_ms=2 * fp32) if native else None
     fast = bf16 is not None and fp32 / bf16 >= BF16_MIN_SPEEDUP
     return CpuProfile(torch.backends.cpu.get_cpu_capability(), native, fp32, bf16, "bf16" if fast else "fp32")
+
+
+def cpu_family() -> str:
+    """This CPU as onnxruntime's int8 guidance tells them apart: "arm", "x86-vnni" (AVX512-VNNI or AVX-VNNI:
+    8-bit dot products that do not saturate) or "x86"."""
+    if platform.machine().lower().startswith(("arm", "aarch64")):
+        return "arm"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "x86"  # not seen: the scheme safe on any x86 (reduced range) costs little accuracy
+    return "x86-vnni" if re.search(r"\b(avx512_vnni|avx_vnni)\b", flags) else "x86"
 
 
 def resolve_precision(device: torch.device | str, requested: str = "auto") -> str:

@@ -5,21 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from budgetnet.budget import count_flops, count_params
+from budgetnet.budget import count_flops, count_macs, count_params
 from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, recorded_info
 from budgetnet.config import is_folder
 from budgetnet.data import conform_images, load_test, normalizer
 from budgetnet.device import DTYPES, memory_format, resolve_precision
 from budgetnet.files import write_atomic
 from budgetnet.finetune import described
+from budgetnet.latency import deployment_latency, measure_latency, thread_label
 
 GRID_IMAGES = 32  # test images in the prediction grid (4 rows of 8)
 GRID_SEED = 0  # the same images every time, so grids of two checkpoints compare image by image
@@ -73,32 +72,20 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
-@torch.no_grad()
-def measure_latency(model: torch.nn.Module, shape: tuple[int, int, int], device: torch.device,
-                    batch_size: int, repeats: int = 20, warmup: int = 5) -> dict:
-    """Median forward latency (ms) and throughput (images/s) at a batch size, with device sync, in the
-    precision of the model's weights."""
-    x = torch.randn(batch_size, *shape, device=device).contiguous(memory_format=memory_format(device))
-    x = model_input(model, x)
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    median = statistics.median(times)
-    return {"batch_size": batch_size, "latency_ms": median * 1e3, "images_per_s": batch_size / median}
+def checkpoint_latency(ckpt: dict, device: str | torch.device = "cpu", n_threads: int = 1) -> dict:
+    """``latency.deployment_latency`` of a loaded checkpoint's model, rebuilt in fp32 on ``device``: the
+    figure ``--max-latency-ms`` caps, for ``budgetnet evaluate`` and the search's final check alike."""
+    device = torch.device(device)
+    model = model_from_checkpoint(ckpt, device).to(memory_format=memory_format(device))
+    return deployment_latency(model, recorded_info(ckpt).shape, device, n_threads)
 
 
 def checkpoint_test_split(path: str | Path, ckpt: dict, data_dir, device: torch.device, *,
-                          download: bool = False, dataset: str | None = None):
+                          download: bool = False, dataset: str | None = None, train: bool = False):
     """The official test split of the data a loaded checkpoint was trained on, on ``device``, and its class
-    names; ``dataset`` points a model trained on an image folder at that folder elsewhere. Raises
-    CheckpointError when the test data does not fit the model (other data, classes or input shape)."""
+    names (``train``: its training split); ``dataset`` points a model trained on an image folder at that
+    folder elsewhere. Raises CheckpointError when the data does not fit the model (other data, classes or
+    input shape)."""
     info, name = recorded_info(ckpt), ckpt["run_config"].data.dataset
     if dataset is not None and dataset != name:
         if not (is_folder(dataset) and is_folder(name)):
@@ -106,7 +93,7 @@ def checkpoint_test_split(path: str | Path, ckpt: dict, data_dir, device: torch.
                                   f"pointed elsewhere (--dataset folder:PATH)")
         name = dataset
     test, classes = load_test(name, data_dir, device, download=download,
-                              image_size=info.image_size if is_folder(name) else None)
+                              image_size=info.image_size if is_folder(name) else None, train=train)
     if list(classes) != list(ckpt["classes"]):
         raise CheckpointError(f"{path}: the test data's classes differ from the checkpoint's")
     if described(ckpt["extra"]) and test.images.shape[1] in (1, 3):  # fine-tuned on conformed images
@@ -119,13 +106,16 @@ def checkpoint_test_split(path: str | Path, ckpt: dict, data_dir, device: torch.
 
 def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.device = "cpu", *,
                         plots: str | Path | None = None, latency_repeats: int = 20,
-                        download: bool = False, precision: str = "auto", dataset: str | None = None) -> dict:
+                        download: bool = False, precision: str = "auto", dataset: str | None = None,
+                        latency_device: str | torch.device = "cpu", latency_threads: int = 1) -> dict:
     """Evaluate a checkpoint on its dataset's test split. Raises CheckpointError for a bad file.
 
     The model's input shape and normalisation are the ones the file recorded. ``dataset`` points a model
     trained on an image folder at that folder elsewhere (``folder:PATH``); by default the checkpoint's own.
     Accuracy and latency are measured in ``precision`` ("auto": the device's best, as for training), with
-    the weights cast once; the report says which, and what the checkpoint was trained in."""
+    the weights cast once; the report says which, and what the checkpoint was trained in.
+    ``deployment_latency`` is the latency the search's ``--max-latency-ms`` caps, measured the same way
+    (``latency.deployment_latency``: batch 1, fp32, on ``latency_device`` with ``latency_threads``)."""
     device = torch.device(device)
     ckpt = load_checkpoint(path)
     cfg = ckpt["run_config"]
@@ -152,6 +142,7 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
         "n_params_recorded": ckpt["n_params"],
         "n_params_match": n_params == ckpt["n_params"],
         "flops": count_flops(cfg.model, info.shape),
+        "macs": count_macs(cfg.model, info.shape),  # what --max-flops caps
         "device": str(device),
         "precision": precision,
         "trained_precision": ckpt.get("precision", "unknown"),  # files written before it was recorded: unknown
@@ -159,6 +150,7 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
         "trained_with_flips": bool(cfg.data.flip),
         "latency": [measure_latency(model, (info.channels, info.image_size, info.image_size), device, bs,
                                     repeats=latency_repeats) for bs in (1, 256)],
+        "deployment_latency": checkpoint_latency(ckpt, latency_device, latency_threads),
         "worst_classes": [{"class": classes[c], "accuracy": per_class[c]} for c in worst],
         "classes_without_test_images": [classes[c] for c in range(len(classes)) if math.isnan(per_class[c])],
         "top_confusions": [{"true": classes[i // len(classes)], "predicted": classes[i % len(classes)],
@@ -283,7 +275,7 @@ def format_report(r: dict) -> str:
         + ("" if r.get("trained_with_flips", True) else "; trained without flips, so mirrored images are new to it")
         + ")",
         f"  params {r['n_params']:,} ({'matches' if r['n_params_match'] else 'DIFFERS FROM'} the file's "
-        f"{r['n_params_recorded']:,})   FLOPs/image {r['flops'] / 1e6:.1f} M",
+        f"{r['n_params_recorded']:,})   FLOPs/image {r['flops'] / 1e6:.1f} M ({r['flops'] / 2e6:.1f} M MACs)",
         f"  evaluated in {r['precision']} (trained in {r['trained_precision']})",
     ]
     if r.get("fine_tuned"):
@@ -291,6 +283,10 @@ def format_report(r: dict) -> str:
     for lat in r["latency"]:
         lines.append(f"  batch {lat['batch_size']:>3} on {r['device']} in {r['precision']}: {lat['latency_ms']:.2f} ms, "
                      f"{lat['images_per_s']:,.0f} images/s")
+    dep = r.get("deployment_latency")
+    if dep:  # the figure --max-latency-ms caps
+        lines.append(f"  deployment latency (batch 1, fp32, {dep['device']}, {thread_label(dep['threads'])}): "
+                     f"{dep['latency_ms']:.2f} ms, median of {dep['repeats']}")
     lines.append("  worst classes: " + ", ".join(f"{w['class']} {w['accuracy']:.0%}" for w in r["worst_classes"]))
     if r.get("classes_without_test_images"):
         lines.append("  no test images: " + ", ".join(r["classes_without_test_images"]))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from budgetnet.budget import count_params
+from budgetnet.budget import BudgetExceeded, check_flops, count_params
 from budgetnet.checkpoint import load_checkpoint, model_from_checkpoint, recorded_info
 from budgetnet.config import ConfigError, DataConfig, RunConfig, Shape, TrainConfig, is_folder, parse_freeze
 from budgetnet.data import CONFORM_CHUNK, DeviceData, ImageSet, conform_images, load_data
@@ -71,17 +71,22 @@ def target_shape(source: Source, num_classes: int) -> Shape:
     return Shape(source.info.channels, num_classes, source.info.image_size)
 
 
-def check_target(source: Source, target: DatasetInfo, max_params: float | None) -> int:
+def check_target(source: Source, target: DatasetInfo, max_params: float | None, max_macs: float | None = None) -> int:
     """The parameters of ``source``'s net with a head for ``target``'s classes; FinetuneError (one line)
-    where its channels cannot be conformed or the net would exceed ``max_params``."""
+    where its channels cannot be conformed or the net would exceed ``max_params`` (or ``max_macs``)."""
     c, t = source.info.channels, target.channels
     if c != t and {c, t} != {1, 3}:
         raise FinetuneError(f"{source.path} takes {c}-channel images and {target.name} has {t} channels: only "
                             f"grayscale and RGB convert into each other")
-    n = count_params(source.cfg.model, target_shape(source, target.num_classes))
+    shape = target_shape(source, target.num_classes)
+    n = count_params(source.cfg.model, shape)
     if max_params and n > max_params:
         raise FinetuneError(f"{source.path}: its {source.cfg.model.family} net with a {target.num_classes}-class "
                             f"head has {n:,} parameters, over --max-params {max_params:,.0f}")
+    try:
+        check_flops(source.cfg.model, shape, max_macs)
+    except BudgetExceeded as e:
+        raise FinetuneError(f"{source.path}: {e}") from None
     return n
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from budgetnet.budget import count_flops, count_params
+from budgetnet.budget import count_flops, count_macs, count_params
 from budgetnet.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
@@ -39,8 +39,9 @@ from budgetnet.data import load_data, normalizer
 from budgetnet.datasets.info import DatasetInfo
 from budgetnet.device import memory_format, resolve_precision
 from budgetnet.errors import first_line
-from budgetnet.evaluate import checkpoint_test_split, inference_model, measure_latency, test_metrics
+from budgetnet.evaluate import checkpoint_test_split, inference_model, test_metrics
 from budgetnet.finetune import conform_data, described
+from budgetnet.latency import measure_latency
 from budgetnet.models import build_model
 from budgetnet.train import COMPLETE, train_run
 
@@ -74,7 +75,7 @@ def prune_model(model: nn.Module, cfg: ModelConfig, shape: Shape, amount: float)
     head = _layers(model, nn.Linear)[-1]
     # torch-pruning leaves a group whole rather than remove all its filters (int(c * (1 - amount)) = 0):
     # a ratio just short of (c - 1) / c for narrow layers keeps one filter, so more amount never means more
-    # parameters (what ``amount_for_params`` relies on).
+    # parameters (what ``amount_for_cap`` relies on).
     ratios = {m: max(0.0, min(amount, (m.weight.shape[0] - 1 - 1e-6) / m.weight.shape[0]))
               for m in _layers(model, (nn.Conv2d, nn.Linear)) if m is not head}
     pruner = tp.pruner.BasePruner(
@@ -102,27 +103,29 @@ def prune_model(model: nn.Module, cfg: ModelConfig, shape: Shape, amount: float)
     return model, pruned_cfg
 
 
-def amount_for_params(model: nn.Module, cfg: ModelConfig, shape: Shape, max_params: float) -> float:
-    """The smallest amount (in hundredths) whose pruned net has at most ``max_params`` parameters.
+def amount_for_cap(model: nn.Module, cfg: ModelConfig, shape: Shape, cap: float, count=count_params,
+                   flag: str = "--max-params", unit: str = "parameters") -> float:
+    """The smallest amount (in hundredths) whose pruned net has at most ``cap`` parameters (or, with
+    ``count=count_macs``, multiply-accumulates per image: ``--max-flops``).
 
     Which filters go depends on the weights, how many does not: each try prunes a copy and counts its
     config on the meta device with the guard's own count. Raises PruneError when the net already fits or
     when even ``MAX_AMOUNT`` leaves it over."""
-    n = count_params(cfg, shape)
-    if n <= max_params:
-        raise PruneError(f"the model has {n:,} parameters, already within --max-params {max_params:,.0f}")
+    n = count(cfg, shape)
+    if n <= cap:
+        raise PruneError(f"the model has {n:,} {unit}, already within {flag} {cap:,.0f}")
 
-    def params_at(amount: float) -> int:
-        return count_params(prune_model(model, cfg, shape, amount)[1], shape)
+    def count_at(amount: float) -> int:
+        return count(prune_model(model, cfg, shape, amount)[1], shape)
 
-    least = params_at(MAX_AMOUNT)
-    if least > max_params:
+    least = count_at(MAX_AMOUNT)
+    if least > cap:
         raise PruneError(f"pruning {MAX_AMOUNT:.0%} of every prunable layer's filters still leaves {least:,} "
-                         f"parameters, over --max-params {max_params:,.0f}")
+                         f"{unit}, over {flag} {cap:,.0f}")
     lo, hi = 0, round(MAX_AMOUNT * 100)  # in hundredths: lo is over the cap, hi within it
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if params_at(mid / 100) <= max_params else (mid, hi)
+        lo, hi = (lo, mid) if count_at(mid / 100) <= cap else (mid, hi)
     return hi / 100
 
 
@@ -141,7 +144,7 @@ def measure(model: nn.Module, cfg: RunConfig, info: DatasetInfo, test, device: t
 
 def latencies(models: list[nn.Module], shape: Shape, device: torch.device, precision: str, rounds: int = 5,
               repeats: int = 20) -> list[float]:
-    """Median latency (ms) at batch 1 of each model, with evaluate's ``measure_latency``. The models take
+    """Median latency (ms) at batch 1 of each model, with ``latency.measure_latency``. The models take
     turns, ``rounds`` times, so that a load that comes and goes on a shared machine falls on all of them
     alike rather than on whichever happened to be measured then."""
     models = [_inference(m, device, precision) for m in models]
@@ -154,15 +157,16 @@ def latencies(models: list[nn.Module], shape: Shape, device: torch.device, preci
 def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None = None,
                      max_params: float | None = None, seconds: float = 0.0, data_dir=None,
                      device: str | torch.device = "cpu", precision: str = "auto", download: bool = False,
-                     log=print) -> dict:
-    """Prune the checkpoint at ``path`` by ``amount`` (or to ``max_params``), fine-tune it for ``seconds``
+                     log=print, max_macs: float | None = None) -> dict:
+    """Prune the checkpoint at ``path`` by ``amount`` (or to ``max_params``, or to ``max_macs``
+    multiply-accumulates per image), fine-tune it for ``seconds``
     (0: not at all) and write the result to ``out``. Returns the numbers before pruning, after pruning and
     after fine-tuning (measured on the model rebuilt from ``out``).
 
     Everything that can fail on the input fails before ``out`` is touched, which is written atomically.
     Raises CheckpointError, PruneError (and DatasetNotFound from the data)."""
-    if (amount is None) == (max_params is None):
-        raise PruneError("give exactly one of amount or max_params")
+    if sum(x is not None for x in (amount, max_params, max_macs)) != 1:
+        raise PruneError("give exactly one of amount, max_params or max_macs")
     device = torch.device(device)
     ckpt = load_checkpoint(path)
     cfg: RunConfig = ckpt["run_config"]
@@ -170,8 +174,10 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None 
     shape = info.shape
     model = model_from_checkpoint(ckpt)
     t0 = time.perf_counter()
-    if amount is None:
-        amount = amount_for_params(model, cfg.model, shape, max_params)
+    if max_params is not None:
+        amount = amount_for_cap(model, cfg.model, shape, max_params)
+    elif max_macs is not None:
+        amount = amount_for_cap(model, cfg.model, shape, max_macs, count_macs, "--max-flops", "MACs")
     pruned, pruned_model_cfg = prune_model(model, cfg.model, shape, amount)
     prune_s = time.perf_counter() - t0
     pruned_cfg = cfg.replace(model=pruned_model_cfg)

@@ -128,7 +128,7 @@ def test_ray_on_cuda_with_no_gpu_share_is_refused_before_anything(tmp_path, caps
 
     import budgetnet.cli.search as cli
 
-    monkeypatch.setattr(cli, "_device", lambda name: torch.device("cuda", 0))  # as if a GPU were here
+    monkeypatch.setattr(cli, "_device", lambda name, flag="--device": torch.device("cuda", 0))  # as if a GPU were here
     code = main(_search(tmp_path, "--hours", "0.01", "--backend", "ray", "--gpus-per-trial", "0"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--gpus-per-trial 0 on CUDA" in err[0], err
@@ -420,7 +420,8 @@ def test_trial_seconds_help_states_the_rule_the_code_uses(capsys):
             "(complete, or pruned below the median)") in help_text
 
 
-@pytest.mark.parametrize("command", ["search", "train", "evaluate", "report", "prune", "datasets", "dashboard"])
+@pytest.mark.parametrize("command", ["search", "train", "evaluate", "report", "prune", "export", "datasets",
+                                     "dashboard"])
 def test_every_command_prints_its_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

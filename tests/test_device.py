@@ -260,13 +260,13 @@ def test_prepare_lets_cudnn_autotune_only_when_the_run_asks():
 
 def test_search_trials_and_speed_probes_train_without_autotuning_and_other_runs_with_it(monkeypatch,
                                                                                       synthetic_data):
-    from budgetnet.search.trial import run_trial
+    from budgetnet.search.trial import Caps, run_trial
 
     asked = []
     real = bt.prepare
     monkeypatch.setattr(bt, "prepare", lambda device, autotune=True: asked.append(autotune) or real(device, autotune))
     cfg = _cfg()
-    run_trial(cfg, synthetic_data, max_params=1e6, slice_s=1.0, device="cpu", precision="fp32",
+    run_trial(cfg, synthetic_data, caps=Caps(1e6), slice_s=1.0, device="cpu", precision="fp32",
               set_attr=lambda k, v: None, report=lambda p, v: False, fits=lambda: True, stop=lambda: False)
     bt.measure_rate(cfg, synthetic_data, device="cpu", seconds=0.5)
     train_run(cfg, synthetic_data, device="cpu", epochs=0.1)  # a final phase, a teacher, `budgetnet train`

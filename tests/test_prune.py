@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from budgetnet.budget import count_flops, count_params
+from budgetnet.budget import count_flops, count_macs, count_params
 from budgetnet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from budgetnet.cli import main
 from budgetnet.config import (
@@ -24,7 +24,7 @@ from budgetnet.config import (
 from budgetnet.datasets.info import DATASET_INFO
 from budgetnet.evaluate import evaluate_checkpoint
 from budgetnet.models import build_model
-from budgetnet.prune import PruneError, amount_for_params, prune_model
+from budgetnet.prune import PruneError, amount_for_cap, prune_model
 from budgetnet.train import train_run
 
 SHAPE = DATASET_INFO["synthetic"].shape  # 3 x 32 x 32, 10 classes
@@ -126,15 +126,16 @@ def test_conv_widths_that_do_not_fit_the_net_are_config_errors():
         RunConfig.from_json('{"model": {"family": "plain", "n_conv": 2, "conv_widths": [4, 0]}}')
 
 
-def test_max_params_picks_the_least_amount_that_fits(checkpoints):
+@pytest.mark.parametrize("count, flag", [(count_params, "--max-params"), (count_macs, "--max-flops")])
+def test_max_params_or_max_flops_picks_the_least_amount_that_fits(checkpoints, count, flag):
     cfg = CONFIGS["plain"]
     model = model_from_checkpoint(load_checkpoint(checkpoints["plain"]))
-    cap = count_params(cfg, SHAPE) // 2
-    amount = amount_for_params(model, cfg, SHAPE, cap)
-    assert count_params(prune_model(model, cfg, SHAPE, amount)[1], SHAPE) <= cap
-    assert count_params(prune_model(model, cfg, SHAPE, round(amount - 0.01, 2))[1], SHAPE) > cap
-    with pytest.raises(PruneError, match="already within"):
-        amount_for_params(model, cfg, SHAPE, count_params(cfg, SHAPE))
+    cap = count(cfg, SHAPE) // 2
+    amount = amount_for_cap(model, cfg, SHAPE, cap, count, flag)
+    assert count(prune_model(model, cfg, SHAPE, amount)[1], SHAPE) <= cap
+    assert count(prune_model(model, cfg, SHAPE, round(amount - 0.01, 2))[1], SHAPE) > cap
+    with pytest.raises(PruneError, match=f"already within {flag}"):
+        amount_for_cap(model, cfg, SHAPE, count(cfg, SHAPE), count, flag)
 
 
 def test_fine_tuning_starts_from_the_given_weights(synthetic_data):

@@ -153,6 +153,24 @@ def test_bench_warm_start_prints_one_row_per_lr_and_counts_failed_runs(capsys):
     assert rows[1][-1] == "2 of 2 |"  # lr 1e-6 learns nothing in a tenth of an epoch: both runs under 50%
 
 
+def test_bench_guard_smoke_times_the_param_and_mac_checks_and_the_latency_guard(capsys):
+    assert _load("bench_guard").main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ResNet")]
+    assert len(rows) == 2 and all(line.count("|") == 8 for line in rows)  # every column filled, per config
+    assert "MAC check (median ms)" in out and "latency guard" in out and "param + MAC check (cold)" in out
+
+
+def test_bench_export_prints_the_table_of_eager_fp32_int8_and_torchscript(tmp_path, capsys):
+    assert _load("bench_export").main(["--smoke", "--torchscript", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    names = [r.split(" | ")[0] for r in rows]
+    assert names[:2] == ["| PyTorch eager", "| ONNX fp32, onnxruntime"] and names[3] == "| TorchScript (frozen), torch.jit"
+    assert names[2].startswith("| ONNX int8 (QDQ, for ") and len(rows) == 4
+    assert "(1.00x)" in rows[0] and "checked on 64 test images" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.int8.json", "tiny.int8.onnx", "tiny.ts.json",
+                                                          "tiny.ts.pt"]
 @pytest.mark.slow
 def test_bench_transfer_smoke_runs_every_method_and_prints_the_table(tmp_path, capsys):
     bench = _load("bench_transfer")

@@ -15,6 +15,7 @@ from budgetnet.cli.commands import (  # noqa: E402
     cmd_dashboard,
     cmd_datasets,
     cmd_evaluate,
+    cmd_export,
     cmd_prune,
     cmd_report,
 )
@@ -23,7 +24,7 @@ from budgetnet.cli.parser import UserError, build_parser  # noqa: E402
 from budgetnet.cli.search import cmd_search  # noqa: E402
 
 COMMANDS = {"search": cmd_search, "train": cmd_train_or_finetune, "evaluate": cmd_evaluate, "report": cmd_report,
-            "datasets": cmd_datasets, "prune": cmd_prune, "dashboard": cmd_dashboard}
+            "datasets": cmd_datasets, "prune": cmd_prune, "export": cmd_export, "dashboard": cmd_dashboard}
 
 
 def _user_mistakes() -> tuple[type[Exception], ...]:

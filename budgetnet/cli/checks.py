@@ -13,7 +13,7 @@ from pathlib import Path
 from budgetnet.cli.parser import UserError
 
 
-def _device(name: str):
+def _device(name: str, flag: str = "--device"):
     import torch
 
     from budgetnet.device import resolve_device
@@ -21,11 +21,11 @@ def _device(name: str):
     try:
         device = resolve_device(name)
     except RuntimeError as e:
-        raise UserError(f"bad --device {name!r}: {e}") from None
+        raise UserError(f"bad {flag} {name!r}: {e}") from None
     if device.type not in ("cpu", "cuda"):  # torch parses meta, mps, xpu...: budgetnet trains on neither
-        raise UserError(f"--device {name} is not one budgetnet runs on: auto, cpu, cuda or cuda:N")
+        raise UserError(f"{flag} {name} is not one budgetnet runs on: auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
+        raise UserError(f"{flag} cuda asked for, but no CUDA device is available (use {flag} cpu)")
     return device
 
 

@@ -1,4 +1,4 @@
-"""The commands other than search: train, evaluate, report, datasets, prune and dashboard.
+"""The commands other than search: train, evaluate, report, datasets, prune, export and dashboard.
 
 Each takes the parsed flags and returns the exit code; heavy imports wait inside each command.
 """
@@ -15,7 +15,7 @@ from budgetnet.cli.parser import UserError
 
 
 def cmd_train(args) -> int:
-    from budgetnet.budget import check_memory, check_params, count_flops
+    from budgetnet.budget import check_flops, check_memory, check_params, count_flops
     from budgetnet.checkpoint import save_checkpoint
     from budgetnet.compile import compile_note
     from budgetnet.config import ConfigError, RunConfig, is_folder
@@ -69,6 +69,8 @@ def cmd_train(args) -> int:
     shape = dataset_info(cfg.data.dataset, cfg.data.image_size).shape  # a folder is scanned (and cached) here
     if args.max_params:
         check_params(cfg.model, shape, args.max_params)
+    if args.max_flops:
+        check_flops(cfg.model, shape, args.max_flops)
     device = _device(args.device)
     n_params = check_memory(cfg.model, cfg.train, shape, device)  # before the data and the model are loaded
     data = load_data(cfg.data, args.data_dir, device, merge_val=args.full, download=args.download)
@@ -103,7 +105,9 @@ def cmd_evaluate(args) -> int:
     if args.plots is not None and Path(args.plots).exists() and not Path(args.plots).is_dir():
         raise UserError(f"--plots {args.plots} is a file; give a folder for confusion.png and predictions.png")
     report = evaluate_checkpoint(args.checkpoint, args.data_dir, _device(args.device), plots=args.plots,
-                                 download=args.download, precision=args.precision, dataset=args.dataset)
+                                 download=args.download, precision=args.precision, dataset=args.dataset,
+                                 latency_device=_device(args.latency_device, "--latency-device"),
+                                 latency_threads=args.latency_threads)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     try:  # kept for `budgetnet report`; the evaluation itself is already printed
         saved = save_evaluation(report)
@@ -153,11 +157,17 @@ def cmd_report(args) -> int:
         print(f"study {summary['study']!r}: {n} trial{'' if n == 1 else 's'} ({counts or 'none'})")
         if best:
             params = "?" if best["n_params"] is None else f"{best['n_params']:,}"
-            print(f"best trial {best['trial']}: {best['family'] or 'family not recorded'}, {params} params, "
-                  f"val acc {best['val_acc']:.4f}" + (f", freeze {best['params']['freeze']}"
-                                                      if "freeze" in (best.get("params") or {}) else ""))
+            latency = f", {best['latency_ms']:.3f} ms at batch 1" if best.get("latency_ms") is not None else ""
+            freeze = f", freeze {best['params']['freeze']}" if "freeze" in (best.get("params") or {}) else ""
+            print(f"best trial {best['trial']}: {best['family'] or 'family not recorded'}, {params} params{latency}, "
+                  f"val acc {best['val_acc']:.4f}{freeze}")
         if checkpoint and checkpoint.get("fine_tuned"):
             print(f"{checkpoint['path']}: {checkpoint['fine_tuned']}")
+        check = (summary.get("checkpoint") or {}).get("final_check")
+        if check:
+            print(f"{summary['checkpoint']['path']}: {check['n_params']:,} params, {check['macs']:,} MACs, "
+                  f"{check['latency_ms']:.3f} ms at batch 1 on {check['latency_device']}: "
+                  + (f"over {', '.join(check['over'])}" if check["over"] else "within every cap"))
         print(f"wrote {summary['files']['index']} (open it in a browser; it needs no network) and "
               f"{summary['files']['csv']}")
     return 0
@@ -222,12 +232,31 @@ def cmd_prune(args) -> int:
     _check_writable(args.out)
     try:
         report = prune_checkpoint(args.checkpoint, args.out, amount=args.amount, max_params=args.max_params,
+                                  max_macs=args.max_flops,
                                   seconds=args.seconds, data_dir=args.data_dir, device=_device(args.device),
                                   precision=args.precision, download=args.download,
                                   log=(lambda line: None) if args.json else print)
     except PruneError as e:
         raise UserError(str(e)) from None
     print(json.dumps(report, indent=2) if args.json else format_prune_report(report))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from budgetnet.export import ExportCheckFailed, ExportError, export_checkpoint, format_export_report
+
+    _check_writable(args.out)
+    try:
+        report = export_checkpoint(args.checkpoint, args.out, fmt=args.format, int8=args.int8, images=args.images,
+                                   calibration_images=args.calibration_images, int8_max_drop=args.int8_max_drop,
+                                   int8_for=args.int8_for, data_dir=args.data_dir, dataset=args.dataset,
+                                   threads=args.threads, log=lambda line: print(f"budgetnet: {line}", file=sys.stderr))
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    except ExportCheckFailed as e:  # not a mistake of the user's: exit code 1
+        print(f"budgetnet: export check failed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else format_export_report(report))
     return 0
 
 

@@ -46,7 +46,7 @@ def cmd_train_init(args) -> int:
                         f"{source.info.image_size} px")
     _check_writable(args.out)
     target = dataset_info(dataset, source.info.image_size if is_folder(dataset) else None)
-    check_target(source, target, args.max_params)
+    check_target(source, target, args.max_params, args.max_flops)
     train = dataclasses.replace(source.cfg.train, freeze=args.freeze, backbone_lr_scale=args.backbone_lr_scale,
                                 lr=args.lr or source.cfg.train.lr * FINETUNE_LR_SCALE, distill=0.0)
     cfg = source.cfg.replace(train=train, data=target_data(source, dataset),

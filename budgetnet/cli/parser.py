@@ -16,10 +16,16 @@ from budgetnet.config import (
     COMPILE_MODES,
     COMPILE_ON_MIN_S,
     DATASETS,
+    EXPORT_CALIBRATION_IMAGES,
+    EXPORT_CHECK_IMAGES,
+    EXPORT_FORMATS,
+    EXPORT_INT8_MAX_DROP,
+    EXPORT_MIN_AGREEMENT,
     FOLDER_IMAGE_SIZE,
     FOLDER_PREFIX,
     GRADUAL_SHARE,
     IMAGE_SIZE_RANGE,
+    INT8_TARGETS,
     PRECISIONS,
     ConfigError,
     parse_freeze,
@@ -186,9 +192,30 @@ def _data_flags(sp):
                     "or fp16 force one")
 
 
+MAX_FLOPS_HELP = ("cap on the multiply-accumulates (MACs) of one image's forward pass, as papers quote "
+                  "'FLOPs' (budgetnet's FLOP counts are 2 per MAC), e.g. 20M or 1.5e7; checked exactly on the "
+                  "meta device before anything is built (default: none)")
+
+
+def _cap_flags(sp) -> None:
+    """The deployment caps beside --max-params: --max-flops, and --max-latency-ms where it is measured."""
+    sp.add_argument("--max-flops", type=parse_count, default=None, metavar="MACS", help=MAX_FLOPS_HELP)
+    sp.add_argument("--max-latency-ms", type=positive_float, default=None, metavar="MS",
+                    help="cap on the batch-1 latency: after the parameter and MAC checks and before any training, "
+                    "each sampled model is built on --latency-device in fp32 and its forward timed (warm-up, then "
+                    "the median of repeats, about a second); a model over the cap is rejected untrained "
+                    "(default: none)")
+    sp.add_argument("--latency-device", default="cpu",
+                    help="where latency is measured: cpu (default, the usual deployment target, even when "
+                    "training on a GPU), cuda or cuda:N")
+    sp.add_argument("--latency-threads", type=positive_int, default=1, metavar="N",
+                    help="CPU threads for the latency measurement only (default 1)")
+
+
 def _search_flags(sub) -> None:
     s = sub.add_parser("search", help="search architectures and schedules under a parameter and time budget")
     s.add_argument("--max-params", type=parse_count, default=1e6, help="parameter cap, e.g. 1e6, 1M, 250k")
+    _cap_flags(s)
     s.add_argument("--hours", type=hours, default=1.0,
                    help="wall-clock budget for the whole command (search + final training)")
     s.add_argument("--dataset", type=dataset_name, default="cifar100",
@@ -257,6 +284,9 @@ def _train_flags(sub) -> None:
     t.add_argument("--out", default="model.pt")
     t.add_argument("--full", action="store_true", help="train on train+validation (no validation metrics)")
     t.add_argument("--max-params", type=parse_count, default=None, help="refuse a config over this cap")
+    t.add_argument("--max-flops", type=parse_count, default=None, metavar="MACS",
+                   help="refuse a config over this many multiply-accumulates per image (MACs, as papers quote "
+                   "'FLOPs'; 2 FLOPs each)")
     t.add_argument("--seed", type=sampler_seed, default=None,
                    help="seeds the weights, batch order and augmentation (default: the config's, or the checkpoint's)")
     _compile_flag(t)
@@ -287,6 +317,11 @@ def _evaluate_flags(sub) -> None:
                    "predictions.png (a grid of test images, mistakes in red) into this folder")
     e.add_argument("--dataset", type=dataset_name, default=None,
                    help="a model trained on folder:PATH: read the test images from this folder:PATH instead")
+    e.add_argument("--latency-device", default="cpu",
+                   help="where the deployment latency (batch 1, fp32: what search's --max-latency-ms caps) is "
+                   "measured (default cpu)")
+    e.add_argument("--latency-threads", type=positive_int, default=1, metavar="N",
+                   help="CPU threads for that measurement (default 1)")
 
 
 def _report_flags(sub) -> None:
@@ -321,12 +356,52 @@ def _prune_flags(sub) -> None:
     amount.add_argument("--max-params", type=parse_count, default=None,
                         help="remove the smallest share of filters that brings the model within this many "
                         "parameters")
+    amount.add_argument("--max-flops", type=parse_count, default=None, metavar="MACS",
+                        help="remove the smallest share of filters that brings the model within this many "
+                        "multiply-accumulates per image (MACs, as papers quote 'FLOPs')")
     pr.add_argument("--seconds", type=lambda t: _number(t, lambda v: v >= 0, "a number >= 0"), default=60.0,
                    help="fine-tuning time with the time-aware schedule, at a tenth of the checkpoint's lr "
                    "(default 60; 0 = none)")
     pr.add_argument("--out", required=True, help="where the pruned checkpoint goes (never the input)")
     _data_flags(pr)
     pr.add_argument("--json", action="store_true", help="print the numbers as JSON")
+
+
+def _export_flags(sub) -> None:
+    ex = sub.add_parser("export", help="a checkpoint as ONNX (fp32 or int8) or TorchScript for deployment, "
+                        "checked against PyTorch on test images before it is written")
+    ex.add_argument("checkpoint")
+    ex.add_argument("--out", required=True, help="the model file, e.g. model.onnx; a JSON beside it (model.json) "
+                    "gives the class names, the input (size, channels, range, layout) and the checkpoint's SHA-256")
+    ex.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
+                    help="onnx (default; needs the extra budgetnet[export]): run in onnxruntime; torchscript: "
+                    "torch.jit, run in PyTorch. Either takes float32 N x C x H x W pixel values in [0, 255] "
+                    "(the normalisation is in the model) at any batch size")
+    ex.add_argument("--int8", action="store_true",
+                    help="quantise the ONNX graph to int8 (onnxruntime static quantisation, QDQ, calibrated on "
+                    "--calibration-images training images); it is written only if its test top-1 stays within "
+                    "--int8-max-drop of the fp32 graph's")
+    ex.add_argument("--int8-for", choices=INT8_TARGETS, default="auto",
+                    help="the CPU the int8 model is for, which picks onnxruntime's advised scheme: x86 (no VNNI: "
+                    "7-bit weights), x86-vnni, arm; auto (default): this machine's")
+    ex.add_argument("--int8-max-drop", type=fraction, default=EXPORT_INT8_MAX_DROP, metavar="F",
+                    help=f"the most test top-1 the int8 model may lose against the fp32 graph (default "
+                    f"{EXPORT_INT8_MAX_DROP:g}: {EXPORT_INT8_MAX_DROP * 100:g} points)")
+    ex.add_argument("--images", type=lambda t: _whole(t, 0, 10**9, "a whole number"), default=EXPORT_CHECK_IMAGES,
+                    metavar="N", help=f"the seeded sample of test images the export is checked on (default {EXPORT_CHECK_IMAGES:,}; "
+                    f"0: all). An fp32 export that agrees with PyTorch's top-1 on fewer than "
+                    f"{EXPORT_MIN_AGREEMENT * 100:g}%% of them is not written (exit code 1)")
+    ex.add_argument("--calibration-images", type=positive_int, default=EXPORT_CALIBRATION_IMAGES, metavar="N",
+                    help=f"--int8: seeded training images the ranges are calibrated on (default "
+                    f"{EXPORT_CALIBRATION_IMAGES})")
+    ex.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                    help="CPU threads for PyTorch and onnxruntime while the latency is timed (default: PyTorch's, "
+                    "this machine's cores)")
+    ex.add_argument("--data-dir", default=None, help="where the checkpoint's dataset is (as evaluate); without "
+                    "any, the check runs on seeded random pixels and says so")
+    ex.add_argument("--dataset", type=dataset_name, default=None,
+                    help="a model trained on folder:PATH: read its images from this folder:PATH instead")
+    ex.add_argument("--json", action="store_true", help="print the check's numbers as JSON")
 
 
 def _dashboard_flags(sub) -> None:
@@ -343,6 +418,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"budgetnet {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add_flags in (_search_flags, _train_flags, _evaluate_flags, _report_flags, _datasets_flags,
-                      _prune_flags, _dashboard_flags):
+                      _prune_flags, _export_flags, _dashboard_flags):
         add_flags(sub)
     return p

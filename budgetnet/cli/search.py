@@ -28,7 +28,7 @@ def _init_source(args):
                             f"side; fine-tuning searches run on --backend optuna)")
     source = load_source(args.init)
     check_target(source, dataset_info(args.dataset, source.info.image_size if is_folder(args.dataset) else None),
-                 args.max_params)
+                 args.max_params, args.max_flops)
     return source
 
 
@@ -56,6 +56,7 @@ def cmd_search(args) -> int:
     if args.image_size is not None and not is_folder(args.dataset):
         raise UserError(f"--image-size applies to folder:PATH datasets only; {args.dataset} has its own size")
     device = str(_device(args.device))  # a flag's mistake before any file's
+    latency_device = str(_device(args.latency_device, "--latency-device"))
     _check_ray_flags(args, device)
     if Path(args.out).suffix.lower() == ".json":  # the summary goes to <stem>.json: it would replace the model
         raise UserError(f"--out {args.out} ends in .json, the name of the search's summary beside the model; "
@@ -65,7 +66,8 @@ def cmd_search(args) -> int:
     source = _init_source(args) if args.init is not None else None
     named = args.dataset + (f"-{args.image_size}px" if args.image_size else "")  # another size: another study
     named += f"-from-{source.sha256[:8]}" if source is not None else ""  # another checkpoint: another study
-    study_name = args.study_name or default_study_name(named, args.max_params, args.hours)
+    study_name = args.study_name or default_study_name(named, args.max_params, args.hours, args.max_flops,
+                                                       args.max_latency_ms)
     _check_not_someone_elses(args.out, study_name, args.storage)
     teacher = None if args.teacher == "none" else args.teacher
     if teacher not in (None, "auto"):  # a wrong teacher is refused now, not after the search
@@ -83,7 +85,8 @@ def cmd_search(args) -> int:
         device=device, artifact_dir=args.artifact_dir, download=args.download,
         warm_start=not args.no_warm_start, precision=args.precision, teacher=teacher, workers=args.workers,
         backend=args.backend, ray_address=args.ray_address, gpus_per_trial=args.gpus_per_trial,
-        ray_scheduler=args.ray_scheduler or "median", compile=args.compile,
+        ray_scheduler=args.ray_scheduler or "median", compile=args.compile, max_flops=args.max_flops,
+        max_latency_ms=args.max_latency_ms, latency_device=latency_device, latency_threads=args.latency_threads,
         init=source.path if source is not None else None, normalise_with=args.normalise_with,
     )
     if opts.backend == "ray" and opts.device.startswith("cuda") and opts.gpus_per_trial == 0:

@@ -41,15 +41,19 @@ def _empty(why: str):
     return fig
 
 
-def _accuracy_vs(cost: str, label: str, cap_attr: str, cap_label: str):
+def _accuracy_vs(cost: str, label: str, caps, fmt: str = ",.0f", empty: str = "no completed trial yet"):
+    """Validation accuracy against ``cost``, the Pareto front, and each of ``caps`` the study recorded:
+    (study attr, label, scale onto this axis) drawn as a dashed line; the label formats ``cap`` (as recorded)
+    and ``x`` (on this axis)."""
     def build(study, df: pd.DataFrame, summary: dict):
         import plotly.graph_objects as go
 
         done = df[(df["state"] == "COMPLETE")].dropna(subset=[cost, "val_acc"])
         if done.empty:
-            return _empty("no completed trial yet")
+            return _empty(empty if (df["state"] == "COMPLETE").any() else "no completed trial yet")
         fig = go.Figure()
-        hover = "trial %{customdata[0]} (%{customdata[1]})<br>" + label + " %{x:,.0f}<br>val acc %{y:.4f}<extra></extra>"
+        hover = ("trial %{customdata[0]} (%{customdata[1]})<br>" + label + " %{x:" + fmt + "}<br>"
+                 "val acc %{y:.4f}<extra></extra>")
         for family, part in done.groupby(done["family"].fillna("?").astype(str)):
             fig.add_scatter(x=part[cost], y=part["val_acc"], mode="markers", name=family, opacity=0.7,
                             customdata=part[["number", "family"]].astype(str).to_numpy(), hovertemplate=hover)
@@ -57,10 +61,11 @@ def _accuracy_vs(cost: str, label: str, cap_attr: str, cap_label: str):
         fig.add_scatter(x=front[cost], y=front["val_acc"], mode="lines+markers", name="Pareto front",
                         line={"shape": "hv", "color": "black"}, marker={"symbol": "diamond-open", "size": 11},
                         hoverinfo="skip")
-        cap = summary.get(cap_attr)
-        if cap:  # the cap on this axis, where the study recorded one
-            fig.add_vline(x=cap, line_dash="dash", line_color="red",
-                          annotation_text=f"{cap_label} {cap:,.0f}", annotation_position="top left")
+        for (attr, cap_label, scale), colour in zip(caps, ("red", "darkorange")):
+            cap = summary.get(attr)
+            if cap:  # the cap on this axis, where the study recorded one
+                fig.add_vline(x=cap * scale, line_dash="dash", line_color=colour,
+                              annotation_text=cap_label.format(cap=cap, x=cap * scale), annotation_position="top left")
         fig.update_layout(xaxis_title=label, yaxis_title="validation accuracy", legend_title="family")
         return fig
 
@@ -151,11 +156,18 @@ def _timeline(study, df: pd.DataFrame, summary: dict):
 PLOTS = (
     Plot("accuracy_vs_params", "Validation accuracy against parameters",
          "Completed trials by family; the Pareto front (no trial with fewer parameters is more accurate) and "
-         "the parameter cap (dashed red).", _accuracy_vs("n_params", "parameters", A.MAX_PARAMS, "cap")),
+         "the parameter cap (dashed red).", _accuracy_vs("n_params", "parameters", [(A.MAX_PARAMS, "cap {x:,.0f}", 1)])),
     Plot("accuracy_vs_flops", "Validation accuracy against FLOPs",
-         "Forward FLOPs per image; the dashed red line is the time-feasible FLOP limit the speed probe set, "
-         "where the study recorded one.",
-         _accuracy_vs("flops", "FLOPs per image", A.TIME_FEASIBLE_FLOPS, "time-feasible limit")),
+         "Forward FLOPs per image (2 per multiply-accumulate); dashed, where the study recorded them: the "
+         "--max-flops cap (red; it counts MACs, drawn here as FLOPs) and the time-feasible limit the speed "
+         "probe set (orange).",
+         _accuracy_vs("flops", "FLOPs per image", [(A.MAX_FLOPS, "--max-flops {cap:,.0f} MACs = {x:,.0f} FLOPs", 2),
+                                                   (A.TIME_FEASIBLE_FLOPS, "time-feasible limit {x:,.0f}", 1)])),
+    Plot("accuracy_vs_latency", "Validation accuracy against measured latency",
+         "Batch-1 latency each trial's guard measured (fp32, on the study's latency device and threads; "
+         "only under --max-latency-ms), and the latency cap (dashed red).",
+         _accuracy_vs("latency_ms", "latency at batch 1 (ms)", [(A.MAX_LATENCY_MS, "cap {x:g} ms", 1)], fmt=",.3f",
+                      empty="no trial's latency was measured: a search with --max-latency-ms measures each")),
     Plot("learning_curves", "Learning curves",
          "Validation accuracy at each report, on the shared axis the median pruner compares; trials that did "
          "not complete are faded and dotted.", _learning_curves),
@@ -206,7 +218,17 @@ def _summary_html(s: dict, df: pd.DataFrame) -> str:
     esc = html.escape
     used, total = s.get("seconds_used"), s.get("budget_seconds")
     share = min(max(used / total, 0.0), 1.0) if used is not None and total else 0.0
-    study = _table([("dataset", esc(str(s.get("dataset") or "-"))), ("parameter cap", _fmt(s.get("max_params"))),
+    caps = [("parameter cap", _fmt(s.get("max_params")))]
+    if s.get("max_flops"):
+        caps.append(("MAC cap (--max-flops)", _fmt(s["max_flops"], ",.0f", " MACs")))
+    if s.get("max_latency_ms"):
+        caps.append(("latency cap", f"{s['max_latency_ms']:g} ms at batch 1 on {esc(str(s.get('latency_device')))}, "
+                                    f"{s.get('latency_threads')} thread(s)"))
+    guard = s.get("guard") or {}
+    if guard.get("trials_latency_measured"):
+        caps.append(("guard overhead", f"{guard['seconds']:,.1f} s ({guard['share_of_budget']:.1%} of the budget), "
+                                       f"{guard['trials_latency_measured']} latencies measured"))
+    study = _table([("dataset", esc(str(s.get("dataset") or "-"))), *caps,
                     ("budget used", f'<span class="bar"><span style="width:{share:.1%}"></span></span> '
                                     f'{_fmt(used, ",.0f", " s")} of {_fmt(total, ",.0f", " s")}'),
                     ("phase", esc(str(s.get("phase") or "-"))), ("precision", esc(str(s.get("precision") or "-"))),
@@ -221,6 +243,7 @@ def _summary_html(s: dict, df: pd.DataFrame) -> str:
         cards.append(f"<div><h3>Best trial: {best['trial']}</h3>" + _table([
             ("validation accuracy", f"{best['val_acc']:.4f}"), ("family", esc(str(best.get("family")))),
             ("parameters", _fmt(best.get("n_params"))), ("FLOPs per image", _fmt(best.get("flops"))),
+            ("latency (guard)", _fmt(best.get("latency_ms"), ",.3f", " ms")),
             ("epochs in its slice", _fmt(best.get("epochs"), ",.2f"))]) + config + "</div>")
     else:
         cards.append("<div><h3>Best trial</h3><p>No trial has completed yet.</p></div>")
@@ -235,10 +258,27 @@ def _summary_html(s: dict, df: pd.DataFrame) -> str:
             ("file", f"<code>{esc(ck['path'])}</code>"),
             ("from", f"{esc(str(ck.get('phase')))} phase, trial {ck.get('trial')}"),
             *([("start", esc(ck["fine_tuned"]))] if ck.get("fine_tuned") else []),
-            ("parameters", _fmt(ck.get("n_params"))), ("test accuracy", test)]) + "</div>")
+            ("parameters", _fmt(ck.get("n_params"))), ("test accuracy", test), *_latency_rows(ck)]) + "</div>")
     elif s.get("checkpoint_note"):
         cards.append(f"<div><h3>Model</h3><p>{esc(s['checkpoint_note'])}</p></div>")
     return '<div class="cards">' + "\n".join(cards) + "</div>"
+
+
+def _latency_rows(ck: dict) -> list[tuple[str, str]]:
+    """The model card's latency: the search's check of these bytes against every cap, and what
+    ``budgetnet evaluate`` measured, each with where and how."""
+    rows = []
+    check = ck.get("final_check")
+    if check:
+        over = ", ".join(check["over"])
+        rows.append(("checked against the caps", f"{check['macs']:,} MACs, {check['latency_ms']:.3f} ms at batch 1 on "
+                     f"{html.escape(check['latency_device'])} ({check['latency_threads']} thread(s)): "
+                     + (f"<b>over {html.escape(over)}</b>" if over else "within every cap")))
+    dep = ck.get("deployment_latency")
+    if dep:
+        rows.append(("latency (evaluate)", f"{dep['latency_ms']:.3f} ms at batch 1 on {html.escape(dep['device'])} "
+                     f"({dep['threads']} thread(s), fp32)"))
+    return rows
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from budgetnet.evaluate import evaluation_path
 from budgetnet.finetune import described
 from budgetnet.search import attrs as A
 from budgetnet.search.clock import REPORT_STEPS
+from budgetnet.search.record import guard_overhead
 from budgetnet.search.storage import check_journal, local_path, make_storage
 from budgetnet.search.workers import lease_lapsed
 
@@ -35,7 +36,8 @@ TRIAL_ATTRS = {
     f"user_attrs_{A.STATE}": "budgetnet_state",
     f"user_attrs_{A.REASON}": "reason",
     "value": "val_acc",
-    **{f"user_attrs_{a}": str(a) for a in (A.FAMILY, A.N_PARAMS, A.FLOPS, A.SECONDS, A.IMAGES_PER_S, A.EPOCHS)},
+    **{f"user_attrs_{a}": str(a) for a in (A.FAMILY, A.N_PARAMS, A.FLOPS, A.LATENCY_MS, A.SECONDS, A.IMAGES_PER_S,
+                                           A.EPOCHS)},
     "datetime_start": "datetime_start",
     "datetime_complete": "datetime_complete",
 }
@@ -96,7 +98,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     df = df.drop(columns=[c for c in DROPPED if c in df.columns]).rename(columns=TRIAL_ATTRS)
     for col in ("datetime_start", "datetime_complete"):  # typed even when empty or never set
         df[col] = pd.to_datetime(df[col])
-    for col in ("val_acc", "seconds", "images_per_s", "epochs"):
+    for col in ("val_acc", "latency_ms", "seconds", "images_per_s", "epochs"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
     # Counts stay integers where a trial lacks them (a rejected one has no FLOPs).
     for col in ("number", "n_params", "flops"):
@@ -116,7 +118,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     duration = (df["datetime_complete"] - df["datetime_start"]).dt.total_seconds()
     df.insert(df.columns.get_loc("datetime_complete") + 1, "duration_s", duration)
     complete = df["state"] == "COMPLETE"
-    for key in ("n_params", "flops"):
+    for key in ("n_params", "flops", "latency_ms"):
         df[f"pareto_{key}"] = pareto_front(df[complete], key).reindex(df.index, fill_value=False)
     return df.rename(columns=lambda c: c.replace("user_attrs_", ""))
 
@@ -150,7 +152,8 @@ def checkpoint_info(path: str | Path, study_name: str) -> dict:
         raise CheckpointError(f"{path} holds the model of study {owner!r}, not {study_name!r}")
     info = {"path": str(path), "phase": ckpt["extra"].get("phase"), "trial": ckpt["extra"].get("trial"),
             "n_params": ckpt["n_params"], "flops": ckpt["flops"], "test_top1": None, "test_top5": None,
-            "evaluation": None, "written": written, "fine_tuned": described(ckpt["extra"])}
+            "evaluation": None, "written": written, "sha256": ckpt["sha256"],
+            "fine_tuned": described(ckpt["extra"])}
     saved = evaluation_path(path)
     if saved.is_file():
         try:
@@ -159,7 +162,8 @@ def checkpoint_info(path: str | Path, study_name: str) -> dict:
             return info
         if ev.get("checkpoint_sha256") == ckpt["sha256"]:  # the bytes read above; else another model's
             info.update(test_top1=ev.get("top1"), test_top5=ev.get("top5"), evaluation=str(saved),
-                        evaluated_precision=ev.get("precision"), evaluated_device=ev.get("device"))
+                        evaluated_precision=ev.get("precision"), evaluated_device=ev.get("device"),
+                        deployment_latency=ev.get("deployment_latency"))
     return info
 
 
@@ -171,14 +175,18 @@ def study_summary(study: optuna.Study, df: pd.DataFrame, checkpoint: dict | None
     summary = {"study": study.study_name, **{str(k): k.of(attrs) for k in STUDY_ATTRS},
                "trials": {str(k): int(v) for k, v in df["budgetnet_state"].value_counts().items()},
                "n_trials": len(df), "best": None, "checkpoint": checkpoint, "checkpoint_note": checkpoint_note,
-               "importances": importances(study)}
+               "importances": importances(study), "guard": guard_overhead(study.get_trials(deepcopy=False), A.BUDGET_SECONDS.of(attrs))}
+    check = A.FINAL_CHECK.of(attrs)
+    if checkpoint is not None and check and check.get("checkpoint_sha256") == checkpoint.get("sha256"):
+        checkpoint["final_check"] = check  # the search's check of these very bytes
     done = df[df["state"] == "COMPLETE"].dropna(subset=["val_acc"])
     if len(done):
         row = done.loc[done["val_acc"].idxmax()]
         trial = study.trials[int(row["number"])]
         config = A.CONFIG.of(trial)
         summary["best"] = {"trial": int(row["number"]), "val_acc": float(row["val_acc"]),
-                           **{k: _number(row.get(k)) for k in ("family", "n_params", "flops", "seconds", "epochs")},
+                           **{k: _number(row.get(k)) for k in ("family", "n_params", "flops", "latency_ms", "seconds",
+                                                               "epochs")},
                            "params": trial.params, "config": json.loads(config) if config else None}
     return summary
 

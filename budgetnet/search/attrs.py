@@ -54,6 +54,14 @@ class SystemAttr(str):
 # -- the study -------------------------------------------------------------------------------------------
 DATASET = Attr("dataset", str, "the dataset searched; a resume must name the same")
 MAX_PARAMS = Attr("max_params", float, "the parameter cap; a resume must give the same")
+MAX_FLOPS = Attr("max_flops", float, "--max-flops: the cap on multiply-accumulates per image (None: none); "
+                 "a resume must give the same")
+MAX_LATENCY_MS = Attr("max_latency_ms", float, "--max-latency-ms: the batch-1 latency cap (None: none); a resume "
+                      "must give the same")
+LATENCY_DEVICE = Attr("latency_device", str, "where latency is measured (--latency-device)")
+LATENCY_THREADS = Attr("latency_threads", int, "the CPU threads latency is measured with (--latency-threads)")
+FINAL_CHECK = Attr("final_check", dict, "the model at --out checked against every cap: its numbers, its "
+                   "measured latency, the checkpoint's SHA-256")
 IMAGE_SIZE = Attr("image_size", int, "a folder dataset's image side (None: its default)")
 BUDGET_SECONDS = Attr("budget_seconds", float, "the whole command's wall-clock budget")
 SECONDS_USED = Attr("seconds_used", float, "budget seconds spent so far, saved as the command runs")
@@ -83,9 +91,10 @@ INIT = Attr("init", str, "search --init: the checkpoint the search fine-tunes (i
 INIT_SHA256 = Attr("init_sha256", str, "... and the SHA-256 of its bytes; a resume must give the same")
 
 # The study attrs ``budgetnet report`` shows, in its order.
-REPORTED_STUDY_ATTRS = (DATASET, INIT, MAX_PARAMS, BUDGET_SECONDS, SECONDS_USED, PHASE, PRECISION, SLICE_SECONDS,
+REPORTED_STUDY_ATTRS = (DATASET, INIT, MAX_PARAMS, MAX_FLOPS, MAX_LATENCY_MS, LATENCY_DEVICE, LATENCY_THREADS,
+                        BUDGET_SECONDS, SECONDS_USED, PHASE, PRECISION, SLICE_SECONDS,
                         FINAL_RUNS, FINAL_DONE, FINAL_FAILED, PROBE_IMAGES_PER_S, TIME_FEASIBLE_FLOPS,
-                        BEST_ARTIFACT_ID)
+                        BEST_ARTIFACT_ID, FINAL_CHECK)
 
 # -- a trial ---------------------------------------------------------------------------------------------
 STATE = Attr("state", str, "budgetnet's state of the trial (``State``)")
@@ -93,7 +102,9 @@ REASON = Attr("reason", str, "why a trial did not complete, in a line")
 FAMILY = Attr("family", str, "the model family")
 CONFIG = Attr("config", str, "the whole RunConfig, as JSON")
 N_PARAMS = Attr("n_params", int, "parameters of the model")
-FLOPS = Attr("flops", int, "forward FLOPs per image")
+FLOPS = Attr("flops", int, "forward FLOPs per image (2 per multiply-accumulate)")
+LATENCY_MS = Attr("latency_ms", float, "batch-1 latency measured by the guard (ms; only under --max-latency-ms)")
+GUARD_SECONDS = Attr("guard_seconds", float, "the guard's wall time: counts, and the latency build and forwards")
 SECONDS = Attr("seconds", float, "training seconds of the trial's slice")
 IMAGES_PER_S = Attr("images_per_s", float, "the trial's training rate")
 EPOCHS = Attr("epochs", float, "epochs the trial trained")
@@ -112,7 +123,7 @@ class State:
     them is ``record.optuna_state``)."""
 
     COMPLETE = "complete"
-    REJECTED = "rejected"  # over the parameter cap: never trained
+    REJECTED = "rejected"  # over a cap (parameters, MACs, latency): never trained
     STOPPED = "stopped"  # no slice left, Ctrl-C, the deadline
     PRUNED = "pruned"  # below the median, or Ray's scheduler
     TOO_SLOW = "too slow"

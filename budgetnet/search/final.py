@@ -4,6 +4,7 @@
   never lost). The check and the write happen under one lock on the folder that holds ``--out``, so two
   workers finishing at once cannot leave the worse model behind, and a final model is never replaced by
   a search one.
+- ``check_caps`` checks the model at ``--out`` against every cap, its latency measured as a trial's was.
 - ``final_training`` trains the best configuration on train+validation for what is left of the budget and
   writes ``best.pt`` once, if its model passes a check (``fit_fell_short``); otherwise the best trial's
   model stays. A run that diverges is run again at half the learning rate in the time left, while that
@@ -23,16 +24,19 @@ from pathlib import Path
 
 import optuna
 
-from budgetnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from budgetnet.budget import count_macs, count_params
+from budgetnet.checkpoint import CheckpointError, load_checkpoint, recorded_info, save_checkpoint
 from budgetnet.compile import compile_note
 from budgetnet.config import RunConfig
 from budgetnet.data import load_data
 from budgetnet.datasets.info import DatasetInfo
+from budgetnet.evaluate import checkpoint_latency
 from budgetnet.search import attrs as A
 from budgetnet.search.clock import WRITE_RESERVE_S, Clock
 from budgetnet.search.progress import Reporter
 from budgetnet.search.source import study_data, trial_start
 from budgetnet.search.teacher import DISTILL_WEIGHT, auto_teacher, load_teacher, reuse_teacher
+from budgetnet.search.trial import Caps
 from budgetnet.train import COMPLETE, DIVERGED, EVAL_SUBSET, RunResult, train_run
 
 FIT_MARGIN = 0.05  # how far below the best trial's val accuracy the final model's training fit may fall
@@ -195,6 +199,28 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
     upload_artifact(study, path, opts.artifact_dir, reporter)
     A.FINAL_DONE.set(study, True)
     return "final", metrics
+
+
+def check_caps(path: str | os.PathLike, caps: Caps, study: optuna.Study) -> dict:
+    """The model at ``path`` checked against every cap: its exact parameters and MACs, and its latency
+    measured as the guard measures a trial's (``evaluate.checkpoint_latency``, always, cap or not). Kept in
+    the study (``final_check``) with the checkpoint's SHA-256, and reused while the file holds those bytes:
+    a finished study's rerun measures nothing. ``over`` names the caps it breaks (the latency's is a new
+    measurement of an architecture its trial measured under the cap: noise may tip it over)."""
+    ckpt = load_checkpoint(path)
+    held = A.FINAL_CHECK.of(study)
+    if held and held.get("checkpoint_sha256") == ckpt["sha256"] and held.get("latency_device") == caps.latency_device \
+            and held.get("latency_threads") == caps.latency_threads:
+        return held
+    cfg, shape = ckpt["run_config"].model, recorded_info(ckpt).shape
+    lat = checkpoint_latency(ckpt, caps.latency_device, caps.latency_threads)
+    check = {"checkpoint_sha256": ckpt["sha256"], "n_params": count_params(cfg, shape), "macs": count_macs(cfg, shape),
+             "latency_ms": lat["latency_ms"], "latency_device": lat["device"], "latency_threads": lat["threads"],
+             "latency_repeats": lat["repeats"], "latency_seconds": lat["seconds"]}
+    limits = {"n_params": caps.max_params, "macs": caps.max_macs, "latency_ms": caps.max_latency_ms}
+    check["over"] = [k for k, cap in limits.items() if cap is not None and check[k] > cap]
+    A.FINAL_CHECK.set(study, check)
+    return check
 
 
 def note_compile(info: dict, study: optuna.Study, reporter: Reporter) -> None:

@@ -23,9 +23,14 @@ from budgetnet.search.probe import learned_cap
 from budgetnet.search.progress import Reporter
 from budgetnet.search.record import failure_reason, new_row, record
 from budgetnet.search.source import init_source, trial_start
-from budgetnet.search.space import suggest_config, suggest_finetune_config, suggest_grid_config
+from budgetnet.search.space import (
+    sampling_flops,
+    suggest_config,
+    suggest_finetune_config,
+    suggest_grid_config,
+)
 from budgetnet.search.storage import trial_id
-from budgetnet.search.trial import run_trial
+from budgetnet.search.trial import Caps, run_trial
 from budgetnet.search.workers import Lease
 
 
@@ -89,7 +94,7 @@ class Objective:
             return suggest_finetune_config(trial, self.source.cfg, self.n_groups, self.base_data, self.shape,
                                            seed=opts.seed + trial.number)
         return suggest_config(trial, self.shape, opts.max_params, self.base_data, seed=opts.seed + trial.number,
-                              max_flops=self.max_flops)
+                              max_flops=sampling_flops(self.max_flops, opts.max_flops))
 
     def _run(self, trial: optuna.Trial, row: dict) -> tuple[str, str, float | None]:
         """Train the trial; its state, reason and value. A complete one's model may become ``best.pt``."""
@@ -104,18 +109,19 @@ class Objective:
             clock.save()
             return trial.should_prune()
 
-        out = run_trial(cfg, self.data, max_params=opts.max_params, slice_s=self.slice_s, device=opts.device,
+        out = run_trial(cfg, self.data, caps=Caps.of(opts), slice_s=self.slice_s, device=opts.device,
                         precision=self.precision, set_attr=trial.set_user_attr, report=report,
                         fits=lambda: self.plan.fits(clock.used()),
                         stop=lambda: (self.interrupt.event.is_set() or clock.used() > self.plan.deadline
                                       or clock.tick()),
                         sampled=opts.grid is None, interrupted=self.interrupt.event.is_set, compile=opts.compile,
                         init_state=init_state)
-        row.update(n_params=out.n_params, flops=out.flops, progress=out.progress, val_acc=out.val_acc)
+        row.update(n_params=out.n_params, flops=out.flops, progress=out.progress, val_acc=out.val_acc,
+                   latency_ms=out.latency_ms)
         if out.result is not None:
             self.learn_speed(trial.number, out.result.images_per_s, out.flops, out.result.steps)
-        if out.constraint is not None:
-            trial.set_constraint("params", out.constraint)
+        for key, over in out.constraints.items():
+            trial.set_constraint(key, over)
         if out.state == State.COMPLETE:
             keep_if_best(opts.out, self.study.study_name, trial.number, cfg, out.result, out.value, out.n_params,
                          out.flops, self.data.classes, self.data.info, extra=extra)

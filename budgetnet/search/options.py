@@ -55,6 +55,10 @@ class SearchOptions:
     ray_scheduler: str = "median"  # median (MedianStoppingRule) or asha, on the shared progress axis
     compile: str = "auto"  # torch.compile of trials and the final run: auto (tried in long runs only, kept if
     # measured faster), on, off
+    max_flops: float | None = None  # --max-flops: multiply-accumulates per image (papers' "FLOPs"); None: no cap
+    max_latency_ms: float | None = None  # --max-latency-ms: batch-1 latency measured before training; None: none
+    latency_device: str = "cpu"  # where latency is measured (the deployment target, whatever trains)
+    latency_threads: int = 1  # CPU threads for the latency measurement only
     init: str | None = None  # a checkpoint to fine-tune: the architecture is its, the space the fine-tuning's
     normalise_with: str = "checkpoint"  # --init: the new images' mean and std, the checkpoint's or the data's
 
@@ -63,14 +67,18 @@ class StudyMismatch(ConfigError):
     """A resume asked for a different cap or dataset than the study was started with (a user mistake)."""
 
 
-def default_study_name(dataset: str, max_params: float, hours: float) -> str:
+def default_study_name(dataset: str, max_params: float, hours: float, max_flops: float | None = None,
+                       max_latency_ms: float | None = None) -> str:
+    """The dataset, the caps and the budget: another cap or budget names another study. A cap not given
+    adds nothing, so the names of studies without one stay what they were."""
     def short(x: float) -> str:
         for div, s in ((1e6, "M"), (1e3, "k")):
             if x >= div:
                 return f"{x / div:g}{s}"
         return f"{x:g}"
 
-    return f"{dataset}-{short(max_params)}params-{hours * 60:g}min"
+    caps = (f"-{short(max_flops)}MACs" if max_flops else "") + (f"-{max_latency_ms:g}ms" if max_latency_ms else "")
+    return f"{dataset}-{short(max_params)}params{caps}-{hours * 60:g}min"
 
 
 def final_share(opts: SearchOptions) -> str:

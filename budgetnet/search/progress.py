@@ -66,7 +66,8 @@ class Reporter:
             self.err.flush()
 
     def trial(self, row: dict, used: float, total: float) -> None:
-        """``row``: number, family, n_params, flops, progress, val_acc, state, reason, seconds."""
+        """``row``: number, family, n_params, flops, latency_ms (measured by the guard, or None), progress,
+        val_acc, state, reason, seconds."""
         if self.mode == "json":
             self._write(json.dumps({"event": "trial", **row, "budget_used_s": round(used, 1),
                                     "budget_total_s": round(total, 1)}))
@@ -77,8 +78,9 @@ class Reporter:
         prog = f"{row['progress']:>4.0%}" if row.get("progress") is not None else "  - "
         state = row.get("state", "failed") + (f" ({row['reason']})" if row.get("reason") and row.get("state") != "complete" else "")
         who = f" [worker {row['worker']}]" if "worker" in row else ""
+        latency = f" {row['latency_ms']:7.3f} ms" if row.get("latency_ms") is not None else ""  # under a latency cap
         self._write(f"trial {row['number']:>4}{who}  {row.get('family') or '-':<9} {_si(row.get('n_params')):>7} params "
-                    f"{_si(row.get('flops'), 'FLOPs'):>11}  {prog}  val {acc}  {row.get('seconds', 0):6.1f}s  "
+                    f"{_si(row.get('flops'), 'FLOPs'):>11}{latency}  {prog}  val {acc}  {row.get('seconds', 0):6.1f}s  "
                     f"{state}")
         self._write(f"  budget {budget_bar(used, total)}")
 
@@ -99,7 +101,18 @@ class Reporter:
             lines.append(f"config: {json.dumps(summary['config'])}")
         if summary.get("checkpoint"):
             lines.append(f"best model: {summary['checkpoint']}  ({summary['checkpoint_phase']})")
+            check = summary.get("final_check")
+            if check:  # the model checked against every cap, its latency measured as the guard measures
+                threads = check["latency_threads"]
+                lines.append(f"  {check['n_params']:,} params, {check['macs']:,} MACs, {check['latency_ms']:.3f} ms at "
+                             f"batch 1 on {check['latency_device']} ({threads} thread{'s' * (threads != 1)})"
+                             + (f"; over its cap: {', '.join(check['over'])}" if check["over"] else
+                                ", within every cap"))
             lines.append(f"evaluate:   budgetnet evaluate {summary['checkpoint']}")
+        guard = summary.get("guard") or {}
+        if guard.get("trials_latency_measured"):
+            lines.append(f"latency guard: {guard['trials_latency_measured']} trials measured, the guard took "
+                         f"{guard['seconds']:.1f} s ({guard['share_of_budget']:.1%} of the budget)")
         lines.append(f"dashboard:  {summary['dashboard_command']}")
         for line in lines:
             self._write(line)

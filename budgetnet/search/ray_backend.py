@@ -16,6 +16,7 @@ This is the only module that imports ray.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -37,6 +38,7 @@ from budgetnet.device import set_memory_share
 from budgetnet.recipe import prime_optimizers
 from budgetnet.search.attrs import (
     CONFIG,
+    GUARD_SECONDS,
     IMAGES_PER_S,
     RAY_EXPERIMENT,
     RAY_NODE,
@@ -51,7 +53,7 @@ from budgetnet.search.final import keep_if_best
 from budgetnet.search.ray_cluster import start_ray, trial_resources
 from budgetnet.search.record import failure_reason, new_row, optuna_state, record
 from budgetnet.search.storage import live_trial, make_sampler, storage_of, trial_id_of
-from budgetnet.search.trial import guard, run_trial
+from budgetnet.search.trial import Caps, guard, run_trial
 
 METRIC = "val_acc"  # what every report carries and the scheduler compares
 MARKS = 10  # reports per full trial: TrainConfig.eval_points, at 10%, 20%, ... 100% of the slice
@@ -87,7 +89,7 @@ class TrialContext:
 
     study: str
     out: str
-    max_params: float
+    caps: Caps
     slice_s: float
     search_end: float
     budget_seconds: float
@@ -126,7 +128,8 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
     out = None
     try:
         cfg = RunConfig.from_json(config[CONFIG_KEY])
-        out = run_trial(cfg, data, max_params=ctx.max_params, slice_s=ctx.slice_s, device=device,
+        caps = dataclasses.replace(ctx.caps, max_latency_ms=None)  # the driver's guard measured it already
+        out = run_trial(cfg, data, caps=caps, slice_s=ctx.slice_s, device=device,
                         precision=ctx.precision, set_attr=attrs.__setitem__, report=report,
                         fits=lambda: slice_fits(clock.used(), ctx.slice_s, ctx.search_end, ctx.budget_seconds),
                         stop=lambda: clock.used() > deadline, sampled=ctx.sampled,
@@ -137,7 +140,8 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
         outcome = {"state": out.state, "reason": out.reason, "value": out.value}
     except Exception as e:  # a bug or a broken config: recorded as FAIL with the reason; the search goes on
         outcome = {"state": State.FAILED, "reason": failure_reason(e)}
-    attrs.pop(CONFIG, None)  # the driver recorded it
+    attrs.pop(CONFIG, None)  # the driver recorded it, and the guard's time
+    attrs.pop(GUARD_SECONDS, None)
     outcome["attrs"] = attrs
     progress = out.progress if out is not None and out.progress is not None else 0.0
     val_acc = out.val_acc if out is not None and out.val_acc is not None else 0.0
@@ -270,16 +274,17 @@ class BudgetSearch(OptunaSearch):
                 params = super().suggest(trial_id)  # ask (a queued warm start first), then sample the space
                 trial = self._ot_trials[trial_id]
                 cfg = RunConfig.from_json(params[CONFIG_KEY])
-                out = guard(cfg, live.objective.shape, live.objective.opts.max_params, trial.set_user_attr)
+                out = guard(cfg, live.objective.shape, Caps.of(live.objective.opts), trial.set_user_attr)
             except Exception as e:  # noqa: BLE001 - a config that cannot be sampled or built: recorded, the search goes on
                 trial = self._ot_trials.pop(trial_id, None)
                 if trial is None:  # not even asked: nothing to record, nothing to retry
                     raise
                 live.record(self._ot_study, trial, State.FAILED, failure_reason(e))
                 continue
-            trial.set_constraint("params", out.constraint)
+            for key, over in out.constraints.items():
+                trial.set_constraint(key, over)
             live.rows[trial.number] = new_row(trial.number, family=cfg.model.family, n_params=out.n_params,
-                                              flops=out.flops)
+                                              flops=out.flops, latency_ms=out.latency_ms)
             if out.state == State.REJECTED:  # told now; never a Ray trial
                 del self._ot_trials[trial_id]
                 live.record(self._ot_study, trial, State.REJECTED, out.reason)
@@ -390,7 +395,7 @@ def ray_search_phase(objective, fits) -> None:
                                   trial_deadline(objective.search_end, objective.slice_s, opts.budget_seconds)
                                   + grace + 5.0,
                                   SCHEDULER_NAMES[scheduler])
-        ctx = TrialContext(study=key, out=str(Path(opts.out).absolute()), max_params=opts.max_params,
+        ctx = TrialContext(study=key, out=str(Path(opts.out).absolute()), caps=Caps.of(opts),
                            slice_s=objective.slice_s, search_end=objective.search_end,
                            budget_seconds=opts.budget_seconds, used_before=clock.used_before,
                            anchor=clock.anchor(), device=str(opts.device), precision=objective.precision,

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from optuna.trial import TrialState
 
-from budgetnet.search.attrs import REASON, STATE, State
+from budgetnet.search.attrs import GUARD_SECONDS, LATENCY_MS, REASON, STATE, State
 from budgetnet.search.clock import Clock
 from budgetnet.search.progress import Reporter
 
@@ -18,7 +18,7 @@ def optuna_state(state: str) -> TrialState:
 
 def new_row(number: int, **known) -> dict:
     """A trial's progress row (``Reporter.trial``), with nothing known yet but ``known``."""
-    return {"number": number, "family": None, "n_params": None, "flops": None, "progress": None,
+    return {"number": number, "family": None, "n_params": None, "flops": None, "latency_ms": None, "progress": None,
             "val_acc": None, "seconds": 0.0, **known}
 
 
@@ -43,3 +43,13 @@ def record(trial, row: dict, state: str, reason: str, clock: Clock, reporter: Re
         tell()
     clock.save()
     reporter.trial(row, clock.used(), clock.total)
+
+
+def guard_overhead(trials: list, budget_seconds: float | None) -> dict:
+    """What the guard cost a study (``best.json``'s and the report's ``guard``): its seconds over every trial
+    (meta counts; the latency builds and forwards under a latency cap), their share of the budget, and the
+    trials whose latency it measured."""
+    seconds = sum(GUARD_SECONDS.of(t, 0.0) for t in trials)
+    return {"seconds": round(seconds, 3),
+            "share_of_budget": round(seconds / budget_seconds, 5) if budget_seconds else None,
+            "trials_latency_measured": sum(LATENCY_MS in t.user_attrs for t in trials)}

@@ -24,11 +24,12 @@ from budgetnet.config import DataConfig
 from budgetnet.data import DeviceData, load_data
 from budgetnet.device import resolve_precision, set_memory_share
 from budgetnet.files import write_atomic
+from budgetnet.latency import thread_label
 from budgetnet.recipe import prime_optimizers
 from budgetnet.search import attrs as A
 from budgetnet.search.attrs import State
 from budgetnet.search.clock import WRITE_RESERVE_S, Clock, slice_seconds
-from budgetnet.search.final import final_too_short, final_training, near_chance
+from budgetnet.search.final import check_caps, final_too_short, final_training, near_chance
 from budgetnet.search.objective import Objective
 from budgetnet.search.options import (
     Plan,
@@ -41,10 +42,11 @@ from budgetnet.search.options import (
 from budgetnet.search.phase import Interrupt, search_fits, search_phase
 from budgetnet.search.probe import PROBE_MODEL, feasible_flops, probe_speed
 from budgetnet.search.progress import Reporter
+from budgetnet.search.record import guard_overhead
 from budgetnet.search.source import init_source, study_data
-from budgetnet.search.space import finetune_warm_start, warm_start
+from budgetnet.search.space import finetune_warm_start, sampling_flops, warm_start
 from budgetnet.search.storage import open_study, quiet_optuna, storage_of, stored_study_attrs
-from budgetnet.search.trial import MIN_EPOCHS_PER_TRIAL
+from budgetnet.search.trial import MIN_EPOCHS_PER_TRIAL, Caps
 from budgetnet.search.workers import LEASE_TTL_S, Lease, Workers, fail_orphans, new_session, split_resources
 
 
@@ -92,7 +94,8 @@ def run_search(opts: SearchOptions, reporter: Reporter | None = None, started: f
 
 def open_session(opts: SearchOptions, reporter: Reporter, started: float) -> Session:
     """Load the data, open (or resume) the study, start the clock and a new session, fix the slice."""
-    study_name = opts.study_name or default_study_name(opts.dataset, opts.max_params, opts.budget_seconds / 3600)
+    study_name = opts.study_name or default_study_name(opts.dataset, opts.max_params, opts.budget_seconds / 3600,
+                                                       opts.max_flops, opts.max_latency_ms)
     _check_same_study(opts.storage, study_name, opts)
     # Load the data before touching storage: a missing dataset leaves no empty study behind.
     source = init_source(opts)
@@ -107,6 +110,8 @@ def open_session(opts: SearchOptions, reporter: Reporter, started: float) -> Ses
                          f"using the new {opts.budget_seconds:.0f} s")
     precision = resolve_precision(opts.device, opts.precision)
     for attr, value in ((A.BUDGET_SECONDS, opts.budget_seconds), (A.MAX_PARAMS, opts.max_params),
+                        (A.MAX_FLOPS, opts.max_flops), (A.MAX_LATENCY_MS, opts.max_latency_ms),
+                        (A.LATENCY_DEVICE, opts.latency_device), (A.LATENCY_THREADS, opts.latency_threads),
                         (A.DATASET, opts.dataset), (A.IMAGE_SIZE, opts.image_size), (A.PRECISION, precision)):
         attr.set(study, value)
     if source is not None:
@@ -130,7 +135,8 @@ def open_session(opts: SearchOptions, reporter: Reporter, started: float) -> Ses
     if opts.warm_start and opts.grid is None and not study.trials:
         study.enqueue_trial(finetune_warm_start(source.cfg) if source is not None else
                             warm_start(data.info.shape, opts.max_params,
-                                       DataConfig(dataset=opts.dataset, image_size=opts.image_size)),
+                                       DataConfig(dataset=opts.dataset, image_size=opts.image_size),
+                                       sampling_flops(None, opts.max_flops)),
                             skip_if_exists=True)
     # The slice is fixed once per study, so that trials of a resumed search compare on equal terms.
     plan = plan.with_slice(opts.trial_seconds or A.SLICE_SECONDS.of(attrs)
@@ -180,7 +186,8 @@ def probe(s: Session, interrupt: Interrupt) -> None:
                            + (f", {images_per_s:,.0f} images/s on the probe net, models up to "
                               f"{s.max_flops / 1e6:,.0f} MFLOPs/image (time-feasible on this device)"
                               if s.max_flops else "")
-                           + (f", {opts.workers} workers" if opts.workers > 1 else ""))
+                           + (f", {opts.workers} workers" if opts.workers > 1 else "")
+                           + f"; caps: {caps_note(opts)}")
 
 
 def search(s: Session, interrupt: Interrupt, threads: int) -> None:
@@ -246,6 +253,8 @@ def summarise(s: Session, checkpoint_phase: str | None, final_metrics: dict, int
     """The command's summary: printed, returned, and beside ``best.pt`` as ``best.json``."""
     opts, study, clock = s.opts, s.study, s.clock
     best = best_trial(study)
+    check = check_caps(opts.out, Caps.of(opts), study) if checkpoint_phase else None
+    clock.save()  # the check's seconds are the budget's too
     summary = {
         "study": study.study_name,
         "storage": opts.storage,
@@ -263,6 +272,12 @@ def summarise(s: Session, checkpoint_phase: str | None, final_metrics: dict, int
         "family": A.FAMILY.of(best) if best else None,
         "n_params": A.N_PARAMS.of(best) if best else None,
         "flops": A.FLOPS.of(best) if best else None,
+        "macs": A.FLOPS.of(best) // 2 if best and A.FLOPS.of(best) is not None else None,
+        "latency_ms": A.LATENCY_MS.of(best) if best else None,  # measured by the guard, under a latency cap
+        "caps": {"max_params": opts.max_params, "max_flops": opts.max_flops, "max_flops_unit": "MACs",
+                 "max_latency_ms": opts.max_latency_ms, "latency_device": opts.latency_device,
+                 "latency_threads": opts.latency_threads},
+        "guard": guard_overhead(study.get_trials(deepcopy=False), opts.budget_seconds),
         "config": json.loads(A.CONFIG.of(best)) if best else None,
         "checkpoint": str(opts.out) if checkpoint_phase else None,
         "checkpoint_phase": checkpoint_phase,
@@ -274,11 +289,18 @@ def summarise(s: Session, checkpoint_phase: str | None, final_metrics: dict, int
         summary["error"] = nothing_trained(study, opts, s.plan.slice_s, s.plan.search_end, s.train_images,
                                            s.precision)
     if checkpoint_phase:
+        summary["final_check"] = check
+        if check["over"]:
+            s.reporter.warning(f"the model at {opts.out} measured over its cap ({over_caps(check, opts)}): "
+                               "its trial measured under it, so the machine was likely busier now")
         summary_path = Path(opts.out).with_name(Path(opts.out).stem + ".json")
         write_atomic(summary_path, lambda f: f.write(json.dumps(summary, indent=2, default=str).encode()))
         summary["summary_json"] = str(summary_path)
     s.reporter.summary(summary)
     return summary
+
+
+CAPS = {A.MAX_PARAMS: "{:.0f}".format, A.MAX_FLOPS: "{:.0f}".format, A.MAX_LATENCY_MS: "{:g}".format}  # as shown
 
 
 def _check_same_study(url: str, name: str, opts: SearchOptions) -> None:
@@ -293,17 +315,49 @@ def _check_same_study(url: str, name: str, opts: SearchOptions) -> None:
         raise StudyMismatch(f"study {name!r} was started with {started}, not "
                             f"{'--init ' + opts.init if now else 'without it'}; resume it with the same "
                             f"checkpoint, or give a new --study-name")
-    for attr, new in ((A.MAX_PARAMS, opts.max_params), (A.DATASET, opts.dataset), (A.IMAGE_SIZE, opts.image_size)):
+    asked = [(A.MAX_PARAMS, opts.max_params), (A.MAX_FLOPS, opts.max_flops), (A.MAX_LATENCY_MS, opts.max_latency_ms),
+             (A.DATASET, opts.dataset), (A.IMAGE_SIZE, opts.image_size)]
+    if opts.max_latency_ms is not None:  # the same cap measured elsewhere is another cap
+        asked += [(A.LATENCY_DEVICE, opts.latency_device), (A.LATENCY_THREADS, opts.latency_threads)]
+    for attr, new in asked:
         if attr not in attrs:  # a study from before the attr was recorded
             continue
         old = attr.of(attrs)
-        if (math.isclose(old, new) if attr == A.MAX_PARAMS else old == new):
+        if old == new or (isinstance(old, float) and isinstance(new, float) and math.isclose(old, new)):
             continue
         flag = "--" + attr.replace("_", "-")
-        old_s, new_s = ((f"{old:.0f}", f"{new:.0f}") if attr == A.MAX_PARAMS
-                        else (old or "its default", new or "its default"))
-        raise StudyMismatch(f"study {name!r} was started with {flag} {old_s}, not {new_s}; resume it with "
-                            f"{flag} {old_s}, or give a new --study-name")
+        shown = CAPS.get(attr, lambda v: v or "its default")
+        if attr in CAPS and (old is None or new is None):  # a cap given to one of the two commands only
+            was, now = ((f"without {flag}", f"with {flag} {shown(new)}") if old is None
+                        else (f"with {flag} {shown(old)}", "without it"))
+            raise StudyMismatch(f"study {name!r} was started {was}, not {now}; resume it {was}, or give a new "
+                                f"--study-name")
+        raise StudyMismatch(f"study {name!r} was started with {flag} {shown(old)}, not {shown(new)}; resume it with "
+                            f"{flag} {shown(old)}, or give a new --study-name")
+
+
+def caps_note(opts: SearchOptions) -> str:
+    """The caps a search holds its models to, with their units."""
+    said = [f"{opts.max_params:,.0f} parameters"]
+    if opts.max_flops is not None:
+        said.append(f"{opts.max_flops / 1e6:,.4g} M MACs per image ({2 * opts.max_flops / 1e6:,.4g} MFLOPs)")
+    if opts.max_latency_ms is not None:
+        said.append(f"{opts.max_latency_ms:g} ms at batch 1 on {opts.latency_device} "
+                    f"({thread_label(opts.latency_threads)})")
+    return ", ".join(said)
+
+
+def cap_flags(opts: SearchOptions) -> list[str]:
+    return ["--max-params"] + ["--max-flops"] * (opts.max_flops is not None) + \
+        ["--max-latency-ms"] * (opts.max_latency_ms is not None)
+
+
+def over_caps(check: dict, opts: SearchOptions) -> str:
+    """The caps ``check`` (``final.check_caps``) breaks, with the figures."""
+    said = {"n_params": f"{check['n_params']:,} parameters, cap {opts.max_params:,.0f}",
+            "macs": f"{check['macs']:,} MACs, cap {opts.max_flops or 0:,.0f}",
+            "latency_ms": f"{check['latency_ms']:.3f} ms, cap {opts.max_latency_ms or 0:g} ms"}
+    return "; ".join(said[k] for k in check["over"])
 
 
 def counts(study: optuna.Study) -> dict:
@@ -344,7 +398,7 @@ def nothing_trained(study: optuna.Study, opts: SearchOptions, slice_s: float, se
                 f"(a reference ResNet-14), so a {slice_s:.0f} s slice cannot show a sampled model "
                 f"{MIN_EPOCHS_PER_TRIAL:g} epoch of the {train_images:,} training images; {more}")
     if all(s in (State.REJECTED, State.STOPPED) for s in states):
-        return f"every sampled model was over the {opts.max_params:,.0f}-parameter cap; raise --max-params"
+        return f"every sampled model was over a cap ({caps_note(opts)}); raise {' or '.join(cap_flags(opts))}"
     seen = ", ".join(f"{n} {s}" for s, n in sorted(
         {s: states.count(s) for s in set(states) if s}.items(), key=lambda kv: -kv[1]))
     return f"no trial completed ({seen}); see the reasons in the study (budgetnet dashboard); {more}"

@@ -6,9 +6,9 @@ hidden layer, activation, ...). That maximum is found on the meta device, so the
 proposes an oversized model and TPE sees fixed distributions (a fraction in [0.15, 1], log scale) instead
 of ranges that move with depth. The budget guard stays behind it as a safety net.
 
-The "widest that fits" also respects a FLOP cap derived from the device's speed and the trial's time
-slice, so a slow device (a CPU) is not handed 1M-parameter nets that cannot see even half their
-training split in a trial (``trial.MIN_EPOCHS_PER_TRIAL``).
+The "widest that fits" also respects a FLOP bound (``sampling_flops``): the user's ``--max-flops`` and a
+cap derived from the device's speed and the trial's time slice, so a slow device (a CPU) is not handed
+1M-parameter nets that cannot see even half their training split in a trial (``trial.MIN_EPOCHS_PER_TRIAL``).
 """
 
 from __future__ import annotations
@@ -120,6 +120,13 @@ def max_width(cfg: ModelConfig, shape: Shape, max_params: float, max_flops: floa
     return w
 
 
+def sampling_flops(feasible_flops: float | None, max_macs: float | None) -> float | None:
+    """The FLOP bound widths are fitted under: the time-feasible cap (FLOPs) and the user's ``--max-flops``
+    (multiply-accumulates, 2 FLOPs each), whichever is lower; None when neither is set."""
+    bounds = [b for b in (feasible_flops, None if max_macs is None else 2 * max_macs) if b]
+    return min(bounds) if bounds else None
+
+
 def _fit_width(cfg: ModelConfig, shape: Shape, max_params: float, max_flops: float | None,
                frac: float) -> ModelConfig:
     # Dropout and the initialiser change no count: kept out of max_width's cache key, which a
@@ -214,17 +221,18 @@ WARM_START: dict[str, Any] = {
 WARM_MIN_WIDTH = 8  # channels of the warm start's first conv, which its hidden layer is narrowed to keep
 
 
-def warm_start(shape: Shape, max_params: float, data: DataConfig) -> dict[str, Any]:
+def warm_start(shape: Shape, max_params: float, data: DataConfig, max_flops: float | None = None) -> dict[str, Any]:
     """``WARM_START``, with its hidden layer narrowed (512, 256, 128, then none) until the net fits
     ``max_params`` with a first conv of at least ``WARM_MIN_WIDTH`` channels; where none does, the widest
     that fits. The fc layer does not shrink with the width knob: under a small cap a 512-unit layer would
     leave the convolutions one or two channels wide (a net that learns far less), or be rejected, and
-    the trial that should set the median pruner's bar would be lost."""
+    the trial that should set the median pruner's bar would be lost. ``max_flops``: a FLOP bound
+    (``sampling_flops``) its width fits too."""
     best, best_width = None, 0
     for hidden in (512, 256, 128, 0):
         params = {**WARM_START, "plain_hidden": hidden}
-        cfg = suggest_config(optuna.trial.FixedTrial(params), shape, max_params, data)
-        if count_params(cfg.model, shape) > max_params:
+        cfg = suggest_config(optuna.trial.FixedTrial(params), shape, max_params, data, max_flops=max_flops)
+        if count_params(cfg.model, shape) > max_params or (max_flops and count_flops(cfg.model, shape) > max_flops):
             continue
         if cfg.model.width >= WARM_MIN_WIDTH:
             return params

@@ -4,18 +4,20 @@
 gives the trial three callables (``set_attr`` records a number or a string against the trial,
 ``report(progress, val_acc)`` records an evaluation and answers whether to stop, ``fits()`` says whether
 a full slice still fits in the search phase) and turns the returned ``TrialOutcome`` into its own terms
-(Optuna: a value, or ``TrialPruned`` with the reason). The guard runs here, before anything is allocated,
-so no oversized model ever reaches training on any backend.
+(Optuna: a value, or ``TrialPruned`` with the reason). The guard runs here, before any training, so no
+model over a cap (parameters, MACs, latency) ever reaches training on any backend.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from budgetnet.budget import BudgetExceeded, check_params, count_flops
+from budgetnet.budget import BudgetExceeded, check_flops, check_params
 from budgetnet.config import RunConfig
 from budgetnet.data import DeviceData
+from budgetnet.latency import config_latency, thread_label
 from budgetnet.search import attrs as A
 from budgetnet.search.attrs import State, of_run
 from budgetnet.train import COMPLETE, STOPPED, RunResult, train_run
@@ -23,47 +25,90 @@ from budgetnet.train import COMPLETE, STOPPED, RunResult, train_run
 MIN_EPOCHS_PER_TRIAL = 0.5  # a sampled model must see half its training split per slice (speed check)
 
 
+@dataclass(frozen=True)
+class Caps:
+    """What a trial must fit: parameters, multiply-accumulates per image (``--max-flops``; None: no cap), and
+    the batch-1 latency measured on ``latency_device`` with ``latency_threads`` (None: not measured)."""
+
+    max_params: float
+    max_macs: float | None = None
+    max_latency_ms: float | None = None
+    latency_device: str = "cpu"
+    latency_threads: int = 1
+
+    @classmethod
+    def of(cls, opts) -> Caps:
+        """The caps of a search's options (``SearchOptions``)."""
+        return cls(opts.max_params, opts.max_flops, opts.max_latency_ms, opts.latency_device, opts.latency_threads)
+
+
 @dataclass
 class TrialOutcome:
     """How a trial ended. ``state``: complete, rejected (guard), stopped (no slice left, Ctrl-C, deadline),
     pruned (below the median), too slow, diverged or out of memory. ``value`` is set when complete.
-    ``constraint`` is parameters over the cap (<= 0 is feasible), None before the guard ran."""
+    ``constraints``: by cap (``params``, ``macs``, ``latency_ms``), how far over it the trial is (<= 0 is
+    feasible), as far as the guard got; empty before it ran."""
 
     state: str
     reason: str = ""
     value: float | None = None
     n_params: int | None = None
     flops: int | None = None
-    constraint: float | None = None
+    constraints: dict[str, float] = field(default_factory=dict)
     progress: float | None = None  # the last evaluation mark reached (share of the slice)
     val_acc: float | None = None
     result: RunResult | None = None
+    latency_ms: float | None = None
 
 
-def guard(cfg: RunConfig, shape, max_params: float, set_attr: Callable[[str, object], None]) -> TrialOutcome:
-    """The budget guard, on the meta device, before anything is allocated: a ``rejected`` outcome with the
-    numbers, or a ``stopped`` one (not trained yet) that carries ``n_params``, ``flops`` and the constraint.
-    ``family``, ``config``, ``n_params`` and ``flops`` go through ``set_attr``. ``run_trial`` starts with it;
-    the Ray backend also runs it in the driver, so that a rejected config never becomes a Ray trial."""
+def guard(cfg: RunConfig, shape, caps: Caps, set_attr: Callable[[str, object], None]) -> TrialOutcome:
+    """The budget guard, before any training: a ``rejected`` outcome with the numbers, or a ``stopped`` one
+    (not trained yet) that carries ``n_params``, ``flops``, the latency and the constraints. Parameters and
+    MACs are counted on the meta device, exactly, before anything is allocated; then, under a latency cap
+    only, the model is built for real on the latency device and timed (``latency.config_latency``, about a
+    second). ``family``, ``config``, ``n_params``, ``flops``, ``latency_ms`` and ``guard_seconds`` go through
+    ``set_attr``. ``run_trial`` starts with it; the Ray backend also runs it in the driver, so that a
+    rejected config never becomes a Ray trial."""
+    t0 = time.perf_counter()
     set_attr(A.FAMILY, cfg.model.family)
     set_attr(A.CONFIG, cfg.to_json(indent=None))
+    out = TrialOutcome(State.STOPPED)
     try:
-        n_params = check_params(cfg.model, shape, max_params)
+        out.n_params = check_params(cfg.model, shape, caps.max_params)
+        out.constraints["params"] = float(out.n_params - caps.max_params)
+        out.flops = check_flops(cfg.model, shape, caps.max_macs)
+        if caps.max_macs is not None:
+            out.constraints["macs"] = float(out.flops // 2 - caps.max_macs)
     except BudgetExceeded as e:
-        set_attr(A.N_PARAMS, int(e.value))
-        return TrialOutcome(State.REJECTED, str(e), n_params=int(e.value), constraint=float(e.value - max_params))
-    flops = count_flops(cfg.model, shape)
-    set_attr(A.N_PARAMS, n_params)
-    set_attr(A.FLOPS, flops)
-    return TrialOutcome(State.STOPPED, n_params=n_params, flops=flops, constraint=float(n_params - max_params))
+        key = "params" if e.what == "parameters" else "macs"
+        out.state, out.reason, out.constraints[key] = State.REJECTED, str(e), float(e.value - e.cap)
+        if key == "params":
+            out.n_params = int(e.value)
+        else:
+            out.flops = 2 * int(e.value)
+    set_attr(A.N_PARAMS, out.n_params)
+    if out.flops is not None:
+        set_attr(A.FLOPS, out.flops)
+    if out.state != State.REJECTED and caps.max_latency_ms is not None:
+        m = config_latency(cfg.model, shape, caps.latency_device, caps.latency_threads)
+        out.latency_ms = m["latency_ms"]
+        set_attr(A.LATENCY_MS, round(m["latency_ms"], 4))
+        out.constraints["latency_ms"] = m["latency_ms"] - caps.max_latency_ms
+        if m["latency_ms"] > caps.max_latency_ms:
+            out.state = State.REJECTED
+            out.reason = (f"latency {m['latency_ms']:.3f} ms at batch 1 on {m['device']} "
+                          f"({thread_label(m['threads'])}, median of {m['repeats']}) exceeds the "
+                          f"--max-latency-ms cap of {caps.max_latency_ms:g} ms")
+    set_attr(A.GUARD_SECONDS, round(time.perf_counter() - t0, 4))
+    return out
 
 
-def run_trial(cfg: RunConfig, data: DeviceData, *, max_params: float, slice_s: float, device: str,
+def run_trial(cfg: RunConfig, data: DeviceData, *, caps: Caps, slice_s: float, device: str,
               precision: str, set_attr: Callable[[str, object], None],
               report: Callable[[float, float], bool], fits: Callable[[], bool], stop: Callable[[], bool],
               sampled: bool = True, interrupted: Callable[[], bool] = lambda: False,
               compile: str = "off", init_state: dict | None = None) -> TrialOutcome:
-    """Guard ``cfg`` against ``max_params`` on the meta device, then train it for one full ``slice_s``.
+    """Guard ``cfg`` against ``caps`` (``guard``), then train it for one full ``slice_s``.
 
     ``fits()`` is asked after the guard: a trial whose full slice no longer fits is not started (that time
     goes to the final phase). ``stop()`` is polled while training (deadline, Ctrl-C, a lost leader).
@@ -74,7 +119,7 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, max_params: float, slice_s: f
     The user attrs ``family``, ``config``, ``n_params``, ``flops``, ``seconds``, ``images_per_s`` and
     ``epochs``, ``steps`` go through ``set_attr``; the adapter records ``state`` and ``reason`` from the outcome.
     """
-    out = guard(cfg, data.info.shape, max_params, set_attr)
+    out = guard(cfg, data.info.shape, caps, set_attr)
     if out.state == State.REJECTED:
         return out
     if not fits():
