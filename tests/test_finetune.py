@@ -296,6 +296,8 @@ def test_a_head_over_the_cap_and_flags_without_init_are_refused(tmp_path, capsys
     assert main(["search", "--init", str(src), "--dataset", "synthetic", "--max-params", str(n - 1), "--hours",
                  "0.01", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--out", str(tmp_path / "b.pt")]) == 2
     assert "over --max-params" in capsys.readouterr().err
+    assert main([*base, "--max-flops", "1000"]) == 2  # MACs: the net's are counted before anything loads
+    assert "exceed the --max-flops cap" in capsys.readouterr().err
     assert main([*base, "--freeze", "last:0"]) == 2
     assert "last:K" in capsys.readouterr().err
     assert main([*base, "--image-size", "16"]) == 2
