@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
@@ -231,6 +232,18 @@ MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
 OPTIMIZERS = ("sgd", "adamw")
 MAX_EVAL_POINTS = 1_000  # validation evaluations a run may ask for (each scores the validation images)
 SCHEDULES = ("onecycle", "cosine", "linear", "step")
+GRADUAL_SHARE = 0.2  # gradual: one more group unfrozen every this share of the run's progress
+_FREEZE = re.compile(r"(none|head)|last:([1-9][0-9]*)|gradual(?::([0-9]*\.?[0-9]+(?:e-?[0-9]+)?))?")
+
+
+def parse_freeze(text: str) -> tuple[str, float]:
+    """A fine-tuning strategy (``budgetnet.finetune``): ``none``, ``head``, ``last:K`` (K >= 1 groups below
+    the head train too), ``gradual[:SHARE]`` (0 < SHARE <= 1) -> (kind, K or SHARE; 0 for none and head)."""
+    m = _FREEZE.fullmatch(str(text))
+    share = float(m.group(3)) if m and m.group(3) else GRADUAL_SHARE
+    if not m or not 0 < share <= 1:
+        raise ConfigError(f"freeze={text!r} is not one of none, head, last:K (K >= 1), gradual[:SHARE] (0 < SHARE <= 1)")
+    return (m.group(1), 0.0) if m.group(1) else ("last", float(m.group(2))) if m.group(2) else ("gradual", share)
 
 
 @dataclass(frozen=True)
@@ -250,9 +263,15 @@ class TrainConfig:
     eval_points: int = 10  # validation evaluations per run, at equal progress steps
     distill: float = 0.0  # weight of a teacher's softened outputs in the loss (0 = labels only; needs a teacher)
     distill_temperature: float = 4.0  # softmax temperature of that term (Hinton et al.; 4 is the common choice)
+    # fine-tuning only (a run from a checkpoint's weights): which groups train, the pretrained ones' lr factor
+    freeze: str = "none"
+    backbone_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        parse_freeze(self.freeze)
+        if not 0 < self.backbone_lr_scale <= 1:
+            raise ConfigError(f"backbone_lr_scale must be in (0, 1], got {self.backbone_lr_scale}")
         _check_choice("schedule", self.schedule, SCHEDULES)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")

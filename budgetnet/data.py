@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from budgetnet.config import DataConfig
 from budgetnet.datasets.info import DatasetInfo, DatasetNotFound
@@ -94,6 +95,32 @@ def load_test(name: str, data_dir=None, device: torch.device | str = "cpu", down
     instead, for a reader of images that trains nothing (export's checks and int8 calibration)."""
     images, labels, classes = read_split(name, data_dir, train=train, download=download, image_size=image_size)
     return _to_device(images, labels, torch.device(device)), classes
+
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: RGB to luminance
+CONFORM_CHUNK = 4096  # images converted at once (bounds the float copy)
+
+
+def conform_images(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """uint8 N x C x H x W images as a net of ``channels`` input channels and ``size`` px sides takes them
+    (the one rule of fine-tuning on other data): grayscale repeated into RGB, RGB to luminance (BT.601),
+    sides resized bilinearly with antialiasing; uint8, channels_last. Images that already fit come back
+    as they are. Raises ValueError for channel counts other than 1 and 3."""
+    n, c, h, w = images.shape
+    if c == channels and h == w == size:
+        return images
+    if c != channels and {c, channels} != {1, 3}:
+        raise ValueError(f"cannot turn {c}-channel images into {channels}-channel ones (only grayscale <-> RGB)")
+    out = torch.empty((n, channels, size, size), dtype=torch.uint8, device=images.device)
+    luma = torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)
+    for i in range(0, n, CONFORM_CHUNK):
+        x = images[i:i + CONFORM_CHUNK].float()
+        if c == 3 and channels == 1:
+            x = (x * luma).sum(1, keepdim=True)
+        if (h, w) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[i:i + CONFORM_CHUNK] = x.round_().clamp_(0, 255).to(torch.uint8).expand(-1, channels, -1, -1)
+    return out.contiguous(memory_format=torch.channels_last)
 
 
 # -- on-device batch operations -----------------------------------------------------------------------

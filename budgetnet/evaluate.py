@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from budgetnet.budget import count_flops, count_macs, count_params
 from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, recorded_info
 from budgetnet.config import is_folder
-from budgetnet.data import load_test, normalizer
+from budgetnet.data import conform_images, load_test, normalizer
 from budgetnet.device import DTYPES, memory_format, resolve_precision
 from budgetnet.files import write_atomic
+from budgetnet.finetune import described
 from budgetnet.latency import deployment_latency, measure_latency, thread_label
 
 GRID_IMAGES = 32  # test images in the prediction grid (4 rows of 8)
@@ -95,6 +96,8 @@ def checkpoint_test_split(path: str | Path, ckpt: dict, data_dir, device: torch.
                               image_size=info.image_size if is_folder(name) else None, train=train)
     if list(classes) != list(ckpt["classes"]):
         raise CheckpointError(f"{path}: the test data's classes differ from the checkpoint's")
+    if described(ckpt["extra"]) and test.images.shape[1] in (1, 3):  # fine-tuned on conformed images
+        test.images = conform_images(test.images, info.channels, info.image_size)
     if tuple(test.images.shape[1:]) != (info.channels, info.image_size, info.image_size):
         raise CheckpointError(f"{path}: the test images are {list(test.images.shape[1:])}, the checkpoint's "
                               f"input is {[info.channels, info.image_size, info.image_size]}")
@@ -131,6 +134,7 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
     report = {
         "checkpoint": str(path),
         "checkpoint_sha256": ckpt["sha256"],  # of the bytes evaluated, whatever has replaced the file since
+        "fine_tuned": described(ckpt["extra"]),  # "fine-tuned from <source> (<strategy>)", or None
         "dataset": dataset or cfg.data.dataset,
         "test_images": len(test),
         **m,
@@ -274,6 +278,8 @@ def format_report(r: dict) -> str:
         f"{r['n_params_recorded']:,})   FLOPs/image {r['flops'] / 1e6:.1f} M ({r['flops'] / 2e6:.1f} M MACs)",
         f"  evaluated in {r['precision']} (trained in {r['trained_precision']})",
     ]
+    if r.get("fine_tuned"):
+        lines.insert(1, f"  {r['fine_tuned']}")
     for lat in r["latency"]:
         lines.append(f"  batch {lat['batch_size']:>3} on {r['device']} in {r['precision']}: {lat['latency_ms']:.2f} ms, "
                      f"{lat['images_per_s']:,.0f} images/s")

@@ -40,6 +40,7 @@ from budgetnet.datasets.info import DatasetInfo
 from budgetnet.device import memory_format, resolve_precision
 from budgetnet.errors import first_line
 from budgetnet.evaluate import checkpoint_test_split, inference_model, test_metrics
+from budgetnet.finetune import conform_data, described
 from budgetnet.latency import measure_latency
 from budgetnet.models import build_model
 from budgetnet.train import COMPLETE, train_run
@@ -197,9 +198,11 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None 
     trained_on = info  # the normalisation the weights last trained with: the file's, or the fine-tuning's data
     if seconds > 0:
         data = load_data(cfg.data, data_dir, device, download=download)
-        # on the labels alone: a distilled model's teacher is not in its checkpoint
+        if described(ckpt["extra"]):  # a fine-tuned model: its data conformed as it was trained on it
+            data = conform_data(data, info)
+        # on the labels alone (a distilled model's teacher is not in its checkpoint), every layer training
         tune_cfg = pruned_cfg.replace(train=dataclasses.replace(cfg.train, lr=cfg.train.lr * FINETUNE_LR_SCALE,
-                                                                distill=0.0))
+                                                                distill=0.0, freeze="none", backbone_lr_scale=1.0))
 
         def hook(progress: float, m: dict) -> bool:
             acc = f"  val acc {m['val_acc']:.4f}" if "val_acc" in m else ""

@@ -27,11 +27,18 @@ def lr_factor(cfg: TrainConfig, p: float) -> float:
     return 1.0 - q  # linear and onecycle end at 0
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum, or AdamW. No weight decay on biases and norm parameters."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(model: nn.Module, cfg: TrainConfig, head: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum, or AdamW. No weight decay on biases and norm parameters.
+
+    ``head`` (fine-tuning): the new classifier's parameters; every other parameter is pretrained and its
+    groups carry ``lr_scale`` = ``cfg.backbone_lr_scale``, which the loop multiplies into the lr."""
+    ids = {id(p) for p in head or ()}
+    groups = []
+    for part, scale in (([p for p in model.parameters() if id(p) not in ids], cfg.backbone_lr_scale if head else 1.0),
+                        (list(head or ()), 1.0)):
+        groups += [{"params": [p for p in part if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in part if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale}]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)

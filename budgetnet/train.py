@@ -2,9 +2,8 @@
 
 The learning-rate schedule is a function of progress p in [0, 1]. With a time slice, p is the elapsed
 fraction of the slice, so whatever the model's speed the run ends fully annealed exactly when its slice
-ends. The run evaluates on validation at ``eval_points`` equal progress marks and calls
-``hook(progress, metrics)`` there; a truthy return stops the run. This module imports neither optuna
-nor ray: the search adapts hooks to its tuner.
+ends. The run evaluates on validation at ``eval_points`` equal progress marks and calls ``hook(progress,
+metrics)`` there; a truthy return stops it. No optuna nor ray here: the search adapts hooks to its tuner.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from budgetnet.device import (
     synchronize,
 )
 from budgetnet.errors import first_line
+from budgetnet.finetune import Freezer
 from budgetnet.models import build_model
 from budgetnet.recipe import EMA, lr_factor, make_optimizer, training_loss
 
@@ -73,25 +73,22 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
 
     ``hook(progress, metrics)`` is called at each evaluation mark; returning True stops the run.
     ``stop()`` is polled every few steps (a deadline, Ctrl-C); True stops the run at once.
-    ``min_epochs`` (time slices only): from ``SPEED_CHECK_AT`` of the slice, the run projects its training
-    rate over the slice and ends ``too_slow`` if that covers fewer epochs: a model that cannot see its data
-    in its time is not worth evaluating, nor the rest of its slice. It judges the rate after step 1 (one-off
-    kernel set-up) once it has two steps; a first evaluation due before step 2 has it judge step 1 alone
-    on the CPU, never on CUDA (where step 1 is set-up: docs/benchmarks.md, "GPU").
+    ``min_epochs`` (time slices only): from ``SPEED_CHECK_AT`` of the slice, the run projects its rate over
+    the slice and ends ``too_slow`` if that covers fewer epochs (not worth evaluating, nor the rest of its
+    slice). It judges the rate after step 1 (set-up) once it has two steps; a first evaluation due before
+    step 2 has it judge step 1 alone on the CPU, never on CUDA (docs/benchmarks.md, "GPU").
     ``precision`` is "auto" (the device's best, ``budgetnet.device.resolve_precision``), fp32, bf16 or fp16.
     ``teacher`` (with ``cfg.train.distill > 0``, and only then): a trained model of the same classes whose
     outputs on each augmented batch the student also learns from (``training_loss``). It is frozen, and
     its forward passes run inside this run's time, so a time slice pays for them.
     ``compile``: "on" (or True) trains through ``torch.compile(model)``, compiled in step 1 inside the run's
-    time (``first_step_s``) and left out of its rate. "auto" compiles only in a long run, and keeps it only
-    if it measures faster (``budgetnet.compile.AutoCompile``); "off" (or False) never compiles. A failed
-    compilation trains eager; ``RunResult.compile`` says what happened. Evaluation runs uncompiled, so
-    train/eval mode and batch shapes never recompile.
-    ``init_state``: start from these weights (a state dict of the model ``cfg`` builds) instead of a fresh
-    initialisation, as fine-tuning a pruned model does.
-    ``fit_images``: with no validation split (train+validation), the last mark scores the model on a seeded
-    sample of this many training images, unaugmented (``fit_acc``, ``fit_loss``), inside the run's time:
-    a check that the run learned what it was shown, where no held-out image is left to tell.
+    time (``first_step_s``, out of its rate); "auto" only in a long run, kept only if measured faster
+    (``compile.AutoCompile``); "off" (or False) never. A failed compilation trains eager (``RunResult.compile``
+    says so). Evaluation runs uncompiled, so train/eval mode and batch shapes never recompile.
+    ``init_state``: start from these weights (a state dict of the model ``cfg`` builds), as fine-tuning
+    does; ``cfg.train.freeze`` and ``backbone_lr_scale`` then apply (``budgetnet.finetune``).
+    ``fit_images``: with no validation split, the last mark scores the model on a seeded sample of this many
+    training images, unaugmented (``fit_acc``, ``fit_loss``), in the run's time: did it learn what it saw.
     ``autotune`` (CUDA): cuDNN times its algorithms for each new shape (``device.prepare``). Search trials
     and speed probes, short runs of a model not seen before, turn it off.
     Divergence and out-of-memory end the run with a typed status instead of an exception.
@@ -127,9 +124,8 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
 
 def measure_rate(cfg: RunConfig, data: DeviceData, *, device, seconds: float, precision: str = "auto",
                  stop: Callable[[], bool] | None = None) -> float | None:
-    """Training images/s of ``cfg`` on this device (after its first step), measured by training it for at
-    most ``seconds`` of wall time, set-up included, with no evaluation and, as search trials train, without
-    cuDNN's autotuning. None if it finished no step, or on CUDA only its first (set-up, not speed)."""
+    """Training images/s of ``cfg`` on this device (after step 1), trained for at most ``seconds`` (set-up
+    included), with no evaluation and no cuDNN autotuning, as trials train. None with no step (CUDA: two)."""
     cfg = cfg.replace(train=dataclasses.replace(cfg.train, eval_points=1))
     result = train_run(cfg, DeviceData(data.info, data.classes, data.train, None), device=device, seconds=seconds,
                        stop=stop, precision=precision, autotune=False)
@@ -168,6 +164,7 @@ class _Run:
     marks: list[float]
     auto: AutoCompile | None
     compile_info: dict  # RunResult.compile, updated as the run goes
+    freezer: Freezer | None  # a run from init_state: which groups train at each progress
 
 
 @dataclass
@@ -214,12 +211,13 @@ def _start(cfg: RunConfig, data: DeviceData, device: torch.device, *, seconds: f
     model = build_model(cfg.model, data.info.shape).to(device, memory_format=fmt)
     if init_state is not None:
         model.load_state_dict(init_state)
+    freezer = Freezer(model, cfg.model, cfg.train) if init_state is not None else None
     mode, compile_info = compile_plan(compile, seconds)
     step_model = fresh_compile(model) if mode == "on" else model  # shares model's parameters
     ema = EMA(model, cfg.train.ema) if cfg.train.ema else None
     if teacher is not None:
         teacher = teacher.to(device, memory_format=fmt).eval().requires_grad_(False)
-    opt = make_optimizer(model, cfg.train)
+    opt = make_optimizer(model, cfg.train, head=freezer.head_params() if freezer else None)
     scaler = grad_scaler(device, precision)
     normalize = normalizer(data.info, device, fmt)
     batch = train_batches(data.train, cfg.data, normalize)
@@ -231,7 +229,7 @@ def _start(cfg: RunConfig, data: DeviceData, device: torch.device, *, seconds: f
     run = _Run(cfg, data, device, seconds, total_steps, hook, stop, min_epochs, precision, fit_images, model, ema,
                teacher, opt, scaler, normalize, batch, gen, n, bs, steps_per_epoch,
                marks=[(k + 1) / cfg.train.eval_points for k in range(cfg.train.eval_points)], auto=auto,
-               compile_info=auto.info if auto is not None else compile_info)
+               compile_info=auto.info if auto is not None else compile_info, freezer=freezer)
     speed_check = seconds is not None and bool(min_epochs)
     return run, _State(t0, step_model, torch.zeros((), device=device), speed_check)
 
@@ -256,6 +254,8 @@ def _train(run: _Run, s: _State) -> RunResult:
             if run.stop is not None and run.stop():
                 s.end(STOPPED, "stop requested")
                 break
+            # fine-tuning: unfreeze on schedule; frozen groups back in eval mode after an evaluation
+            _unfreeze(run, p)
             # train one batch at the schedule's lr
             ts = time.perf_counter()
             loss = _step(run, s, perm[b * run.bs:(b + 1) * run.bs], p)
@@ -277,6 +277,12 @@ def _progress(run: _Run, s: _State) -> float:
     if run.total_steps is not None:
         return s.step / run.total_steps
     return (time.perf_counter() - s.t0) / max(run.seconds - s.eval_reserve, 1e-3)
+
+
+def _unfreeze(run: _Run, p: float) -> None:
+    """Sets which groups train at progress ``p`` (``Freezer.at``); nothing for a run from scratch."""
+    if run.freezer is not None:
+        run.freezer.at(p)
 
 
 def _wait_for_device(run: _Run, s: _State) -> None:
@@ -309,7 +315,7 @@ def _step(run: _Run, s: _State, idx: torch.Tensor, p: float) -> torch.Tensor | N
     training failed: the run then goes on eager."""
     tc = run.cfg.train
     for group in run.opt.param_groups:
-        group["lr"] = tc.lr * lr_factor(tc, p)
+        group["lr"] = tc.lr * lr_factor(tc, p) * group["lr_scale"]
     x, y = run.batch(idx, run.gen)
     try:
         with autocast(run.device, run.precision):
@@ -425,9 +431,8 @@ def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.de
                    batch_size: int = 1024, precision: str = "fp32") -> dict:
     """Loss and top-1 accuracy of ``model`` on a device-resident split (eval mode, ``precision`` autocast).
 
-    Without cuDNN's autotuning, whatever the run set: an evaluation's batch shapes (1024, a split's
-    remainder) are new to a run, and timing algorithms for them would cost seconds that no slice or
-    budget reserves for the last evaluation."""
+    Without cuDNN's autotuning, whatever the run set: timing algorithms for an evaluation's new batch shapes
+    would cost seconds that no slice or budget reserves for the last evaluation."""
     was_training, autotune = model.training, torch.backends.cudnn.benchmark
     model.eval()
     torch.backends.cudnn.benchmark = False

@@ -171,3 +171,18 @@ def test_bench_export_prints_the_table_of_eager_fp32_int8_and_torchscript(tmp_pa
     assert "(1.00x)" in rows[0] and "checked on 64 test images" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.int8.json", "tiny.int8.onnx", "tiny.ts.json",
                                                           "tiny.ts.pt"]
+@pytest.mark.slow
+def test_bench_transfer_smoke_runs_every_method_and_prints_the_table(tmp_path, capsys):
+    bench = _load("bench_transfer")
+    write_fashion_mnist(tmp_path / "data", 300, 100)
+    out = tmp_path / "out"
+    rc = bench.main(["--smoke", "--data-dir", str(tmp_path / "data"), "--root", str(tmp_path / "png"),
+                     "--out-dir", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == list(bench.METHODS)
+    for r in rows:  # every method writes a model (a search's slices are 1 s)
+        assert r["rc"] == 0 and r["test"] is not None, r
+    assert len(list((tmp_path / "png" / "target-5" / "train").glob("*/*.png"))) == 25
+    printed = capsys.readouterr().out
+    assert "| `search --init` |" in printed and "| `train --init --freeze gradual` |" in printed

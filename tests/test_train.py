@@ -35,8 +35,8 @@ def lr_log(monkeypatch):
     log = {"lrs": [], "opts": []}
     real = bt.make_optimizer
 
-    def make(model, cfg):
-        opt = real(model, cfg)
+    def make(model, cfg, **kw):
+        opt = real(model, cfg, **kw)
         step = opt.step
 
         def logged_step(*a, **k):

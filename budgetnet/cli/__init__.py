@@ -18,12 +18,12 @@ from budgetnet.cli.commands import (  # noqa: E402
     cmd_export,
     cmd_prune,
     cmd_report,
-    cmd_train,
 )
+from budgetnet.cli.finetune import cmd_train_or_finetune  # noqa: E402
 from budgetnet.cli.parser import UserError, build_parser  # noqa: E402
 from budgetnet.cli.search import cmd_search  # noqa: E402
 
-COMMANDS = {"search": cmd_search, "train": cmd_train, "evaluate": cmd_evaluate, "report": cmd_report,
+COMMANDS = {"search": cmd_search, "train": cmd_train_or_finetune, "evaluate": cmd_evaluate, "report": cmd_report,
             "datasets": cmd_datasets, "prune": cmd_prune, "export": cmd_export, "dashboard": cmd_dashboard}
 
 

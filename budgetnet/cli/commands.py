@@ -25,6 +25,13 @@ def cmd_train(args) -> int:
 
     if (args.seconds is None) == (args.epochs is None):
         raise UserError("give exactly one of --seconds S or --epochs E")
+    if args.config is None:
+        raise UserError("give --config FILE (a config to train from scratch) or --init CKPT (a checkpoint to "
+                        "fine-tune)")
+    for flag, value, default in (("--freeze", args.freeze, "none"), ("--backbone-lr-scale", args.backbone_lr_scale, 1.0),
+                                 ("--lr", args.lr, None), ("--normalise-with", args.normalise_with, "checkpoint")):
+        if value != default:
+            raise UserError(f"{flag} applies to fine-tuning only (--init CKPT)")
     try:
         text = Path(args.config).read_text()
         try:  # a search's best.json holds the best config under "config": train it as it is
@@ -45,6 +52,10 @@ def cmd_train(args) -> int:
         print(f"budgetnet: note: train.distill {cfg.train.distill:g} needs the teacher that search trained, which "
               f"train does not take: training on the labels alone", file=sys.stderr)
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, distill=0.0))
+    if cfg.train.freeze != "none" or cfg.train.backbone_lr_scale != 1.0:  # a fine-tuning search's best.json
+        print(f"budgetnet: note: train.freeze {cfg.train.freeze} applies to fine-tuning (--init CKPT); from scratch "
+              f"every layer trains at the lr", file=sys.stderr)
+        cfg = cfg.replace(train=dataclasses.replace(cfg.train, freeze="none", backbone_lr_scale=1.0))
     if args.dataset is not None or args.image_size is not None:  # the flags override the config's data
         dataset = args.dataset or cfg.data.dataset
         size = args.image_size or (cfg.data.image_size if is_folder(dataset) else None)  # a folder's kept
@@ -52,6 +63,8 @@ def cmd_train(args) -> int:
             cfg = cfg.replace(data=dataclasses.replace(cfg.data, dataset=dataset, image_size=size))
         except ConfigError as e:
             raise UserError(f"--dataset/--image-size: {e}") from None
+    if args.seed is not None:
+        cfg = cfg.replace(seed=args.seed)
     _check_writable(args.out)
     shape = dataset_info(cfg.data.dataset, cfg.data.image_size).shape  # a folder is scanned (and cached) here
     if args.max_params:
@@ -62,14 +75,7 @@ def cmd_train(args) -> int:
     n_params = check_memory(cfg.model, cfg.train, shape, device)  # before the data and the model are loaded
     data = load_data(cfg.data, args.data_dir, device, merge_val=args.full, download=args.download)
 
-    def hook(progress: float, m: dict) -> bool:
-        acc = f"  val acc {m['val_acc']:.4f}" if "val_acc" in m else ""
-        acc += f"  fit acc {m['fit_acc']:.4f} (training images)" if "fit_acc" in m else ""
-        print(f"{progress:>4.0%}  epoch {m['epoch']:.1f}  train loss {m['train_loss']:.4f}{acc}  "
-              f"{m['images_per_s']:,.0f} images/s", flush=True)
-        return False
-
-    result = train_run(cfg, data, device=device, seconds=args.seconds, epochs=args.epochs, hook=hook,
+    result = train_run(cfg, data, device=device, seconds=args.seconds, epochs=args.epochs, hook=print_progress,
                        precision=args.precision, compile=args.compile, fit_images=EVAL_SUBSET if args.full else 0)
     if result.status != COMPLETE:
         print(f"budgetnet: training ended: {result.status} ({result.reason})", file=sys.stderr)
@@ -82,6 +88,15 @@ def cmd_train(args) -> int:
     print(f"wrote {args.out} ({n_params:,} params, {result.seconds:.1f} s in {result.precision}{compiled}); "
           f"evaluate with: budgetnet evaluate {args.out}")
     return 0
+
+
+def print_progress(progress: float, m: dict) -> bool:
+    """A training run's hook: one line per evaluation mark."""
+    acc = f"  val acc {m['val_acc']:.4f}" if "val_acc" in m else ""
+    acc += f"  fit acc {m['fit_acc']:.4f} (training images)" if "fit_acc" in m else ""
+    print(f"{progress:>4.0%}  epoch {m['epoch']:.1f}  train loss {m['train_loss']:.4f}{acc}  "
+          f"{m['images_per_s']:,.0f} images/s", flush=True)
+    return False
 
 
 def cmd_evaluate(args) -> int:
@@ -143,8 +158,11 @@ def cmd_report(args) -> int:
         if best:
             params = "?" if best["n_params"] is None else f"{best['n_params']:,}"
             latency = f", {best['latency_ms']:.3f} ms at batch 1" if best.get("latency_ms") is not None else ""
+            freeze = f", freeze {best['params']['freeze']}" if "freeze" in (best.get("params") or {}) else ""
             print(f"best trial {best['trial']}: {best['family'] or 'family not recorded'}, {params} params{latency}, "
-                  f"val acc {best['val_acc']:.4f}")
+                  f"val acc {best['val_acc']:.4f}{freeze}")
+        if checkpoint and checkpoint.get("fine_tuned"):
+            print(f"{checkpoint['path']}: {checkpoint['fine_tuned']}")
         check = (summary.get("checkpoint") or {}).get("final_check")
         if check:
             print(f"{summary['checkpoint']['path']}: {check['n_params']:,} params, {check['macs']:,} MACs, "

@@ -23,9 +23,12 @@ from budgetnet.config import (
     EXPORT_MIN_AGREEMENT,
     FOLDER_IMAGE_SIZE,
     FOLDER_PREFIX,
+    GRADUAL_SHARE,
     IMAGE_SIZE_RANGE,
     INT8_TARGETS,
     PRECISIONS,
+    ConfigError,
+    parse_freeze,
 )
 from budgetnet.search.clock import (
     AUTO_SEARCH_MAX,
@@ -142,6 +145,27 @@ def image_size(text: str) -> int:
     return _whole(text, *IMAGE_SIZE_RANGE, "a whole number of pixels")
 
 
+def freeze_strategy(text: str) -> str:
+    """--freeze: none, head, last:K or gradual[:SHARE] (``config.parse_freeze``)."""
+    try:
+        parse_freeze(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("freeze=", "")) from None
+    return text
+
+
+def _init_flags(sp, what: str) -> None:
+    """--init and --normalise-with, for the commands that can start from a checkpoint."""
+    sp.add_argument("--init", default=None, metavar="CKPT",
+                    help=f"start from this budgetnet checkpoint (read with weights_only=True): {what}. A new "
+                    "classifier head where the data's classes differ; grayscale images are repeated into an RGB "
+                    "net, RGB ones turned to luminance for a grayscale net, and every image resized to the "
+                    "checkpoint's side")
+    sp.add_argument("--normalise-with", choices=("checkpoint", "data"), default="checkpoint",
+                    help="--init: normalise the new images with the checkpoint's mean and std (default), or "
+                    "with the new data's own")
+
+
 def _compile_flag(sp, what=""):
     """--compile, for the commands that train (``what`` names what is compiled in its help)."""
     sp.add_argument("--compile", nargs="?", const="on", choices=COMPILE_MODES, default="auto",
@@ -236,6 +260,9 @@ def _search_flags(sub) -> None:
                    "on the shared progress axis (a report per 10%% of a slice, judged from 30%%)")
     s.add_argument("--artifact-dir", default=DEFAULT_ARTIFACTS)
     s.add_argument("--no-warm-start", action="store_true", help="do not queue the built-in first trial")
+    _init_flags(s, "its architecture is fixed, and the search samples the freezing strategy (with its K or "
+                "SHARE), the lr and the pretrained layers' lr scale, augmentation, label smoothing and the batch "
+                "size; the guard counts the new head against --max-params")
     s.add_argument("--teacher", default="none", metavar="auto|none|PATH",
                    help="knowledge distillation in the final phase: the final model also learns from a teacher's "
                    "outputs. PATH: a checkpoint of the same dataset, any size. auto: a larger net trained on "
@@ -249,8 +276,9 @@ def _search_flags(sub) -> None:
 
 
 def _train_flags(sub) -> None:
-    t = sub.add_parser("train", help="train one config (JSON) for a time slice or a number of epochs")
-    t.add_argument("--config", required=True, help="RunConfig JSON file")
+    t = sub.add_parser("train", help="train one config (JSON) for a time slice or a number of epochs, or "
+                       "fine-tune a checkpoint (--init)")
+    t.add_argument("--config", default=None, help="RunConfig JSON file (or --init)")
     t.add_argument("--seconds", type=positive_float, default=None, help="time slice (the schedule follows it)")
     t.add_argument("--epochs", type=positive_float, default=None)
     t.add_argument("--out", default="model.pt")
@@ -259,11 +287,24 @@ def _train_flags(sub) -> None:
     t.add_argument("--max-flops", type=parse_count, default=None, metavar="MACS",
                    help="refuse a config over this many multiply-accumulates per image (MACs, as papers quote "
                    "'FLOPs'; 2 FLOPs each)")
+    t.add_argument("--seed", type=sampler_seed, default=None,
+                   help="seeds the weights, batch order and augmentation (default: the config's, or the checkpoint's)")
     _compile_flag(t)
     t.add_argument("--dataset", type=dataset_name, default=None,
                    help="train on this dataset instead of the config's (e.g. folder:PATH)")
     t.add_argument("--image-size", type=image_size, default=None,
                    help=f"folder:PATH datasets: the side images are resized to (default {FOLDER_IMAGE_SIZE})")
+    _init_flags(t, "its net and recipe, fine-tuned on --dataset (default: the checkpoint's)")
+    t.add_argument("--freeze", type=freeze_strategy, default="none", metavar="STRATEGY",
+                   help="--init: which layers train. none (default): all; head: the classifier only; last:K: the "
+                   "last K stages (blocks, fc layers) and the head; gradual[:SHARE]: the head first, then one more "
+                   f"stage from the top every SHARE of the run (default {GRADUAL_SHARE}). Frozen layers keep "
+                   "their BatchNorm statistics")
+    t.add_argument("--backbone-lr-scale", type=lambda v: _number(v, lambda x: 0 < x <= 1, "in (0, 1]"),
+                   default=1.0, metavar="F", help="--init: the pretrained layers train at F times the lr (the "
+                   "head at the lr; default 1)")
+    t.add_argument("--lr", type=positive_float, default=None,
+                   help="--init: the peak learning rate (default: a tenth of the checkpoint's)")
     _data_flags(t)
 
 

@@ -15,6 +15,23 @@ from budgetnet.cli.checks import (
 from budgetnet.cli.parser import UserError
 
 
+def _init_source(args):
+    """search --init: the checkpoint, read and checked against the data and the cap before anything starts."""
+    from budgetnet.config import is_folder
+    from budgetnet.datasets.read import dataset_info
+    from budgetnet.finetune import check_target, load_source
+
+    for flag, given in (("--grid", args.grid is not None), ("--backend ray", args.backend == "ray"),
+                        ("--teacher", args.teacher != "none"), ("--image-size", args.image_size is not None)):
+        if given:
+            raise UserError(f"--init and {flag} do not go together (the checkpoint fixes the net and its image "
+                            f"side; fine-tuning searches run on --backend optuna)")
+    source = load_source(args.init)
+    check_target(source, dataset_info(args.dataset, source.info.image_size if is_folder(args.dataset) else None),
+                 args.max_params, args.max_flops)
+    return source
+
+
 def cmd_search(args) -> int:
     from budgetnet.cli import STARTED  # the budget counts from the command line's import
     from budgetnet.config import ConfigError, is_folder
@@ -46,7 +63,9 @@ def cmd_search(args) -> int:
                         f"give a .pt path such as {Path(args.out).with_suffix('.pt')}")
     _check_writable(args.out)
     _check_storage(args.storage)
+    source = _init_source(args) if args.init is not None else None
     named = args.dataset + (f"-{args.image_size}px" if args.image_size else "")  # another size: another study
+    named += f"-from-{source.sha256[:8]}" if source is not None else ""  # another checkpoint: another study
     study_name = args.study_name or default_study_name(named, args.max_params, args.hours, args.max_flops,
                                                        args.max_latency_ms)
     _check_not_someone_elses(args.out, study_name, args.storage)
@@ -68,6 +87,7 @@ def cmd_search(args) -> int:
         backend=args.backend, ray_address=args.ray_address, gpus_per_trial=args.gpus_per_trial,
         ray_scheduler=args.ray_scheduler or "median", compile=args.compile, max_flops=args.max_flops,
         max_latency_ms=args.max_latency_ms, latency_device=latency_device, latency_threads=args.latency_threads,
+        init=source.path if source is not None else None, normalise_with=args.normalise_with,
     )
     if opts.backend == "ray" and opts.device.startswith("cuda") and opts.gpus_per_trial == 0:
         raise UserError("--gpus-per-trial 0 on CUDA: a Ray trial without a GPU share sees no GPU; give a share "

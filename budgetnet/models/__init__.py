@@ -14,7 +14,9 @@ from budgetnet.config import ModelConfig, Shape
 from budgetnet.models.layers import init_weights
 
 Builder = Callable[..., nn.Module]
+Group = tuple[str, list[nn.Module]]  # a name and the modules it holds
 _REGISTRY: dict[str, Builder] = {}
+_GROUPS: dict[str, Callable[[nn.Module, ModelConfig], list[Group]]] = {}
 
 
 def register(family: str) -> Callable[[Builder], Builder]:
@@ -25,6 +27,23 @@ def register(family: str) -> Callable[[Builder], Builder]:
         return fn
 
     return deco
+
+
+def register_groups(family: str):
+    """Register ``fn(model, config) -> [(name, modules), ...]``, the family's trainable groups."""
+
+    def deco(fn):
+        _GROUPS[family] = fn
+        return fn
+
+    return deco
+
+
+def groups(model: nn.Module, config: ModelConfig) -> list[Group]:
+    """The trainable groups of a model its family built, in forward order, the classifier last (named
+    ``head``): the stem, each stage (or conv block, or hidden fc layer), then the head. What fine-tuning
+    freezes and unfreezes (``budgetnet.finetune``); every parameter belongs to exactly one group."""
+    return _GROUPS[config.family](model, config)
 
 
 def families() -> list[str]:

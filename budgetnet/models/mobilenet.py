@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from budgetnet.config import ConfigError, MobileNetConfig, Shape
-from budgetnet.models import register
+from budgetnet.models import Group, register, register_groups
 from budgetnet.models.layers import ConvWidths, make_activation
 
 
@@ -64,3 +64,17 @@ def build_mobilenet(cfg: MobileNetConfig, shape: Shape) -> nn.Module:
     take.finish()
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(c, num_classes)]
     return nn.Sequential(*layers)
+
+
+@register_groups("mobilenet")
+def mobilenet_groups(model: nn.Sequential, cfg: MobileNetConfig) -> list[Group]:
+    """The stem, one group per stage, the last 1x1 conv (when there is one), the head (pool and classifier)."""
+    layers = list(model)
+    out, at = [("stem", layers[:3])], 3
+    for i, depth in enumerate(cfg.depths):
+        out.append((f"stage{i + 1}", layers[at:at + depth]))
+        at += depth
+    if cfg.head_width:
+        out.append(("features", layers[at:at + 3]))
+        at += 3
+    return [*out, ("head", layers[at:])]

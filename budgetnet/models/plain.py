@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from budgetnet.config import PlainConfig, Shape
-from budgetnet.models import register
+from budgetnet.models import Group, register, register_groups
 from budgetnet.models.layers import make_activation
 
 MONOTONE = ("relu", "leaky_relu")  # non-decreasing and parameter-free: max(f(a), f(b)) = f(max(a, b))
@@ -44,3 +44,21 @@ def build_plain(cfg: PlainConfig, shape: Shape) -> nn.Module:
         layers.append(nn.Dropout(cfg.dropout))
     layers.append(nn.Linear(features, num_classes))
     return nn.Sequential(*layers)
+
+
+@register_groups("plain")
+def plain_groups(model: nn.Sequential, cfg: PlainConfig) -> list[Group]:
+    """One group per conv block (the convs between two pools), one per hidden fc layer, the head."""
+    out: list[Group] = []
+    convs = fcs = 0
+    for m in model:
+        if isinstance(m, nn.Conv2d):
+            if convs % cfg.convs_per_block == 0:
+                out.append((f"block{convs // cfg.convs_per_block + 1}", []))
+            convs += 1
+        elif isinstance(m, nn.Linear):
+            fcs += 1
+            out.append((f"fc{fcs}", []))
+        out[-1][1].append(m)
+    out[-1] = ("head", out[-1][1])
+    return out

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from budgetnet.config import ConfigError, ResNetConfig, Shape
-from budgetnet.models import register
+from budgetnet.models import Group, register, register_groups
 from budgetnet.models.layers import ConvWidths, make_activation
 
 
@@ -98,3 +98,14 @@ def build_resnet(cfg: ResNetConfig, shape: Shape) -> nn.Module:
     take.finish()
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(c, num_classes)]
     return nn.Sequential(*layers)
+
+
+@register_groups("resnet")
+def resnet_groups(model: nn.Sequential, cfg: ResNetConfig) -> list[Group]:
+    """The stem, one group per stage, the head (pool and classifier)."""
+    layers = list(model)
+    out, at = [("stem", layers[:3])], 3
+    for i, depth in enumerate(cfg.depths):
+        out.append((f"stage{i + 1}", layers[at:at + depth]))
+        at += depth
+    return [*out, ("head", layers[at:])]

@@ -22,6 +22,7 @@ from budgetnet.checkpoint import CheckpointError, load_checkpoint
 from budgetnet.config import ConfigError
 from budgetnet.errors import first_line
 from budgetnet.evaluate import evaluation_path
+from budgetnet.finetune import described
 from budgetnet.search import attrs as A
 from budgetnet.search.clock import REPORT_STEPS
 from budgetnet.search.record import guard_overhead
@@ -151,7 +152,8 @@ def checkpoint_info(path: str | Path, study_name: str) -> dict:
         raise CheckpointError(f"{path} holds the model of study {owner!r}, not {study_name!r}")
     info = {"path": str(path), "phase": ckpt["extra"].get("phase"), "trial": ckpt["extra"].get("trial"),
             "n_params": ckpt["n_params"], "flops": ckpt["flops"], "test_top1": None, "test_top5": None,
-            "evaluation": None, "written": written, "sha256": ckpt["sha256"]}
+            "evaluation": None, "written": written, "sha256": ckpt["sha256"],
+            "fine_tuned": described(ckpt["extra"])}
     saved = evaluation_path(path)
     if saved.is_file():
         try:

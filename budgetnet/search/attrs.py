@@ -87,9 +87,11 @@ WORKERS = Attr("workers", int, "worker processes of the session")
 READY = Attr("ready", str, "the session whose probe is done: its workers may start")
 RAY_EXPERIMENT = Attr("ray_experiment", str, "the Ray Tune experiment's folder (a Ray study)")
 RAY_SCHEDULER = Attr("ray_scheduler", str, "the scheduler the Ray experiment was created with")
+INIT = Attr("init", str, "search --init: the checkpoint the search fine-tunes (its path)")
+INIT_SHA256 = Attr("init_sha256", str, "... and the SHA-256 of its bytes; a resume must give the same")
 
 # The study attrs ``budgetnet report`` shows, in its order.
-REPORTED_STUDY_ATTRS = (DATASET, MAX_PARAMS, MAX_FLOPS, MAX_LATENCY_MS, LATENCY_DEVICE, LATENCY_THREADS,
+REPORTED_STUDY_ATTRS = (DATASET, INIT, MAX_PARAMS, MAX_FLOPS, MAX_LATENCY_MS, LATENCY_DEVICE, LATENCY_THREADS,
                         BUDGET_SECONDS, SECONDS_USED, PHASE, PRECISION, SLICE_SECONDS,
                         FINAL_RUNS, FINAL_DONE, FINAL_FAILED, PROBE_IMAGES_PER_S, TIME_FEASIBLE_FLOPS,
                         BEST_ARTIFACT_ID, FINAL_CHECK)

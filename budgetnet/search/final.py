@@ -34,6 +34,7 @@ from budgetnet.evaluate import checkpoint_latency
 from budgetnet.search import attrs as A
 from budgetnet.search.clock import WRITE_RESERVE_S, Clock
 from budgetnet.search.progress import Reporter
+from budgetnet.search.source import study_data, trial_start
 from budgetnet.search.teacher import DISTILL_WEIGHT, auto_teacher, load_teacher, reuse_teacher
 from budgetnet.search.trial import Caps
 from budgetnet.train import COMPLETE, DIVERGED, EVAL_SUBSET, RunResult, train_run
@@ -62,9 +63,11 @@ def numbers(d: dict) -> dict:
 
 
 def keep_if_best(out: str, study_name: str, trial_number: int, cfg: RunConfig, result: RunResult,
-                 value: float, n_params: int, flops: int, classes: list[str], info: DatasetInfo | None = None) -> bool:
+                 value: float, n_params: int, flops: int, classes: list[str], info: DatasetInfo | None = None,
+                 extra: dict | None = None) -> bool:
     """Write the trial's model to ``out`` if it beats the one there (of this study); True if written.
-    ``info``: the trial's ``DatasetInfo``, so that a folder dataset is not scanned again for the write."""
+    ``info``: the trial's ``DatasetInfo``, so that a folder dataset is not scanned again for the write.
+    ``extra``: more for the checkpoint to record (a fine-tuned model's source)."""
     with out_lock(out):
         if Path(out).exists():
             try:
@@ -77,7 +80,7 @@ def keep_if_best(out: str, study_name: str, trial_number: int, cfg: RunConfig, r
         save_checkpoint(out, cfg, result.state_dict, metrics={"val_acc": value, **numbers(result.metrics)},
                         n_params=n_params, flops=flops, classes=classes, train_seconds=result.seconds,
                         precision=result.precision, info=info,
-                        extra={"phase": "search", "study": study_name, "trial": trial_number})
+                        extra={**(extra or {}), "phase": "search", "study": study_name, "trial": trial_number})
     return True
 
 
@@ -127,7 +130,11 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
     again = " (again: an earlier run of it was interrupted)" if runs > 1 else ""
     reporter.message(f"final training{again}: trial {best.number}'s config on train+validation for "
                      f"{clock.left() - WRITE_RESERVE_S:.0f} s")
-    data = load_data(cfg.data, opts.data_dir, opts.device, merge_val=True, download=opts.download)
+    if opts.init is None:
+        data = load_data(cfg.data, opts.data_dir, opts.device, merge_val=True, download=opts.download)
+    else:  # conformed to the checkpoint it fine-tunes, and starting from its weights
+        data = study_data(opts, merge_val=True)
+    init_state, extra = trial_start(opts, cfg, data) if opts.init is not None else (None, {})
     deadline = opts.budget_seconds - WRITE_RESERVE_S + 1.0
     teacher = None
     if opts.teacher == "auto":  # trained here, out of this phase's own time, when teacher and student fit
@@ -158,7 +165,7 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
         return "search", {}
     for retry in range(FINAL_RETRIES + 1):
         result = train_run(cfg, data, device=opts.device, seconds=seconds, precision=precision, teacher=teacher,
-                           compile=opts.compile, fit_images=EVAL_SUBSET,
+                           compile=opts.compile, fit_images=EVAL_SUBSET, init_state=init_state,
                            stop=lambda: stop() or clock.used() > deadline or clock.tick())
         note_compile(result.compile, study, reporter)
         if result.status != DIVERGED or retry == FINAL_RETRIES:
@@ -188,7 +195,7 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
         path = save_checkpoint(opts.out, cfg, result.state_dict, metrics=metrics, n_params=n_params, flops=flops,
                                classes=data.classes, train_seconds=result.seconds, precision=result.precision,
                                info=data.info,
-                               extra={"phase": "final", "study": study.study_name, "trial": best.number})
+                               extra={**extra, "phase": "final", "study": study.study_name, "trial": best.number})
     upload_artifact(study, path, opts.artifact_dir, reporter)
     A.FINAL_DONE.set(study, True)
     return "final", metrics

@@ -13,6 +13,7 @@ import optuna
 
 from budgetnet.config import DataConfig, RunConfig
 from budgetnet.data import DeviceData
+from budgetnet.finetune import group_names, target_data
 from budgetnet.search.attrs import TIME_FEASIBLE_FLOPS, WORKER, State
 from budgetnet.search.clock import REPORT_STEPS, Clock
 from budgetnet.search.final import keep_if_best
@@ -21,7 +22,13 @@ from budgetnet.search.phase import Interrupt
 from budgetnet.search.probe import learned_cap
 from budgetnet.search.progress import Reporter
 from budgetnet.search.record import failure_reason, new_row, record
-from budgetnet.search.space import sampling_flops, suggest_config, suggest_grid_config
+from budgetnet.search.source import init_source, trial_start
+from budgetnet.search.space import (
+    sampling_flops,
+    suggest_config,
+    suggest_finetune_config,
+    suggest_grid_config,
+)
 from budgetnet.search.storage import trial_id
 from budgetnet.search.trial import Caps, run_trial
 from budgetnet.search.workers import Lease
@@ -43,6 +50,10 @@ class Objective:
         self.lost: int | None = None  # the number of a trial that another process ended while this one ran it
         self.shape = data.info.shape
         self.base_data = DataConfig(dataset=opts.dataset, image_size=opts.image_size)
+        self.source = init_source(opts)  # search --init: the net is the checkpoint's
+        if self.source is not None:
+            self.base_data = target_data(self.source, opts.dataset)
+            self.n_groups = len(group_names(self.source))
 
     def __call__(self, trial: optuna.Trial) -> float:
         row = new_row(trial.number, **({"worker": self.worker} if self.opts.workers > 1 else {}))
@@ -79,6 +90,9 @@ class Objective:
         if opts.grid is not None:
             cfg = suggest_grid_config(trial, *opts.grid, seed=opts.seed + trial.number)
             return cfg.replace(data=dataclasses.replace(cfg.data, dataset=opts.dataset, image_size=opts.image_size))
+        if self.source is not None:
+            return suggest_finetune_config(trial, self.source.cfg, self.n_groups, self.base_data, self.shape,
+                                           seed=opts.seed + trial.number)
         return suggest_config(trial, self.shape, opts.max_params, self.base_data, seed=opts.seed + trial.number,
                               max_flops=sampling_flops(self.max_flops, opts.max_flops))
 
@@ -87,6 +101,7 @@ class Objective:
         opts, clock = self.opts, self.clock
         cfg = self.sample(trial)
         row["family"] = cfg.model.family
+        init_state, extra = trial_start(opts, cfg, self.data) if self.source is not None else (None, {})
 
         def report(progress: float, val_acc: float) -> bool:
             row.update(progress=progress, val_acc=val_acc)
@@ -99,7 +114,8 @@ class Objective:
                         fits=lambda: self.plan.fits(clock.used()),
                         stop=lambda: (self.interrupt.event.is_set() or clock.used() > self.plan.deadline
                                       or clock.tick()),
-                        sampled=opts.grid is None, interrupted=self.interrupt.event.is_set, compile=opts.compile)
+                        sampled=opts.grid is None, interrupted=self.interrupt.event.is_set, compile=opts.compile,
+                        init_state=init_state)
         row.update(n_params=out.n_params, flops=out.flops, progress=out.progress, val_acc=out.val_acc,
                    latency_ms=out.latency_ms)
         if out.result is not None:
@@ -108,7 +124,7 @@ class Objective:
             trial.set_constraint(key, over)
         if out.state == State.COMPLETE:
             keep_if_best(opts.out, self.study.study_name, trial.number, cfg, out.result, out.value, out.n_params,
-                         out.flops, self.data.classes, self.data.info)
+                         out.flops, self.data.classes, self.data.info, extra=extra)
         return out.state, out.reason, out.value
 
     def learn_speed(self, number: int, images_per_s: float, flops: int | None, steps: int) -> None:

@@ -59,6 +59,8 @@ class SearchOptions:
     max_latency_ms: float | None = None  # --max-latency-ms: batch-1 latency measured before training; None: none
     latency_device: str = "cpu"  # where latency is measured (the deployment target, whatever trains)
     latency_threads: int = 1  # CPU threads for the latency measurement only
+    init: str | None = None  # a checkpoint to fine-tune: the architecture is its, the space the fine-tuning's
+    normalise_with: str = "checkpoint"  # --init: the new images' mean and std, the checkpoint's or the data's
 
 
 class StudyMismatch(ConfigError):
@@ -92,7 +94,7 @@ class Plan:
 
     budget: float
     search_end: float  # the search phase ends here (the final phase's least share after it)
-    probe_s: float  # the speed probe's wall time; 0 for a grid, whose trials are not sampled
+    probe_s: float  # the speed probe's wall time; 0 for a grid or --init, whose nets are not sampled
     save_every: float  # the clock is saved this often: a kill -9 loses at most this much accounting
     slice_s: float = 0.0  # one trial's slice, fixed per study (``with_slice``)
 
@@ -111,6 +113,7 @@ class Plan:
 
 def plan_budget(opts: SearchOptions) -> Plan:
     budget = opts.budget_seconds
+    sampled = opts.grid is None and opts.init is None  # nets to sample: the probe sets their FLOP cap
     return Plan(budget=budget, search_end=budget * (1 - opts.final_fraction),
-                probe_s=clamp(PROBE_SHARE * budget, PROBE_MIN_S, PROBE_MAX_S) if opts.grid is None else 0.0,
+                probe_s=clamp(PROBE_SHARE * budget, PROBE_MIN_S, PROBE_MAX_S) if sampled else 0.0,
                 save_every=clamp(CLOCK_SAVE_SHARE * budget, CLOCK_SAVE_MIN_S, CLOCK_SAVE_MAX_S))

@@ -43,7 +43,8 @@ from budgetnet.search.phase import Interrupt, search_fits, search_phase
 from budgetnet.search.probe import PROBE_MODEL, feasible_flops, probe_speed
 from budgetnet.search.progress import Reporter
 from budgetnet.search.record import guard_overhead
-from budgetnet.search.space import sampling_flops, warm_start
+from budgetnet.search.source import init_source, study_data
+from budgetnet.search.space import finetune_warm_start, sampling_flops, warm_start
 from budgetnet.search.storage import open_study, quiet_optuna, storage_of, stored_study_attrs
 from budgetnet.search.trial import MIN_EPOCHS_PER_TRIAL, Caps
 from budgetnet.search.workers import LEASE_TTL_S, Lease, Workers, fail_orphans, new_session, split_resources
@@ -97,8 +98,10 @@ def open_session(opts: SearchOptions, reporter: Reporter, started: float) -> Ses
                                                        opts.max_flops, opts.max_latency_ms)
     _check_same_study(opts.storage, study_name, opts)
     # Load the data before touching storage: a missing dataset leaves no empty study behind.
-    data = load_data(DataConfig(dataset=opts.dataset, image_size=opts.image_size), opts.data_dir, opts.device,
-                     download=opts.download)
+    source = init_source(opts)
+    data = study_data(opts) if source is not None else load_data(
+        DataConfig(dataset=opts.dataset, image_size=opts.image_size), opts.data_dir, opts.device,
+        download=opts.download)
     study = open_study(opts, study_name, opts.seed)
     attrs = study.user_attrs
     used_before = float(A.SECONDS_USED.of(attrs, 0.0))
@@ -111,6 +114,9 @@ def open_session(opts: SearchOptions, reporter: Reporter, started: float) -> Ses
                         (A.LATENCY_DEVICE, opts.latency_device), (A.LATENCY_THREADS, opts.latency_threads),
                         (A.DATASET, opts.dataset), (A.IMAGE_SIZE, opts.image_size), (A.PRECISION, precision)):
         attr.set(study, value)
+    if source is not None:
+        A.INIT.set(study, source.path)
+        A.INIT_SHA256.set(study, source.sha256)
     plan = plan_budget(opts)
     finished = _finished(opts, attrs)
     # A finished study spends none of the budget (a rerun to see the result adds nothing to the time
@@ -127,7 +133,8 @@ def open_session(opts: SearchOptions, reporter: Reporter, started: float) -> Ses
                          f"{used_before:.0f} s used" + (f", {orphans} interrupted trial(s) marked failed"
                                                         if orphans else ""))
     if opts.warm_start and opts.grid is None and not study.trials:
-        study.enqueue_trial(warm_start(data.info.shape, opts.max_params,
+        study.enqueue_trial(finetune_warm_start(source.cfg) if source is not None else
+                            warm_start(data.info.shape, opts.max_params,
                                        DataConfig(dataset=opts.dataset, image_size=opts.image_size),
                                        sampling_flops(None, opts.max_flops)),
                             skip_if_exists=True)
@@ -159,9 +166,10 @@ def probe(s: Session, interrupt: Interrupt) -> None:
         if opts.workers > 1 and opts.backend == "optuna":  # they start up while this process probes
             interrupt.forward = s.workers = Workers(opts, study.study_name, opts.workers, s.session,
                                                     s.reporter.mode)
-    if s.searching and opts.grid is not None:  # no probe pays the first steps' one-off cost: the first trial would
+    sampled = opts.grid is None and opts.init is None  # a grid, or a fixed net (--init), needs no FLOP cap
+    if s.searching and not sampled:  # no probe pays the first steps' one-off cost: the first trial would
         prime_optimizers()
-    if s.searching and opts.grid is None:  # the speed probe only matters when trials will be sampled
+    if s.searching and sampled:  # the speed probe only matters when architectures will be sampled
         images_per_s = probe_speed(s.data, opts.device, plan.probe_s, precision=s.precision,
                                    stop=lambda: interrupt.event.is_set() or clock.tick())
         if images_per_s:
@@ -301,6 +309,12 @@ def _check_same_study(url: str, name: str, opts: SearchOptions) -> None:
     attrs = stored_study_attrs(url, name)
     if attrs is None:  # a new study
         return
+    was, now = A.INIT_SHA256.of(attrs), init_source(opts).sha256 if opts.init else None
+    if was != now:
+        started = f"--init {A.INIT.of(attrs)} (SHA-256 {was[:12]})" if was else "no --init"
+        raise StudyMismatch(f"study {name!r} was started with {started}, not "
+                            f"{'--init ' + opts.init if now else 'without it'}; resume it with the same "
+                            f"checkpoint, or give a new --study-name")
     asked = [(A.MAX_PARAMS, opts.max_params), (A.MAX_FLOPS, opts.max_flops), (A.MAX_LATENCY_MS, opts.max_latency_ms),
              (A.DATASET, opts.dataset), (A.IMAGE_SIZE, opts.image_size)]
     if opts.max_latency_ms is not None:  # the same cap measured elsewhere is another cap

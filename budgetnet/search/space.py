@@ -241,6 +241,48 @@ def warm_start(shape: Shape, max_params: float, data: DataConfig, max_flops: flo
     return best if best is not None else params
 
 
+# -- search --init: the architecture is the checkpoint's; the space is how to fine-tune it ----------------
+
+FINETUNE_BATCHES = (32, 64, 128, 256)  # smaller than from scratch: fine-tuning sets are often small
+
+
+def suggest_finetune_config(trial: optuna.Trial, source: RunConfig, n_groups: int, data: DataConfig,
+                            shape: Shape, seed: int = 0) -> RunConfig:
+    """Sample how to fine-tune ``source``'s net (of ``n_groups`` groups, head included): the freezing
+    strategy with its K or SHARE, the lr and the pretrained layers' lr scale, augmentation, label smoothing
+    and the batch size. The net, the optimizer and the schedule's shape are the checkpoint's."""
+    kinds = ("none", "head", "last", "gradual") if n_groups > 2 else ("none", "head", "gradual")
+    kind = trial.suggest_categorical("freeze", kinds)
+    freeze = kind
+    if kind == "last":  # K groups below the head; all of them would be "none"
+        freeze = f"last:{trial.suggest_int('freeze_last_k', 1, n_groups - 2)}"
+    elif kind == "gradual":
+        freeze = f"gradual:{trial.suggest_float('gradual_share', 0.05, 0.5, log=True):.4g}"
+    batch_size = trial.suggest_categorical("batch_size", FINETUNE_BATCHES)
+    scale = batch_size / LR_BATCH  # as in suggest_config; lower ranges: the weights are trained already
+    lr = (trial.suggest_float("ft_sgd_lr_128", 1e-3, 0.2, log=True) * scale if source.train.optimizer == "sgd"
+          else trial.suggest_float("ft_adamw_lr_128", 5e-5, 5e-3, log=True) * math.sqrt(scale))
+    train = dataclasses.replace(
+        source.train, lr=lr, batch_size=batch_size, freeze=freeze, distill=0.0,
+        eval_points=TrainConfig.eval_points,
+        backbone_lr_scale=1.0 if kind == "head" else trial.suggest_float("backbone_lr_scale", 0.01, 1.0, log=True),
+        label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.3))
+    cutout_frac = trial.suggest_categorical("cutout_frac", (0.0, 0.25, 0.375))
+    data = dataclasses.replace(data, crop_padding=trial.suggest_categorical("crop_padding", (0, 2, 4)),
+                               flip=trial.suggest_categorical("flip", (True, False)),
+                               cutout=int(shape.image_size * cutout_frac))
+    return RunConfig(model=source.model, train=train, data=data, seed=seed)
+
+
+def finetune_warm_start(source: RunConfig) -> dict[str, Any]:
+    """The first trial of a ``search --init`` study: gradual unfreezing (one more group every tenth of the
+    slice) with the pretrained layers at a third of the lr, the head's lr low for the optimizer, the
+    checkpoint's flips, light translation and no cutout."""
+    lr = {"ft_sgd_lr_128": 0.02} if source.train.optimizer == "sgd" else {"ft_adamw_lr_128": 1e-3}
+    return {"freeze": "gradual", "gradual_share": 0.1, "batch_size": 64, **lr, "backbone_lr_scale": 0.3,
+            "label_smoothing": 0.1, "cutout_frac": 0.0, "crop_padding": 2, "flip": source.data.flip}
+
+
 # -- grids over a user-given subset (the reference reports' way) ------------------------------------
 
 GRID_POINTS_CHECKED = 10_000  # grids up to this many points are validated point by point when loaded

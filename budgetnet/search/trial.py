@@ -107,7 +107,7 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, caps: Caps, slice_s: float, d
               precision: str, set_attr: Callable[[str, object], None],
               report: Callable[[float, float], bool], fits: Callable[[], bool], stop: Callable[[], bool],
               sampled: bool = True, interrupted: Callable[[], bool] = lambda: False,
-              compile: str = "off") -> TrialOutcome:
+              compile: str = "off", init_state: dict | None = None) -> TrialOutcome:
     """Guard ``cfg`` against ``caps`` (``guard``), then train it for one full ``slice_s``.
 
     ``fits()`` is asked after the guard: a trial whose full slice no longer fits is not started (that time
@@ -115,6 +115,7 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, caps: Caps, slice_s: float, d
     ``sampled`` trials must show ``MIN_EPOCHS_PER_TRIAL`` of their data in the slice (the run measures its
     own speed and ends too slow otherwise); grid points (the user's own) are never stopped for speed.
     ``compile``: ``train_run``'s; with "auto" only a slice long enough to repay compiling tries it.
+    ``init_state``: the weights a fine-tuning trial starts from (``train_run``'s).
     The user attrs ``family``, ``config``, ``n_params``, ``flops``, ``seconds``, ``images_per_s`` and
     ``epochs``, ``steps`` go through ``set_attr``; the adapter records ``state`` and ``reason`` from the outcome.
     """
@@ -131,7 +132,7 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, caps: Caps, slice_s: float, d
 
     result = train_run(cfg, data, device=device, seconds=slice_s, hook=hook, stop=stop,
                        min_epochs=MIN_EPOCHS_PER_TRIAL if sampled else None, precision=precision,
-                       compile=compile, autotune=False)  # a slice of a new model cannot repay cuDNN's algorithm search
+                       compile=compile, autotune=False, init_state=init_state)  # a slice of a new model cannot repay cuDNN's algorithm search
     out.result = result
     set_attr(A.SECONDS, round(result.seconds, 2))
     set_attr(A.IMAGES_PER_S, round(result.images_per_s, 1))

@@ -16,6 +16,7 @@ from budgetnet.search.objective import Objective
 from budgetnet.search.options import SearchOptions, plan_budget
 from budgetnet.search.phase import Interrupt, search_fits, search_phase
 from budgetnet.search.progress import Reporter
+from budgetnet.search.source import study_data
 from budgetnet.search.storage import open_study, quiet_optuna, storage_of
 from budgetnet.search.workers import Lease, fail_orphans, split_resources, wait_ready
 
@@ -33,8 +34,9 @@ def run_worker(opts: SearchOptions, study_name: str, index: int, n: int, leader:
         plan = plan_budget(opts)
         clock = Clock.from_anchor(opts.budget_seconds, A.SESSION_USED_BEFORE.of(attrs),
                                   A.SESSION_STARTED_AT.of(attrs), study, save_every=plan.save_every)
-        data = load_data(DataConfig(dataset=opts.dataset, image_size=opts.image_size), opts.data_dir, opts.device,
-                         download=opts.download)
+        data = (study_data(opts) if opts.init is not None else
+                load_data(DataConfig(dataset=opts.dataset, image_size=opts.image_size), opts.data_dir, opts.device,
+                          download=opts.download))
         prime_optimizers()  # while the leader probes: not out of this worker's first slice
         attrs = wait_ready(study, session, leader, stop=interrupt.event.is_set)
         if attrs is None:  # the leader is gone, a stop, or a newer command owns the study
