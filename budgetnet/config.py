@@ -1,8 +1,7 @@
 """Run configuration: frozen dataclasses with a strict JSON round trip.
 
-One :class:`RunConfig` fully determines a training run: model shape, schedule, data handling and seed.
-Units are given next to every field. ``from_dict`` rejects unknown keys, so a typo in a JSON file is an
-error instead of a silently ignored setting.
+One :class:`RunConfig` fully determines a training run; units stand next to every field. ``from_dict``
+rejects unknown keys: a typo in a JSON file is an error, not a silently ignored setting.
 """
 
 from __future__ import annotations
@@ -311,14 +310,12 @@ class DataConfig:
     """Which data, how it is split, and the on-device augmentation applied to training batches."""
 
     dataset: str = "cifar100"  # one of DATASETS, or "folder:" + an absolute path (an image folder)
-    val_size: int | None = None  # images held out of the training split for validation; None = the
-    # dataset's default (5,000 for CIFAR and Fashion-MNIST, 400 for synthetic)
+    val_size: int | None = None  # images held out for validation; None = the dataset's default
     split_seed: int = 0  # seed of the train/validation split (shared by all trials, so they compare)
     crop_padding: int = 4  # random translate by up to this many pixels (zero padding); 0 = off
     flip: bool = True  # random horizontal flip
     cutout: int = 0  # side of a random zeroed square, in pixels; 0 = off
-    image_size: int | None = None  # folder datasets only: the side images are resized to, in pixels
-    # (None = FOLDER_IMAGE_SIZE); built-in datasets keep their own size
+    image_size: int | None = None  # folder datasets only: pixels per side (None = FOLDER_IMAGE_SIZE)
 
     def __post_init__(self) -> None:
         if is_folder(self.dataset):

@@ -1,9 +1,8 @@
 """One training run: a config, device-resident data and a budget (seconds or epochs) in; a result out.
 
-The learning-rate schedule is a function of progress p in [0, 1]. With a time slice, p is the elapsed
-fraction of the slice, so whatever the model's speed the run ends fully annealed exactly when its slice
-ends. The run evaluates on validation at ``eval_points`` equal progress marks and calls ``hook(progress,
-metrics)`` there; a truthy return stops it. No optuna nor ray here: the search adapts hooks to its tuner.
+The lr follows progress p in [0, 1], the elapsed share of a time slice: a run of any speed ends annealed
+when its slice ends. At ``eval_points`` marks it calls ``hook(progress, metrics)``; a truthy return stops
+it. No optuna nor ray here: the search adapts hooks to its tuner.
 """
 
 from __future__ import annotations
@@ -311,8 +310,7 @@ def _too_slow(run: _Run, s: _State, p: float) -> bool:
 
 
 def _step(run: _Run, s: _State, idx: torch.Tensor, p: float) -> torch.Tensor | None:
-    """One optimizer step on the batch ``idx`` at progress ``p``'s lr; its loss. None where compiled
-    training failed: the run then goes on eager."""
+    """One optimizer step on the batch ``idx`` at progress ``p``'s lr; its loss (None: compiling failed)."""
     tc = run.cfg.train
     for group in run.opt.param_groups:
         group["lr"] = tc.lr * lr_factor(tc, p) * group["lr_scale"]
@@ -429,10 +427,8 @@ def _result(run: _Run, s: _State) -> RunResult:
 @torch.no_grad()
 def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.device,
                    batch_size: int = 1024, precision: str = "fp32") -> dict:
-    """Loss and top-1 accuracy of ``model`` on a device-resident split (eval mode, ``precision`` autocast).
-
-    Without cuDNN's autotuning, whatever the run set: timing algorithms for an evaluation's new batch shapes
-    would cost seconds that no slice or budget reserves for the last evaluation."""
+    """Loss and top-1 accuracy of ``model`` on a device-resident split (eval mode, ``precision`` autocast),
+    without cuDNN's autotuning: no budget reserves time to tune an evaluation's new batch shapes."""
     was_training, autotune = model.training, torch.backends.cudnn.benchmark
     model.eval()
     torch.backends.cudnn.benchmark = False
