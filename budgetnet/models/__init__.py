@@ -46,6 +46,16 @@ def groups(model: nn.Module, config: ModelConfig) -> list[Group]:
     return _GROUPS[config.family](model, config)
 
 
+def stem_and_stages(layers: list[nn.Module], depths: tuple[int, ...], stem: int = 3) -> tuple[list[Group], int]:
+    """A staged net's first groups: its ``stem`` layers, then one group per stage of ``depths`` blocks;
+    with the index of the first layer after them."""
+    out, at = [("stem", layers[:stem])], stem
+    for i, depth in enumerate(depths):
+        out.append((f"stage{i + 1}", layers[at:at + depth]))
+        at += depth
+    return out, at
+
+
 def families() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from budgetnet.config import ConfigError, MobileNetConfig, Shape
-from budgetnet.models import Group, register, register_groups
+from budgetnet.models import Group, register, register_groups, stem_and_stages
 from budgetnet.models.layers import ConvWidths, make_activation
 
 
@@ -70,10 +70,7 @@ def build_mobilenet(cfg: MobileNetConfig, shape: Shape) -> nn.Module:
 def mobilenet_groups(model: nn.Sequential, cfg: MobileNetConfig) -> list[Group]:
     """The stem, one group per stage, the last 1x1 conv (when there is one), the head (pool and classifier)."""
     layers = list(model)
-    out, at = [("stem", layers[:3])], 3
-    for i, depth in enumerate(cfg.depths):
-        out.append((f"stage{i + 1}", layers[at:at + depth]))
-        at += depth
+    out, at = stem_and_stages(layers, cfg.depths)
     if cfg.head_width:
         out.append(("features", layers[at:at + 3]))
         at += 3

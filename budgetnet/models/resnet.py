@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from budgetnet.config import ConfigError, ResNetConfig, Shape
-from budgetnet.models import Group, register, register_groups
+from budgetnet.models import Group, register, register_groups, stem_and_stages
 from budgetnet.models.layers import ConvWidths, make_activation
 
 
@@ -104,8 +104,5 @@ def build_resnet(cfg: ResNetConfig, shape: Shape) -> nn.Module:
 def resnet_groups(model: nn.Sequential, cfg: ResNetConfig) -> list[Group]:
     """The stem, one group per stage, the head (pool and classifier)."""
     layers = list(model)
-    out, at = [("stem", layers[:3])], 3
-    for i, depth in enumerate(cfg.depths):
-        out.append((f"stage{i + 1}", layers[at:at + depth]))
-        at += depth
+    out, at = stem_and_stages(layers, cfg.depths)
     return [*out, ("head", layers[at:])]
