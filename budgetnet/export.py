@@ -47,6 +47,7 @@ from budgetnet.device import cpu_family
 from budgetnet.errors import first_line
 from budgetnet.evaluate import checkpoint_test_split
 from budgetnet.files import write_atomic
+from budgetnet.latency import threads as torch_threads
 
 SIDECAR_FORMAT = "budgetnet-export"
 SIDECAR_VERSION = 1
@@ -346,9 +347,7 @@ def export_checkpoint(path, out, *, fmt: str = "onnx", int8: bool = False, image
     if sample.note:
         log(f"note: {sample.note}")
     threads = threads or torch.get_num_threads()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)  # PyTorch and onnxruntime timed on as many threads
-    try:
+    with torch_threads(threads):  # PyTorch and onnxruntime timed on as many threads
         eager, x = eager_runner(module), sample.pixels()
         reference = logits(eager, x)
         model = onnx_model(module, shape) if fmt == "onnx" else torchscript_model(module, shape)
@@ -370,8 +369,6 @@ def export_checkpoint(path, out, *, fmt: str = "onnx", int8: bool = False, image
                                                                  target, threads, int8_max_drop)
         for name, ms in latencies(runners, shape, rounds=latency_rounds, seconds=latency_seconds).items():
             report[name]["latency_ms"] = ms
-    finally:
-        torch.set_num_threads(previous_threads)
     report["model_sha256"] = hashlib.sha256(model).hexdigest()
     write_atomic(out, lambda f: f.write(model))
     write_atomic(sidecar_path(out), lambda f: f.write(json.dumps(sidecar(ckpt, report), indent=2).encode()))
