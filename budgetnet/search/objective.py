@@ -43,7 +43,7 @@ class Objective:
                  max_flops: float | None = None, precision: str = "fp32", worker: int = 0,
                  lease: Lease | None = None, before_trial=None):
         self.opts, self.data, self.clock, self.max_flops = opts, data, clock, max_flops
-        self.search_end, self.slice_s, self.precision = search_end, slice_s, precision
+        self.precision = precision
         self.plan: Plan = dataclasses.replace(plan_budget(opts), search_end=search_end, slice_s=slice_s)
         self.interrupt, self.reporter, self.study = interrupt, reporter, study
         self.worker, self.lease, self.before_trial = worker, lease, before_trial
@@ -54,6 +54,14 @@ class Objective:
         if self.source is not None:
             self.base_data = target_data(self.source, opts.dataset)
             self.n_groups = len(group_names(self.source))
+
+    @property
+    def search_end(self) -> float:
+        return self.plan.search_end
+
+    @property
+    def slice_s(self) -> float:
+        return self.plan.slice_s
 
     def __call__(self, trial: optuna.Trial) -> float:
         row = new_row(trial.number, **({"worker": self.worker} if self.opts.workers > 1 else {}))

@@ -392,8 +392,7 @@ def ray_search_phase(objective, fits) -> None:
         restored = tune.Tuner.can_restore(str(path))
         scheduler = kept_scheduler(study, opts.ray_scheduler, restored, objective.reporter.message)
         _LIVE[key] = live = _Live(objective, fits, opts.workers,
-                                  trial_deadline(objective.search_end, objective.slice_s, opts.budget_seconds)
-                                  + grace + 5.0,
+                                  objective.plan.deadline + grace + 5.0,
                                   SCHEDULER_NAMES[scheduler])
         ctx = TrialContext(study=key, out=str(Path(opts.out).absolute()), caps=Caps.of(opts),
                            slice_s=objective.slice_s, search_end=objective.search_end,
