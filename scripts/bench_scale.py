@@ -14,7 +14,13 @@ each worker has no successor and is left out. Ray trials carry no worker index: 
 in start order, each to the lane that freed first (a trial starts when the driver asks for it, so the gap
 also holds Tune's scheduling and the actor's start).
 
+With ``--join``: two ``budgetnet search`` commands on one study (SQLite), each pinned to one core with
+``taskset`` and one thread to stand in for two machines, the second started once the first's session is
+ready (it joins), against one command on both cores. Trials per 10 minutes count the study's trials of
+both; the test accuracy is the leader's ``best.pt``.
+
     python scripts/bench_scale.py --minutes 10 --workers 1 2 --seeds 0 1            # Fashion-MNIST, > 40 min
+    python scripts/bench_scale.py --minutes 10 --join --seeds 0 1                   # Fashion-MNIST, > 40 min
     python scripts/bench_scale.py --dataset synthetic --minutes 0.7 --seeds 0 --max-params 30k \
         --backend optuna ray --workers 1 2                                          # a smoke run
 """
@@ -25,12 +31,14 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_search import search_and_evaluate  # noqa: E402 - the scripts folder is not a package
+from bench_search import evaluate_checkpoint, search_and_evaluate  # noqa: E402 - scripts is not a package
 
 
 def _lanes(trials: list, n: int) -> dict[int, list]:
@@ -53,10 +61,10 @@ def overheads(storage: str, ray_lanes: int | None = None) -> tuple[list[float], 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = make_storage(storage)
     study = optuna.load_study(study_name=store.get_all_studies()[0].study_name, storage=store)
-    by_worker: dict[int, list] = {}
+    by_worker: dict = {}  # (the joining command, the worker index): one process's trials
     timed = [t for t in study.trials if t.datetime_start is not None and t.datetime_complete is not None]
     for t in timed:
-        by_worker.setdefault(t.user_attrs.get("worker", 0), []).append(t)
+        by_worker.setdefault((t.user_attrs.get("joined"), t.user_attrs.get("worker", 0)), []).append(t)
     if ray_lanes:
         by_worker = _lanes(timed, ray_lanes)
     out = []
@@ -91,6 +99,53 @@ def run_one(backend: str, workers: int, seed: int, args, out_dir: Path) -> dict:
     return row
 
 
+def _session_ready(storage: str, name: str) -> bool:
+    from budgetnet.search import attrs as A
+    from budgetnet.search.storage import stored_study_attrs
+
+    try:
+        attrs = stored_study_attrs(storage, name) or {}
+    except Exception:  # noqa: BLE001 - the database may be mid-creation
+        return False
+    return bool(A.READY.of(attrs)) and A.READY.of(attrs) == A.SESSION.of(attrs)
+
+
+def run_join(seed: int, args, out_dir: Path) -> dict:
+    """Two commands on one study, each pinned to its own core: the first leads, the second joins."""
+    budget_s, tag = args.minutes * 60, f"join-s{seed}"
+    storage = f"sqlite:///{out_dir / (tag + '.db')}"
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs, t0 = [], time.perf_counter()
+    for core, who in (("0", "a"), ("1", "b")):
+        cmd = ["taskset", "-c", core, sys.executable, "-m", "budgetnet", "search", "--dataset", args.dataset,
+               "--max-params", args.max_params, "--hours", f"{budget_s / 3600:.6f}", "--storage", storage,
+               "--study-name", tag, "--artifact-dir", str(out_dir / "artifacts"), "--out",
+               str(out_dir / f"{tag}-{who}.pt"), "--seed", str(seed), "--json", "--device", args.device, *data]
+        log = open(out_dir / f"{tag}-{who}.log", "w")  # noqa: SIM115 - closed with its process
+        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log))
+        while who == "a" and not _session_ready(storage, tag) and time.perf_counter() - t0 < 300:
+            time.sleep(0.5)
+    for proc, log in procs:
+        proc.wait()
+        log.close()
+    wall = time.perf_counter() - t0
+    events = [json.loads(line) for line in (out_dir / f"{tag}-a.log").read_text().splitlines()
+              if line.startswith("{")]
+    summary = next((e for e in events if e.get("event") == "summary"), {})
+    over, states = overheads(storage)
+    row = {"backend": "join", "workers": 2, "seed": seed, "budget_s": budget_s, "wall_s": round(wall, 1),
+           "rc": [p.returncode for p, _ in procs], "overshoot_s": round(max(0.0, wall - budget_s), 1),
+           "states": states, "trials_per_10min": round(sum(states.values()) * 600 / budget_s, 1),
+           "complete_per_10min": round(states.get("COMPLETE", 0) * 600 / budget_s, 1),
+           "overhead_median_s": round(statistics.median(over), 3) if over else None,
+           "overhead_mean_s": round(statistics.mean(over), 3) if over else None,
+           "best_val_acc": summary.get("best_val_acc"), "checkpoint_phase": summary.get("checkpoint_phase"),
+           "test_acc": evaluate_checkpoint(out_dir / f"{tag}-a.pt", args, env).get("test_acc")}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of every run")
@@ -103,13 +158,18 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None, help="default: budgetnet's search order (Debian's folder too)")
     p.add_argument("--out-dir", default=None, help="where journals, checkpoints and logs go")
+    p.add_argument("--join", action="store_true",
+                   help="two joined commands, one core each, against one command on both cores")
     args = p.parse_args()
+    if args.join:
+        args.backend, args.workers = ["optuna", "join"], [1]
 
     out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="bench_scale_"))
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"{len(args.seeds) * len(args.workers) * len(args.backend)} runs of {args.minutes} min, one at a time; "
           f"files in {out_dir}", flush=True)
-    rows = [run_one(b, w, s, args, out_dir) for s in args.seeds for b in args.backend for w in args.workers]
+    rows = [run_join(s, args, out_dir) if b == "join" else run_one(b, w, s, args, out_dir)
+            for s in args.seeds for b in args.backend for w in args.workers]
     (out_dir / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
     base = {}
@@ -117,14 +177,14 @@ def main() -> int:
           "overhead per trial (median; mean) | max overshoot |")
     print("|---|---|---|---|---|---|---|")
     for b, w in ((b, w) for b in args.backend for w in args.workers):
-        rs = [r for r in rows if r["workers"] == w and r["backend"] == b]
+        rs = [r for r in rows if r["backend"] == b and (r["workers"] == w or b == "join")]
         per10 = statistics.mean(r["trials_per_10min"] for r in rs)
         base.setdefault("per10", per10)
         accs = " / ".join(f"{r['test_acc']:.2%}" if r.get("test_acc") is not None else "-" for r in rs)
         med = [r["overhead_median_s"] for r in rs if r["overhead_median_s"] is not None]
         mean = [r["overhead_mean_s"] for r in rs if r["overhead_mean_s"] is not None]
         over = f"{statistics.mean(med):.2f} s; {statistics.mean(mean):.2f} s" if med else "-"
-        print(f"| {b} | {w} | {per10:.1f}; {statistics.mean(r['complete_per_10min'] for r in rs):.1f} | "
+        print(f"| {b} | {'2 commands, 1 core each' if b == 'join' else w} | {per10:.1f}; {statistics.mean(r['complete_per_10min'] for r in rs):.1f} | "
               f"{per10 / base['per10']:.2f}x | {accs} | {over} | {max(r['overshoot_s'] for r in rs):.1f} s |")
     return 0
 

@@ -76,13 +76,22 @@ def search_and_evaluate(search_args: list[str], tag: str, ckpt: Path, args, out_
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     out = {"wall_s": wall, "rc": proc.returncode, "events": lines,
            "summary": next((e for e in lines if e.get("event") == "summary"), {})}
-    if ckpt.exists():
-        ev = subprocess.run([sys.executable, "-m", "budgetnet", "evaluate", str(ckpt), "--json", "--device",
-                             args.device, *data], env=env, capture_output=True, text=True)
-        if ev.returncode == 0:
-            report = json.loads(ev.stdout)
-            out.update(test_acc=report["top1"], test_top5=report["top5"], test_flip=report.get("top1_flip"))
+    out.update(evaluate_checkpoint(ckpt, args, env))
     return out
+
+
+def evaluate_checkpoint(ckpt: Path, args, env: dict) -> dict:
+    """``budgetnet evaluate`` of ``ckpt`` on the test split: test_acc, test_top5 and test_flip, or nothing
+    when there is no checkpoint or it does not evaluate."""
+    if not ckpt.exists():
+        return {}
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    ev = subprocess.run([sys.executable, "-m", "budgetnet", "evaluate", str(ckpt), "--json", "--device",
+                         args.device, *data], env=env, capture_output=True, text=True)
+    if ev.returncode != 0:
+        return {}
+    report = json.loads(ev.stdout)
+    return {"test_acc": report["top1"], "test_top5": report["top5"], "test_flip": report.get("top1_flip")}
 
 
 def run_one(method: str, seed: int, args, out_dir: Path, grid_file: Path) -> dict:
