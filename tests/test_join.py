@@ -274,3 +274,34 @@ def test_a_joiner_takes_the_session_budget_and_refuses_another_backend():
     assert joined.seed != opts.seed and "600 s" in notes[0]
     with pytest.raises(ConfigError, match="only an optuna-backend session can be joined"):
         joiner_options(opts, {**attrs, A.SESSION_BACKEND: "ray"})
+
+
+def test_precision_and_probe_are_decided_once_per_study_and_machine(tmp_path, monkeypatch):
+    """A resume on the machine that measured reuses its precision and probe; on another machine it measures
+    again and says so; --precision other than auto always wins."""
+    import io
+
+    import budgetnet.search.resume as resume
+    from budgetnet.search.options import SearchOptions
+
+    study = optuna.create_study(study_name="s", storage=make_storage(f"sqlite:///{tmp_path / 's.db'}"),
+                                direction="maximize")
+    measured, machine = [], ["host-a cpu: X, 2 threads"]
+    monkeypatch.setattr(resume, "resolve_precision", lambda device, asked: measured.append(asked) or (
+        "bf16" if asked == "auto" else asked))
+    monkeypatch.setattr(resume, "machine_id", lambda device: machine[0])
+    opts = SearchOptions(max_params=1e6, budget_seconds=60)
+
+    def decide(o=opts):
+        out = io.StringIO()
+        return (*resume.decide_precision(study, study.user_attrs, o, Reporter("text", out)), out.getvalue())
+
+    assert decide() == ("bf16", False, "") and measured == ["auto"]  # a new study measures
+    A.PROBE_IMAGES_PER_S.set(study, 1234.0)
+    assert decide() == ("bf16", True, "") and measured == ["auto"]  # the same machine: reused, probe too
+    machine[0] = "host-b cuda: H100, 16 threads"
+    precision, reuse, said = decide()
+    assert (precision, reuse) == ("bf16", False) and measured == ["auto", "auto"]
+    assert "resumed on another machine (host-b" in said and "measuring them again" in said
+    assert decide(SearchOptions(max_params=1e6, budget_seconds=60, precision="fp32"))[0] == "fp32"
+    assert study.user_attrs[A.PRECISION] == "fp32" and study.user_attrs[A.MACHINE] == machine[0]
