@@ -45,7 +45,7 @@ from budgetnet.search.progress import Reporter
 from budgetnet.search.record import guard_overhead
 from budgetnet.search.source import init_source, study_data
 from budgetnet.search.space import finetune_warm_start, sampling_flops, warm_start
-from budgetnet.search.storage import open_study, quiet_optuna, storage_of, stored_study_attrs
+from budgetnet.search.storage import open_study, quiet_optuna, shown_url, storage_of, stored_study_attrs
 from budgetnet.search.trial import MIN_EPOCHS_PER_TRIAL, Caps
 from budgetnet.search.workers import LEASE_TTL_S, Lease, Workers, fail_orphans, new_session, split_resources
 
@@ -257,7 +257,7 @@ def summarise(s: Session, checkpoint_phase: str | None, final_metrics: dict, int
     clock.save()  # the check's seconds are the budget's too
     summary = {
         "study": study.study_name,
-        "storage": opts.storage,
+        "storage": shown_url(opts.storage),
         "trials": counts(study),
         "seconds_used": clock.used(),
         "budget_seconds": opts.budget_seconds,
@@ -405,4 +405,4 @@ def nothing_trained(study: optuna.Study, opts: SearchOptions, slice_s: float, se
 
 
 def dashboard_command(storage: str, artifact_dir: str) -> str:
-    return f"optuna-dashboard {storage} --artifact-dir {artifact_dir}"
+    return f"optuna-dashboard {shown_url(storage, resolve=True)} --artifact-dir {artifact_dir}"
