@@ -166,10 +166,11 @@ def check_journal(url: str) -> None:
 
 @contextlib.contextmanager
 def storage_errors(url: str):
-    """Whatever opening ``--storage`` raises, but a KeyError (no such study), as one-line ``StorageError``."""
+    """Whatever opening ``--storage`` raises, but a KeyError (no such study), as one-line ``StorageError``.
+    The message shows the URL without its password."""
     try:
         yield
-    except KeyError:
+    except (KeyError, StorageError):  # a StorageError is one line already
         raise
     except Exception as e:  # noqa: BLE001 - each is the user's to fix, in one line
         kind = "an Optuna journal file" if "://" not in url else "a study database"
