@@ -85,7 +85,8 @@ def open_study(url: str, name: str | None = None) -> optuna.Study:
     try:
         study.get_trials(deepcopy=False)  # a damaged file fails here, in one line, not halfway through a report
     except Exception as e:  # noqa: BLE001
-        raise ReportError(f"cannot read the trials of study {name!r} in {shown_url(url)}: {first_line(e, cause=True)}") from None
+        raise ReportError(f"cannot read the trials of study {name!r} in {shown_url(url)}: "
+                          f"{first_line(e, cause=True)}") from None
     return study
 
 

@@ -26,8 +26,10 @@ from budgetnet.search.clock import REPORT_STEPS
 DRIVERS = ("sqlite", "postgresql", "mysql")
 # A server database's drivers: SQLAlchemy's name, the module it imports, its pip package. A bare URL
 # gets SQLAlchemy's default driver when installed, else the first one installed.
-DRIVER_MODULES = {"postgresql": (("psycopg", "psycopg", "psycopg[binary]"), ("psycopg2", "psycopg2", "psycopg2-binary")),
-                  "mysql": (("mysqldb", "MySQLdb", "mysqlclient"), ("pymysql", "pymysql", "pymysql"))}
+DRIVER_MODULES = {
+    "postgresql": (("psycopg", "psycopg", "psycopg[binary]"), ("psycopg2", "psycopg2", "psycopg2-binary")),
+    "mysql": (("mysqldb", "MySQLdb", "mysqlclient"), ("pymysql", "pymysql", "pymysql")),
+}
 INSTALL_DRIVER = {"postgresql": "pip install 'budgetnet[postgres]'", "mysql": "pip install pymysql"}
 
 
@@ -78,7 +80,8 @@ def parse_url(url: str):
     if driver:  # as given; a known one must be installed
         if driver in known and not _installed(known[driver][0]):
             raise StorageError(f"--storage {shown_url(url)} names the driver {driver}, which is not installed: "
-                               f"pip install '{known[driver][1]}', or give {database}:// ({INSTALL_DRIVER[database]})")
+                               f"pip install '{known[driver][1]}', or give {database}:// "
+                               f"({INSTALL_DRIVER[database]})")
         return parsed
     default = parsed.get_dialect().driver  # SQLAlchemy's default driver for a bare URL (its version's)
     names = [default, *[name for name in known if name != default]]
@@ -211,7 +214,8 @@ def exclusive(url: str, key: str, timeout_s: float = 30.0):
       fcntl lock SQLite holds on it in this process, another thread's transaction included.
 
     Reentrant in one thread (a block inside a block of the same lock goes straight in); another thread of
-    the same process waits like another process.
+    the same process waits like another process. Hold it briefly and never wait inside for another process
+    that opens the storage: a local storage's lock is its folder's, which ``make_storage`` takes too.
     """
     path = local_path(url)
     ident = ("folder", str(path.parent.resolve())) if path is not None else ("server", resolved_url(url), key)
@@ -268,7 +272,8 @@ def _server_lock(url: str, key: str, timeout_s: float):
     parsed = parse_url(url)
     number = _lock_number(parsed.database, key)
     if mysql := parsed.get_backend_name() == "mysql":  # a name of at most 64 characters, server-wide
-        lock, unlock, args = "SELECT GET_LOCK(:name, :s)", "SELECT RELEASE_LOCK(:name)", {"name": f"budgetnet:{number:x}"}
+        lock, unlock = "SELECT GET_LOCK(:name, :s)", "SELECT RELEASE_LOCK(:name)"
+        args = {"name": f"budgetnet:{number:x}"}
     else:  # pg_advisory_lock returns nothing, and waits at most lock_timeout (set below)
         lock, unlock, args = "SELECT 1 FROM pg_advisory_lock(:n)", "SELECT pg_advisory_unlock(:n)", {"n": number}
     connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": max(1, round(timeout_s))}
@@ -284,7 +289,8 @@ def _server_lock(url: str, key: str, timeout_s: float):
                 got = conn.execute(sa.text(lock), {**args, "s": timeout_s} if mysql else args).scalar()
             except sa.exc.OperationalError as e:
                 if _sqlstate(e) != "55P03":  # not lock_not_available (waited past lock_timeout)
-                    raise StorageError(f"cannot lock --storage {shown_url(url)}: {first_line(e, cause=True)}") from None
+                    raise StorageError(f"cannot lock --storage {shown_url(url)}: "
+                                       f"{first_line(e, cause=True)}") from None
                 got = 0
             if got != 1:
                 raise StorageError(f"--storage {shown_url(url)}: another process held its lock {key!r} for "
