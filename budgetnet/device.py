@@ -19,6 +19,7 @@ import contextlib
 import functools
 import platform
 import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,21 @@ def cpu_profile() -> CpuProfile:
     bf16 = _step_ms("bf16", give_up_ms=2 * fp32) if native else None
     fast = bf16 is not None and fp32 / bf16 >= BF16_MIN_SPEEDUP
     return CpuProfile(torch.backends.cpu.get_cpu_capability(), native, fp32, bf16, "bf16" if fast else "fp32")
+
+
+def machine_id(device: torch.device | str) -> str:
+    """This machine and device as a resumed study tells them apart (the precision and speed decided on one
+    hold there only): host name, the device's model, and the CPU threads torch uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        try:
+            found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        except OSError:
+            found = None
+        name = found.group(1).strip() if found else platform.processor() or platform.machine()
+    return f"{socket.gethostname()} {device.type}: {name}, {torch.get_num_threads()} threads"
 
 
 def cpu_family() -> str:

@@ -20,7 +20,7 @@ from budgetnet.datasets.info import DATASET_INFO
 from budgetnet.evaluate import evaluate_checkpoint, format_report
 from budgetnet.latency import MIN_REPEATS, SECONDS, deployment_latency
 from budgetnet.models import build_model
-from budgetnet.search import session
+from budgetnet.search import resume
 from budgetnet.search.options import SearchOptions, StudyMismatch
 from budgetnet.search.progress import Reporter
 from budgetnet.search.session import run_search
@@ -155,10 +155,10 @@ def test_a_resume_with_another_flops_or_latency_cap_is_refused_in_one_line(tmp_p
     assert not optuna.load_study(study_name="capped", storage=storage).trials
     assert not (tmp_path / "best.pt").exists()
     same = SearchOptions(max_params=30_000, budget_seconds=36, dataset="synthetic", max_flops=2e7)
-    session._check_same_study(storage, "capped", same)  # the same caps resume
+    resume.check_same_study(storage, "capped", same)  # the same caps resume
     study.set_user_attr("max_latency_ms", 2.0)
     with pytest.raises(StudyMismatch, match="--latency-threads 1, not 4"):  # measured otherwise: another cap
-        session._check_same_study(storage, "capped", dataclasses.replace(same, max_latency_ms=2.0, latency_threads=4))
+        resume.check_same_study(storage, "capped", dataclasses.replace(same, max_latency_ms=2.0, latency_threads=4))
 
 
 def test_train_refuses_a_config_over_max_flops_in_one_line(tmp_path, capsys):

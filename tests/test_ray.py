@@ -28,6 +28,7 @@ import budgetnet  # noqa: E402
 from budgetnet.cli import main  # noqa: E402
 from budgetnet.config import DataConfig  # noqa: E402
 from budgetnet.datasets.info import DATASET_INFO  # noqa: E402
+from budgetnet.files import safe_name  # noqa: E402
 from budgetnet.search import ray_backend as rb  # noqa: E402
 from budgetnet.search.clock import Clock  # noqa: E402
 from budgetnet.search.objective import Objective  # noqa: E402
@@ -182,6 +183,38 @@ def test_a_restored_experiment_keeps_its_scheduler_and_says_so():
     # a study from before the attr was recorded: the flag is all there is to go by
     old = optuna.create_study(direction="maximize")
     assert rb.kept_scheduler(old, "asha", restored=True, message=said.append) == "asha" and len(said) == 1
+
+
+class _NamedStudy:
+    """What ``experiment_dir`` reads of a study: its name and user attrs."""
+
+    def __init__(self, name: str, attrs: dict | None = None):
+        self.study_name, self.user_attrs = name, dict(attrs or {})
+
+    def set_user_attr(self, key, value):
+        self.user_attrs[key] = value
+
+
+@pytest.mark.parametrize("name", ["../../../x", "/etc/passwd", "..", "folder:/data/flowers-1Mparams-60min"])
+def test_a_ray_experiment_folder_stays_inside_studies_ray_whatever_the_study_name(tmp_path, name):
+    ray_root = (tmp_path / "studies" / "ray").resolve()
+    study = _NamedStudy(name)
+    path = rb.experiment_dir(study, str(tmp_path / "studies" / "artifacts"))
+    assert path.parent == ray_root and path.name == safe_name(name)
+    assert study.user_attrs["ray_experiment"] == str(path)  # recorded for the next session
+    assert not any(tmp_path.rglob("*"))  # nothing created: Tune creates the folder
+    path.mkdir(parents=True)  # another storage's study of that name has it: a suffix, still inside
+    other = rb.experiment_dir(_NamedStudy(name), str(tmp_path / "studies" / "artifacts"))
+    assert other.parent == ray_root and other.name.startswith(path.name + "-") and other != path
+
+
+def test_a_safe_study_name_keeps_its_ray_folder_and_a_recorded_one_is_kept_as_recorded(tmp_path):
+    artifacts = str(tmp_path / "studies" / "artifacts")
+    path = rb.experiment_dir(_NamedStudy("cifar100-1Mparams-60min"), artifacts)
+    assert path == (tmp_path / "studies" / "ray" / "cifar100-1Mparams-60min").resolve()
+    recorded = str(tmp_path / "elsewhere" / "old-experiment")  # an existing study's experiment, wherever it is
+    study = _NamedStudy("../x", {"ray_experiment": recorded})
+    assert rb.experiment_dir(study, artifacts) == Path(recorded)
 
 
 def test_median_stopping_judges_reports_from_the_third_and_never_pauses():

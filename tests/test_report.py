@@ -285,7 +285,7 @@ def test_the_search_summary_says_why_its_trials_were_pruned(tmp_path):
     from optuna.trial import TrialState, create_trial
 
     from budgetnet.report.study import study_summary, trials_frame
-    from budgetnet.search.session import counts as _counts
+    from budgetnet.search.outcome import counts as _counts
 
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
     study.add_trial(create_trial(value=0.5, state=TrialState.COMPLETE, user_attrs={"state": "complete"}))

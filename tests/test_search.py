@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from optuna.trial import TrialState
 
 import budgetnet.compile
+import budgetnet.search.outcome as outcome
+import budgetnet.search.resume as resume
 import budgetnet.search.session as session
 import budgetnet.train
 from budgetnet.budget import count_flops, count_params
@@ -305,7 +307,7 @@ def test_diverging_trial_is_recorded_and_the_search_goes_on(tmp_path, slice_s):
 def test_trials_too_slow_for_their_slice_are_pruned_early_and_the_search_goes_on(tmp_path, monkeypatch, slice_s):
     import budgetnet.search.trial as trial_mod
 
-    for module in (trial_mod, probe, session):  # the speed check, and the FLOP cap scaled from the probe
+    for module in (trial_mod, probe, outcome):  # the speed check, and the FLOP cap scaled from the probe
         monkeypatch.setattr(module, "MIN_EPOCHS_PER_TRIAL", 1e5)  # no model can see 1e5 epochs in a slice
     summary = run_search(_opts(tmp_path, slice_s, final_fraction=0.0, budget_seconds=7 * slice_s),
                          Reporter("quiet"))
@@ -544,9 +546,9 @@ def test_a_resume_with_another_cap_or_dataset_is_refused(tmp_path, capsys):
     for key, value in (("max_params", 30_000.0), ("dataset", "folder:/data/leaves"), ("image_size", None)):
         folder.set_user_attr(key, value)
     same = dict(max_params=30_000, budget_seconds=60, dataset="folder:/data/leaves")
-    session._check_same_study(storage, "folder", SearchOptions(**same))
+    resume.check_same_study(storage, "folder", SearchOptions(**same))
     with pytest.raises(StudyMismatch, match="--image-size its default, not 64"):
-        session._check_same_study(storage, "folder", SearchOptions(**same, image_size=64))
+        resume.check_same_study(storage, "folder", SearchOptions(**same, image_size=64))
 
 
 def test_a_budget_too_short_for_one_slice_exits_non_zero_with_one_line(tmp_path):

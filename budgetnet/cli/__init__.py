@@ -34,8 +34,9 @@ def _user_mistakes() -> tuple[type[Exception], ...]:
     from budgetnet.checkpoint import CheckpointError
     from budgetnet.config import ConfigError
     from budgetnet.datasets.info import DatasetNotFound
+    from budgetnet.files import UnsafePath
 
-    return ConfigError, DatasetNotFound, CheckpointError, BudgetExceeded
+    return ConfigError, DatasetNotFound, CheckpointError, BudgetExceeded, UnsafePath
 
 
 def main(argv: list[str] | None = None) -> int:

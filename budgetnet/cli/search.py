@@ -96,4 +96,4 @@ def cmd_search(args) -> int:
     summary = run_search(opts, Reporter(mode), started=STARTED)
     if summary.get("error"):
         print(f"budgetnet: nothing trained: {summary['error']}", file=sys.stderr)
-    return 0 if summary["checkpoint"] or summary["interrupted"] else 1
+    return 0 if summary["checkpoint"] or summary["interrupted"] or summary.get("joined") else 1

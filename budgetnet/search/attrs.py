@@ -85,6 +85,17 @@ SESSION_STARTED_AT = Attr("session_started_at", float, "wall time at which the s
 SESSION_USED_BEFORE = Attr("session_used_before", float, "... this many budget seconds")
 WORKERS = Attr("workers", int, "worker processes of the session")
 READY = Attr("ready", str, "the session whose probe is done: its workers may start")
+SESSION_LEASE = Attr("session_lease_until", float, "wall time (epoch seconds) the session's lease runs to: its "
+                     "leader renews it while the command runs; a later command joins a live session")
+SESSION_PID = Attr("session_pid", int, "the leader's process ...")
+SESSION_HOST = Attr("session_host", str, "... and its machine")
+SESSION_OUT = Attr("session_out", str, "where the leader writes best.pt (an absolute path on its machine)")
+SESSION_BACKEND = Attr("session_backend", str, "the session's backend: commands join an optuna one only")
+PLAN = Attr("plan", dict, "the session's budget cut (budget_seconds, final_fraction, final_auto): joiners take it")
+MACHINE = Attr("machine", str, "the machine that measured the precision and the probe: a resume there reuses "
+               "them, a resume elsewhere measures again")
+ARTIFACT_DIR = Attr("artifact_dir", str, "the leader's artifact folder (absolute): joiners that reach it store "
+                    "their models there")
 RAY_EXPERIMENT = Attr("ray_experiment", str, "the Ray Tune experiment's folder (a Ray study)")
 RAY_SCHEDULER = Attr("ray_scheduler", str, "the scheduler the Ray experiment was created with")
 INIT = Attr("init", str, "search --init: the checkpoint the search fine-tunes (its path)")
@@ -110,6 +121,9 @@ IMAGES_PER_S = Attr("images_per_s", float, "the trial's training rate")
 EPOCHS = Attr("epochs", float, "epochs the trial trained")
 STEPS = Attr("steps", int, "optimizer steps the trial took")
 WORKER = Attr("worker", int, "the worker process that ran it")
+JOINED = Attr("joined", str, "the joining command (host:pid) that ran it; unset: the leader's command")
+MODEL_ARTIFACT = Attr("model_artifact", dict, "the trial's model as an Optuna artifact, kept when it beat the "
+                      "study's best: its id, folder and machine")
 RAY_TRIAL = Attr("ray_trial", str, "Tune's trial id (never set for a rejected config)")
 RAY_NODE = Attr("ray_node", str, "the Ray node that ran it")
 

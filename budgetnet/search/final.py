@@ -18,6 +18,8 @@ import dataclasses
 import fcntl
 import math
 import os
+import shutil
+import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +32,7 @@ from budgetnet.compile import compile_note
 from budgetnet.config import RunConfig
 from budgetnet.data import load_data
 from budgetnet.datasets.info import DatasetInfo
+from budgetnet.errors import first_line
 from budgetnet.evaluate import checkpoint_latency
 from budgetnet.search import attrs as A
 from budgetnet.search.clock import WRITE_RESERVE_S, Clock
@@ -62,6 +65,20 @@ def numbers(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
+def holds_as_good(out: str, study_name: str, value: float) -> bool:
+    """Whether ``out`` holds a model of the study at least as good as one of validation ``value``: its final
+    model, or a trial's that scored as well. An unreadable file holds nothing (the command checked at start
+    that it was ours)."""
+    if not Path(out).exists():
+        return False
+    try:
+        held = load_checkpoint(out)
+    except CheckpointError:
+        return False
+    return held["extra"].get("study") == study_name and (
+        held["extra"].get("phase") == "final" or held["metrics"].get("val_acc", -1.0) >= value)
+
+
 def keep_if_best(out: str, study_name: str, trial_number: int, cfg: RunConfig, result: RunResult,
                  value: float, n_params: int, flops: int, classes: list[str], info: DatasetInfo | None = None,
                  extra: dict | None = None) -> bool:
@@ -69,18 +86,63 @@ def keep_if_best(out: str, study_name: str, trial_number: int, cfg: RunConfig, r
     ``info``: the trial's ``DatasetInfo``, so that a folder dataset is not scanned again for the write.
     ``extra``: more for the checkpoint to record (a fine-tuned model's source)."""
     with out_lock(out):
-        if Path(out).exists():
-            try:
-                held = load_checkpoint(out)
-            except CheckpointError:
-                held = None  # not readable: replaced (the command checked at start that it was ours)
-            if held is not None and held["extra"].get("study") == study_name and (
-                    held["extra"].get("phase") == "final" or held["metrics"].get("val_acc", -1.0) >= value):
-                return False
+        if holds_as_good(out, study_name, value):
+            return False
         save_checkpoint(out, cfg, result.state_dict, metrics={"val_acc": value, **numbers(result.metrics)},
                         n_params=n_params, flops=flops, classes=classes, train_seconds=result.seconds,
                         precision=result.precision, info=info,
                         extra={**(extra or {}), "phase": "search", "study": study_name, "trial": trial_number})
+    return True
+
+
+def keep_artifact_if_best(study: optuna.Study, trial, artifact_dir: str, cfg: RunConfig, result: RunResult,
+                          value: float, n_params: int, flops: int, classes: list[str],
+                          info: DatasetInfo | None = None, extra: dict | None = None) -> bool:
+    """Store a complete trial's model as an Optuna artifact of the trial (``model_artifact``) when it beats
+    every complete trial of the study: the leader can then write ``best.pt`` from it wherever it runs
+    (``restore_best``), whichever command or machine trained it. True if stored."""
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if any(t.value is not None and t.value >= value for t in done):
+        return False
+    folder = Path(artifact_dir).absolute()
+    folder.mkdir(parents=True, exist_ok=True)  # FileSystemArtifactStore does not create it
+    tmp = folder / f".trial-{trial.number}-{uuid.uuid4().hex[:8]}.pt"
+    try:
+        save_checkpoint(tmp, cfg, result.state_dict, metrics={"val_acc": value, **numbers(result.metrics)},
+                        n_params=n_params, flops=flops, classes=classes, train_seconds=result.seconds,
+                        precision=result.precision, info=info,
+                        extra={**(extra or {}), "phase": "search", "study": study.study_name, "trial": trial.number})
+        artifact_id = upload_artifact(artifact_store=FileSystemArtifactStore(str(folder)), file_path=str(tmp),
+                                      study_or_trial=trial, mimetype="application/octet-stream")
+    finally:
+        tmp.unlink(missing_ok=True)
+    A.MODEL_ARTIFACT.set(trial, {"id": artifact_id, "dir": str(folder), "host": socket.gethostname()})
+    return True
+
+
+def restore_best(out: str, study: optuna.Study, best: optuna.trial.FrozenTrial, reporter: Reporter) -> bool:
+    """Write ``best``'s model to ``out`` from its artifact when ``out`` holds no model of this study as good
+    (it ran in another command, or on another machine): the search's best is at ``out`` whatever the final
+    phase does next. True if written."""
+    artifact = A.MODEL_ARTIFACT.of(best)
+    if not artifact:
+        return False
+    with out_lock(out):
+        if holds_as_good(out, study.study_name, best.value):
+            return False
+        source = Path(artifact["dir"]) / artifact["id"]
+        try:
+            tmp = Path(out).with_name(f".{Path(out).name}.{uuid.uuid4().hex[:8]}.tmp")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, out)
+        except OSError as e:
+            reporter.warning(f"trial {best.number}'s model is an artifact in {artifact['dir']} on {artifact['host']}, "
+                             f"which this machine cannot read ({first_line(e)}); {out} keeps what it holds. Give "
+                             "every command one --artifact-dir on a shared filesystem")
+            return False
+    reporter.message(f"{out}: trial {best.number}'s model, from its artifact (it ran in another command)")
     return True
 
 

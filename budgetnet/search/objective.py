@@ -14,9 +14,9 @@ import optuna
 from budgetnet.config import DataConfig, RunConfig
 from budgetnet.data import DeviceData
 from budgetnet.finetune import group_names, target_data
-from budgetnet.search.attrs import TIME_FEASIBLE_FLOPS, WORKER, State
+from budgetnet.search.attrs import JOINED, TIME_FEASIBLE_FLOPS, WORKER, State
 from budgetnet.search.clock import REPORT_STEPS, Clock
-from budgetnet.search.final import keep_if_best
+from budgetnet.search.final import keep_artifact_if_best, keep_if_best
 from budgetnet.search.options import Plan, SearchOptions, plan_budget
 from budgetnet.search.phase import Interrupt
 from budgetnet.search.probe import learned_cap
@@ -41,12 +41,13 @@ class Objective:
     def __init__(self, opts: SearchOptions, data: DeviceData, clock: Clock, search_end: float,
                  slice_s: float, interrupt: Interrupt, reporter: Reporter, study: optuna.Study,
                  max_flops: float | None = None, precision: str = "fp32", worker: int = 0,
-                 lease: Lease | None = None, before_trial=None):
+                 lease: Lease | None = None, before_trial=None, joined: str | None = None):
         self.opts, self.data, self.clock, self.max_flops = opts, data, clock, max_flops
         self.precision = precision
         self.plan: Plan = dataclasses.replace(plan_budget(opts), search_end=search_end, slice_s=slice_s)
         self.interrupt, self.reporter, self.study = interrupt, reporter, study
         self.worker, self.lease, self.before_trial = worker, lease, before_trial
+        self.joined = joined  # a joining command's id: its trials say so, and it never writes --out
         self.lost: int | None = None  # the number of a trial that another process ended while this one ran it
         self.shape = data.info.shape
         self.base_data = DataConfig(dataset=opts.dataset, image_size=opts.image_size)
@@ -70,6 +71,8 @@ class Objective:
         if self.lease is not None:
             self.lease.hold(trial_id(trial))
         WORKER.set(trial, self.worker)
+        if self.joined is not None:
+            JOINED.set(trial, self.joined)
         try:
             if self.before_trial is not None:
                 self.before_trial()
@@ -131,8 +134,10 @@ class Objective:
         for key, over in out.constraints.items():
             trial.set_constraint(key, over)
         if out.state == State.COMPLETE:
-            keep_if_best(opts.out, self.study.study_name, trial.number, cfg, out.result, out.value, out.n_params,
-                         out.flops, self.data.classes, self.data.info, extra=extra)
+            model = (cfg, out.result, out.value, out.n_params, out.flops, self.data.classes, self.data.info)
+            if self.joined is None:
+                keep_if_best(opts.out, self.study.study_name, trial.number, *model, extra=extra)
+            keep_artifact_if_best(self.study, trial, opts.artifact_dir, *model, extra=extra)
         return out.state, out.reason, out.value
 
     def learn_speed(self, number: int, images_per_s: float, flops: int | None, steps: int) -> None:

@@ -84,6 +84,13 @@ class Reporter:
                     f"{state}")
         self._write(f"  budget {budget_bar(used, total)}")
 
+    def joined(self, summary: dict, line: str) -> None:
+        """A joining command's close: what it added to the study, and where its leader writes best.pt."""
+        if self.mode == "json":
+            self._write(json.dumps({"event": "joined", **summary, "text": line}))
+        else:
+            self._write(line)
+
     def summary(self, summary: dict) -> None:
         if self.mode == "json":
             self._write(json.dumps({"event": "summary", **summary}))

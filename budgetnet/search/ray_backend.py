@@ -9,8 +9,9 @@ Where it departs from Tune's defaults, and why (docs/search.md, "Ray backend"):
 - No ``TuneConfig(time_budget_s)`` (it leaves trials RUNNING): the searcher stops proposing when a full
   slice no longer fits, trials poll the deadline, and a ``Stopper`` ends the experiment on Ctrl-C.
 - The scheduler judges on the shared progress axis: one report per 10% of a slice, from 30%.
-- Resume: the experiment lives under ``studies/ray/<study>`` and is restored by the same command. Live
-  objects are never pickled into Tune's state: searcher, stopper and callback hold a key into ``_LIVE``.
+- Resume: the experiment lives under ``studies/ray/<study>`` (the name made safe: ``files.safe_name``) and is
+  restored by the same command. Live objects are never pickled into Tune's state: searcher, stopper and
+  callback hold a key into ``_LIVE``.
 This is the only module that imports ray.
 """
 
@@ -35,6 +36,7 @@ from ray.tune.search.optuna import OptunaSearch
 from budgetnet.config import RunConfig
 from budgetnet.data import DeviceData
 from budgetnet.device import set_memory_share
+from budgetnet.files import inside, safe_name
 from budgetnet.recipe import prime_optimizers
 from budgetnet.search.attrs import (
     CONFIG,
@@ -69,14 +71,17 @@ _LIVE: dict[str, _Live] = {}  # experiment name -> what its searcher, stopper an
 
 def experiment_dir(study: optuna.Study, artifact_dir: str) -> Path:
     """Where the study's Ray Tune experiment lives: the one recorded in the study (user attr
-    ``ray_experiment``), else ``studies/ray/<study>`` beside ``studies/artifacts`` (with a suffix when
-    another storage's study of that name has it), recorded for the next session."""
+    ``ray_experiment``), else ``studies/ray/<safe_name(study)>`` beside ``studies/artifacts`` (with a suffix
+    when another storage's study of that name has it), recorded for the next session. A new one is always
+    inside that ``ray`` folder (``files.inside``)."""
     recorded = RAY_EXPERIMENT.of(study)
     if recorded:
         return Path(recorded)
-    path = base = (Path(artifact_dir).absolute().parent / "ray" / study.study_name).absolute()
+    root = Path(artifact_dir).absolute().parent / "ray"
+    name = safe_name(study.study_name)
+    path = inside(root, name)
     while path.exists():
-        path = base.with_name(f"{base.name}-{uuid.uuid4().hex[:6]}")
+        path = inside(root, f"{name}-{uuid.uuid4().hex[:6]}")
     RAY_EXPERIMENT.set(study, str(path))
     return path
 

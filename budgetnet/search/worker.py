@@ -4,6 +4,7 @@ session and searches until no full slice fits, its leader is gone, or a stop. It
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from budgetnet.config import DataConfig
@@ -22,8 +23,9 @@ from budgetnet.search.workers import Lease, fail_orphans, split_resources, wait_
 
 
 def run_worker(opts: SearchOptions, study_name: str, index: int, n: int, leader: int, session: str,
-               mode: str = "text") -> int:
-    """Worker ``index`` of ``n`` (a process the leader started) in session ``session`` of the study."""
+               mode: str = "text", joined: str | None = None) -> int:
+    """Worker ``index`` of ``n`` (a process its command started; ``joined``: that command's id when it
+    joined another's session) in session ``session`` of the study."""
     quiet_optuna()
     split_resources(opts.device, n)
     with Interrupt() as interrupt:
@@ -38,7 +40,7 @@ def run_worker(opts: SearchOptions, study_name: str, index: int, n: int, leader:
                 load_data(DataConfig(dataset=opts.dataset, image_size=opts.image_size), opts.data_dir, opts.device,
                           download=opts.download))
         prime_optimizers()  # while the leader probes: not out of this worker's first slice
-        attrs = wait_ready(study, session, leader, stop=interrupt.event.is_set)
+        attrs = wait_ready(study, session, gone=lambda _: os.getppid() != leader, stop=interrupt.event.is_set)
         if attrs is None:  # the leader is gone, a stop, or a newer command owns the study
             return 0
         plan = plan.with_slice(A.SLICE_SECONDS.of(attrs))
@@ -52,7 +54,7 @@ def run_worker(opts: SearchOptions, study_name: str, index: int, n: int, leader:
         lease.start()
         objective = Objective(opts, data, clock, plan.search_end, plan.slice_s, interrupt, Reporter(mode), study,
                               A.TIME_FEASIBLE_FLOPS.of(attrs) or None, A.PRECISION.of(attrs), worker=index,
-                              lease=lease, before_trial=lambda: fail_orphans(study, stale_only=True))
+                              lease=lease, before_trial=lambda: fail_orphans(study, stale_only=True), joined=joined)
         search_phase(study, objective, fits, interrupt)
         lease.stop()
     return 0
@@ -64,7 +66,7 @@ def worker_main(spec: dict) -> int:
     if opts_dict.get("grid") is not None:
         opts_dict["grid"] = tuple(opts_dict["grid"])
     return run_worker(SearchOptions(**opts_dict), spec["study"], spec["index"], spec["workers"], spec["leader"],
-                      spec["session"], spec["mode"])
+                      spec["session"], spec["mode"], spec.get("joined"))
 
 
 if __name__ == "__main__":
