@@ -16,13 +16,17 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"
 # Debian packages some tests need; without them those tests skip (installed where apt is usable):
-# the real-data tests read Debian's Fashion-MNIST; the report page is checked in headless chromium.
+# the real-data tests read Debian's Fashion-MNIST; the report page is checked in headless chromium; the
+# PostgreSQL tests start a throwaway server (tests/conftest.py: initdb in a temporary folder, on 127.0.0.1,
+# as an unprivileged user, stopped at the end), from Debian's binaries in /usr/lib/postgresql/<version>/bin.
+# Where CI is set, a PostgreSQL test fails rather than skip without them.
 debs=()
 [ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || debs+=(dataset-fashion-mnist)
 command -v chromium >/dev/null || debs+=(chromium)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null || debs+=(postgresql)
 if [ "${#debs[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}") >/dev/null 2>&1 \
-    || echo "note: ${debs[*]} not installed; the tests that need them will skip"
+    || echo "note: ${debs[*]} not installed; the tests that need them will skip (where CI is set, the PostgreSQL ones fail)"
 fi
 
 run_pytest() {

@@ -10,15 +10,25 @@ write_cifar100``); the fixtures wrap them for the common case.
   ``fine_label_names``/``coarse_label_names``. ``write_cifar10`` does the same for ``cifar-10-batches-py``.
 * ``write_idx`` / ``write_fashion_mnist(root, n_train, n_test)`` write MNIST idx files (``.gz`` by default)
   under ``root/FashionMNIST/raw``, the layout torchvision uses.
+* ``postgres_url``: an empty database of a throwaway PostgreSQL server, one per test (``postgres_server``
+  starts the server once a session).
 """
 
 from __future__ import annotations
 
+import glob
 import gzip
+import importlib.util
 import io
 import os
 import pickle
+import pwd
+import shutil
+import socket
 import struct
+import subprocess
+import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +218,91 @@ def slice_s(synthetic_data) -> float:
                     data=DataConfig(dataset="synthetic"))
     result = train_run(cfg, synthetic_data, device="cpu", epochs=0.5)
     return max(3.0, 60 * 64 / result.images_per_s)
+
+
+# -- a throwaway PostgreSQL ---------------------------------------------------------------------------
+
+def _postgres_bindir() -> Path | None:
+    """The newest Debian PostgreSQL's binaries (not on PATH there), else those on PATH."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: [int(x) if x.isdigit() else 0 for x in p.split("/")[4].split(".")])
+    if found:
+        return Path(found[-1]).parent
+    return Path(shutil.which("initdb")).parent if shutil.which("initdb") else None
+
+
+def _unavailable(reason: str) -> None:
+    """Skip, but fail under CI: there the PostgreSQL tests must run, never skip unseen."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"{reason}; CI is set, so the PostgreSQL tests may not skip")
+    pytest.skip(reason)
+
+
+def _as_user(uid: int, gid: int):
+    def demote() -> None:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    return demote
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server for this test session: ``postgresql://budgetnet@127.0.0.1:PORT/postgres``
+    (superuser budgetnet, trust authentication, no password). A cluster made by ``initdb`` in a temporary
+    folder, listening on 127.0.0.1 on a free port (and a socket in that folder), without fsync, run as
+    ``nobody`` when the tests run as root (PostgreSQL refuses root), stopped and removed at the end.
+    ``BUDGETNET_TEST_POSTGRES=<url>`` uses that server instead (a user who may create databases).
+    No PostgreSQL binaries or no psycopg: the tests skip, or fail where the environment variable CI is set."""
+    if os.environ.get("BUDGETNET_TEST_POSTGRES"):
+        yield os.environ["BUDGETNET_TEST_POSTGRES"]
+        return
+    if importlib.util.find_spec("psycopg") is None:
+        _unavailable("psycopg is not installed (pip install -e '.[dev]')")
+    bindir = _postgres_bindir()
+    if bindir is None:
+        _unavailable("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql")
+    root = Path(tempfile.mkdtemp(prefix="budgetnet-pg-"))  # under /tmp: nobody must reach it
+    run = {"env": {**os.environ, "LC_ALL": "C"}, "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE,
+           "text": True, "timeout": 60}
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("nobody")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        run["preexec_fn"] = _as_user(user.pw_uid, user.pw_gid)
+    data, started = root / "data", False
+    try:
+        made = subprocess.run([bindir / "initdb", "-D", data, "-A", "trust", "-U", "budgetnet", "-E", "UTF8",
+                               "--locale=C", "--no-sync"], **run)
+        assert made.returncode == 0, f"initdb failed: {made.stderr}"
+        with socket.socket() as s:  # a free port now; another process taking it first fails the start
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        options = (f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c synchronous_commit=off "
+                   "-c full_page_writes=off")
+        up = subprocess.run([bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-o", options, "-w",
+                             "-t", "30", "start"], **run)
+        started = up.returncode == 0
+        log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
+        assert started, f"pg_ctl start failed: {up.stderr}{log[-2000:]}"
+        yield f"postgresql://budgetnet@127.0.0.1:{port}/postgres"
+    finally:
+        if started:
+            subprocess.run([bindir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"], **run)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A new, empty database on ``postgres_server`` for one test (its URL, without a driver: as a user gives
+    it), dropped after it. Every test has its own, so study names need not differ between tests."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    server = make_url(postgres_server).set(drivername="postgresql")
+    admin = server.render_as_string(hide_password=False)
+    name = f"budgetnet_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield server.set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:  # FORCE: also what a killed test process left open
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -97,16 +97,22 @@ def test_bad_search_input_is_one_line_exit_2_and_touches_nothing(tmp_path, capsy
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["keep"]
 
 
-@pytest.mark.parametrize("kind", ["text file as sqlite", "garbage journal", "server without its driver"])
+@pytest.mark.parametrize("kind", ["text file as sqlite", "garbage journal", "server without its driver",
+                                  "server that refuses"])
 def test_a_storage_optuna_cannot_use_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, monkeypatch, kind):
     """Past the URL's syntax: a file that is not a study database, a damaged journal, a server database
-    whose Python driver is not installed. Each is the user's to fix: one line, exit 2, the file as it was."""
+    whose Python driver is not installed (named with its install), a server that refuses the connection
+    (its password not shown). Each is the user's to fix: one line, exit 2, the file as it was."""
     import builtins
+
+    from budgetnet.search import storage
 
     junk = tmp_path / ("notes.txt" if kind != "garbage journal" else "study.log")
     junk.write_text("{not a study\n")
     url = {"text file as sqlite": f"sqlite:///{junk}", "garbage journal": str(junk),
-           "server without its driver": "postgresql://127.0.0.1:1/budgetnet"}[kind]
+           "server without its driver": "postgresql://127.0.0.1:1/budgetnet",
+           "server that refuses": "postgresql://ann:s3cret@127.0.0.1:1/budgetnet"}[kind]  # nothing on port 1
+    says = f"budgetnet: error: cannot use --storage {url}"
     if kind == "server without its driver":  # whichever drivers this machine has: none, as on a fresh one
         real_import = builtins.__import__
 
@@ -116,10 +122,15 @@ def test_a_storage_optuna_cannot_use_is_one_line_exit_2_and_nothing_written(tmp_
             return real_import(name, *a, **k)
 
         monkeypatch.setattr(builtins, "__import__", no_drivers)
+        monkeypatch.setattr(storage, "_installed", lambda module: False)
+        says = (f"budgetnet: error: --storage {url} needs a postgresql driver, and none is installed: "
+                "pip install 'budgetnet[postgres]'")
+    if kind == "server that refuses":
+        says = "budgetnet: error: cannot use --storage postgresql://ann:***@127.0.0.1:1/budgetnet as a study database"
     code = main(["search", "--dataset", "synthetic", "--hours", "0.01", "--storage", url,
                  "--out", str(tmp_path / "best.pt"), "--artifact-dir", str(tmp_path / "art")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith(f"budgetnet: error: cannot use --storage {url}"), err
+    assert code == 2 and len(err) == 1 and err[0].startswith(says) and "s3cret" not in err[0], err
     assert junk.read_text() == "{not a study\n" and not (tmp_path / "best.pt").exists()
 
 

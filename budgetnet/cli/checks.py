@@ -54,7 +54,7 @@ def _check_not_someone_elses(out: str, study_name: str, storage: str) -> None:
     begun again would otherwise rank its trials against that model, and keep it while its best.json
     named the new study's trials."""
     from budgetnet.checkpoint import CheckpointError, load_checkpoint
-    from budgetnet.search.storage import stored_study_attrs
+    from budgetnet.search.storage import shown_url, stored_study_attrs
 
     if not Path(out).exists():
         return
@@ -69,8 +69,8 @@ def _check_not_someone_elses(out: str, study_name: str, storage: str) -> None:
         raise UserError(f"--out {out} holds the model of study {owner!r}, not {study_name!r}; {resume}move it "
                         f"or choose another --out")
     if stored_study_attrs(storage, study_name) is None:
-        raise UserError(f"--out {out} holds the model of an earlier study {study_name!r} that --storage {storage} "
-                        f"no longer holds; move it or choose another --out")
+        raise UserError(f"--out {out} holds the model of an earlier study {study_name!r} that --storage "
+                        f"{shown_url(storage)} no longer holds; move it or choose another --out")
 
 
 def _check_storage(url: str) -> None:

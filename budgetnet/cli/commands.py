@@ -265,11 +265,11 @@ def cmd_dashboard(args) -> int:
     from optuna.artifacts import FileSystemArtifactStore
 
     from budgetnet.report.study import study_names
-    from budgetnet.search.storage import make_storage
+    from budgetnet.search.storage import make_storage, shown_url
 
     # read only, as report: a storage with no study (or no Optuna tables) is refused, not created or written
     if not study_names(args.storage):
-        raise UserError(f"--storage {args.storage} holds no study")
+        raise UserError(f"--storage {shown_url(args.storage)} holds no study")
     Path(args.artifact_dir).mkdir(parents=True, exist_ok=True)
     print(f"optuna-dashboard on http://{args.host}:{args.port}/  (Ctrl-C stops it)", flush=True)
     optuna_dashboard.run_server(make_storage(args.storage), host=args.host, port=args.port,

@@ -26,7 +26,7 @@ from budgetnet.finetune import described
 from budgetnet.search import attrs as A
 from budgetnet.search.clock import REPORT_STEPS
 from budgetnet.search.record import guard_overhead
-from budgetnet.search.storage import check_journal, local_path, make_storage
+from budgetnet.search.storage import check_journal, local_path, make_storage, shown_url
 from budgetnet.search.workers import lease_lapsed
 
 # trials_dataframe() column -> the report's column, in the table's order
@@ -60,7 +60,7 @@ def _read_storage(url: str) -> tuple[optuna.storages.BaseStorage, list[str]]:
         storage = make_storage(url, create=False)
         return storage, [s.study_name for s in storage.get_all_studies()]
     except Exception as e:  # noqa: BLE001 - not a database optuna can read: say so in one line
-        raise ReportError(f"cannot read --storage {url}: {first_line(e, cause=True)}") from None
+        raise ReportError(f"cannot read --storage {shown_url(url)}: {first_line(e, cause=True)}") from None
 
 
 def study_names(url: str) -> list[str]:
@@ -73,19 +73,20 @@ def open_study(url: str, name: str | None = None) -> optuna.Study:
     line) for a storage file that does not exist, which is not created, or a study that is not in it."""
     storage, names = _read_storage(url)
     if not names:
-        raise ReportError(f"--storage {url} holds no study")
+        raise ReportError(f"--storage {shown_url(url)} holds no study")
     if name is None:
         if len(names) > 1:
-            raise ReportError(f"--storage {url} holds {len(names)} studies ({', '.join(sorted(names))}); "
+            raise ReportError(f"--storage {shown_url(url)} holds {len(names)} studies ({', '.join(sorted(names))}); "
                               f"choose one with --study-name")
         name = names[0]
     elif name not in names:
-        raise ReportError(f"no study named {name!r} in {url}; it holds: {', '.join(sorted(names))}")
+        raise ReportError(f"no study named {name!r} in {shown_url(url)}; it holds: {', '.join(sorted(names))}")
     study = optuna.load_study(study_name=name, storage=storage)
     try:
         study.get_trials(deepcopy=False)  # a damaged file fails here, in one line, not halfway through a report
     except Exception as e:  # noqa: BLE001
-        raise ReportError(f"cannot read the trials of study {name!r} in {url}: {first_line(e, cause=True)}") from None
+        raise ReportError(f"cannot read the trials of study {name!r} in {shown_url(url)}: "
+                          f"{first_line(e, cause=True)}") from None
     return study
 
 

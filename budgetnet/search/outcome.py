@@ -10,6 +10,7 @@ from budgetnet.latency import thread_label
 from budgetnet.search import attrs as A
 from budgetnet.search.attrs import State
 from budgetnet.search.options import SearchOptions
+from budgetnet.search.storage import shown_url
 from budgetnet.search.trial import MIN_EPOCHS_PER_TRIAL
 
 
@@ -82,4 +83,6 @@ def nothing_trained(study: optuna.Study, opts: SearchOptions, slice_s: float, se
 
 
 def dashboard_command(storage: str, artifact_dir: str) -> str:
-    return f"optuna-dashboard {storage} --artifact-dir {artifact_dir}"
+    """The command that serves the study in optuna-dashboard: the URL with its driver named (one this
+    machine has), the password as ``***``."""
+    return f"optuna-dashboard {shown_url(storage, resolve=True)} --artifact-dir {artifact_dir}"

@@ -60,6 +60,7 @@ from budgetnet.search.storage import (
     make_sampler,
     open_study,
     quiet_optuna,
+    shown_url,
     storage_of,
 )
 from budgetnet.search.trial import Caps
@@ -352,7 +353,7 @@ def summarise(s: Session, checkpoint_phase: str | None, final_metrics: dict, int
     clock.save()  # the check's seconds are the budget's too
     summary = {
         "study": study.study_name,
-        "storage": opts.storage,
+        "storage": shown_url(opts.storage),
         "trials": counts(study),
         "seconds_used": clock.used(),
         "budget_seconds": opts.budget_seconds,
