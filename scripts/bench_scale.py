@@ -14,7 +14,7 @@ each worker has no successor and is left out. Ray trials carry no worker index: 
 in start order, each to the lane that freed first (a trial starts when the driver asks for it, so the gap
 also holds Tune's scheduling and the actor's start).
 
-With ``--join``: two ``budgetnet search`` commands on one study (SQLite), each pinned to one core with
+With ``--join``: two ``budgetnet search`` commands on one study (a journal file), each pinned to one core with
 ``taskset`` and one thread to stand in for two machines, the second started once the first's session is
 ready (it joins), against one command on both cores. Trials per 10 minutes count the study's trials of
 both; the test accuracy is the leader's ``best.pt``.
@@ -113,7 +113,7 @@ def _session_ready(storage: str, name: str) -> bool:
 def run_join(seed: int, args, out_dir: Path) -> dict:
     """Two commands on one study, each pinned to its own core: the first leads, the second joins."""
     budget_s, tag = args.minutes * 60, f"join-s{seed}"
-    storage = f"sqlite:///{out_dir / (tag + '.db')}"
+    storage = str(out_dir / f"{tag}.study.log")  # the journal file, as the one-command runs use
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     procs, t0 = [], time.perf_counter()

@@ -49,13 +49,14 @@ def _grid(tmp_path) -> str:
     return str(path)
 
 
-def _start(folder, url: str, study: str, budget_s: float, slice_s: float, grid: str) -> subprocess.Popen:
+def _start(folder, url: str, study: str, budget_s: float, slice_s: float, grid: str,
+           final_fraction: float = 0.3) -> subprocess.Popen:
     """One ``budgetnet search`` in its own working folder, as on its own machine."""
     folder.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "budgetnet", "search", "--dataset", "synthetic", "--max-params", "30k",
            "--hours", f"{budget_s / 3600:.6f}", "--trial-seconds", f"{slice_s:.2f}", "--storage", url,
            "--study-name", study, "--out", "best.pt", "--device", "cpu", "--json", "--no-warm-start",
-           "--sampler", "grid", "--grid", grid, "--pruner", "none", "--final-fraction", "0.3"]
+           "--sampler", "grid", "--grid", grid, "--pruner", "none", "--final-fraction", str(final_fraction)]
     return subprocess.Popen(cmd, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
 
@@ -153,13 +154,15 @@ def test_a_killed_leader_leaves_its_joiner_to_the_deadline_and_its_command_run_a
         tmp_path, postgres_url, slice_s):
     """kill -9 of the leader: the joiner searches on to the session's deadline and ends saying the leader is
     gone; the leader's command run again resumes the study (past its search phase) into the final phase."""
-    budget, url = 12 * slice_s, postgres_url
+    # half the budget for the final phase: a resumed process trains it cold (its first steps pay torch's
+    # one-off costs), and a few seconds would not fit its data
+    budget, url, final = 12 * slice_s, postgres_url, 0.5
     name, grid = f"lead-{uuid.uuid4().hex[:6]}", _grid(tmp_path)
-    leader = _start(tmp_path / "a", url, name, budget, slice_s, grid)
+    leader = _start(tmp_path / "a", url, name, budget, slice_s, grid, final)
     attrs = _wait_for(lambda: _session_ready(url, name), 60, leader)
     assert attrs, leader.communicate()
     anchor = A.SESSION_STARTED_AT.of(attrs)
-    joiner = _start(tmp_path / "b", url, name, budget, slice_s, grid)
+    joiner = _start(tmp_path / "b", url, name, budget, slice_s, grid, final)
     assert _wait_for(lambda: _running_of(url, name, leader.pid), 60 + budget, leader), "the leader never ran a trial"
     assert _wait_for(lambda: [t for t in _study(url, name).trials if t.user_attrs.get(A.JOINED)], 60 + budget,
                      joiner), "the joiner never started a trial"
@@ -171,14 +174,14 @@ def test_a_killed_leader_leaves_its_joiner_to_the_deadline_and_its_command_run_a
     joined = _events(out_j)[-1]
     assert joined["event"] == "joined" and not joined["leader_live"] and "is gone" in joined["text"]
     # it stopped at the session's deadline: its last trial ended by the search phase's end, give or take
-    assert ended - anchor <= 0.7 * budget + slice_s + START_UP_S
+    assert ended - anchor <= (1 - final) * budget + slice_s + START_UP_S
     assert not _study(url, name).get_trials(states=(TrialState.RUNNING,))  # the leader's trial: failed
-    rerun = _start(tmp_path / "a", url, name, budget, slice_s, grid)
+    rerun = _start(tmp_path / "a", url, name, budget, slice_s, grid, final)
     out_r, _ = _finish(rerun, 60 + budget)
     assert rerun.returncode == 0
     events = _events(out_r)
     assert any(e.get("text", "").startswith("resuming study") for e in events)
-    assert events[-1]["checkpoint_phase"] == "final" and events[-1]["seconds_used"] <= budget + OVERSHOOT_S
+    assert events[-1]["checkpoint_phase"] == "final" and events[-1]["seconds_used"] <= budget + OVERSHOOT_S, out_r
     study = _study(url, name)
     assert study.user_attrs["final_done"] and study.user_attrs["final_runs"] == 1
     assert load_checkpoint(tmp_path / "a" / "best.pt")["extra"]["phase"] == "final"

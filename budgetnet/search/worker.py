@@ -1,5 +1,6 @@
-"""A worker process of ``--workers N`` (``python -m budgetnet.search.worker SPEC``): it joins the leader's
-session and searches until no full slice fits, its leader is gone, or a stop. It never runs the final phase."""
+"""A worker process of ``--workers N`` (``python -m budgetnet.search.worker``, its JSON spec on stdin): it
+joins its command's session and searches until no full slice fits, its command is gone, or a stop. It
+never runs the final phase."""
 
 from __future__ import annotations
 
@@ -72,6 +73,6 @@ def worker_main(spec: dict) -> int:
 if __name__ == "__main__":
     tune_cpu_allocator()
     try:
-        sys.exit(worker_main(json.loads(sys.argv[1])))
+        sys.exit(worker_main(json.loads(sys.stdin.read())))
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the worker could install its handler
         sys.exit(130)

@@ -278,8 +278,12 @@ class Workers:
             spec = json.dumps({"opts": opts_dict, "study": study_name, "index": index, "workers": n,
                                "leader": os.getpid(), "session": session, "mode": mode, "joined": joined})
             # A session of its own: a terminal's Ctrl-C reaches the leader only, which forwards it once.
-            self.procs[index] = subprocess.Popen([sys.executable, "-m", "budgetnet.search.worker", spec],
-                                                 start_new_session=True)
+            # the spec on stdin, not argv: a --storage password must not show in another user's ps
+            proc = subprocess.Popen([sys.executable, "-m", "budgetnet.search.worker"], stdin=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+            proc.stdin.write(spec)
+            proc.stdin.close()
+            self.procs[index] = proc
 
     def signal(self, signum: int) -> None:
         for p in self.procs.values():
