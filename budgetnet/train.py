@@ -37,13 +37,13 @@ from budgetnet.errors import first_line
 from budgetnet.finetune import Freezer
 from budgetnet.models import build_model
 from budgetnet.recipe import EMA, lr_factor, make_optimizer, training_loss
+from budgetnet.speedcheck import SpeedCheck
 
 Hook = Callable[[float, dict], bool]
 
 COMPLETE, STOPPED, DIVERGED, OOM, TOO_SLOW = "complete", "stopped", "diverged", "oom", "too_slow"
 EVAL_SUBSET = 2000  # validation images scored at intermediate marks (all of them at the last mark)
 SYNC_EVERY = 8  # steps between host syncs (divergence check, stop poll); bounds how far the CPU runs ahead
-SPEED_CHECK_AT = 0.05  # progress from which a time-sliced run with ``min_epochs`` checks its own speed
 
 
 @dataclass
@@ -61,6 +61,7 @@ class RunResult:
     state_dict: dict | None = None  # final weights (the EMA weights when EMA is on), on the CPU
     precision: str = "fp32"  # what the run trained in: fp32, bf16 or fp16 (autocast)
     compile: dict = field(default_factory=dict)  # mode, compiled, and (auto) compile_s, both rates, reason
+    speed_recheck: dict = field(default_factory=dict)  # a too-slow verdict re-checked: both rates (img/s)
 
 
 def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, seconds: float | None = None,
@@ -72,10 +73,12 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
 
     ``hook(progress, metrics)`` is called at each evaluation mark; returning True stops the run.
     ``stop()`` is polled every few steps (a deadline, Ctrl-C); True stops the run at once.
-    ``min_epochs`` (time slices only): from ``SPEED_CHECK_AT`` of the slice, the run projects its rate over
-    the slice and ends ``too_slow`` if that covers fewer epochs (not worth evaluating, nor the rest of its
-    slice). It judges the rate after step 1 (set-up) once it has two steps; a first evaluation due before
-    step 2 has it judge step 1 alone on the CPU, never on CUDA (docs/benchmarks.md, "GPU").
+    ``min_epochs`` (time slices only; ``speedcheck.py``): from 5% of the slice, the run projects its rate
+    over the slice; if that covers fewer epochs, the verdict is re-checked from 10% over the steps since,
+    and the run ends ``too_slow`` only if those fall short too (not worth evaluating, nor the rest of its
+    slice; ``RunResult.speed_recheck`` keeps both rates). It judges the rate after step 1 (set-up) once it
+    has two steps; a first evaluation due before step 2 has it judge step 1 alone on the CPU, never on
+    CUDA (docs/benchmarks.md, "GPU").
     ``precision`` is "auto" (the device's best, ``budgetnet.device.resolve_precision``), fp32, bf16 or fp16.
     ``teacher`` (with ``cfg.train.distill > 0``, and only then): a trained model of the same classes whose
     outputs on each augmented batch the student also learns from (``training_loss``). It is frozen, and
@@ -173,7 +176,7 @@ class _State:
     t0: float  # the run's start: a slice covers set-up too
     step_model: nn.Module  # what steps train through: compiled, or the model itself
     loss_sum: torch.Tensor  # training loss since the last evaluation, summed on the device
-    speed_check: bool  # still to come
+    speed: SpeedCheck | None  # a time slice with min_epochs: its speed check
     loss_count: int = 0
     train_time: float = 0.0  # seconds in training steps, evaluations excluded
     step: int = 0
@@ -229,8 +232,8 @@ def _start(cfg: RunConfig, data: DeviceData, device: torch.device, *, seconds: f
                teacher, opt, scaler, normalize, batch, gen, n, bs, steps_per_epoch,
                marks=[(k + 1) / cfg.train.eval_points for k in range(cfg.train.eval_points)], auto=auto,
                compile_info=auto.info if auto is not None else compile_info, freezer=freezer)
-    speed_check = seconds is not None and bool(min_epochs)
-    return run, _State(t0, step_model, torch.zeros((), device=device), speed_check)
+    speed = SpeedCheck(seconds, n, min_epochs) if seconds is not None and min_epochs else None
+    return run, _State(t0, step_model, torch.zeros((), device=device), speed)
 
 
 def _train(run: _Run, s: _State) -> RunResult:
@@ -243,8 +246,9 @@ def _train(run: _Run, s: _State) -> RunResult:
             # a slice that cannot cover min_epochs ends early
             if _too_slow(run, s, p):
                 break
-            # evaluate at every mark reached; the last one ends the run
-            if p >= run.marks[len(s.history)]:
+            # evaluate at every mark reached (not while a speed verdict awaits its re-check); the last one
+            # ends the run
+            if p >= run.marks[len(s.history)] and not (s.speed is not None and s.speed.verdict is not None):
                 _evaluate(run, s, p)
                 if s.done:
                     break
@@ -292,20 +296,17 @@ def _wait_for_device(run: _Run, s: _State) -> None:
 
 
 def _too_slow(run: _Run, s: _State, p: float) -> bool:
-    """Once, from SPEED_CHECK_AT of a slice: end the run too_slow if its rate cannot cover ``min_epochs``."""
+    """The run's speed check (``speedcheck.SpeedCheck``) at progress ``p``: True once it ends the run."""
     # where step 1 is speed, not set-up, it judges alone if an evaluation comes before step 2
     first_alone = s.step == 1 and p >= run.marks[0] and not first_step_is_setup(run.device)
-    if not (s.speed_check and p >= SPEED_CHECK_AT and (s.step >= 2 or first_alone)):
+    if s.speed is None or not s.speed.wants(p, s.step, first_alone, eval_due=p >= run.marks[len(s.history)]):
         return False
-    s.speed_check = False
     # On CUDA, launched steps may still be queued: judge the device, not the host.
     _wait_for_device(run, s)
-    rate = s.steady_rate()
-    projected = rate * run.seconds / run.n
-    if projected >= run.min_epochs:
+    reason = s.speed.judge(s.step, s.images, s.train_time, s.steady_rate())
+    if reason is None:
         return False
-    s.end(TOO_SLOW, f"{projected:.2f} epochs projected in the {run.seconds:.0f} s slice at {rate:,.0f} img/s; "
-                    f"needs {run.min_epochs:g}")
+    s.end(TOO_SLOW, reason)
     return True
 
 
@@ -421,7 +422,8 @@ def _result(run: _Run, s: _State) -> RunResult:
     return RunResult(status=s.status, reason=s.reason, metrics=s.history[-1] if s.history else {},
                      history=s.history, seconds=time.perf_counter() - s.t0, steps=s.step,
                      images_per_s=s.steady_rate(), first_step_s=s.first_step_s, state_dict=state,
-                     precision=run.precision, compile=dict(run.compile_info))
+                     precision=run.precision, compile=dict(run.compile_info),
+                     speed_recheck=s.speed.recheck if s.speed is not None else {})
 
 
 @torch.no_grad()

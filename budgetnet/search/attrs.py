@@ -120,6 +120,8 @@ SECONDS = Attr("seconds", float, "training seconds of the trial's slice")
 IMAGES_PER_S = Attr("images_per_s", float, "the trial's training rate")
 EPOCHS = Attr("epochs", float, "epochs the trial trained")
 STEPS = Attr("steps", int, "optimizer steps the trial took")
+SPEED_RECHECK = Attr("speed_recheck", dict, "a too-slow verdict re-checked over a later window: the rate at the "
+                     "verdict and over the window (img/s); the trial went on if the window's covered its slice")
 WORKER = Attr("worker", int, "the worker process that ran it")
 JOINED = Attr("joined", str, "the joining command (host:pid) that ran it; unset: the leader's command")
 MODEL_ARTIFACT = Attr("model_artifact", dict, "the trial's model as an Optuna artifact, kept when it beat the "

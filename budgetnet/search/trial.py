@@ -138,6 +138,8 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, caps: Caps, slice_s: float, d
     set_attr(A.IMAGES_PER_S, round(result.images_per_s, 1))
     set_attr(A.EPOCHS, round(result.metrics.get("epoch", 0.0), 2))
     set_attr(A.STEPS, result.steps)
+    if result.speed_recheck:
+        set_attr(A.SPEED_RECHECK, result.speed_recheck)
     if of_run(result.status) is not None:  # ended without a result worth ranking: PRUNED, with the run's reason
         out.state, out.reason = of_run(result.status), result.reason
     elif result.status == STOPPED and result.reason == "stopped by hook":
