@@ -21,6 +21,7 @@ both; the test accuracy is the leader's ``best.pt``.
 
     python scripts/bench_scale.py --minutes 10 --workers 1 2 --seeds 0 1            # Fashion-MNIST, > 40 min
     python scripts/bench_scale.py --minutes 10 --join --seeds 0 1                   # Fashion-MNIST, > 40 min
+    python scripts/bench_scale.py --minutes 2 --join --no-pin --workers 2 --device cuda   # one GPU, two ways
     python scripts/bench_scale.py --dataset synthetic --minutes 0.7 --seeds 0 --max-params 30k \
         --backend optuna ray --workers 1 2                                          # a smoke run
 """
@@ -115,10 +116,13 @@ def run_join(seed: int, args, out_dir: Path) -> dict:
     budget_s, tag = args.minutes * 60, f"join-s{seed}"
     storage = str(out_dir / f"{tag}.study.log")  # the journal file, as the one-command runs use
     data = ["--data-dir", args.data_dir] if args.data_dir else []
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.pin:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     procs, t0 = [], time.perf_counter()
     for core, who in (("0", "a"), ("1", "b")):
-        cmd = ["taskset", "-c", core, sys.executable, "-m", "budgetnet", "search", "--dataset", args.dataset,
+        pin = ["taskset", "-c", core] if args.pin else []
+        cmd = [*pin, sys.executable, "-m", "budgetnet", "search", "--dataset", args.dataset,
                "--max-params", args.max_params, "--hours", f"{budget_s / 3600:.6f}", "--storage", storage,
                "--study-name", tag, "--artifact-dir", str(out_dir / "artifacts"), "--out",
                str(out_dir / f"{tag}-{who}.pt"), "--seed", str(seed), "--json", "--device", args.device, *data]
@@ -159,24 +163,28 @@ def main() -> int:
     p.add_argument("--data-dir", default=None, help="default: budgetnet's search order (Debian's folder too)")
     p.add_argument("--out-dir", default=None, help="where journals, checkpoints and logs go")
     p.add_argument("--join", action="store_true",
-                   help="two joined commands, one core each, against one command on both cores")
+                   help="two joined commands, one core each, against one command (with each --workers count)")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="with --join: no taskset, default threads (two commands sharing one GPU)")
     args = p.parse_args()
     if args.join:
-        args.backend, args.workers = ["optuna", "join"], [1]
+        args.backend = ["optuna", "join"]
+        args.workers = args.workers if "--workers" in sys.argv else [1]
 
     out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="bench_scale_"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{len(args.seeds) * len(args.workers) * len(args.backend)} runs of {args.minutes} min, one at a time; "
+    configs = [(b, w) for b in args.backend for w in ([0] if b == "join" else args.workers)]
+    print(f"{len(args.seeds) * len(configs)} runs of {args.minutes} min, one at a time; "
           f"files in {out_dir}", flush=True)
     rows = [run_join(s, args, out_dir) if b == "join" else run_one(b, w, s, args, out_dir)
-            for s in args.seeds for b in args.backend for w in args.workers]
+            for s in args.seeds for b, w in configs]
     (out_dir / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
     base = {}
     print("\n| backend | workers | trials / 10 min (all; complete) | vs optuna, 1 worker | test acc per seed | "
           "overhead per trial (median; mean) | max overshoot |")
     print("|---|---|---|---|---|---|---|")
-    for b, w in ((b, w) for b in args.backend for w in args.workers):
+    for b, w in configs:
         rs = [r for r in rows if r["backend"] == b and (r["workers"] == w or b == "join")]
         per10 = statistics.mean(r["trials_per_10min"] for r in rs)
         base.setdefault("per10", per10)
@@ -184,7 +192,8 @@ def main() -> int:
         med = [r["overhead_median_s"] for r in rs if r["overhead_median_s"] is not None]
         mean = [r["overhead_mean_s"] for r in rs if r["overhead_mean_s"] is not None]
         over = f"{statistics.mean(med):.2f} s; {statistics.mean(mean):.2f} s" if med else "-"
-        print(f"| {b} | {'2 commands, 1 core each' if b == 'join' else w} | {per10:.1f}; {statistics.mean(r['complete_per_10min'] for r in rs):.1f} | "
+        joined = "2 commands" + (", 1 core each" if args.pin else "")
+        print(f"| {b} | {joined if b == 'join' else w} | {per10:.1f}; {statistics.mean(r['complete_per_10min'] for r in rs):.1f} | "
               f"{per10 / base['per10']:.2f}x | {accs} | {over} | {max(r['overshoot_s'] for r in rs):.1f} s |")
     return 0
 

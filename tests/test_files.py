@@ -82,7 +82,7 @@ def test_a_search_under_a_hostile_study_name_writes_only_where_it_was_told(tmp_p
     work.mkdir(parents=True)
     monkeypatch.chdir(work)  # the default storage, artifact folder and --out are relative to here
     name = "../../../x"
-    code = main(["search", "--dataset", "synthetic", "--hours", "0.003", "--max-params", "20k", "--trial-seconds", "1",
+    code = main(["search", "--dataset", "synthetic", "--hours", "0.005", "--max-params", "20k", "--trial-seconds", "2",
                  "--study-name", name, "--device", "cpu", "--quiet"])
     assert code == 0 and (work / "best.pt").is_file()
     assert optuna.load_study(study_name=name, storage="sqlite:///studies/budgetnet.db").trials  # named as given

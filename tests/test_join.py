@@ -146,6 +146,9 @@ def test_joined_commands_share_one_budget_and_one_final_phase_and_a_killed_joine
     by = {t.user_attrs.get(A.JOINED) for t in study.trials}
     assert None in by and f"{socket.gethostname()}:{joiner.pid}" in by
     assert any(t.datetime_start.timestamp() > killed_at for t in study.trials if t.state == TrialState.COMPLETE)
+    # every study-best model is an artifact in the leader's folder, which the joiners reach here
+    folders = {t.user_attrs[A.MODEL_ARTIFACT]["dir"] for t in study.trials if A.MODEL_ARTIFACT in t.user_attrs}
+    assert folders == {str((tmp_path / "a" / "studies" / "artifacts").absolute())}
 
 
 @pytest.mark.timing

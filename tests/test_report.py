@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -344,8 +345,8 @@ def test_the_model_card_never_mixes_two_checkpoints(tmp_path, monkeypatch):
 
 def test_a_killed_searchs_trial_reads_interrupted_not_running(tmp_path):
     """A trial left RUNNING by a search killed with -9 was reported as running until the command ran
-    again. Its lease has run out and its process is gone: the report says interrupted. A live trial,
-    and a Ray study's trials (Ray's hold no lease), stay running."""
+    again. Its process is gone: the report says interrupted. A live trial (its process alive, its lease
+    renewed), and a Ray study's trials (Ray's hold no lease), stay running."""
     import socket
 
     from budgetnet.report.study import trials_frame
@@ -360,8 +361,8 @@ def test_a_killed_searchs_trial_reads_interrupted_not_running(tmp_path):
         if ray:
             study.set_user_attr("ray_experiment", str(tmp_path / "ray" / name))
         dead, live = study.ask(), study.ask()
-        for trial, until in ((dead, time.time() - 60), (live, time.time() + 20)):
-            study._storage.set_trial_system_attr(trial._trial_id, PID_KEY, gone.pid)
+        for trial, until, pid in ((dead, time.time() - 60, gone.pid), (live, time.time() + 20, os.getpid())):
+            study._storage.set_trial_system_attr(trial._trial_id, PID_KEY, pid)
             study._storage.set_trial_system_attr(trial._trial_id, HOST_KEY, socket.gethostname())
             study._storage.set_trial_system_attr(trial._trial_id, LEASE_KEY, until)
         states[name] = trials_frame(study)["budgetnet_state"].tolist()

@@ -27,7 +27,7 @@ from budgetnet.search import attrs as A
 from budgetnet.search.clock import REPORT_STEPS
 from budgetnet.search.record import guard_overhead
 from budgetnet.search.storage import check_journal, local_path, make_storage, shown_url
-from budgetnet.search.workers import lease_lapsed
+from budgetnet.search.workers import orphaned
 
 # trials_dataframe() column -> the report's column, in the table's order
 TRIAL_ATTRS = {
@@ -111,7 +111,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     if A.RAY_EXPERIMENT not in study.user_attrs:
         now = time.time()
         lapsed = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                  if lease_lapsed(t, now) is not None]
+                  if orphaned(t, now) is not None]
         df.loc[df["number"].isin(lapsed) & (df["state"] == "RUNNING"), "budgetnet_state"] = A.State.INTERRUPTED
     steps = {t.number: max(t.intermediate_values) / REPORT_STEPS
              for t in study.get_trials(deepcopy=False) if t.intermediate_values}

@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import time
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
@@ -56,6 +57,15 @@ def joiner_options(opts: SearchOptions, attrs: dict) -> tuple[SearchOptions, lis
         notes.append(f"note: the session's budget ({budget:.0f} s) holds, not this command's "
                      f"({opts.budget_seconds:.0f} s)")
     return joined, notes
+
+
+def shared_artifact_dir(attrs: dict, own: str) -> str:
+    """Where a joiner stores its models: the leader's artifact folder when this machine can write to it (the
+    same machine, or a shared filesystem), so that the leader and its dashboard find them; its own else."""
+    leader = A.ARTIFACT_DIR.of(attrs)
+    if leader and Path(leader).is_dir() and os.access(leader, os.W_OK | os.X_OK):
+        return leader
+    return own
 
 
 def joining_line(study: optuna.Study, attrs: dict) -> str:

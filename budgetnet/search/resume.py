@@ -66,7 +66,9 @@ def decide_precision(study: optuna.Study, attrs: dict, opts: SearchOptions, repo
     """The precision trials train in, decided once per study and machine: a resume on the machine that
     decided it reuses it (and the probe's figures: the second value says so); a new study, or a resume on
     another machine, measures (``device.resolve_precision``); ``--precision`` other than auto overrides."""
-    here, was = machine_id(opts.device), A.MACHINE.of(attrs)
+    # the probe measures one worker's share: another --workers count is another measurement
+    here = machine_id(opts.device) + (f", {opts.workers} workers" if opts.workers > 1 else "")
+    was = A.MACHINE.of(attrs)
     same = was == here and A.PRECISION in attrs
     if was is not None and was != here:
         reporter.message(f"resumed on another machine ({here}; the study's precision and speed were measured on "

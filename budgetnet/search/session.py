@@ -9,6 +9,7 @@ it instead (``search/join.py``): it adds trials until the search phase ends.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -35,6 +36,7 @@ from budgetnet.search.join import (
     joiner_id,
     joiner_options,
     joining_line,
+    shared_artifact_dir,
     wait_for_others,
 )
 from budgetnet.search.objective import Objective
@@ -174,6 +176,7 @@ def _lead(opts: SearchOptions, reporter: Reporter, study: optuna.Study, data: De
                         (A.DATASET, opts.dataset), (A.IMAGE_SIZE, opts.image_size),
                         (A.ARTIFACT_DIR, str(Path(opts.artifact_dir).absolute()))):
         attr.set(study, value)
+    Path(opts.artifact_dir).mkdir(parents=True, exist_ok=True)  # so that joiners that reach it find it
     source = init_source(opts)
     if source is not None:
         A.INIT.set(study, source.path)
@@ -271,6 +274,7 @@ def _take_session(s: Session, interrupt: Interrupt) -> None:
                            "nothing joined; run the command again to resume the study")
         return
     s.precision, s.max_flops = A.PRECISION.of(attrs), A.TIME_FEASIBLE_FLOPS.of(attrs) or None
+    s.opts = dataclasses.replace(s.opts, artifact_dir=shared_artifact_dir(attrs, s.opts.artifact_dir))
     s.plan = s.plan.with_slice(A.SLICE_SECONDS.of(attrs))
     s.fits = search_fits(s.opts, s.study, s.clock, s.plan.slice_s, s.reporter)
     s.searching = A.PHASE.of(attrs, "search") == "search" and s.fits()
