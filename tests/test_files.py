@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -77,15 +79,17 @@ def test_an_escape_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert len(err) == 1 and err[0].startswith("budgetnet: error: ") and "leads outside" in err[0], err
 
 
-def test_a_search_under_a_hostile_study_name_writes_only_where_it_was_told(tmp_path, monkeypatch):
+def test_a_search_under_a_hostile_study_name_writes_only_where_it_was_told(tmp_path):
     work = tmp_path / "a" / "b" / "c" / "work"  # deep enough for ../../../x to land inside tmp_path if followed
     work.mkdir(parents=True)
-    monkeypatch.chdir(work)  # the default storage, artifact folder and --out are relative to here
     name = "../../../x"
-    code = main(["search", "--dataset", "synthetic", "--hours", "0.005", "--max-params", "20k", "--trial-seconds", "2",
-                 "--study-name", name, "--device", "cpu", "--quiet"])
-    assert code == 0 and (work / "best.pt").is_file()
-    assert optuna.load_study(study_name=name, storage="sqlite:///studies/budgetnet.db").trials  # named as given
+    # its own process, in its own working folder: the default storage, artifact folder and --out are
+    # relative to it (and its budget counts from its own start)
+    done = subprocess.run([sys.executable, "-m", "budgetnet", "search", "--dataset", "synthetic", "--hours", "0.005",
+                           "--max-params", "20k", "--trial-seconds", "2", "--study-name", name, "--device", "cpu",
+                           "--quiet"], cwd=work, capture_output=True, text=True)
+    assert done.returncode == 0 and (work / "best.pt").is_file(), done.stderr
+    assert optuna.load_study(study_name=name, storage=f"sqlite:///{work / 'studies' / 'budgetnet.db'}").trials
     written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
     assert written and all(p.startswith(str(work) + os.sep) for p in written), written
     assert not any(p.name == "x" for p in tmp_path.rglob("*"))
