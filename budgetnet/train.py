@@ -246,8 +246,7 @@ def _train(run: _Run, s: _State) -> RunResult:
             # a slice that cannot cover min_epochs ends early
             if _too_slow(run, s, p):
                 break
-            # evaluate at every mark reached (not while a speed verdict awaits its re-check); the last one
-            # ends the run
+            # evaluate at every mark reached, unless a speed verdict awaits its re-check; the last ends the run
             if p >= run.marks[len(s.history)] and not (s.speed is not None and s.speed.verdict is not None):
                 _evaluate(run, s, p)
                 if s.done:

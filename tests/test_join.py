@@ -112,7 +112,8 @@ def test_joined_commands_share_one_budget_and_one_final_phase_and_a_killed_joine
     assert _wait_for(lambda: _session_ready(storage_url, name), 60, leader), leader.communicate()
     joiner = _start(tmp_path / "b", storage_url, name, budget, slice_s, grid)
     victim = _start(tmp_path / "c", storage_url, name, budget, slice_s, grid)
-    running = _wait_for(lambda: _running_of(storage_url, name, victim.pid), 60 + budget, victim)
+    running = _wait_for(lambda: [t for t in _running_of(storage_url, name, victim.pid) if A.JOINED in t.user_attrs],
+                        60 + budget, victim)
     assert running, "the joiner to be killed never ran a trial"
     assert running[0].user_attrs[A.JOINED] == f"{socket.gethostname()}:{victim.pid}"
     time.sleep(0.3 * slice_s)  # mid-trial
@@ -184,10 +185,13 @@ def test_a_killed_leader_leaves_its_joiner_to_the_deadline_and_its_command_run_a
     assert rerun.returncode == 0
     events = _events(out_r)
     assert any(e.get("text", "").startswith("resuming study") for e in events)
-    assert events[-1]["checkpoint_phase"] == "final" and events[-1]["seconds_used"] <= budget + OVERSHOOT_S, out_r
+    assert events[-1]["seconds_used"] <= budget + OVERSHOOT_S, out_r
     study = _study(url, name)
-    assert study.user_attrs["final_done"] and study.user_attrs["final_runs"] == 1
-    assert load_checkpoint(tmp_path / "a" / "best.pt")["extra"]["phase"] == "final"
+    assert study.user_attrs["final_runs"] == 1 and any(e.get("text", "").startswith("final training:") for e in events)
+    held, phase = load_checkpoint(tmp_path / "a" / "best.pt"), events[-1]["checkpoint_phase"]
+    assert phase == ("final" if study.user_attrs.get("final_done") else "search") == held["extra"]["phase"], out_r
+    if phase == "search":  # a final run that failed its check (a tiny net's unlucky seed) keeps the best trial's
+        assert held["extra"]["trial"] == events[-1]["best_trial"]  # model: here, restored from its artifact
 
 
 def test_of_two_commands_started_at_once_one_leads_and_the_other_joins(tmp_path):

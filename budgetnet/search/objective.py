@@ -68,11 +68,11 @@ class Objective:
         row = new_row(trial.number, **({"worker": self.worker} if self.opts.workers > 1 else {}))
         state, reason = State.FAILED, ""
         t0 = time.perf_counter()
-        if self.lease is not None:
-            self.lease.hold(trial_id(trial))
-        WORKER.set(trial, self.worker)
+        WORKER.set(trial, self.worker)  # who runs it, written before its lease names the process
         if self.joined is not None:
             JOINED.set(trial, self.joined)
+        if self.lease is not None:
+            self.lease.hold(trial_id(trial))
         try:
             if self.before_trial is not None:
                 self.before_trial()
