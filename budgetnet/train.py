@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from budgetnet.budget import BudgetExceeded, check_memory
@@ -37,6 +36,7 @@ from budgetnet.errors import first_line
 from budgetnet.finetune import Freezer
 from budgetnet.models import build_model
 from budgetnet.recipe import EMA, lr_factor, make_optimizer, training_loss
+from budgetnet.score import evaluate_model
 from budgetnet.speedcheck import SpeedCheck
 
 Hook = Callable[[float, dict], bool]
@@ -62,13 +62,15 @@ class RunResult:
     precision: str = "fp32"  # what the run trained in: fp32, bf16 or fp16 (autocast)
     compile: dict = field(default_factory=dict)  # mode, compiled, and (auto) compile_s, both rates, reason
     speed_recheck: dict = field(default_factory=dict)  # a too-slow verdict re-checked: both rates (img/s)
+    carry: Carry | None = None  # a stopped run of train_run(keep=True), to go on with resume=
 
 
 def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, seconds: float | None = None,
               epochs: float | None = None, hook: Hook | None = None,
               stop: Callable[[], bool] | None = None, min_epochs: float | None = None,
               precision: str = "auto", teacher: nn.Module | None = None, compile: bool | str = False,
-              init_state: dict | None = None, fit_images: int = 0, autotune: bool = True) -> RunResult:
+              init_state: dict | None = None, fit_images: int = 0, autotune: bool = True, keep: bool = False,
+              resume: Carry | None = None) -> RunResult:
     """Train ``cfg`` on ``data.train`` for ``seconds`` of wall time or ``epochs`` epochs.
 
     ``hook(progress, metrics)`` is called at each evaluation mark; returning True stops the run.
@@ -93,6 +95,9 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     training images, unaugmented (``fit_acc``, ``fit_loss``), in the run's time: did it learn what it saw.
     ``autotune`` (CUDA): cuDNN times its algorithms for each new shape (``device.prepare``). Search trials
     and speed probes, short runs of a model not seen before, turn it off.
+    ``keep``: a stopped run returns its ``carry`` (model, optimizer, EMA, batch order, seconds run);
+    ``resume=carry`` goes on with it over ``data`` (another split, say), its lr schedule now over ``seconds``
+    in all, counted from the carried run's start: what it trained is not trained again (the final race).
     Divergence and out-of-memory end the run with a typed status instead of an exception.
     """
     if (seconds is None) == (epochs is None):
@@ -110,9 +115,11 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     except BudgetExceeded as e:
         return RunResult(OOM, reason=f"out of memory: {e}")
     try:
+        if resume is not None:
+            return _train(*_resume(resume, cfg, data, seconds, hook, stop, fit_images), keep)
         return _train(*_start(cfg, data, device, seconds=seconds, epochs=epochs, hook=hook, stop=stop,
                               min_epochs=min_epochs, precision=precision, teacher=teacher, compile=compile,
-                              init_state=init_state, fit_images=fit_images, autotune=autotune))
+                              init_state=init_state, fit_images=fit_images, autotune=autotune), keep)
     except (torch.OutOfMemoryError, RuntimeError) as e:  # the CPU allocator's is a plain RuntimeError
         if not is_oom(e):
             raise
@@ -122,20 +129,6 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return RunResult(OOM, reason=f"out of memory: {reason}")
-
-
-def measure_rate(cfg: RunConfig, data: DeviceData, *, device, seconds: float, precision: str = "auto",
-                 stop: Callable[[], bool] | None = None) -> float | None:
-    """Training images/s of ``cfg`` on this device (after step 1), trained for at most ``seconds`` (set-up
-    included), with no evaluation and no cuDNN autotuning, as trials train. None with no step (CUDA: two)."""
-    cfg = cfg.replace(train=dataclasses.replace(cfg.train, eval_points=1))
-    result = train_run(cfg, DeviceData(data.info, data.classes, data.train, None), device=device, seconds=seconds,
-                       stop=stop, precision=precision, autotune=False)
-    # Where step 1 is set-up (CUDA), a run of one step has no rate of its own: its figure would be set-up.
-    min_steps = 2 if first_step_is_setup(torch.device(device)) else 1
-    if result.status not in (COMPLETE, STOPPED) or result.steps < min_steps or not result.images_per_s > 0:
-        return None
-    return result.images_per_s
 
 
 @dataclass
@@ -236,7 +229,25 @@ def _start(cfg: RunConfig, data: DeviceData, device: torch.device, *, seconds: f
     return run, _State(t0, step_model, torch.zeros((), device=device), speed)
 
 
-def _train(run: _Run, s: _State) -> RunResult:
+def _resume(carry: Carry, cfg: RunConfig, data: DeviceData, seconds: float | None, hook: Hook | None,
+            stop: Callable[[], bool] | None, fit_images: int) -> tuple[_Run, _State]:
+    """``carry``'s run going on over ``data`` until ``seconds`` from its start: same weights, optimizer state,
+    EMA and generator; batches, evaluations and the clock anew, the clock set back by the seconds it ran."""
+    if seconds is None or cfg != carry.run.cfg:
+        raise ValueError("a resumed run goes on with its own config, on a time budget")
+    run, old = carry.run, carry.state
+    normalize = normalizer(data.info, run.device, memory_format(run.device))
+    n = len(data.train)
+    bs = min(cfg.train.batch_size, n)
+    run = dataclasses.replace(run, data=data, seconds=seconds, hook=hook, stop=stop, min_epochs=None,
+                              fit_images=fit_images, normalize=normalize, n=n, bs=bs, steps_per_epoch=n // bs,
+                              batch=train_batches(data.train, cfg.data, normalize))
+    return run, dataclasses.replace(old, t0=time.perf_counter() - carry.seconds, speed=None, history=[],
+                                    loss_sum=torch.zeros((), device=run.device), loss_count=0, eval_reserve=0.0,
+                                    status=COMPLETE, reason="", done=False)
+
+
+def _train(run: _Run, s: _State, keep: bool = False) -> RunResult:
     """The loop: each step checks the speed, evaluates at marks, polls stop, trains and keeps the time."""
     run.model.train()
     while not s.done:
@@ -271,7 +282,7 @@ def _train(run: _Run, s: _State) -> RunResult:
             _account_time(run, s, ts)
             # "auto" times its windows and may switch to compiled
             _auto_compile(run, s)
-    return _result(run, s)
+    return _result(run, s, keep)
 
 
 def _progress(run: _Run, s: _State) -> float:
@@ -413,7 +424,7 @@ def _score(run: _Run, final: bool) -> dict:
     return {}
 
 
-def _result(run: _Run, s: _State) -> RunResult:
+def _result(run: _Run, s: _State, keep: bool = False) -> RunResult:
     """The run's result; its final weights (the EMA's if on) unless it diverged or was too slow."""
     final = run.ema.module if run.ema is not None else run.model
     state = None if s.status in (DIVERGED, TOO_SLOW) else {
@@ -422,29 +433,20 @@ def _result(run: _Run, s: _State) -> RunResult:
                      history=s.history, seconds=time.perf_counter() - s.t0, steps=s.step,
                      images_per_s=s.steady_rate(), first_step_s=s.first_step_s, state_dict=state,
                      precision=run.precision, compile=dict(run.compile_info),
-                     speed_recheck=s.speed.recheck if s.speed is not None else {})
+                     speed_recheck=s.speed.recheck if s.speed is not None else {},
+                     carry=Carry(run, s, time.perf_counter() - s.t0) if keep and s.status == STOPPED else None)
 
 
-@torch.no_grad()
-def evaluate_model(model: nn.Module, data: ImageSet, normalize, device: torch.device,
-                   batch_size: int = 1024, precision: str = "fp32") -> dict:
-    """Loss and top-1 accuracy of ``model`` on a device-resident split (eval mode, ``precision`` autocast),
-    without cuDNN's autotuning: no budget reserves time to tune an evaluation's new batch shapes."""
-    was_training, autotune = model.training, torch.backends.cudnn.benchmark
-    model.eval()
-    torch.backends.cudnn.benchmark = False
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    try:
-        for i in range(0, len(data), batch_size):
-            x = normalize(data.images[i:i + batch_size])  # in the layout the normalizer was made for
-            y = data.labels[i:i + batch_size]
-            with autocast(device, precision):
-                logits = model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-    finally:
-        model.train(was_training)
-        torch.backends.cudnn.benchmark = autotune
-    n = max(len(data), 1)
-    return {"val_loss": loss_sum.item() / n, "val_acc": correct.item() / n}
+@dataclass
+class Carry:
+    """A stopped run kept to go on (``train_run(keep=True)``, then ``resume=``)."""
+
+    run: _Run
+    state: _State
+    seconds: float  # how long it had run, set-up included
+
+    def score(self, images: ImageSet) -> dict:
+        """``val_loss`` and ``val_acc`` on ``images`` of the weights it would deploy now (the EMA's when on)."""
+        model = self.run.ema.module if self.run.ema is not None else self.run.model
+        return evaluate_model(model, images, self.run.normalize, self.run.device, precision=self.run.precision)
+

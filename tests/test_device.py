@@ -11,6 +11,7 @@ import budgetnet.device as dev
 import budgetnet.train as bt
 from budgetnet.config import DataConfig, PlainConfig, RunConfig, TrainConfig
 from budgetnet.recipe import EMA
+from budgetnet.search.trial import measure_rate
 from budgetnet.train import train_run
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -268,6 +269,6 @@ def test_search_trials_and_speed_probes_train_without_autotuning_and_other_runs_
     cfg = _cfg()
     run_trial(cfg, synthetic_data, caps=Caps(1e6), slice_s=1.0, device="cpu", precision="fp32",
               set_attr=lambda k, v: None, report=lambda p, v: False, fits=lambda: True, stop=lambda: False)
-    bt.measure_rate(cfg, synthetic_data, device="cpu", seconds=0.5)
+    measure_rate(cfg, synthetic_data, device="cpu", seconds=0.5)
     train_run(cfg, synthetic_data, device="cpu", epochs=0.1)  # a final phase, a teacher, `budgetnet train`
     assert asked == [False, False, True]

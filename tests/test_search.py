@@ -35,6 +35,7 @@ from budgetnet.search import probe
 from budgetnet.search.clock import PROBE_MIN_S
 from budgetnet.search.options import SearchOptions, StudyMismatch
 from budgetnet.search.phase import search_fits, trials_since_best
+from budgetnet.search.pick import Choice
 from budgetnet.search.probe import PROBE_MODEL, feasible_flops, probe_speed
 from budgetnet.search.progress import Reporter
 from budgetnet.search.session import run_search
@@ -712,12 +713,12 @@ def test_a_final_model_that_fails_its_fit_check_leaves_the_trial_model_in_place(
                        synthetic_data.classes)
     before = (tmp_path / "best.pt").read_bytes()
     out = io.StringIO()
-    phase, metrics = final.final_training(opts, study, best, Clock(5.0, 0.0, time.perf_counter()), lambda: False,
+    phase, metrics = final.final_training(opts, study, Choice.of(best), Clock(5.0, 0.0, time.perf_counter()), lambda: False,
                                           Reporter("text", out), "fp32")
     assert (phase, metrics) == ("search", {})
     assert (tmp_path / "best.pt").read_bytes() == before
     (line,) = [x for x in out.getvalue().splitlines() if "failed its check" in x]
-    assert "keeping trial 0's model" in line
+    assert "keeping the search's best model (trial 0)" in line
     assert "of its training images" in study.user_attrs["final_failed"] and "final_done" not in study.user_attrs
 
 
@@ -752,7 +753,7 @@ def test_a_diverged_final_run_is_run_again_at_half_the_lr_while_time_allows(tmp_
 
     monkeypatch.setattr(final, "train_run", diverge_first)
     out = io.StringIO()
-    phase, metrics = final.final_training(opts, study, best, Clock(8.0, 0.0, time.perf_counter()),
+    phase, metrics = final.final_training(opts, study, Choice.of(best), Clock(8.0, 0.0, time.perf_counter()),
                                           lambda: False, Reporter("text", out), "fp32")
     if retried:
         assert runs == [0.08, 0.04] and phase == "final" and "fit_acc" in metrics
@@ -788,7 +789,7 @@ def test_the_final_run_compiles_as_asked_and_the_study_records_it(tmp_path, synt
     monkeypatch.setattr(torch, "compile", failing_compile)
     monkeypatch.setattr(budgetnet.compile, "COMPILE_ON_MIN_S", 0.0)  # this short final run stands in for a long one
     out = io.StringIO()
-    phase, _ = final.final_training(opts, study, best, Clock(6.0, 0.0, time.perf_counter()), lambda: False,
+    phase, _ = final.final_training(opts, study, Choice.of(best), Clock(6.0, 0.0, time.perf_counter()), lambda: False,
                                     Reporter("text", out), "fp32")
     record = study.user_attrs["final_compile"]
     assert phase == "final" and record["mode"] == mode and record["compiled"] is False
@@ -858,7 +859,7 @@ def test_teacher_auto_trains_a_teacher_and_the_student_inside_the_final_phase(tm
     study, best = _study_with_one_trial(opts, cfg, trial_run, synthetic_data)
     budget = 20.0
     clock, out = Clock(budget, 0.0, time.perf_counter()), io.StringIO()
-    phase, _ = final.final_training(opts, study, best, clock, lambda: False, Reporter("text", out), "fp32")
+    phase, _ = final.final_training(opts, study, Choice.of(best), clock, lambda: False, Reporter("text", out), "fp32")
     assert clock.used() <= budget + 1.0  # the teacher's run and the student's, both inside the budget
     assert len(runs) == 2, out.getvalue()
     (t_mod, t_cfg, t_kw), (s_mod, s_cfg, s_kw) = runs
@@ -879,7 +880,7 @@ def test_teacher_auto_trains_a_teacher_and_the_student_inside_the_final_phase(tm
     assert Path(study.user_attrs["teacher_checkpoint"]).parent == Path(opts.artifact_dir).absolute()
     runs.clear()
     clock, out = Clock(budget / 2, 0.0, time.perf_counter()), io.StringIO()  # what a resume has left
-    phase, _ = final.final_training(opts, study, best, clock, lambda: False, Reporter("text", out), "fp32")
+    phase, _ = final.final_training(opts, study, Choice.of(best), clock, lambda: False, Reporter("text", out), "fp32")
     assert [m for m, _, _ in runs] == [final.__name__], out.getvalue()  # the student's run only
     reused = runs[0][2]["teacher"]
     assert all(torch.equal(a, b.to(a.device)) for a, b in zip(reused.state_dict().values(),

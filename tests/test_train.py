@@ -13,11 +13,14 @@ import torch
 
 import budgetnet.compile as comp
 import budgetnet.device as dev
+import budgetnet.search.trial as search_trial
 import budgetnet.train as bt
 from budgetnet.config import SCHEDULES, DataConfig, PlainConfig, RunConfig, TrainConfig
 from budgetnet.datasets.info import DATASET_INFO
 from budgetnet.models import build_model
 from budgetnet.recipe import lr_factor
+from budgetnet.score import evaluate_model
+from budgetnet.search.trial import measure_rate
 from budgetnet.train import COMPLETE, DIVERGED, STOPPED, train_run
 
 TINY = PlainConfig(n_conv=2, width=8, hidden=(32,))
@@ -324,7 +327,8 @@ def test_a_rate_measured_over_its_first_step_alone_is_no_rate_where_that_step_is
 
     monkeypatch.setattr(bt, "optimizer_step", slow_first)
     monkeypatch.setattr(bt, "first_step_is_setup", lambda device: setup_step)
-    rate = bt.measure_rate(run_cfg(), synthetic_data, device="cpu", seconds=1.0)
+    monkeypatch.setattr(search_trial, "first_step_is_setup", lambda device: setup_step)
+    rate = measure_rate(run_cfg(), synthetic_data, device="cpu", seconds=1.0)
     assert len(calls) == 1  # the measurement's time ended with its first step
     if setup_step:
         assert rate is None
@@ -341,7 +345,7 @@ def test_evaluation_runs_without_cudnn_autotuning_and_leaves_the_runs_setting(sy
     model.register_forward_pre_hook(lambda module, args: seen.append(torch.backends.cudnn.benchmark))
     normalize = bt.normalizer(synthetic_data.info, torch.device("cpu"), torch.channels_last)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    metrics = bt.evaluate_model(model, synthetic_data.val, normalize, torch.device("cpu"), batch_size=128)
+    metrics = evaluate_model(model, synthetic_data.val, normalize, torch.device("cpu"), batch_size=128)
     assert seen == [False] * math.ceil(len(synthetic_data.val) / 128) and 0 <= metrics["val_acc"] <= 1
     assert torch.backends.cudnn.benchmark is True and model.training
 

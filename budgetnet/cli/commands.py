@@ -161,6 +161,8 @@ def cmd_report(args) -> int:
             freeze = f", freeze {best['params']['freeze']}" if "freeze" in (best.get("params") or {}) else ""
             print(f"best trial {best['trial']}: {best['family'] or 'family not recorded'}, {params} params{latency}, "
                   f"val acc {best['val_acc']:.4f}{freeze}")
+        if (summary.get("pick") or {}).get("line"):
+            print(summary["pick"]["line"])
         if checkpoint and checkpoint.get("fine_tuned"):
             print(f"{checkpoint['path']}: {checkpoint['fine_tuned']}")
         check = (summary.get("checkpoint") or {}).get("final_check")

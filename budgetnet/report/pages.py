@@ -257,6 +257,7 @@ def _summary_html(s: dict, df: pd.DataFrame) -> str:
         cards.append("<div><h3>Model</h3>" + _table([
             ("file", f"<code>{esc(ck['path'])}</code>"),
             ("from", f"{esc(str(ck.get('phase')))} phase, trial {ck.get('trial')}"),
+            *([("picked", esc(s["pick"]["line"]))] if (s.get("pick") or {}).get("line") else []),
             *([("start", esc(ck["fine_tuned"]))] if ck.get("fine_tuned") else []),
             ("parameters", _fmt(ck.get("n_params"))), ("test accuracy", test), *_latency_rows(ck)]) + "</div>")
     elif s.get("checkpoint_note"):

@@ -25,6 +25,7 @@ from budgetnet.evaluate import evaluation_path
 from budgetnet.finetune import described
 from budgetnet.search import attrs as A
 from budgetnet.search.clock import REPORT_STEPS
+from budgetnet.search.outcome import pick_summary
 from budgetnet.search.record import guard_overhead
 from budgetnet.search.storage import check_journal, local_path, make_storage, shown_url
 from budgetnet.search.workers import orphaned
@@ -41,7 +42,8 @@ TRIAL_ATTRS = {
     "datetime_start": "datetime_start",
     "datetime_complete": "datetime_complete",
 }
-DROPPED = (f"user_attrs_{A.CONFIG}",)  # the whole config JSON: in summary.json for the best trial
+DROPPED = (f"user_attrs_{A.CONFIG}", f"user_attrs_{A.CURVE}")  # the config JSON (summary.json has the best's),
+# and the curve (the learning-curves page draws it)
 STUDY_ATTRS = A.REPORTED_STUDY_ATTRS  # missing: None
 
 
@@ -118,6 +120,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     df.insert(df.columns.get_loc("val_acc") + 1, "progress", df["number"].map(steps).astype("Float64"))
     duration = (df["datetime_complete"] - df["datetime_start"]).dt.total_seconds()
     df.insert(df.columns.get_loc("datetime_complete") + 1, "duration_s", duration)
+    if f"user_attrs_{A.ESTIMATE}" in df.columns:  # the estimate's value beside the observed one
+        df[f"user_attrs_{A.ESTIMATE}"] = pd.to_numeric(df[f"user_attrs_{A.ESTIMATE}"].map(
+            lambda e: e.get("value") if isinstance(e, dict) else None), errors="coerce")
     complete = df["state"] == "COMPLETE"
     for key in ("n_params", "flops", "latency_ms"):
         df[f"pareto_{key}"] = pareto_front(df[complete], key).reindex(df.index, fill_value=False)
@@ -177,6 +182,7 @@ def study_summary(study: optuna.Study, df: pd.DataFrame, checkpoint: dict | None
                "trials": {str(k): int(v) for k, v in df["budgetnet_state"].value_counts().items()},
                "n_trials": len(df), "best": None, "checkpoint": checkpoint, "checkpoint_note": checkpoint_note,
                "importances": importances(study), "guard": guard_overhead(study.get_trials(deepcopy=False), A.BUDGET_SECONDS.of(attrs))}
+    summary["pick"] = pick_summary(A.PICK.of(attrs), A.RACE.of(attrs))  # how best.pt's config was picked
     check = A.FINAL_CHECK.of(attrs)
     if checkpoint is not None and check and check.get("checkpoint_sha256") == checkpoint.get("sha256"):
         checkpoint["final_check"] = check  # the search's check of these very bytes

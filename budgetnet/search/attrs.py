@@ -98,6 +98,10 @@ ARTIFACT_DIR = Attr("artifact_dir", str, "the leader's artifact folder (absolute
                     "their models there")
 RAY_EXPERIMENT = Attr("ray_experiment", str, "the Ray Tune experiment's folder (a Ray study)")
 RAY_SCHEDULER = Attr("ray_scheduler", str, "the scheduler the Ray experiment was created with")
+PICK = Attr("pick", dict, "how the final phase's config was picked: --pick, the trial, by what (observed, "
+            "estimate, race), the ranking's leaders and the finalists")
+RACE = Attr("race", dict, "the final race: its finalists, each leg's seconds and validation accuracy, the winner; "
+            "state racing until it is decided (a resumed final phase does not race again)")
 INIT = Attr("init", str, "search --init: the checkpoint the search fine-tunes (its path)")
 INIT_SHA256 = Attr("init_sha256", str, "... and the SHA-256 of its bytes; a resume must give the same")
 
@@ -120,6 +124,9 @@ SECONDS = Attr("seconds", float, "training seconds of the trial's slice")
 IMAGES_PER_S = Attr("images_per_s", float, "the trial's training rate")
 EPOCHS = Attr("epochs", float, "epochs the trial trained")
 STEPS = Attr("steps", int, "optimizer steps the trial took")
+CURVE = Attr("curve", list, "the trial's validation curve: [epoch, val_acc, images scored] at each mark")
+ESTIMATE = Attr("estimate", dict, "the trial's validation accuracy estimated at the epochs the final phase can "
+                "give it (search/pick.py), with the fit behind it; the observed value stays the trial's value")
 SPEED_RECHECK = Attr("speed_recheck", dict, "a too-slow verdict re-checked over a later window: the rate at the "
                      "verdict and over the window (img/s); the trial went on if the window's covered its slice")
 WORKER = Attr("worker", int, "the worker process that ran it")

@@ -30,13 +30,17 @@ from budgetnet.budget import count_macs, count_params
 from budgetnet.checkpoint import CheckpointError, load_checkpoint, recorded_info, save_checkpoint
 from budgetnet.compile import compile_note
 from budgetnet.config import RunConfig
-from budgetnet.data import load_data
+from budgetnet.data import DeviceData, load_data, merged
 from budgetnet.datasets.info import DatasetInfo
 from budgetnet.errors import first_line
 from budgetnet.evaluate import checkpoint_latency
 from budgetnet.search import attrs as A
 from budgetnet.search.clock import WRITE_RESERVE_S, Clock
+from budgetnet.search.pick import Choice
 from budgetnet.search.progress import Reporter
+from budgetnet.search.race import plan as plan_race
+from budgetnet.search.race import resumed as resumed_race
+from budgetnet.search.race import run as run_race
 from budgetnet.search.source import study_data, trial_start
 from budgetnet.search.teacher import DISTILL_WEIGHT, auto_teacher, load_teacher, reuse_teacher
 from budgetnet.search.trial import Caps
@@ -181,36 +185,109 @@ def fit_fell_short(result: RunResult, best: optuna.trial.FrozenTrial) -> str | N
             f"trial {best.number}'s {best.value:.1%} on unseen validation images")
 
 
-def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, clock: Clock, stop,
-                   reporter: Reporter, precision: str) -> tuple[str, dict]:
-    """Train ``best``'s config on train+validation until ``WRITE_RESERVE_S`` before the budget ends, write
-    ``opts.out`` and attach it to the study. Returns the phase that ``opts.out`` holds and the metrics."""
-    cfg = RunConfig.from_json(A.CONFIG.of(best))
-    cfg = cfg.replace(seed=opts.seed)
+def final_training(opts, study: optuna.Study, choice: Choice, clock: Clock, stop, reporter: Reporter,
+                   precision: str, split: DeviceData | None = None, slice_s: float = 0.0) -> tuple[str, dict]:
+    """Train the picked config (``choice``; after a race, its winner) on train+validation until
+    ``WRITE_RESERVE_S`` before the budget ends, write ``opts.out`` and attach it to the study. ``split``: the
+    search's data, given when finalists may race (their legs train on its training split). Returns the
+    phase that ``opts.out`` holds and the metrics."""
     runs = int(A.FINAL_RUNS.of(study, 0)) + 1
     A.FINAL_RUNS.set(study, runs)
+    if runs > 1 and (earlier := resumed_race(study, choice.trial.number)):  # a race is never run twice
+        number, note = earlier
+        reporter.message(note)
+        choice.trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+        choice.by = "race" if A.RACE.of(study).get("winner") is not None else choice.by
     again = " (again: an earlier run of it was interrupted)" if runs > 1 else ""
-    reporter.message(f"final training{again}: trial {best.number}'s config on train+validation for "
+    reporter.message(f"final training{again}: trial {choice.trial.number}'s config on train+validation for "
                      f"{clock.left() - WRITE_RESERVE_S:.0f} s")
-    if opts.init is None:
+    deadline = opts.budget_seconds - WRITE_RESERVE_S + 1.0
+    timed_stop = lambda: stop() or clock.used() > deadline or clock.tick()  # noqa: E731
+    carry = None
+    if runs == 1 and choice.asked.endswith("race"):
+        if len(choice.finalists) < 2:
+            _skip_race(study, reporter, f"no other trial's config lies within the validation noise of trial "
+                                        f"{choice.trial.number}'s")
+        elif split is None or opts.teacher:
+            _skip_race(study, reporter, "--teacher trains a teacher out of the final phase's time" if opts.teacher
+                       else "a fine-tuning search's final phase trains its pick alone")
+        else:
+            carry = _race(opts, study, choice, split, clock, timed_stop, reporter, precision, slice_s)
+    A.PICK.set(study, choice.as_attr())
+    cfg = RunConfig.from_json(A.CONFIG.of(choice.trial)).replace(seed=opts.seed)
+    if split is not None:
+        data = merged(split)
+    elif opts.init is None:
         data = load_data(cfg.data, opts.data_dir, opts.device, merge_val=True, download=opts.download)
     else:  # conformed to the checkpoint it fine-tunes, and starting from its weights
         data = study_data(opts, merge_val=True)
+    del split
     init_state, extra = trial_start(opts, cfg, data) if opts.init is not None else (None, {})
-    deadline = opts.budget_seconds - WRITE_RESERVE_S + 1.0
+    cfg, teacher = _final_teacher(opts, study, choice.trial, cfg, data, clock, timed_stop, reporter, precision, runs)
+    seconds = clock.left() - WRITE_RESERVE_S  # what is left once the data (and the teacher) are loaded
+    keeping = f"keeping the search's best model (trial {choice.observed_best}) in {opts.out}"
+    if seconds < 1.0:
+        reporter.message(f"final training skipped: loading the data left {seconds:.1f} s; {keeping}")
+        return "search", {}
+    result, cfg = _final_run(opts, study, choice.trial, cfg, data, seconds, clock, stop, timed_stop, reporter,
+                             precision, teacher, init_state, carry)
+    if result.status != COMPLETE:
+        reporter.message(f"final training ended early ({result.status}: {result.reason}); {keeping}")
+        return "search", {}
+    short = fit_fell_short(result, choice.trial)
+    if short:
+        reporter.message(f"final training failed its check ({short}); {keeping}")
+        A.FINAL_FAILED.set(study, short)
+        return "search", {}
+    metrics = {"best_trial_val_acc": choice.trial.value, **numbers(result.metrics)}
+    n_params, flops = A.N_PARAMS.of(choice.trial), A.FLOPS.of(choice.trial)
+    with out_lock(opts.out):
+        path = save_checkpoint(opts.out, cfg, result.state_dict, metrics=metrics, n_params=n_params, flops=flops,
+                               classes=data.classes, train_seconds=result.seconds, precision=result.precision,
+                               info=data.info, extra={**extra, "phase": "final", "study": study.study_name,
+                                                      "trial": choice.trial.number, "picked_by": choice.by})
+    upload_artifact(study, path, opts.artifact_dir, reporter)
+    A.FINAL_DONE.set(study, True)
+    return "final", metrics
+
+
+def _skip_race(study: optuna.Study, reporter: Reporter, why: str) -> None:
+    A.RACE.set(study, {"state": "skipped", "why": why})
+    reporter.message(f"final race skipped: {why}")
+
+
+def _race(opts, study: optuna.Study, choice: Choice, split: DeviceData, clock: Clock, stop, reporter: Reporter,
+          precision: str, slice_s: float):
+    """Race the finalists when a race pays (``race.plan``); the winner becomes ``choice.trial``. Returns the
+    winner's carry (its leg, to go on from), or None."""
+    planned = plan_race(choice.finalists, clock.left() - WRITE_RESERVE_S, slice_s)
+    if isinstance(planned, str):
+        _skip_race(study, reporter, planned)
+        return None
+    racers, leg_s = planned
+    raced = run_race(racers, leg_s, split, clock.left() - WRITE_RESERVE_S, study=study, seed=opts.seed,
+                     device=opts.device, precision=precision, compile=opts.compile, stop=stop,
+                     message=reporter.message)
+    if raced is None:
+        return None
+    choice.trial, choice.by = raced.winner, "race"
+    return raced.carry
+
+
+def _final_teacher(opts, study: optuna.Study, best, cfg: RunConfig, data, clock: Clock, stop, reporter: Reporter,
+                   precision: str, runs: int):
+    """The teacher of the final run (``--teacher``), and the config that distils from it; none without."""
     teacher = None
     if opts.teacher == "auto":  # trained here, out of this phase's own time, when teacher and student fit
         if runs > 1:  # resumed: the teacher an interrupted run trained is reused, not paid for twice
-            teacher, note = reuse_teacher(A.TEACHER_CHECKPOINT.of(study), opts.dataset, data,
-                                          opts.device)
+            teacher, note = reuse_teacher(A.TEACHER_CHECKPOINT.of(study), opts.dataset, data, opts.device)
             if teacher is not None:
                 reporter.message(f"--teacher auto: {note}")
         if teacher is None:
             save_to = Path(opts.artifact_dir) / f"teacher-{uuid.uuid4().hex[:8]}.pt"
             teacher, note = auto_teacher(best, cfg, data, left=lambda: clock.left() - WRITE_RESERVE_S,
                                          device=opts.device, precision=precision, message=reporter.message,
-                                         stop=lambda: stop() or clock.used() > deadline or clock.tick(),
-                                         save_to=save_to)
+                                         stop=stop, save_to=save_to)
             if teacher is not None and save_to.is_file():
                 A.TEACHER_CHECKPOINT.set(study, str(save_to.absolute()))
         A.TEACHER.set(study, note)
@@ -220,15 +297,21 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, distill=DISTILL_WEIGHT))
         reporter.message(f"final training distils from the teacher (weight {DISTILL_WEIGHT}, "
                          f"temperature {cfg.train.distill_temperature:g})")
-    seconds = clock.left() - WRITE_RESERVE_S  # what is left once the data (and the teacher) are loaded
-    if seconds < 1.0:
-        reporter.message(f"final training skipped: loading the data left {seconds:.1f} s; "
-                         f"keeping trial {best.number}'s model in {opts.out}")
-        return "search", {}
+    return cfg, teacher
+
+
+def _final_run(opts, study: optuna.Study, best, cfg: RunConfig, data, seconds: float, clock: Clock, stop,
+               timed_stop, reporter: Reporter, precision: str, teacher, init_state, carry) -> tuple[RunResult, RunConfig]:
+    """The final run: the race winner's leg going on (``carry``) or a run from the start; a diverged run
+    again at half the lr, from the start, while the time left still shows the data the trial's epochs."""
     for retry in range(FINAL_RETRIES + 1):
-        result = train_run(cfg, data, device=opts.device, seconds=seconds, precision=precision, teacher=teacher,
-                           compile=opts.compile, fit_images=EVAL_SUBSET, init_state=init_state,
-                           stop=lambda: stop() or clock.used() > deadline or clock.tick())
+        if carry is not None:  # its schedule spans its leg and the time left
+            result = train_run(cfg, data, device=opts.device, seconds=carry.seconds + seconds, precision=precision,
+                               fit_images=EVAL_SUBSET, resume=carry, stop=timed_stop)
+            carry = None
+        else:
+            result = train_run(cfg, data, device=opts.device, seconds=seconds, precision=precision, teacher=teacher,
+                               compile=opts.compile, fit_images=EVAL_SUBSET, init_state=init_state, stop=timed_stop)
         note_compile(result.compile, study, reporter)
         if result.status != DIVERGED or retry == FINAL_RETRIES:
             break
@@ -241,26 +324,7 @@ def final_training(opts, study: optuna.Study, best: optuna.trial.FrozenTrial, cl
         reporter.message(f"final training diverged ({result.reason}); again at half the learning rate "
                          f"({cfg.train.lr:.3g}) for {seconds:.0f} s")
         A.FINAL_RETRIES.set(study, retry + 1)
-    if result.status != COMPLETE:
-        reporter.message(f"final training ended early ({result.status}: {result.reason}); "
-                         f"keeping trial {best.number}'s model in {opts.out}")
-        return "search", {}
-    short = fit_fell_short(result, best)
-    if short:
-        reporter.message(f"final training failed its check ({short}); keeping trial {best.number}'s model "
-                         f"in {opts.out}")
-        A.FINAL_FAILED.set(study, short)
-        return "search", {}
-    metrics = {"best_trial_val_acc": best.value, **numbers(result.metrics)}
-    n_params, flops = A.N_PARAMS.of(best), A.FLOPS.of(best)
-    with out_lock(opts.out):
-        path = save_checkpoint(opts.out, cfg, result.state_dict, metrics=metrics, n_params=n_params, flops=flops,
-                               classes=data.classes, train_seconds=result.seconds, precision=result.precision,
-                               info=data.info,
-                               extra={**extra, "phase": "final", "study": study.study_name, "trial": best.number})
-    upload_artifact(study, path, opts.artifact_dir, reporter)
-    A.FINAL_DONE.set(study, True)
-    return "final", metrics
+    return result, cfg
 
 
 def check_caps(path: str | os.PathLike, caps: Caps, study: optuna.Study) -> dict:

@@ -15,7 +15,7 @@ from budgetnet.config import DataConfig, RunConfig
 from budgetnet.data import DeviceData
 from budgetnet.finetune import group_names, target_data
 from budgetnet.search.attrs import JOINED, TIME_FEASIBLE_FLOPS, WORKER, State
-from budgetnet.search.clock import REPORT_STEPS, Clock
+from budgetnet.search.clock import REPORT_STEPS, WRITE_RESERVE_S, Clock
 from budgetnet.search.final import keep_artifact_if_best, keep_if_best
 from budgetnet.search.options import Plan, SearchOptions, plan_budget
 from budgetnet.search.phase import Interrupt
@@ -126,7 +126,7 @@ class Objective:
                         stop=lambda: (self.interrupt.event.is_set() or clock.used() > self.plan.deadline
                                       or clock.tick()),
                         sampled=opts.grid is None, interrupted=self.interrupt.event.is_set, compile=opts.compile,
-                        init_state=init_state)
+                        init_state=init_state, final=self.final_plan())
         row.update(n_params=out.n_params, flops=out.flops, progress=out.progress, val_acc=out.val_acc,
                    latency_ms=out.latency_ms)
         if out.result is not None:
@@ -139,6 +139,11 @@ class Objective:
                 keep_if_best(opts.out, self.study.study_name, trial.number, *model, extra=extra)
             keep_artifact_if_best(self.study, trial, opts.artifact_dir, *model, extra=extra)
         return out.state, out.reason, out.value
+
+    def final_plan(self) -> tuple[float, int]:
+        """The final phase's least planned seconds and its images (train+validation): a trial's estimate."""
+        images = len(self.data.train) + (len(self.data.val) if self.data.val is not None else 0)
+        return max(self.clock.total - self.plan.search_end - WRITE_RESERVE_S, 0.0), images
 
     def learn_speed(self, number: int, images_per_s: float, flops: int | None, steps: int) -> None:
         """Raise the time-feasible FLOP cap to what trial ``number`` showed this device can do (either

@@ -62,6 +62,52 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(done, key=lambda t: t.value) if done else None
 
 
+def picked_trial(study: optuna.Study, pick: dict | None) -> optuna.trial.FrozenTrial | None:
+    """The trial the final phase's pick named (``attrs.PICK``), or None."""
+    if not pick:
+        return None
+    return next((t for t in study.get_trials(deepcopy=False) if t.number == pick.get("trial")), None)
+
+
+def pick_summary(pick: dict | None, race: dict | None) -> dict | None:
+    """How the final config was picked, for ``best.json``: ``by`` observed, estimate or race, the trial, the
+    observed best, the estimates of both, and the race's figures when one ran or was skipped."""
+    if not pick:
+        return None
+    est = pick.get("estimates", {})
+    out = {k: pick.get(k) for k in ("asked", "by", "trial", "observed_best", "estimate_best", "final_seconds")}
+    out["estimate"] = est.get(str(pick.get("trial")))
+    out["observed_best_estimate"] = est.get(str(pick.get("observed_best")))
+    out["finalists"] = pick.get("finalists", [])
+    if race:
+        out["race"] = race
+    out["line"] = pick_line(out)
+    return out
+
+
+def pick_line(pick: dict | None) -> str | None:
+    """One line: how the final config was picked (None: no pick was made)."""
+    if not pick:
+        return None
+    said = {"observed": "by its validation accuracy at the end of its slice",
+            "estimate": "by its validation accuracy estimated at the final phase's epochs",
+            "race": "by the final race"}[pick["by"]]
+    line = f"final config: trial {pick['trial']}, picked {said} (--pick {pick['asked']})"
+    est = pick.get("estimate")
+    if pick["by"] == "estimate" and est:
+        line += f": {est['observed']:.4f} observed, {est['value']:.4f} estimated at {est['final_epochs']:.1f} epochs"
+    race = pick.get("race") or {}
+    if race.get("legs"):
+        legs = ", ".join(f"trial {n} {leg['val_acc']:.4f}" if "val_acc" in leg else f"trial {n} failed"
+                         for n, leg in race["legs"].items())
+        line += f"; race legs of {race['leg_seconds']:.0f} s: {legs}"
+    elif race.get("why"):
+        line += f"; race skipped: {race['why']}"
+    if pick["trial"] != pick["observed_best"]:
+        line += f"; the observed best was trial {pick['observed_best']}"
+    return line
+
+
 def nothing_trained(study: optuna.Study, opts: SearchOptions, slice_s: float, search_end: float,
                     train_images: int, precision: str) -> str:
     """One line: why a search completed no trial, and what to change."""

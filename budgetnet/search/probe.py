@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from budgetnet.config import DataConfig, ResNetConfig, RunConfig, TrainConfig
 from budgetnet.data import DeviceData
-from budgetnet.search.trial import MIN_EPOCHS_PER_TRIAL
-from budgetnet.train import measure_rate
+from budgetnet.search.trial import MIN_EPOCHS_PER_TRIAL, measure_rate
 
 PROBE_MODEL = ResNetConfig(depths=(2, 2, 2))  # a small reference net: 16-32-64 channels, 14 convs
 LEARNED_MARGIN = 1.25  # a trial's rate raises the cap only past this factor: no churn on noise

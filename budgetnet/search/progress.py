@@ -105,6 +105,8 @@ class Reporter:
         if summary.get("best_trial") is not None:
             lines.append(f"best trial {summary['best_trial']}: {summary['family']}, "
                          f"{summary['n_params']:,} params, val acc {summary['best_val_acc']:.4f}")
+            if summary.get("pick") and summary["pick"].get("line"):
+                lines.append(summary["pick"]["line"])
             lines.append(f"config: {json.dumps(summary['config'])}")
         if summary.get("checkpoint"):
             lines.append(f"best model: {summary['checkpoint']}  ({summary['checkpoint_phase']})")

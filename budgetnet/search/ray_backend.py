@@ -98,6 +98,7 @@ class TrialContext:
     slice_s: float
     search_end: float
     budget_seconds: float
+    final: tuple[float, int]  # the final phase's planned seconds and images (a trial's estimate)
     used_before: float  # the session's clock: ``Clock.from_anchor(budget, used_before, anchor)``
     anchor: float
     device: str
@@ -138,7 +139,7 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
                         precision=ctx.precision, set_attr=attrs.__setitem__, report=report,
                         fits=lambda: slice_fits(clock.used(), ctx.slice_s, ctx.search_end, ctx.budget_seconds),
                         stop=lambda: clock.used() > deadline, sampled=ctx.sampled,
-                        compile=ctx.compile)
+                        compile=ctx.compile, final=ctx.final)
         if out.state == State.COMPLETE:
             keep_if_best(ctx.out, ctx.study, config[NUMBER_KEY], cfg, out.result, out.value, out.n_params,
                          out.flops, data.classes, data.info)
@@ -401,7 +402,7 @@ def ray_search_phase(objective, fits) -> None:
                                   SCHEDULER_NAMES[scheduler])
         ctx = TrialContext(study=key, out=str(Path(opts.out).absolute()), caps=Caps.of(opts),
                            slice_s=objective.slice_s, search_end=objective.search_end,
-                           budget_seconds=opts.budget_seconds, used_before=clock.used_before,
+                           budget_seconds=opts.budget_seconds, final=objective.final_plan(), used_before=clock.used_before,
                            anchor=clock.anchor(), device=str(opts.device), precision=objective.precision,
                            sampled=opts.grid is None, cpus=resources["cpu"], gpus=resources["gpu"],
                            compile=opts.compile)

@@ -48,8 +48,11 @@ from budgetnet.search.outcome import (
     dashboard_command,
     nothing_trained,
     over_caps,
+    pick_summary,
+    picked_trial,
 )
 from budgetnet.search.phase import Interrupt, search_fits, search_phase
+from budgetnet.search.pick import KEEP_ESTIMATES, Choice, choose
 from budgetnet.search.probe import PROBE_MODEL, feasible_flops, probe_speed
 from budgetnet.search.progress import Reporter
 from budgetnet.search.record import guard_overhead
@@ -336,23 +339,45 @@ def final(s: Session, interrupt: Interrupt) -> tuple[str | None, dict]:
     if s.finished:  # an earlier run of this command finished; nothing left to do
         checkpoint_phase = "final" if A.FINAL_DONE.of(study) else checkpoint_phase
     elif best is not None and opts.final_fraction > 0 and not interrupt.event.is_set():
-        too_short = final_too_short(best, clock.left() - WRITE_RESERVE_S, s.final_images, opts.out)
+        choice = pick_final(study, opts.pick, clock.left() - WRITE_RESERVE_S, s.final_images, s.reporter)
+        too_short = final_too_short(choice.trial, clock.left() - WRITE_RESERVE_S, s.final_images, opts.out)
         if too_short:
             s.reporter.message(too_short)
             A.FINAL_SKIPPED.set(study, too_short)
         else:
-            s.objective.data = s.data = None  # free the search split before loading train+validation
+            # the finalists' legs train on the search split; otherwise it is freed before train+validation loads
+            split = s.data if len(choice.finalists) > 1 and opts.init is None else None
+            s.objective.data = s.data = None
             gc.collect()
-            checkpoint_phase, final_metrics = final_training(opts, study, best, clock, interrupt.event.is_set,
-                                                             s.reporter, s.precision)
+            checkpoint_phase, final_metrics = final_training(opts, study, choice, clock, interrupt.event.is_set,
+                                                             s.reporter, s.precision, split, s.plan.slice_s)
     clock.save()
     return checkpoint_phase, final_metrics
+
+
+def pick_final(study: optuna.Study, asked: str, seconds: float, images: int, reporter: Reporter) -> Choice:
+    """The pick (``--pick``), kept in the study with the leading estimates at the final phase's real time;
+    one line when it is not the observed best."""
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    choice, est = choose(done, asked, seconds, images)
+    choice.estimates = {n: e.as_attr() for n, e in sorted(est.items(), key=lambda kv: -kv[1].value)[:KEEP_ESTIMATES]}
+    for n in (choice.trial.number, choice.observed_best):
+        choice.estimates[n] = est[n].as_attr()
+    A.PICK.set(study, choice.as_attr())
+    if choice.trial.number != choice.observed_best:
+        e, o = est[choice.trial.number], est[choice.observed_best]
+        reporter.message(f"pick by estimate: trial {choice.trial.number} ({e.observed:.4f} observed, {e.value:.4f} "
+                         f"estimated at {e.final_epochs:.1f} epochs) over trial {choice.observed_best} "
+                         f"({o.observed:.4f}, {o.value:.4f} at {o.final_epochs:.1f})")
+    return choice
 
 
 def summarise(s: Session, checkpoint_phase: str | None, final_metrics: dict, interrupted: bool) -> dict:
     """The command's summary: printed, returned, and beside ``best.pt`` as ``best.json``."""
     opts, study, clock = s.opts, s.study, s.clock
     best = best_trial(study)
+    pick = A.PICK.of(study) if checkpoint_phase == "final" else None
+    model = picked_trial(study, pick) or best  # the trial whose config the model at --out has
     check = check_caps(opts.out, Caps.of(opts), study) if checkpoint_phase else None
     clock.save()  # the check's seconds are the budget's too
     summary = {
@@ -369,16 +394,18 @@ def summarise(s: Session, checkpoint_phase: str | None, final_metrics: dict, int
         "probe_images_per_s": A.PROBE_IMAGES_PER_S.of(study),
         "best_trial": best.number if best else None,
         "best_val_acc": best.value if best else None,
-        "family": A.FAMILY.of(best) if best else None,
-        "n_params": A.N_PARAMS.of(best) if best else None,
-        "flops": A.FLOPS.of(best) if best else None,
-        "macs": A.FLOPS.of(best) // 2 if best and A.FLOPS.of(best) is not None else None,
-        "latency_ms": A.LATENCY_MS.of(best) if best else None,  # measured by the guard, under a latency cap
+        "picked_trial": model.number if model else None,
+        "pick": pick_summary(pick, A.RACE.of(study)),
+        "family": A.FAMILY.of(model) if model else None,
+        "n_params": A.N_PARAMS.of(model) if model else None,
+        "flops": A.FLOPS.of(model) if model else None,
+        "macs": A.FLOPS.of(model) // 2 if model and A.FLOPS.of(model) is not None else None,
+        "latency_ms": A.LATENCY_MS.of(model) if model else None,  # measured by the guard, under a latency cap
         "caps": {"max_params": opts.max_params, "max_flops": opts.max_flops, "max_flops_unit": "MACs",
                  "max_latency_ms": opts.max_latency_ms, "latency_device": opts.latency_device,
                  "latency_threads": opts.latency_threads},
         "guard": guard_overhead(study.get_trials(deepcopy=False), opts.budget_seconds),
-        "config": json.loads(A.CONFIG.of(best)) if best else None,
+        "config": json.loads(A.CONFIG.of(model)) if model else None,
         "checkpoint": str(opts.out) if checkpoint_phase else None,
         "checkpoint_phase": checkpoint_phase,
         "final_metrics": final_metrics,

@@ -10,16 +10,21 @@ model over a cap (parameters, MACs, latency) ever reaches training on any backen
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from budgetnet.budget import BudgetExceeded, check_flops, check_params
 from budgetnet.config import RunConfig
 from budgetnet.data import DeviceData
+from budgetnet.device import first_step_is_setup
 from budgetnet.latency import config_latency, thread_label
 from budgetnet.search import attrs as A
 from budgetnet.search.attrs import State, of_run
+from budgetnet.search.pick import estimate
 from budgetnet.train import COMPLETE, STOPPED, RunResult, train_run
 
 MIN_EPOCHS_PER_TRIAL = 0.5  # a sampled model must see half its training split per slice (speed check)
@@ -107,7 +112,8 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, caps: Caps, slice_s: float, d
               precision: str, set_attr: Callable[[str, object], None],
               report: Callable[[float, float], bool], fits: Callable[[], bool], stop: Callable[[], bool],
               sampled: bool = True, interrupted: Callable[[], bool] = lambda: False,
-              compile: str = "off", init_state: dict | None = None) -> TrialOutcome:
+              compile: str = "off", init_state: dict | None = None,
+              final: tuple[float, int] | None = None) -> TrialOutcome:
     """Guard ``cfg`` against ``caps`` (``guard``), then train it for one full ``slice_s``.
 
     ``fits()`` is asked after the guard: a trial whose full slice no longer fits is not started (that time
@@ -116,6 +122,7 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, caps: Caps, slice_s: float, d
     own speed and ends too slow otherwise); grid points (the user's own) are never stopped for speed.
     ``compile``: ``train_run``'s; with "auto" only a slice long enough to repay compiling tries it.
     ``init_state``: the weights a fine-tuning trial starts from (``train_run``'s).
+    ``final``: the final phase's planned seconds and images: a complete trial's ``estimate`` there.
     The user attrs ``family``, ``config``, ``n_params``, ``flops``, ``seconds``, ``images_per_s`` and
     ``epochs``, ``steps`` go through ``set_attr``; the adapter records ``state`` and ``reason`` from the outcome.
     """
@@ -138,6 +145,9 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, caps: Caps, slice_s: float, d
     set_attr(A.IMAGES_PER_S, round(result.images_per_s, 1))
     set_attr(A.EPOCHS, round(result.metrics.get("epoch", 0.0), 2))
     set_attr(A.STEPS, result.steps)
+    curve = [[round(h["epoch"], 4), round(h["val_acc"], 5), h["val_images"]]
+             for h in result.history if "val_acc" in h and "val_images" in h]
+    set_attr(A.CURVE, curve)
     if result.speed_recheck:
         set_attr(A.SPEED_RECHECK, result.speed_recheck)
     if of_run(result.status) is not None:  # ended without a result worth ranking: PRUNED, with the run's reason
@@ -149,5 +159,22 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, caps: Caps, slice_s: float, d
     else:
         assert result.status == COMPLETE
         out.state, out.value = State.COMPLETE, result.metrics["val_acc"]
+        if final is not None:  # shown beside the value while the search runs; the pick recomputes it
+            epochs = result.images_per_s * final[0] / max(final[1], 1)
+            set_attr(A.ESTIMATE, estimate(curve, out.value, epochs).as_attr())
         out.val_acc = out.value
     return out
+
+
+def measure_rate(cfg: RunConfig, data: DeviceData, *, device, seconds: float, precision: str = "auto",
+                 stop: Callable[[], bool] | None = None) -> float | None:
+    """Training images/s of ``cfg`` on this device (after step 1), trained for at most ``seconds`` (set-up
+    included), with no evaluation and no cuDNN autotuning, as trials train. None with no step (CUDA: two)."""
+    cfg = cfg.replace(train=dataclasses.replace(cfg.train, eval_points=1))
+    result = train_run(cfg, DeviceData(data.info, data.classes, data.train, None), device=device, seconds=seconds,
+                       stop=stop, precision=precision, autotune=False)
+    # Where step 1 is set-up (CUDA), a run of one step has no rate of its own: its figure would be set-up.
+    min_steps = 2 if first_step_is_setup(torch.device(device)) else 1
+    if result.status not in (COMPLETE, STOPPED) or result.steps < min_steps or not result.images_per_s > 0:
+        return None
+    return result.images_per_s

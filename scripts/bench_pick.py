@@ -1,0 +1,142 @@
+"""The final pick (``--pick``) at equal budget on real Fashion-MNIST, paired: each seed's search phase is run
+once, and every pick trains its final phase from that same search.
+
+Per seed: one ``budgetnet search --pick observed`` (the full command; its model is observed's result). Its
+study is then copied once per other pick, set back to the moment its final phase began (the seconds used
+then, from the pick's record; no final run, no race), and ``budgetnet search --pick P`` resumes each copy:
+the same trials, the same time left, only the pick and what it trains differ. A pick that names the same
+trial as observed with no race trains what observed trained: its result is observed's, not run again. A
+resumed copy also pays its process start-up (a few seconds) out of its final phase, a bias against the
+picks other than observed. Each model is evaluated on the official test split.
+
+    python scripts/bench_pick.py --minutes 10 --seeds 0 1 2 3 4 5
+
+Results: OUT_DIR/results.json, and a markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_search import evaluate_checkpoint  # noqa: E402
+
+PICKS = ("observed", "estimate", "race", "estimate+race")
+WRITE_RESERVE_S = 3.0  # budgetnet.search.clock.WRITE_RESERVE_S
+
+
+def search(args, seed: int, db: Path, ckpt: Path, pick: str, env: dict, log: Path) -> dict:
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "budgetnet", "search", "--dataset", args.dataset,
+                           "--max-params", args.max_params, "--hours", f"{args.minutes / 60:.6f}", "--storage", f"sqlite:///{db}",
+                           "--study-name", "pick", "--artifact-dir", str(db.parent / "artifacts"), "--out", str(ckpt),
+                           "--seed", str(seed), "--pick", pick, "--device", args.device, "--json", *data],
+                          env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    log.write_text(proc.stdout + proc.stderr)
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    summary = next((e for e in events if e.get("event") == "summary"), {})
+    return {"wall_s": round(wall, 1), "rc": proc.returncode, "summary": summary,
+            "messages": [e["text"] for e in events if e.get("event") == "message"]}
+
+
+def set_back(src: Path, dst: Path) -> None:
+    """Copy the study at ``src`` to ``dst`` as it stood when its final phase began."""
+    import optuna
+
+    shutil.copyfile(src, dst)
+    study = optuna.load_study(study_name="pick", storage=f"sqlite:///{dst}")
+    attrs = study.user_attrs
+    used = attrs["budget_seconds"] - WRITE_RESERVE_S - attrs["pick"]["final_seconds"]
+    for key, value in (("seconds_used", used), ("final_runs", 0), ("final_done", False), ("race", {}),
+                       ("final_failed", None), ("final_skipped", None), ("final_check", None), ("pick", {})):
+        study.set_user_attr(key, value)
+
+
+def row_of(pick: str, seed: int, run: dict, test: dict, reused: bool = False) -> dict:
+    s = run["summary"]
+    p = s.get("pick") or {}
+    return {"pick": pick, "seed": seed, "trial": s.get("picked_trial"), "observed_best": p.get("observed_best"),
+            "estimate_best": p.get("estimate_best"), "by": p.get("by"), "race": p.get("race"),
+            "final_seconds": (p.get("final_seconds") if p else None), "phase": s.get("checkpoint_phase"),
+            "family": s.get("family"), "n_params": s.get("n_params"), "seconds_used": s.get("seconds_used"),
+            "wall_s": run["wall_s"], "rc": run["rc"], "reused": reused, **test}
+
+
+def one_seed(args, seed: int, out_dir: Path, env: dict) -> list[dict]:
+    db = out_dir / f"s{seed}-observed.db"
+    run = search(args, seed, db, out_dir / f"s{seed}-observed.pt", "observed", env, out_dir / f"s{seed}-observed.log")
+    observed = row_of("observed", seed, run, evaluate_checkpoint(out_dir / f"s{seed}-observed.pt", args, env))
+    rows = [observed]
+    print(json.dumps(observed), flush=True)
+    pick = (run["summary"].get("pick") or {})
+    for name in args.picks:
+        if name == "observed":
+            continue
+        if name == "estimate" and pick.get("estimate_best") == pick.get("observed_best"):
+            rows.append({**observed, "pick": name, "reused": True})  # the same trial, trained as observed did
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        copy = out_dir / f"s{seed}-{name}.db"
+        set_back(db, copy)
+        ckpt = out_dir / f"s{seed}-{name}.pt"
+        branch = search(args, seed, copy, ckpt, name, env, out_dir / f"s{seed}-{name}.log")
+        rows.append(row_of(name, seed, branch, evaluate_checkpoint(ckpt, args, env)))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def table(rows: list[dict], picks) -> list[str]:
+    lines = ["| pick | test top-1 mean | worst seed | spread | per seed | trial picked (observed's) | moved vs observed |",
+             "|---|---|---|---|---|---|---|"]
+    base = {r["seed"]: r.get("test_acc") for r in rows if r["pick"] == "observed"}
+    for p in picks:
+        rs = [r for r in rows if r["pick"] == p and r.get("test_acc") is not None]
+        if not rs:
+            continue
+        accs = [r["test_acc"] for r in rs]
+        per = " / ".join(f"{r['test_acc']:.2%}" for r in rs)
+        which = " / ".join(f"{r['trial']} ({r['observed_best']})" for r in rs)
+        moved = [r["test_acc"] - base[r["seed"]] for r in rs if r["trial"] != r["observed_best"] or r.get("race")]
+        moved_s = ", ".join(f"{m * 100:+.2f}" for m in moved) + " pts" if moved else "never differed"
+        lines.append(f"| {p} | {statistics.mean(accs):.2%} | {min(accs):.2%} | {(max(accs) - min(accs)) * 100:.2f} pts "
+                     f"| {per} | {which} | {moved_s} |")
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    p.add_argument("--picks", nargs="+", default=list(PICKS), choices=PICKS)
+    p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 2))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--max-params", default="1e6")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out-dir", default=None)
+    args = p.parse_args()
+    out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="bench_pick_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
+    print(f"seeds {args.seeds}, {args.minutes} min each, picks {args.picks}; files in {out_dir}", flush=True)
+    rows = []
+    for seed in args.seeds:
+        rows += one_seed(args, seed, out_dir, env)
+        (out_dir / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    print("\n".join(["", *table(rows, args.picks)]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
