@@ -95,9 +95,8 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     training images, unaugmented (``fit_acc``, ``fit_loss``), in the run's time: did it learn what it saw.
     ``autotune`` (CUDA): cuDNN times its algorithms for each new shape (``device.prepare``). Search trials
     and speed probes, short runs of a model not seen before, turn it off.
-    ``keep``: a stopped run returns its ``carry`` (model, optimizer, EMA, batch order, seconds run);
-    ``resume=carry`` goes on with it over ``data`` (another split, say), its lr schedule now over ``seconds``
-    in all, counted from the carried run's start: what it trained is not trained again (the final race).
+    ``keep``: a stopped run returns its ``carry``; ``resume=carry`` goes on with it over ``data``, its lr schedule
+    now over ``seconds`` in all, counted from the carried run's start: nothing is trained twice (the race).
     Divergence and out-of-memory end the run with a typed status instead of an exception.
     """
     if (seconds is None) == (epochs is None):
@@ -237,8 +236,7 @@ def _resume(carry: Carry, cfg: RunConfig, data: DeviceData, seconds: float | Non
         raise ValueError("a resumed run goes on with its own config, on a time budget")
     run, old = carry.run, carry.state
     normalize = normalizer(data.info, run.device, memory_format(run.device))
-    n = len(data.train)
-    bs = min(cfg.train.batch_size, n)
+    n, bs = len(data.train), min(cfg.train.batch_size, len(data.train))
     run = dataclasses.replace(run, data=data, seconds=seconds, hook=hook, stop=stop, min_epochs=None,
                               fit_images=fit_images, normalize=normalize, n=n, bs=bs, steps_per_epoch=n // bs,
                               batch=train_batches(data.train, cfg.data, normalize))

@@ -4,8 +4,9 @@ once, and every pick trains its final phase from that same search.
 Per seed: one ``budgetnet search --pick observed`` (the full command; its model is observed's result). Its
 study is then copied once per other pick, set back to the moment its final phase began (the seconds used
 then, from the pick's record; no final run, no race), and ``budgetnet search --pick P`` resumes each copy:
-the same trials, the same time left, only the pick and what it trains differ. A pick that names the same
-trial as observed with no race trains what observed trained: its result is observed's, not run again. A
+the same trials, the same time left, only the pick and what it trains differ. A pick whose decision is
+another's (estimate naming observed's trial; estimate+race racing race's finalists) trains what that one
+trained: its result is that one's, not run again (``reused``). A
 resumed copy also pays its process start-up (a few seconds) out of its final phase, a bias against the
 picks other than observed. Each model is evaluated on the official test split.
 
@@ -30,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import evaluate_checkpoint  # noqa: E402
 
-PICKS = ("observed", "estimate", "race", "estimate+race")
+PICKS = ("observed", "estimate", "race", "estimate+race")  # in this order: a reused pick's source comes first
 WRITE_RESERVE_S = 3.0  # budgetnet.search.clock.WRITE_RESERVE_S
 
 
@@ -73,18 +74,54 @@ def row_of(pick: str, seed: int, run: dict, test: dict, reused: bool = False) ->
             "wall_s": run["wall_s"], "rc": run["rc"], "reused": reused, **test}
 
 
-def one_seed(args, seed: int, out_dir: Path, env: dict) -> list[dict]:
+def same_as(db: Path, pick: dict) -> dict[str, str]:
+    """The picks whose decision is another's on this study: estimate is observed when both name the same
+    trial; a race pick with no race to run is its ranking's pick; estimate+race is race when both would
+    race the same finalists."""
+    import optuna
+
+    from budgetnet.search.pick import choose
+    from budgetnet.search.race import plan
+
+    study = optuna.load_study(study_name="pick", storage=f"sqlite:///{db}")
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    leader = pick["estimates"][str(pick["trial"])]
+    rate = done[[t.number for t in done].index(pick["trial"])].user_attrs["images_per_s"]
+    images = round(rate * pick["final_seconds"] / leader["final_epochs"])  # train+validation
+    racers = {}
+    for name in ("race", "estimate+race"):  # who would race: the finalists the race's plan keeps
+        planned = plan(choose(done, name, pick["final_seconds"], images)[0].finalists, pick["final_seconds"],
+                       study.user_attrs["slice_seconds"])
+        racers[name] = [r.trial.number for r in planned[0]] if isinstance(planned, tuple) else []
+    same = {}
+    if pick.get("estimate_best") == pick.get("observed_best"):
+        same["estimate"] = "observed"
+    if not racers["race"]:
+        same["race"] = "observed"
+    if not racers["estimate+race"]:
+        same["estimate+race"] = "estimate"
+    if racers["race"] and racers["race"] == racers["estimate+race"]:
+        same["estimate+race"] = "race"
+    return same
+
+
+def one_seed(args, seed: int, out_dir: Path, env: dict, done: list[dict]) -> list[dict]:
     db = out_dir / f"s{seed}-observed.db"
-    run = search(args, seed, db, out_dir / f"s{seed}-observed.pt", "observed", env, out_dir / f"s{seed}-observed.log")
-    observed = row_of("observed", seed, run, evaluate_checkpoint(out_dir / f"s{seed}-observed.pt", args, env))
-    rows = [observed]
-    print(json.dumps(observed), flush=True)
-    pick = (run["summary"].get("pick") or {})
+    rows = [r for r in done if r["seed"] == seed]
+    if not rows:
+        run = search(args, seed, db, out_dir / f"s{seed}-observed.pt", "observed", env,
+                     out_dir / f"s{seed}-observed.log")
+        rows.append(row_of("observed", seed, run, evaluate_checkpoint(out_dir / f"s{seed}-observed.pt", args, env)))
+        print(json.dumps(rows[0]), flush=True)
+    import optuna
+
+    pick = optuna.load_study(study_name="pick", storage=f"sqlite:///{db}").user_attrs["pick"]
+    same = same_as(db, pick)
     for name in args.picks:
-        if name == "observed":
+        if any(r["pick"] == name for r in rows):
             continue
-        if name == "estimate" and pick.get("estimate_best") == pick.get("observed_best"):
-            rows.append({**observed, "pick": name, "reused": True})  # the same trial, trained as observed did
+        if name in same:  # the same decision: the same final, not trained again
+            rows.append({**next(r for r in rows if r["pick"] == same[name]), "pick": name, "reused": True})
             print(json.dumps(rows[-1]), flush=True)
             continue
         copy = out_dir / f"s{seed}-{name}.db"
@@ -97,7 +134,7 @@ def one_seed(args, seed: int, out_dir: Path, env: dict) -> list[dict]:
 
 
 def table(rows: list[dict], picks) -> list[str]:
-    lines = ["| pick | test top-1 mean | worst seed | spread | per seed | trial picked (observed's) | moved vs observed |",
+    lines = ["| pick | test top-1 mean | worst seed | spread | per seed | trial picked (observed's) | where it differed from observed |",
              "|---|---|---|---|---|---|---|"]
     base = {r["seed"]: r.get("test_acc") for r in rows if r["pick"] == "observed"}
     for p in picks:
@@ -125,15 +162,18 @@ def main() -> int:
     p.add_argument("--max-params", default="1e6")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--resume", action="store_true", help="keep the rows OUT_DIR/results.json has, run the rest")
     args = p.parse_args()
     out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="bench_pick_"))
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     print(f"seeds {args.seeds}, {args.minutes} min each, picks {args.picks}; files in {out_dir}", flush=True)
+    results = out_dir / "results.json"
+    earlier = json.loads(results.read_text())["rows"] if args.resume and results.exists() else []
     rows = []
     for seed in args.seeds:
-        rows += one_seed(args, seed, out_dir, env)
-        (out_dir / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        rows += one_seed(args, seed, out_dir, env, earlier)
+        results.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     print("\n".join(["", *table(rows, args.picks)]))
     return 0
 

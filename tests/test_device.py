@@ -157,7 +157,7 @@ def test_train_run_computes_in_the_precision_it_reports(synthetic_data, monkeypa
         seen.append(logits.dtype)
         return real(logits, *a, **k)
 
-    monkeypatch.setattr(bt.F, "cross_entropy", spy)
+    monkeypatch.setattr(F, "cross_entropy", spy)
     r = train_run(_cfg(), synthetic_data, device="cpu", epochs=0.2, precision=precision)
     assert r.status == "complete" and r.precision == precision
     assert seen and seen[0] == dtype  # the first training step's logits (autocast: the model's output dtype)

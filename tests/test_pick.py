@@ -135,7 +135,7 @@ def test_the_race_keeps_the_finalist_that_trains_better_where_the_slice_winner_l
 
     study = _race_study(tmp_path, [(_cfg(8, lr=1e-9), 0.95), (_cfg(8, lr=0.1), 0.93)])
     trials = study.get_trials(deepcopy=False)
-    seconds = 10 * slice_s  # legs of 0.3 * 10 / 2 = 1.5 slices: the race runs
+    seconds = 8 * slice_s  # legs of 0.3 * 8 / 2 = 1.2 slices: the race runs
     choice, _ = choose(trials, "race", seconds, 2800)
     assert [r.trial.number for r in choice.finalists] == [0, 1] and choice.trial.number == 0
     opts = SearchOptions(max_params=30_000, budget_seconds=seconds + 3.0, dataset="synthetic", pick="race",
@@ -189,7 +189,7 @@ def _cli(tmp_path, budget_h: str, slice_s: float, *extra) -> list[str]:
     return [sys.executable, "-m", "budgetnet", "search", "--dataset", "synthetic", "--max-params", "30k",
             "--hours", budget_h, "--trial-seconds", f"{slice_s:.2f}", "--storage", f"sqlite:///{tmp_path / 's.db'}",
             "--artifact-dir", str(tmp_path / "art"), "--out", str(tmp_path / "best.pt"), "--device", "cpu",
-            "--final-fraction", "0.5", "--pick", "race", "--sampler", "grid", "--grid", str(grid),
+            "--final-fraction", "0.6", "--pick", "race", "--sampler", "grid", "--grid", str(grid),
             "--pruner", "none", "--json", *extra]
 
 
@@ -209,7 +209,7 @@ def test_a_search_with_a_race_holds_its_budget_and_a_kill_9_mid_race_resumes_wit
     """A --pick race search on a task where trials tie within the noise: killed -9 during a leg, the same
     command resumes its final phase without a second race, trains the pick's leader in the time left and
     writes best.pt; both runs together hold the one budget, and best.json says how the config was picked."""
-    budget_h = f"{20 * slice_s / 3600:.5f}"  # a final phase of 10 slices: legs of 1.5 slices for two racers
+    budget_h = f"{16 * slice_s / 3600:.5f}"  # a final phase of 9.6 slices: legs of 1.4 slices for two racers
     budget = float(budget_h) * 3600
     cmd = _cli(tmp_path, budget_h, slice_s)
     env = dict(os.environ, OMP_NUM_THREADS="1")

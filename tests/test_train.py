@@ -638,3 +638,30 @@ def test_cuda_path_learns_in_each_precision(precision):
     result = train_run(cfg, data, device="cuda", epochs=8, precision=precision)
     assert result.status == "complete" and result.metrics["val_acc"] > 0.5
     assert result.precision == dev.resolve_precision("cuda", precision)
+
+
+def test_a_kept_run_goes_on_where_it_stopped_over_other_data(synthetic_data):
+    """``keep=True`` returns a stopped run's carry; ``resume=`` goes on with its weights, optimizer and step
+    count over other data (train+validation), its schedule over the total seconds counted from the
+    carried run's start; another config cannot resume it."""
+    from budgetnet.data import merged
+
+    cfg = run_cfg()
+    started = time.perf_counter()
+    leg = train_run(cfg, synthetic_data, device="cpu", seconds=6.0, keep=True,
+                    stop=lambda: time.perf_counter() - started > 1.5)
+    assert leg.status == STOPPED and leg.carry is not None and 1.4 < leg.carry.seconds < 4.0
+    before = leg.carry.score(synthetic_data.val)
+    steps, weights = leg.steps, {k: v.clone() for k, v in leg.carry.run.model.state_dict().items()}
+    with pytest.raises(ValueError, match="its own config"):
+        train_run(cfg.replace(seed=cfg.seed + 1), merged(synthetic_data), device="cpu", seconds=3.0,
+                  resume=leg.carry)
+    t0 = time.perf_counter()
+    rest = train_run(cfg, merged(synthetic_data), device="cpu", seconds=leg.carry.seconds + 2.0, resume=leg.carry,
+                     fit_images=500)
+    assert rest.status == COMPLETE and rest.steps > steps  # the step count goes on from the leg's
+    assert time.perf_counter() - t0 < 2.0 + 1.5  # only the seconds left of the total, not a whole run
+    assert rest.seconds >= leg.carry.seconds + 1.5  # its seconds count the leg's
+    assert not all(torch.equal(weights[k], v) for k, v in rest.state_dict.items())
+    assert rest.metrics["fit_acc"] >= before["val_acc"] - 0.05  # it learned on from where it was, not anew
+    assert len(merged(synthetic_data).train) == len(synthetic_data.train) + len(synthetic_data.val)

@@ -71,6 +71,7 @@ def run(racers: list[Ranked], leg_s: float, data: DeviceData, seconds: float, *,
             leg.update({k: round(v, 5) for k, v in result.carry.score(data.val).items()})
         else:
             leg["failed"] = result.reason or result.status
+        del result  # a leg's model and optimizer live on in ``carries`` only
         figures["legs"][str(r.trial.number)] = leg
         A.RACE.set(study, figures)
         message(f"final race: trial {r.trial.number}: " + (f"{leg['val_acc']:.4f} validation accuracy after "
