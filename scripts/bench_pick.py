@@ -31,8 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import evaluate_checkpoint  # noqa: E402
 
+from budgetnet.search.clock import WRITE_RESERVE_S  # noqa: E402
+
 PICKS = ("observed", "estimate", "race", "estimate+race")  # in this order: a reused pick's source comes first
-WRITE_RESERVE_S = 3.0  # budgetnet.search.clock.WRITE_RESERVE_S
 
 
 def search(args, seed: int, db: Path, ckpt: Path, pick: str, env: dict, log: Path) -> dict:

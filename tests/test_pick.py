@@ -21,6 +21,7 @@ from budgetnet.search.clock import Clock
 from budgetnet.search.options import SearchOptions
 from budgetnet.search.pick import MAX_ERROR_CUT, Choice, choose, estimate, finalists, rank, standard_error
 from budgetnet.search.progress import Reporter
+from budgetnet.search.storage import stored_study_attrs
 
 
 def _curve(a: float, b: float, c: float, epochs: float, marks: int = 10, val: int = 2000, last: int = 6000,
@@ -190,15 +191,13 @@ def _cli(tmp_path, budget_h: str, slice_s: float, *extra) -> list[str]:
             "--hours", budget_h, "--trial-seconds", f"{slice_s:.2f}", "--storage", f"sqlite:///{tmp_path / 's.db'}",
             "--artifact-dir", str(tmp_path / "art"), "--out", str(tmp_path / "best.pt"), "--device", "cpu",
             "--final-fraction", "0.6", "--pick", "race", "--sampler", "grid", "--grid", str(grid),
-            "--pruner", "none", "--json", *extra]
+            "--pruner", "none", "--study-name", "race", "--json", *extra]
 
 
 def _attrs(tmp_path) -> dict:
-    try:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
-        studies = storage.get_all_studies()
-        return storage.get_study_user_attrs(studies[0]._study_id) if studies else {}
-    except Exception:  # noqa: BLE001 - the file may be mid-creation
+    try:  # the file may be mid-creation
+        return stored_study_attrs(f"sqlite:///{tmp_path / 's.db'}", "race") or {}
+    except Exception:  # noqa: BLE001
         return {}
 
 

@@ -194,10 +194,10 @@ def final_training(opts, study: optuna.Study, choice: Choice, clock: Clock, stop
     runs = int(A.FINAL_RUNS.of(study, 0)) + 1
     A.FINAL_RUNS.set(study, runs)
     if runs > 1 and (earlier := resumed_race(study, choice.trial.number)):  # a race is never run twice
-        number, note = earlier
+        number, by_race, note = earlier
         reporter.message(note)
         choice.trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-        choice.by = "race" if A.RACE.of(study).get("winner") is not None else choice.by
+        choice.by = "race" if by_race else choice.by
     again = " (again: an earlier run of it was interrupted)" if runs > 1 else ""
     reporter.message(f"final training{again}: trial {choice.trial.number}'s config on train+validation for "
                      f"{clock.left() - WRITE_RESERVE_S:.0f} s")

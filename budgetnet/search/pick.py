@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from budgetnet.search import attrs as A
+from budgetnet.search.clock import REPORT_STEPS
 
 PICKS = ("observed", "estimate", "race", "estimate+race")
 FIT_FROM = 0.5  # the fit reads the curve from this share of the trial's epochs on
@@ -23,7 +24,6 @@ Z_NOISE = 2.0  # finalists: within this many standard errors of the difference f
 MAX_FINALISTS = 3
 RACE_SHARE = 0.3  # of the final phase's time, every leg of a race together (search/race.py)
 KEEP_ESTIMATES = 10  # the pick keeps this many leading estimates in the study
-REPORT_STEPS = 100  # a trial's intermediate values lie on a 0..100 axis (clock.REPORT_STEPS)
 EVAL_SUBSET = 2000  # images an intermediate mark scores (train.EVAL_SUBSET), for curves stored without counts
 
 

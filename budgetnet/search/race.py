@@ -90,17 +90,18 @@ def run(racers: list[Ranked], leg_s: float, data: DeviceData, seconds: float, *,
     return Race(winner, carry, figures)
 
 
-def resumed(study, ranked_leader) -> tuple[object, str] | None:
-    """On a resumed final phase, the race an earlier run started: its winner if it was decided, else the
-    ranking's leader; and the line that says so. None if no race was run."""
+def resumed(study, ranked_leader: int) -> tuple[int, bool, str] | None:
+    """On a resumed final phase, the race an earlier run started: the trial to train (its winner if it was
+    decided, else the ranking's leader), whether the race picked it, and the line that says so. None if no
+    race was run."""
     figures = A.RACE.of(study)
     if not figures or figures.get("state") in (None, "skipped"):
         return None
     if figures.get("winner") is not None:
-        return figures["winner"], (f"the race an earlier run held picked trial {figures['winner']}; "
+        return figures["winner"], True, (f"the race an earlier run held picked trial {figures['winner']}; "
                                    "its config trains from the start in the time left")
     figures = {**figures, "state": "interrupted"}
     A.RACE.set(study, figures)
-    return ranked_leader, ("the race an earlier run started was interrupted before it was decided; trial "
+    return ranked_leader, False, ("the race an earlier run started was interrupted before it was decided; trial "
                            f"{ranked_leader} (the pick's leader) trains from the start in the time left")
 
