@@ -171,11 +171,11 @@ def main() -> int:
     print(f"seeds {args.seeds}, {args.minutes} min each, picks {args.picks}; files in {out_dir}", flush=True)
     results = out_dir / "results.json"
     earlier = json.loads(results.read_text())["rows"] if args.resume and results.exists() else []
-    rows = []
+    rows = [r for r in earlier if r["seed"] not in args.seeds]  # a resumed file keeps the seeds not run now
     for seed in args.seeds:
         rows += one_seed(args, seed, out_dir, env, earlier)
         results.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    print("\n".join(["", *table(rows, args.picks)]))
+    print("\n".join(["", *table(sorted(rows, key=lambda r: r["seed"]), args.picks)]))
     return 0
 
 

@@ -168,7 +168,8 @@ class Choice:
 
     def as_attr(self) -> dict:
         return {"asked": self.asked, "by": self.by, "trial": self.trial.number, "observed_best": self.observed_best,
-                "estimate_best": self.estimate_best, "final_seconds": round(self.seconds, 2), "estimates": {str(n): e for n, e in self.estimates.items()},
+                "estimate_best": self.estimate_best, "final_seconds": round(self.seconds, 2),
+                "estimates": {str(n): e for n, e in self.estimates.items()},
                 "finalists": [{"trial": r.trial.number, "value": round(r.value, 5), "se": round(r.se, 5)}
                               for r in self.finalists]}
 
