@@ -394,7 +394,7 @@ def test_a_ray_search_on_a_two_node_cluster_holds_budget_guard_and_states(interr
     from budgetnet.search.final import CHANCE_FACTOR
 
     report = evaluate_checkpoint(summary["checkpoint"], device="cpu")
-    assert report["n_params"] == summary["n_params"] == study.trials[summary["best_trial"]].user_attrs["n_params"]
+    assert report["n_params"] == summary["n_params"] == study.trials[summary["picked_trial"]].user_attrs["n_params"]
     warned = [e["text"] for e in ev2 if e["event"] == "message" and "near chance" in e.get("text", "")]
     chance = 1 / 10
     assert bool(warned) == (summary["best_val_acc"] < CHANCE_FACTOR * chance), warned
