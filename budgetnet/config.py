@@ -230,6 +230,7 @@ MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
 
 OPTIMIZERS = ("sgd", "adamw")
 MAX_EVAL_POINTS = 1_000  # validation evaluations a run may ask for (each scores the validation images)
+EVAL_SUBSET = 2000  # validation images scored at intermediate marks (all of them at the last mark)
 SCHEDULES = ("onecycle", "cosine", "linear", "step")
 GRADUAL_SHARE = 0.2  # gradual: one more group unfrozen every this share of the run's progress
 _FREEZE = re.compile(r"(none|head)|last:([1-9][0-9]*)|gradual(?::([0-9]*\.?[0-9]+(?:e-?[0-9]+)?))?")

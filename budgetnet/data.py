@@ -83,7 +83,7 @@ def load_data(cfg: DataConfig, data_dir=None, device: torch.device | str = "cpu"
     device = torch.device(device)
     if merge_val or n_val == 0:
         return DeviceData(info, classes, _to_device(images, labels, device), None)
-    # val keeps the permutation's order, so any prefix of it is a random sample (train.EVAL_SUBSET).
+    # val keeps the permutation's order, so any prefix of it is a random sample (config.EVAL_SUBSET).
     val_idx, train_idx = perm[:n_val], np.sort(perm[n_val:])
     return DeviceData(info, classes, _to_device(images[train_idx], labels[train_idx], device),
                       _to_device(images[val_idx], labels[val_idx], device))

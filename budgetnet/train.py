@@ -19,7 +19,7 @@ from torch import nn
 
 from budgetnet.budget import BudgetExceeded, check_memory
 from budgetnet.compile import AutoCompile, compile_failure, compile_plan, fresh_compile
-from budgetnet.config import RunConfig
+from budgetnet.config import EVAL_SUBSET, RunConfig
 from budgetnet.data import DeviceData, ImageSet, normalizer, train_batches
 from budgetnet.device import (
     autocast,
@@ -42,7 +42,6 @@ from budgetnet.speedcheck import SpeedCheck
 Hook = Callable[[float, dict], bool]
 
 COMPLETE, STOPPED, DIVERGED, OOM, TOO_SLOW = "complete", "stopped", "diverged", "oom", "too_slow"
-EVAL_SUBSET = 2000  # validation images scored at intermediate marks (all of them at the last mark)
 SYNC_EVERY = 8  # steps between host syncs (divergence check, stop poll); bounds how far the CPU runs ahead
 
 

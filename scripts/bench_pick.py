@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import evaluate_checkpoint  # noqa: E402
 
+from budgetnet.search import attrs as A  # noqa: E402
 from budgetnet.search.clock import WRITE_RESERVE_S  # noqa: E402
 
 PICKS = ("observed", "estimate", "race", "estimate+race")  # in this order: a reused pick's source comes first
@@ -58,11 +59,10 @@ def set_back(src: Path, dst: Path) -> None:
 
     shutil.copyfile(src, dst)
     study = optuna.load_study(study_name="pick", storage=f"sqlite:///{dst}")
-    attrs = study.user_attrs
-    used = attrs["budget_seconds"] - WRITE_RESERVE_S - attrs["pick"]["final_seconds"]
-    for key, value in (("seconds_used", used), ("final_runs", 0), ("final_done", False), ("race", {}),
-                       ("final_failed", None), ("final_skipped", None), ("final_check", None), ("pick", {})):
-        study.set_user_attr(key, value)
+    used = A.BUDGET_SECONDS.of(study) - WRITE_RESERVE_S - A.PICK.of(study)["final_seconds"]
+    for attr, value in ((A.SECONDS_USED, used), (A.FINAL_RUNS, 0), (A.FINAL_DONE, False), (A.RACE, {}),
+                        (A.FINAL_FAILED, None), (A.FINAL_SKIPPED, None), (A.FINAL_CHECK, None), (A.PICK, {})):
+        attr.set(study, value)
 
 
 def row_of(pick: str, seed: int, run: dict, test: dict, reused: bool = False) -> dict:
@@ -87,12 +87,12 @@ def same_as(db: Path, pick: dict) -> dict[str, str]:
     study = optuna.load_study(study_name="pick", storage=f"sqlite:///{db}")
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     leader = pick["estimates"][str(pick["trial"])]
-    rate = done[[t.number for t in done].index(pick["trial"])].user_attrs["images_per_s"]
+    rate = A.IMAGES_PER_S.of(next(t for t in done if t.number == pick["trial"]))
     images = round(rate * pick["final_seconds"] / leader["final_epochs"])  # train+validation
     racers = {}
     for name in ("race", "estimate+race"):  # who would race: the finalists the race's plan keeps
         planned = plan(choose(done, name, pick["final_seconds"], images)[0].finalists, pick["final_seconds"],
-                       study.user_attrs["slice_seconds"])
+                       A.SLICE_SECONDS.of(study))
         racers[name] = [r.trial.number for r in planned[0]] if isinstance(planned, tuple) else []
     same = {}
     if pick.get("estimate_best") == pick.get("observed_best"):
@@ -116,7 +116,7 @@ def one_seed(args, seed: int, out_dir: Path, env: dict, done: list[dict]) -> lis
         print(json.dumps(rows[0]), flush=True)
     import optuna
 
-    pick = optuna.load_study(study_name="pick", storage=f"sqlite:///{db}").user_attrs["pick"]
+    pick = A.PICK.of(optuna.load_study(study_name="pick", storage=f"sqlite:///{db}"))
     same = same_as(db, pick)
     for name in args.picks:
         if any(r["pick"] == name for r in rows):

@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from budgetnet.config import DataConfig  # noqa: E402
+from budgetnet.config import EVAL_SUBSET, DataConfig  # noqa: E402
 from budgetnet.data import load_data  # noqa: E402
 from budgetnet.models import plain  # noqa: E402
 from budgetnet.search.space import suggest_config, warm_start  # noqa: E402
-from budgetnet.train import EVAL_SUBSET, train_run  # noqa: E402
+from budgetnet.train import train_run  # noqa: E402
 
 
 @contextmanager

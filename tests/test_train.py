@@ -640,6 +640,7 @@ def test_cuda_path_learns_in_each_precision(precision):
     assert result.precision == dev.resolve_precision("cuda", precision)
 
 
+@pytest.mark.timing
 def test_a_kept_run_goes_on_where_it_stopped_over_other_data(synthetic_data):
     """``keep=True`` returns a stopped run's carry; ``resume=`` goes on with its weights, optimizer and step
     count over other data (train+validation), its schedule over the total seconds counted from the

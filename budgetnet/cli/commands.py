@@ -18,10 +18,10 @@ def cmd_train(args) -> int:
     from budgetnet.budget import check_flops, check_memory, check_params, count_flops
     from budgetnet.checkpoint import save_checkpoint
     from budgetnet.compile import compile_note
-    from budgetnet.config import ConfigError, RunConfig, is_folder
+    from budgetnet.config import EVAL_SUBSET, ConfigError, RunConfig, is_folder
     from budgetnet.data import load_data
     from budgetnet.datasets.read import dataset_info
-    from budgetnet.train import COMPLETE, EVAL_SUBSET, train_run
+    from budgetnet.train import COMPLETE, train_run
 
     if (args.seconds is None) == (args.epochs is None):
         raise UserError("give exactly one of --seconds S or --epochs E")

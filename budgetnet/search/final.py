@@ -29,7 +29,7 @@ import optuna
 from budgetnet.budget import count_macs, count_params
 from budgetnet.checkpoint import CheckpointError, load_checkpoint, recorded_info, save_checkpoint
 from budgetnet.compile import compile_note
-from budgetnet.config import RunConfig
+from budgetnet.config import EVAL_SUBSET, RunConfig
 from budgetnet.data import DeviceData, load_data, merged
 from budgetnet.datasets.info import DatasetInfo
 from budgetnet.errors import first_line
@@ -44,7 +44,7 @@ from budgetnet.search.race import run as run_race
 from budgetnet.search.source import study_data, trial_start
 from budgetnet.search.teacher import DISTILL_WEIGHT, auto_teacher, load_teacher, reuse_teacher
 from budgetnet.search.trial import Caps
-from budgetnet.train import COMPLETE, DIVERGED, EVAL_SUBSET, RunResult, train_run
+from budgetnet.train import COMPLETE, DIVERGED, RunResult, train_run
 
 FIT_MARGIN = 0.05  # how far below the best trial's val accuracy the final model's training fit may fall
 CHANCE_FACTOR = 1.5  # a best trial under this multiple of chance accuracy has learned nothing to speak of

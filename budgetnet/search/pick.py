@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from budgetnet.config import EVAL_SUBSET
 from budgetnet.search import attrs as A
 from budgetnet.search.clock import REPORT_STEPS
 
@@ -24,7 +25,6 @@ Z_NOISE = 2.0  # finalists: within this many standard errors of the difference f
 MAX_FINALISTS = 3
 RACE_SHARE = 0.3  # of the final phase's time, every leg of a race together (search/race.py)
 KEEP_ESTIMATES = 10  # the pick keeps this many leading estimates in the study
-EVAL_SUBSET = 2000  # images an intermediate mark scores (train.EVAL_SUBSET), for curves stored without counts
 
 
 @dataclass(frozen=True)

@@ -99,9 +99,9 @@ def resumed(study, ranked_leader: int) -> tuple[int, bool, str] | None:
         return None
     if figures.get("winner") is not None:
         return figures["winner"], True, (f"the race an earlier run held picked trial {figures['winner']}; "
-                                   "its config trains from the start in the time left")
+                                         "its config trains from the start in the time left")
     figures = {**figures, "state": "interrupted"}
     A.RACE.set(study, figures)
-    return ranked_leader, False, ("the race an earlier run started was interrupted before it was decided; trial "
-                           f"{ranked_leader} (the pick's leader) trains from the start in the time left")
+    return ranked_leader, False, ("the race an earlier run started was interrupted before it was decided; "
+                                  f"trial {ranked_leader} (the pick's leader) trains from the start in the time left")
 

@@ -34,13 +34,13 @@ from budgetnet.checkpoint import (
     recorded_info,
     save_checkpoint,
 )
-from budgetnet.config import ModelConfig, ResNetConfig, RunConfig, Shape, TrainConfig
+from budgetnet.config import EVAL_SUBSET, ModelConfig, ResNetConfig, RunConfig, Shape, TrainConfig
 from budgetnet.data import DeviceData
 from budgetnet.models import build_model
 from budgetnet.search import attrs as A
 from budgetnet.search.clock import clamp
 from budgetnet.search.trial import measure_rate
-from budgetnet.train import COMPLETE, EVAL_SUBSET, train_run
+from budgetnet.train import COMPLETE, train_run
 
 # Candidate teachers, largest first: CIFAR ResNets of 2 basic blocks per stage (ResNet-14 layout) at 6x,
 # 4x and 2x the ResNet-20 widths (6.2M, 2.8M and 0.7M parameters at 100 classes, 32 px).
