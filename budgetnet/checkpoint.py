@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from budgetnet import __version__
-from budgetnet.config import ConfigError, RunConfig
+from budgetnet.config import TTAS, ConfigError, RunConfig
 from budgetnet.datasets.info import DatasetInfo
 from budgetnet.datasets.read import dataset_info
 from budgetnet.errors import first_line
@@ -31,12 +31,16 @@ class CheckpointError(Exception):
 
 def save_checkpoint(path: str | os.PathLike, cfg: RunConfig, state_dict: dict, *, metrics: dict,
                     n_params: int, flops: int, classes: list[str], train_seconds: float,
-                    precision: str, extra: dict | None = None, info: DatasetInfo | None = None) -> Path:
+                    precision: str, extra: dict | None = None, info: DatasetInfo | None = None,
+                    tta: str = "none") -> Path:
     """Write a checkpoint atomically (temp file + rename) and return its path. ``precision`` is what the
     weights were trained in (fp32, bf16 or fp16 autocast); they are stored in fp32 either way. The input
     shape and normalisation are the dataset's (``dataset_info``), so a folder dataset's own mean, std and
     size travel with the model. ``info``: the ``DatasetInfo`` of the data it trained on, when the caller
-    holds it (a folder dataset is not scanned again)."""
+    holds it (a folder dataset is not scanned again). ``tta``: how the model predicts (``models.tta``);
+    ``flops`` counts every view it runs."""
+    if tta not in TTAS:
+        raise ValueError(f"tta={tta!r} is not one of {', '.join(TTAS)}")
     info = info or dataset_info(cfg.data.dataset, cfg.data.image_size)
     payload = {
         "format": FORMAT,
@@ -52,6 +56,7 @@ def save_checkpoint(path: str | os.PathLike, cfg: RunConfig, state_dict: dict, *
         "input_shape": [info.channels, info.image_size, info.image_size],
         "train_seconds": float(train_seconds),
         "precision": str(precision),
+        "tta": tta,
         "versions": {"budgetnet": __version__, "torch": str(torch.__version__)},  # str: TorchVersion is a class
         "extra": dict(extra or {}),
     }
@@ -85,6 +90,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     for key, kind in REQUIRED.items():
         if not isinstance(ckpt.get(key), kind if kind is not float else (int, float)):
             raise CheckpointError(f"{path}: checkpoint has no valid {key!r}")
+    ckpt.setdefault("tta", "none")  # files written before it was recorded predict with one view
+    if ckpt["tta"] not in TTAS:
+        raise CheckpointError(f"{path}: checkpoint's tta {ckpt['tta']!r} is not one of {', '.join(TTAS)}")
     ckpt["sha256"] = hashlib.sha256(raw).hexdigest()
     return ckpt
 
@@ -135,3 +143,11 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu") -> tor
     if left:
         raise CheckpointError(f"checkpoint weights do not match its config: no values for {', '.join(left[:3])}")
     return model.to(device).eval()
+
+
+def deployed_model(ckpt: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model as the checkpoint deploys it: its net (``model_from_checkpoint``) under its recorded
+    test-time augmentation. What evaluation's latency, the final cap check and export measure."""
+    from budgetnet.models.tta import deployed
+
+    return deployed(model_from_checkpoint(ckpt, device), ckpt["tta"])

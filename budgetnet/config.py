@@ -23,6 +23,11 @@ INITS = ("default", "xavier", "kaiming", "orthogonal")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("auto", "on", "off")
+# test-time augmentation of a deployed model: "flip" predicts the mean of the logits over each image and its
+# mirror (two forward passes); a search's "auto" turns it on where its validation shows a gain (search/pick.py)
+TTAS = ("none", "flip")
+TTA_CHOICES = ("auto", *TTAS)
+TTA_VIEWS = {"none": 1, "flip": 2}  # forward passes per prediction: what the FLOP and latency caps count
 # compile="auto" tries torch.compile only with this much training left: a useless one costs a few percent
 COMPILE_AUTO_MIN_S = 600.0  # (docs/benchmarks.md, "Compilation"); whether it is faster is measured then
 # compile="on" needs this long in a timed run: a compilation cannot be stopped (runs by epochs always compile)

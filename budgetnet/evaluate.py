@@ -12,13 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from budgetnet.budget import count_flops, count_macs, count_params
-from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, recorded_info
-from budgetnet.config import is_folder
+from budgetnet.checkpoint import (
+    CheckpointError,
+    deployed_model,
+    load_checkpoint,
+    model_from_checkpoint,
+    recorded_info,
+)
+from budgetnet.config import TTA_VIEWS, is_folder
 from budgetnet.data import conform_images, load_test, normalizer
 from budgetnet.device import DTYPES, memory_format, resolve_precision
 from budgetnet.files import write_atomic
 from budgetnet.finetune import described
 from budgetnet.latency import deployment_latency, measure_latency, thread_label
+from budgetnet.models.tta import deployed
 
 GRID_IMAGES = 32  # test images in the prediction grid (4 rows of 8)
 GRID_SEED = 0  # the same images every time, so grids of two checkpoints compare image by image
@@ -38,28 +45,32 @@ def model_input(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def test_metrics(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize,
-                 device: torch.device, num_classes: int, batch_size: int = 1024) -> dict:
-    """Top-1, top-5, mean loss and the confusion matrix (rows: true class, columns: predicted), in the
-    precision of the model's weights; and ``top1_flip``, the top-1 of the mean of the logits over each image
-    and its horizontal mirror (test-time flip averaging), kept apart from the plain numbers. With 5 classes
-    or fewer top-5 is 100% by construction: it is None then."""
-    loss_sum, top1, top5, top1_flip = 0.0, 0, 0, 0
+                 device: torch.device, num_classes: int, batch_size: int = 1024, tta: str = "none") -> dict:
+    """Top-1, top-5, mean loss and the confusion matrix (rows: true class, columns: predicted) of the net
+    ``model`` as deployed under ``tta`` (``models.tta``: "flip" averages the logits over each image and its
+    mirror), in the precision of its weights; beside them ``top1_single`` and ``top1_flip``, the top-1 of
+    one view and of the flip average, both always. With 5 classes or fewer top-5 is 100% by construction:
+    it is None then."""
+    loss_sum, top1, top5, top1_single, top1_flip = 0.0, 0, 0, 0, 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     k = min(5, num_classes)
     for i in range(0, len(labels), batch_size):
         x = normalize(images[i:i + batch_size])  # in the layout the normalizer was made for
         y = labels[i:i + batch_size]
-        logits = model(model_input(model, x)).float()
+        single = model(model_input(model, x)).float()
+        mirrored = model(model_input(model, x.flip(3).contiguous(memory_format=_layout(x)))).float()
+        averaged = (single + mirrored) / 2
+        logits = averaged if tta == "flip" else single
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         topk = logits.topk(k, dim=1).indices
         top1 += (topk[:, 0] == y).sum().item()
         top5 += (topk == y[:, None]).any(1).sum().item()
-        mirrored = model(model_input(model, x.flip(3).contiguous(memory_format=_layout(x)))).float()
-        top1_flip += ((logits + mirrored).argmax(1) == y).sum().item()  # the mean's argmax: the sum's
+        top1_single += (single.argmax(1) == y).sum().item()
+        top1_flip += (averaged.argmax(1) == y).sum().item()
         confusion += torch.bincount(y * num_classes + topk[:, 0], minlength=num_classes**2).view_as(confusion)
     n = len(labels)
     return {"top1": top1 / n, "top5": top5 / n if num_classes > 5 else None, "loss": loss_sum / n,
-            "top1_flip": top1_flip / n, "confusion": confusion.cpu()}
+            "top1_single": top1_single / n, "top1_flip": top1_flip / n, "confusion": confusion.cpu()}
 
 
 def class_accuracy(confusion: torch.Tensor) -> torch.Tensor:
@@ -76,7 +87,7 @@ def checkpoint_latency(ckpt: dict, device: str | torch.device = "cpu", n_threads
     """``latency.deployment_latency`` of a loaded checkpoint's model, rebuilt in fp32 on ``device``: the
     figure ``--max-latency-ms`` caps, for ``budgetnet evaluate`` and the search's final check alike."""
     device = torch.device(device)
-    model = model_from_checkpoint(ckpt, device).to(memory_format=memory_format(device))
+    model = deployed_model(ckpt, device).to(memory_format=memory_format(device))
     return deployment_latency(model, recorded_info(ckpt).shape, device, n_threads)
 
 
@@ -121,10 +132,11 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
     cfg = ckpt["run_config"]
     info = recorded_info(ckpt)
     precision = resolve_precision(device, precision)
-    model = inference_model(model_from_checkpoint(ckpt, device).to(memory_format=memory_format(device)), precision)
+    net = inference_model(model_from_checkpoint(ckpt, device).to(memory_format=memory_format(device)), precision)
+    model = deployed(net, ckpt["tta"])  # what the latency and the prediction grid see
     test, classes = checkpoint_test_split(path, ckpt, data_dir, device, download=download, dataset=dataset)
     normalize = normalizer(info, device, memory_format(device))
-    m = test_metrics(model, test.images, test.labels, normalize, device, len(classes))
+    m = test_metrics(net, test.images, test.labels, normalize, device, len(classes), tta=ckpt["tta"])
     confusion = m.pop("confusion")
     per_class = class_accuracy(confusion).tolist()
     worst = sorted((c for c in range(len(classes)) if not math.isnan(per_class[c])), key=lambda c: per_class[c])[:5]
@@ -141,8 +153,9 @@ def evaluate_checkpoint(path: str | Path, data_dir=None, device: str | torch.dev
         "n_params": n_params,
         "n_params_recorded": ckpt["n_params"],
         "n_params_match": n_params == ckpt["n_params"],
-        "flops": count_flops(cfg.model, info.shape),
-        "macs": count_macs(cfg.model, info.shape),  # what --max-flops caps
+        "tta": ckpt["tta"],  # "flip": every figure is the flip average's, two forward passes an image
+        "flops": count_flops(cfg.model, info.shape) * TTA_VIEWS[ckpt["tta"]],
+        "macs": count_macs(cfg.model, info.shape) * TTA_VIEWS[ckpt["tta"]],  # what --max-flops caps
         "device": str(device),
         "precision": precision,
         "trained_precision": ckpt.get("precision", "unknown"),  # files written before it was recorded: unknown
@@ -271,9 +284,10 @@ def format_report(r: dict) -> str:
         f"{r['checkpoint']}  ({r['dataset']} test, {r['test_images']:,} images)",
         f"  top-1 {r['top1']:.2%}   " + (f"top-5 {r['top5']:.2%}   " if r["top5"] is not None else "")
         + f"loss {r['loss']:.4f}   "
-        f"(flip-averaged top-1 {r['top1_flip']:.2%}"
-        + ("" if r.get("trained_with_flips", True) else "; trained without flips, so mirrored images are new to it")
-        + ")",
+        + (f"(predicts the flip average; one view's top-1 {r['top1_single']:.2%})" if r.get("tta") == "flip" else
+           f"(flip-averaged top-1 {r['top1_flip']:.2%}"
+           + ("" if r.get("trained_with_flips", True) else "; trained without flips, so mirrored images are new to it")
+           + ")"),
         f"  params {r['n_params']:,} ({'matches' if r['n_params_match'] else 'DIFFERS FROM'} the file's "
         f"{r['n_params_recorded']:,})   FLOPs/image {r['flops'] / 1e6:.1f} M ({r['flops'] / 2e6:.1f} M MACs)",
         f"  evaluated in {r['precision']} (trained in {r['trained_precision']})",

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from budgetnet import __version__
-from budgetnet.checkpoint import load_checkpoint, model_from_checkpoint, recorded_info
+from budgetnet.checkpoint import deployed_model, load_checkpoint, recorded_info
 from budgetnet.config import (
     EXPORT_CALIBRATION_IMAGES,
     EXPORT_CHECK_IMAGES,
@@ -341,7 +341,7 @@ def export_checkpoint(path, out, *, fmt: str = "onnx", int8: bool = False, image
     ckpt = load_checkpoint(path)  # torch.load(weights_only=True): a file with code in it is refused unrun
     info = recorded_info(ckpt)
     shape = (info.channels, info.image_size, info.image_size)
-    module = PixelInput(model_from_checkpoint(ckpt), info.mean, info.std).eval()
+    module = PixelInput(deployed_model(ckpt), info.mean, info.std).eval()  # a flip average exports as one graph
     calibration = calibration_pixels(path, ckpt, calibration_images, data_dir, dataset) if int8 else None
     sample = check_sample(path, ckpt, images, data_dir, dataset)
     if sample.note:
@@ -406,7 +406,8 @@ def sidecar(ckpt: dict, report: dict) -> dict:
                    "meaning": "logits, one per class in the order of 'classes'; softmax gives probabilities"},
         "classes": list(ckpt["classes"]),
         "source": {"checkpoint": report["checkpoint"], "sha256": ckpt["sha256"], "dataset": cfg.data.dataset,
-                   "family": cfg.model.family, "n_params": ckpt["n_params"], "flops": ckpt["flops"]},
+                   "family": cfg.model.family, "n_params": ckpt["n_params"], "flops": ckpt["flops"],
+                   "tta": ckpt["tta"]},
         "check": {**report["check"], **{k: report[k] for k in ("eager", "fp32", "int8", "threads", "runtime")
                                          if k in report}},
         "versions": versions,

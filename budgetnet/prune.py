@@ -34,7 +34,7 @@ from budgetnet.checkpoint import (
     recorded_info,
     save_checkpoint,
 )
-from budgetnet.config import ConfigError, ModelConfig, PlainConfig, RunConfig, Shape
+from budgetnet.config import TTA_VIEWS, ConfigError, ModelConfig, PlainConfig, RunConfig, Shape
 from budgetnet.data import load_data, normalizer
 from budgetnet.datasets.info import DatasetInfo
 from budgetnet.device import memory_format, resolve_precision
@@ -43,6 +43,7 @@ from budgetnet.evaluate import checkpoint_test_split, inference_model, test_metr
 from budgetnet.finetune import conform_data, described
 from budgetnet.latency import measure_latency
 from budgetnet.models import build_model
+from budgetnet.models.tta import deployed
 from budgetnet.train import COMPLETE, train_run
 
 MAX_AMOUNT = 0.95  # the most of each group's filters --max-params may take
@@ -133,12 +134,14 @@ def _inference(model: nn.Module, device: torch.device, precision: str) -> nn.Mod
     return inference_model(copy.deepcopy(model).to(device, memory_format=memory_format(device)).eval(), precision)
 
 
-def measure(model: nn.Module, cfg: RunConfig, info: DatasetInfo, test, device: torch.device, precision: str) -> dict:
+def measure(model: nn.Module, cfg: RunConfig, info: DatasetInfo, test, device: torch.device, precision: str,
+            tta: str = "none") -> dict:
     """Params, FLOPs/image and test top-1 of a model on data ``info`` (the checkpoint's recorded input and
-    normalisation), with evaluate's own functions, in ``precision`` (weights cast once, on a copy)."""
+    normalisation), with evaluate's own functions, in ``precision`` (weights cast once, on a copy), as it
+    predicts under ``tta`` (the checkpoint's; a pruned model keeps it)."""
     m = test_metrics(_inference(model, device, precision), test.images, test.labels,
-                     normalizer(info, device, memory_format(device)), device, info.num_classes)
-    return {"params": count_params(cfg.model, info.shape), "flops": count_flops(cfg.model, info.shape),
+                     normalizer(info, device, memory_format(device)), device, info.num_classes, tta=tta)
+    return {"params": count_params(cfg.model, info.shape), "flops": count_flops(cfg.model, info.shape) * TTA_VIEWS[tta],
             "top1": m["top1"]}
 
 
@@ -172,12 +175,12 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None 
     cfg: RunConfig = ckpt["run_config"]
     info = recorded_info(ckpt)
     shape = info.shape
-    model = model_from_checkpoint(ckpt)
+    model, tta = model_from_checkpoint(ckpt), ckpt["tta"]
     t0 = time.perf_counter()
     if max_params is not None:
         amount = amount_for_cap(model, cfg.model, shape, max_params)
-    elif max_macs is not None:
-        amount = amount_for_cap(model, cfg.model, shape, max_macs, count_macs, "--max-flops", "MACs")
+    elif max_macs is not None:  # a flip average runs the net twice an image
+        amount = amount_for_cap(model, cfg.model, shape, max_macs / TTA_VIEWS[tta], count_macs, "--max-flops", "MACs")
     pruned, pruned_model_cfg = prune_model(model, cfg.model, shape, amount)
     prune_s = time.perf_counter() - t0
     pruned_cfg = cfg.replace(model=pruned_model_cfg)
@@ -189,10 +192,10 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None 
     test, _ = checkpoint_test_split(path, ckpt, data_dir, device, download=download)
     report = {"checkpoint": str(path), "out": str(out), "amount": amount, "prune_seconds": prune_s,
               "device": str(device), "precision": precision,
-              "before": measure(model, cfg, info, test, device, precision)}
+              "before": measure(model, cfg, info, test, device, precision, tta)}
     stages = {"before": model, "pruned": pruned}
     log(f"pruned {amount:.1%} of each prunable layer's filters in {prune_s:.1f} s")
-    report["pruned"] = measure(pruned, pruned_cfg, info, test, device, precision)
+    report["pruned"] = measure(pruned, pruned_cfg, info, test, device, precision, tta)
     state = {k: v.detach().clone().contiguous() for k, v in pruned.state_dict().items()}
     metrics, trained_s, trained_in = dict(ckpt["metrics"]), 0.0, ckpt.get("precision", "fp32")
     trained_on = info  # the normalisation the weights last trained with: the file's, or the fine-tuning's data
@@ -217,14 +220,15 @@ def prune_checkpoint(path: str | Path, out: str | Path, *, amount: float | None 
         trained_on = data.info
         report["finetune_seconds"] = result.seconds
     save_checkpoint(out, pruned_cfg, state, metrics=metrics, n_params=count_params(pruned_model_cfg, shape),
-                    flops=count_flops(pruned_model_cfg, shape), classes=ckpt["classes"],
+                    flops=count_flops(pruned_model_cfg, shape) * TTA_VIEWS[tta], classes=ckpt["classes"], tta=tta,
                     train_seconds=ckpt["train_seconds"] + trained_s, precision=trained_in,
                     extra={"phase": "prune", "pruned_from": str(path), "amount": amount,
                            "finetune_seconds": trained_s}, info=trained_on)
     rebuilt = model_from_checkpoint(load_checkpoint(out))  # the numbers after are the file's own
     last = "finetuned" if seconds > 0 else "written"
-    report[last], stages[last] = measure(rebuilt, pruned_cfg, info, test, device, precision), rebuilt
-    for key, ms in zip(stages, latencies(list(stages.values()), shape, device, precision)):
+    report[last], stages[last] = measure(rebuilt, pruned_cfg, info, test, device, precision, tta), rebuilt
+    deployed_stages = [deployed(m, tta) for m in stages.values()]
+    for key, ms in zip(stages, latencies(deployed_stages, shape, device, precision)):
         report[key]["latency_ms"] = ms
     return report
 

@@ -69,7 +69,7 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
               stop: Callable[[], bool] | None = None, min_epochs: float | None = None,
               precision: str = "auto", teacher: nn.Module | None = None, compile: bool | str = False,
               init_state: dict | None = None, fit_images: int = 0, autotune: bool = True, keep: bool = False,
-              resume: Carry | None = None) -> RunResult:
+              resume: Carry | None = None, mirror: bool = False) -> RunResult:
     """Train ``cfg`` on ``data.train`` for ``seconds`` of wall time or ``epochs`` epochs.
 
     ``hook(progress, metrics)`` is called at each evaluation mark; returning True stops the run.
@@ -96,6 +96,8 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
     and speed probes, short runs of a model not seen before, turn it off.
     ``keep``: a stopped run returns its ``carry``; ``resume=carry`` goes on with it over ``data``, its lr schedule
     now over ``seconds`` in all, counted from the carried run's start: nothing is trained twice (the race).
+    ``mirror``: the last mark also scores the flip average on the validation split (``score.evaluate_model``;
+    ``val_acc_flip``, ``flip_fixed``, ``flip_broke``), in the run's time; only for a config trained with flips.
     Divergence and out-of-memory end the run with a typed status instead of an exception.
     """
     if (seconds is None) == (epochs is None):
@@ -114,10 +116,13 @@ def train_run(cfg: RunConfig, data: DeviceData, *, device: torch.device | str, s
         return RunResult(OOM, reason=f"out of memory: {e}")
     try:
         if resume is not None:
-            return _train(*_resume(resume, cfg, data, seconds, hook, stop, fit_images), keep)
-        return _train(*_start(cfg, data, device, seconds=seconds, epochs=epochs, hook=hook, stop=stop,
-                              min_epochs=min_epochs, precision=precision, teacher=teacher, compile=compile,
-                              init_state=init_state, fit_images=fit_images, autotune=autotune), keep)
+            run, s = _resume(resume, cfg, data, seconds, hook, stop, fit_images)
+        else:
+            run, s = _start(cfg, data, device, seconds=seconds, epochs=epochs, hook=hook, stop=stop,
+                            min_epochs=min_epochs, precision=precision, teacher=teacher, compile=compile,
+                            init_state=init_state, fit_images=fit_images, autotune=autotune)
+        run.mirror = mirror and cfg.data.flip  # a net trained without mirrored images has never seen one
+        return _train(run, s, keep)
     except (torch.OutOfMemoryError, RuntimeError) as e:  # the CPU allocator's is a plain RuntimeError
         if not is_oom(e):
             raise
@@ -158,6 +163,7 @@ class _Run:
     auto: AutoCompile | None
     compile_info: dict  # RunResult.compile, updated as the run goes
     freezer: Freezer | None  # a run from init_state: which groups train at each progress
+    mirror: bool = False  # the last mark scores the flip average too (train_run's)
 
 
 @dataclass
@@ -388,7 +394,7 @@ def _evaluate(run: _Run, s: _State, p: float) -> None:
     metrics.update(_score(run, final))
     s.eval_reserve = time.perf_counter() - te
     if run.data.val is not None and not final:  # the final evaluation scores more images: keep room for it
-        s.eval_reserve *= len(run.data.val) / max(metrics["val_images"], 1)
+        s.eval_reserve *= len(run.data.val) / max(metrics["val_images"], 1) * (2 if run.mirror else 1)
     elif run.data.val is None and not final and run.fit_images:  # room for the fit check: scoring an image
         s.eval_reserve = min(run.fit_images, run.n) / max(s.steady_rate(), 1.0)  # costs less than training on it
     metrics["seconds"] = time.perf_counter() - s.t0
@@ -410,8 +416,8 @@ def _score(run: _Run, final: bool) -> dict:
     if data.val is not None:
         # Until the last mark, the split's head (a random sample): full evaluations would eat a slice.
         val = data.val if final else ImageSet(data.val.images[:EVAL_SUBSET], data.val.labels[:EVAL_SUBSET])
-        return {**evaluate_model(model, val, run.normalize, run.device, precision=run.precision),
-                "val_images": len(val)}
+        return {**evaluate_model(model, val, run.normalize, run.device, precision=run.precision,
+                                 mirror=final and run.mirror), "val_images": len(val)}
     if final and run.fit_images:  # no validation split: how well the model fits what it trained on
         pick = torch.randperm(run.n, generator=torch.Generator().manual_seed(run.cfg.seed))[:run.fit_images]
         pick = pick.to(run.device)

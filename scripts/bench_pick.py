@@ -61,7 +61,8 @@ def set_back(src: Path, dst: Path) -> None:
     study = optuna.load_study(study_name="pick", storage=f"sqlite:///{dst}")
     used = A.BUDGET_SECONDS.of(study) - WRITE_RESERVE_S - A.PICK.of(study)["final_seconds"]
     for attr, value in ((A.SECONDS_USED, used), (A.FINAL_RUNS, 0), (A.FINAL_DONE, False), (A.RACE, {}),
-                        (A.FINAL_FAILED, None), (A.FINAL_SKIPPED, None), (A.FINAL_CHECK, None), (A.PICK, {})):
+                        (A.FINAL_FAILED, None), (A.FINAL_SKIPPED, None), (A.FINAL_CHECK, None), (A.PICK, {}),
+                        (A.TTA, None)):
         attr.set(study, value)
 
 
@@ -135,8 +136,9 @@ def one_seed(args, seed: int, out_dir: Path, env: dict, done: list[dict]) -> lis
 
 
 def table(rows: list[dict], picks) -> list[str]:
-    lines = ["| pick | test top-1 mean | worst seed | spread | per seed | trial picked (observed's) | where it differed from observed |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| pick | test top-1 mean | worst seed | spread | per seed | trial picked (observed's) | where it differed from observed "
+             "| flip averaging on | one view: mean / worst |",
+             "|---|---|---|---|---|---|---|---|---|"]
     base = {r["seed"]: r.get("test_acc") for r in rows if r["pick"] == "observed"}
     for p in picks:
         rs = [r for r in rows if r["pick"] == p and r.get("test_acc") is not None]
@@ -147,8 +149,11 @@ def table(rows: list[dict], picks) -> list[str]:
         which = " / ".join(f"{r['trial']} ({r['observed_best']})" for r in rs)
         moved = [r["test_acc"] - base[r["seed"]] for r in rs if r["trial"] != r["observed_best"] or r.get("race")]
         moved_s = ", ".join(f"{m * 100:+.2f}" for m in moved) + " pts" if moved else "never differed"
+        single = [r.get("test_single") or r["test_acc"] for r in rs]  # rows from before tta: one view
+        flips = sum(r.get("tta") == "flip" for r in rs)
         lines.append(f"| {p} | {statistics.mean(accs):.2%} | {min(accs):.2%} | {(max(accs) - min(accs)) * 100:.2f} pts "
-                     f"| {per} | {which} | {moved_s} |")
+                     f"| {per} | {which} | {moved_s} | {flips} of {len(rs)} | {statistics.mean(single):.2%} / "
+                     f"{min(single):.2%} |")
     return lines
 
 

@@ -91,7 +91,8 @@ def evaluate_checkpoint(ckpt: Path, args, env: dict) -> dict:
     if ev.returncode != 0:
         return {}
     report = json.loads(ev.stdout)
-    return {"test_acc": report["top1"], "test_top5": report["top5"], "test_flip": report.get("top1_flip")}
+    return {"test_acc": report["top1"], "test_top5": report["top5"], "test_flip": report.get("top1_flip"),
+            "test_single": report.get("top1_single"), "tta": report.get("tta")}
 
 
 def run_one(method: str, seed: int, args, out_dir: Path, grid_file: Path) -> dict:

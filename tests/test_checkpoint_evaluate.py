@@ -16,7 +16,13 @@ from conftest import write_cifar100
 
 from budgetnet import evaluate
 from budgetnet.budget import count_flops, count_params
-from budgetnet.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from budgetnet.checkpoint import (
+    CheckpointError,
+    deployed_model,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from budgetnet.cli import main
 from budgetnet.config import DataConfig, MobileNetConfig, PlainConfig, ResNetConfig, RunConfig, TrainConfig
 from budgetnet.data import load_data
@@ -124,6 +130,10 @@ def test_flip_averaging_is_the_mean_of_the_logits_over_each_image_and_its_mirror
     assert m["top1"] == (plain.argmax(1) == labels).sum().item() / 300
     assert m["top1_flip"] == (mean.argmax(1) == labels).sum().item() / 300
     assert (mean.argmax(1) != plain.argmax(1)).any()  # the two answers differ here: the check can fail
+    deployed = evaluate.test_metrics(model, images, labels, normalize, torch.device("cpu"), 4, batch_size=128,
+                                     tta="flip")  # every figure is the flip average's, one view's beside it
+    assert deployed["top1"] == m["top1_flip"] and deployed["top1_single"] == m["top1"]
+    assert torch.equal(deployed["confusion"].diag().sum(), torch.tensor(round(deployed["top1"] * 300)))
 
 
 def test_evaluate_measures_in_the_precision_it_reports_with_weights_cast_once(tmp_path):
@@ -314,3 +324,58 @@ def test_plots_onto_a_file_is_refused_before_evaluating(tmp_path, capsys, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--plots {tmp_path / 'notes.txt'} is a file" in err[0], err
     assert (tmp_path / "notes.txt").read_text() == "keep"
+
+
+def test_a_flip_checkpoint_predicts_the_flip_average_in_evaluate_and_counts_two_views(tmp_path):
+    cfg, path, result = _tiny_cifar_checkpoint(tmp_path)
+    assert load_checkpoint(path)["tta"] == "none"  # the default: one view
+    shape = DATASET_INFO["cifar100"].shape
+    flip_path = save_checkpoint(tmp_path / "flip.pt", cfg, result.state_dict, metrics=result.metrics,
+                                n_params=count_params(cfg.model, shape), flops=2 * count_flops(cfg.model, shape),
+                                classes=load_checkpoint(path)["classes"], train_seconds=result.seconds,
+                                precision=result.precision, tta="flip")
+    one, two = (evaluate_checkpoint(p, tmp_path, "cpu", latency_repeats=2, precision="fp32") for p in (path, flip_path))
+    assert one["tta"] == "none" and two["tta"] == "flip"
+    assert two["top1"] == one["top1_flip"] and two["top1_single"] == one["top1"] == one["top1_single"]
+    assert two["top1_flip"] == one["top1_flip"]
+    assert two["flops"] == 2 * one["flops"] and two["macs"] == 2 * one["macs"]  # what --max-flops caps
+    assert "predicts the flip average" in format_report(two) and "predicts" not in format_report(one)
+    # the deployed model is the mean of the net's logits over each image and its mirror
+    net = model_from_checkpoint(load_checkpoint(flip_path))
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed_model(load_checkpoint(flip_path))(x), (net(x) + net(x.flip(3))) / 2)
+        assert not torch.allclose(net(x), net(x.flip(3)))  # the two views differ: the check can fail
+
+
+def test_a_file_from_before_tta_was_recorded_predicts_with_one_view_and_a_bad_tta_is_refused(tmp_path):
+    _, path, _ = _tiny_cifar_checkpoint(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    del raw["tta"]
+    torch.save(raw, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["tta"] == "none"
+    raw["tta"] = "rotate"
+    torch.save(raw, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="tta 'rotate' is not one of none, flip"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_scoring_with_the_mirror_counts_the_images_the_flip_average_fixes_and_breaks():
+    from budgetnet.data import ImageSet
+    from budgetnet.score import evaluate_model
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (300, 1, 6, 6), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 4))
+    normalize = lambda u: u.float() / 255 - 0.5  # noqa: E731
+    m = evaluate_model(model, ImageSet(images, labels), normalize, torch.device("cpu"), batch_size=64, mirror=True)
+    assert "val_acc_flip" not in evaluate_model(model, ImageSet(images, labels), normalize, torch.device("cpu"))
+    with torch.no_grad():
+        x = normalize(images)
+        one = model(x).argmax(1) == labels
+        both = (model(x) + model(x.flip(3))).argmax(1) == labels
+    assert m["val_acc"] == one.sum().item() / 300 and m["val_acc_flip"] == both.sum().item() / 300
+    assert m["flip_fixed"] == (both & ~one).sum().item() and m["flip_broke"] == (one & ~both).sum().item()
+    assert m["flip_fixed"] + m["flip_broke"] > 0  # the views disagree on some images: the counts can be wrong
+    assert m["val_acc_flip"] - m["val_acc"] == pytest.approx((m["flip_fixed"] - m["flip_broke"]) / 300)

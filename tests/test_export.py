@@ -284,3 +284,27 @@ def test_int8_is_quantised_for_this_cpu_unless_told_which(checkpoints, tmp_path)
                                       calibration_images=32, int8_max_drop=1.0, **FAST)
     assert report["int8"]["target"] == "arm"
     assert json.loads((tmp_path / "arm.json").read_text())["int8_target"] == "arm"
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_flip_checkpoint_exports_its_flip_average_as_one_graph(fmt, tmp_path):
+    cfg = CONFIGS["resnet"]
+    plain = _save(tmp_path / "plain.pt", cfg, _seeded(cfg))
+    raw = torch.load(plain, weights_only=True)
+    flip = save_checkpoint(tmp_path / "flip.pt", RunConfig.from_json(raw["config"]), raw["state_dict"], metrics={},
+                           n_params=raw["n_params"], flops=2 * raw["flops"], classes=raw["classes"],
+                           train_seconds=1.0, precision="fp32", tta="flip")
+    out = tmp_path / f"model.{fmt}"
+    report = export.export_checkpoint(flip, out, fmt=fmt, **FAST)
+    assert report["fp32"]["agreement"] >= 0.999
+    pixels = _pixels(4)
+    one = _eager_on_normalised(plain, pixels)
+    mirrored = _eager_on_normalised(plain, np.ascontiguousarray(pixels[..., ::-1]))
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"pixels": pixels.astype(np.float32)})[0]
+    else:
+        got = torch.jit.load(str(out))(torch.from_numpy(pixels).float()).detach().numpy()
+    np.testing.assert_allclose(got, (one + mirrored) / 2, rtol=1e-4, atol=1e-4)
+    assert np.abs(one - mirrored).max() > 1e-3  # the views differ: the graph must hold both to match
+    assert json.loads((tmp_path / "model.json").read_text())["source"]["tta"] == "flip"

@@ -19,7 +19,16 @@ from budgetnet.config import DataConfig, PlainConfig, RunConfig, TrainConfig
 from budgetnet.search import attrs as A
 from budgetnet.search.clock import Clock
 from budgetnet.search.options import SearchOptions
-from budgetnet.search.pick import MAX_ERROR_CUT, Choice, choose, estimate, finalists, rank, standard_error
+from budgetnet.search.pick import (
+    MAX_ERROR_CUT,
+    Choice,
+    choose,
+    estimate,
+    finalists,
+    rank,
+    standard_error,
+    tta,
+)
 from budgetnet.search.progress import Reporter
 from budgetnet.search.storage import stored_study_attrs
 
@@ -255,3 +264,51 @@ def test_choice_of_a_trial_is_the_observed_pick():
     t = optuna.trial.create_trial(value=0.5)
     c = Choice.of(t)
     assert (c.by, c.asked, c.finalists, c.observed_best) == ("observed", "observed", [], t.number)
+
+
+def _flip(fixed: int, broke: int, n: int = 10_000, right: int = 9_000) -> dict:
+    return {"val_acc": right / n, "val_acc_flip": (right + fixed - broke) / n, "flip_fixed": fixed, "flip_broke": broke}
+
+
+def test_flip_averaging_is_turned_on_only_beyond_the_noise_of_the_images_the_two_views_disagree_on():
+    # McNemar: 2 standard errors of fixed - broke are 2 sqrt(fixed + broke)
+    assert tta("auto", _flip(60, 20))[0] == "flip"  # 40 > 2 sqrt(80) = 17.9
+    assert tta("auto", _flip(40, 25))[0] == "none"  # 15 < 2 sqrt(65) = 16.1
+    assert tta("auto", _flip(20, 60))[0] == "none"  # it breaks more than it fixes
+    assert tta("auto", _flip(0, 0))[0] == "none"  # the views never disagree: nothing to gain, twice the cost
+    on, why = tta("auto", _flip(60, 20))
+    assert "fixed 60 images and broke 20" in why and "90.00% -> 90.40%" in why
+    assert "within the noise" in tta("auto", _flip(40, 25))[1]
+    # no score (a config trained without mirrored images), a cap two views would break, or the user's word
+    assert tta("auto", None) == ("none", "the picked trial has no flip score (a config trained without mirrored "
+                                         "images)")
+    assert tta("auto", _flip(60, 20), "--max-flops (2 x 3 M MACs)")[0] == "none"
+    assert tta("flip", _flip(20, 60)) == ("flip", "--tta flip")
+    assert tta("flip", None, "--max-latency-ms (2 x 1 ms)")[0] == "none"
+    assert tta("none", _flip(600, 20)) == ("none", "--tta none")
+
+
+def test_the_final_phase_counts_two_views_against_every_cap_before_turning_flip_averaging_on(tmp_path):
+    from budgetnet.search.final import final_tta
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr(A.FLOPS, 2_000_000)  # 1 M MACs an image
+    trial.set_user_attr(A.LATENCY_MS, 0.6)
+    trial.set_user_attr(A.FLIP, _flip(60, 20))
+    study.tell(trial, 0.9)
+    frozen = study.trials[0]
+    lines = []
+    reporter = Reporter("quiet")
+    reporter.message = lines.append
+
+    def decided(**caps) -> str:
+        opts = SearchOptions(max_params=1e6, budget_seconds=60, dataset="synthetic", **caps)
+        return final_tta(opts, study, frozen, reporter)
+
+    assert decided() == "flip" and A.TTA.of(study)["tta"] == "flip" and "flip averaging: on" in lines[-1]
+    assert decided(max_flops=2.0e6) == "flip"  # two views: 2 M MACs, at the cap
+    assert decided(max_flops=1.9e6) == "none" and "--max-flops" in A.TTA.of(study)["why"]
+    assert decided(max_latency_ms=1.3) == "flip"
+    assert decided(max_latency_ms=1.1) == "none" and "--max-latency-ms" in lines[-1]
+    assert decided(tta="none") == "none"

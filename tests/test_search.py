@@ -36,6 +36,7 @@ from budgetnet.search.clock import PROBE_MIN_S
 from budgetnet.search.options import SearchOptions, StudyMismatch
 from budgetnet.search.phase import search_fits, trials_since_best
 from budgetnet.search.pick import Choice
+from budgetnet.search.pick import tta as pick_tta
 from budgetnet.search.probe import PROBE_MODEL, feasible_flops, probe_speed
 from budgetnet.search.progress import Reporter
 from budgetnet.search.session import run_search
@@ -252,6 +253,17 @@ def test_end_to_end_search_writes_best_pt_that_evaluates(tmp_path, monkeypatch, 
         assert 100 in t.intermediate_values
         assert t.user_attrs["seconds"] >= 0.9 * slice_s  # ranked only after a full slice
     assert summary["precision"] == study.user_attrs["precision"] == ckpt["precision"]
+    # --tta auto: flip-trained complete trials scored their flip average, and best.pt predicts as decided
+    # from the picked trial's score, which the summary says
+    for t in done:
+        flip = t.user_attrs.get("flip")
+        assert (flip is not None) == json.loads(t.user_attrs["config"])["data"]["flip"], t.number
+        if flip:
+            assert flip["val_acc"] == t.value and flip["flip_fixed"] >= 0 and flip["flip_broke"] >= 0
+    picked = next(t for t in study.trials if t.number == summary["picked_trial"])
+    assert study.user_attrs["tta"] == {"asked": "auto", "tta": ckpt["tta"],
+                                       "why": pick_tta("auto", picked.user_attrs.get("flip"))[1]}
+    assert summary["pick"]["tta"] == study.user_attrs["tta"] and report["tta"] == ckpt["tta"]
     # The same command again, once it is done: nothing to do, and none of the budget spent on saying so
     used = study.user_attrs["seconds_used"]
     best_pt = (tmp_path / "best.pt").read_bytes()

@@ -83,7 +83,7 @@ def cmd_search(args) -> int:
         final_fraction=1 - AUTO_SEARCH_MAX if args.final_fraction == "auto" else args.final_fraction,
         final_auto=args.final_fraction == "auto", trial_seconds=args.trial_seconds,
         device=device, artifact_dir=args.artifact_dir, download=args.download,
-        warm_start=not args.no_warm_start, precision=args.precision, pick=args.pick, teacher=teacher, workers=args.workers,
+        warm_start=not args.no_warm_start, precision=args.precision, pick=args.pick, tta=args.tta, teacher=teacher, workers=args.workers,
         backend=args.backend, ray_address=args.ray_address, gpus_per_trial=args.gpus_per_trial,
         ray_scheduler=args.ray_scheduler or "median", compile=args.compile, max_flops=args.max_flops,
         max_latency_ms=args.max_latency_ms, latency_device=latency_device, latency_threads=args.latency_threads,

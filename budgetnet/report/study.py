@@ -182,7 +182,7 @@ def study_summary(study: optuna.Study, df: pd.DataFrame, checkpoint: dict | None
                "trials": {str(k): int(v) for k, v in df["budgetnet_state"].value_counts().items()},
                "n_trials": len(df), "best": None, "checkpoint": checkpoint, "checkpoint_note": checkpoint_note,
                "importances": importances(study), "guard": guard_overhead(study.get_trials(deepcopy=False), A.BUDGET_SECONDS.of(attrs))}
-    summary["pick"] = pick_summary(A.PICK.of(attrs), A.RACE.of(attrs))  # how best.pt's config was picked
+    summary["pick"] = pick_summary(A.PICK.of(attrs), A.RACE.of(attrs), A.TTA.of(attrs))  # how best.pt's config was picked
     check = A.FINAL_CHECK.of(attrs)
     if checkpoint is not None and check and check.get("checkpoint_sha256") == checkpoint.get("sha256"):
         checkpoint["final_check"] = check  # the search's check of these very bytes

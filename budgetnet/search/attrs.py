@@ -102,6 +102,8 @@ PICK = Attr("pick", dict, "how the final phase's config was picked: --pick, the 
             "estimate, race), the ranking's leaders and the finalists")
 RACE = Attr("race", dict, "the final race: its finalists, each leg's seconds and validation accuracy, the winner; "
             "state racing until it is decided (a resumed final phase does not race again)")
+TTA = Attr("tta", dict, "the final model's test-time augmentation: --tta, what it deploys (none, flip) and why, "
+           "from the picked trial's flip score")
 INIT = Attr("init", str, "search --init: the checkpoint the search fine-tunes (its path)")
 INIT_SHA256 = Attr("init_sha256", str, "... and the SHA-256 of its bytes; a resume must give the same")
 
@@ -127,6 +129,8 @@ STEPS = Attr("steps", int, "optimizer steps the trial took")
 CURVE = Attr("curve", list, "the trial's validation curve: [epoch, val_acc, images scored] at each mark")
 ESTIMATE = Attr("estimate", dict, "the trial's validation accuracy estimated at the epochs the final phase can "
                 "give it (search/pick.py), with the fit behind it; the observed value stays the trial's value")
+FLIP = Attr("flip", dict, "the trial's model scored as a flip average on the whole validation split (--tta "
+            "auto, flip-trained configs): its accuracy, and the images it fixed and broke against one view")
 SPEED_RECHECK = Attr("speed_recheck", dict, "a too-slow verdict re-checked over a later window: the rate at the "
                      "verdict and over the window (img/s); the trial went on if the window's covered its slice")
 WORKER = Attr("worker", int, "the worker process that ran it")

@@ -29,7 +29,7 @@ import optuna
 from budgetnet.budget import count_macs, count_params
 from budgetnet.checkpoint import CheckpointError, load_checkpoint, recorded_info, save_checkpoint
 from budgetnet.compile import compile_note
-from budgetnet.config import EVAL_SUBSET, RunConfig
+from budgetnet.config import EVAL_SUBSET, TTA_VIEWS, RunConfig
 from budgetnet.data import DeviceData, load_data, merged
 from budgetnet.datasets.info import DatasetInfo
 from budgetnet.errors import first_line
@@ -37,6 +37,7 @@ from budgetnet.evaluate import checkpoint_latency
 from budgetnet.search import attrs as A
 from budgetnet.search.clock import WRITE_RESERVE_S, Clock
 from budgetnet.search.pick import Choice
+from budgetnet.search.pick import tta as tta_choice
 from budgetnet.search.progress import Reporter
 from budgetnet.search.race import plan as plan_race
 from budgetnet.search.race import resumed as resumed_race
@@ -240,15 +241,31 @@ def final_training(opts, study: optuna.Study, choice: Choice, clock: Clock, stop
         A.FINAL_FAILED.set(study, short)
         return "search", {}
     metrics = {"best_trial_val_acc": choice.trial.value, **numbers(result.metrics)}
-    n_params, flops = A.N_PARAMS.of(choice.trial), A.FLOPS.of(choice.trial)
+    tta = final_tta(opts, study, choice.trial, reporter)
+    n_params, flops = A.N_PARAMS.of(choice.trial), A.FLOPS.of(choice.trial) * TTA_VIEWS[tta]
     with out_lock(opts.out):
         path = save_checkpoint(opts.out, cfg, result.state_dict, metrics=metrics, n_params=n_params, flops=flops,
                                classes=data.classes, train_seconds=result.seconds, precision=result.precision,
-                               info=data.info, extra={**extra, "phase": "final", "study": study.study_name,
+                               info=data.info, tta=tta, extra={**extra, "phase": "final", "study": study.study_name,
                                                       "trial": choice.trial.number, "picked_by": choice.by})
     upload_artifact(study, path, opts.artifact_dir, reporter)
     A.FINAL_DONE.set(study, True)
     return "final", metrics
+
+
+def final_tta(opts, study: optuna.Study, trial: optuna.trial.FrozenTrial, reporter: Reporter) -> str:
+    """How the final model predicts (``--tta``; ``pick.tta``), kept in the study (``tta``) and said in a line.
+    Two views must fit the caps: twice the trial's MACs, and twice its guard-measured latency."""
+    views = TTA_VIEWS["flip"]
+    over = None
+    if opts.max_flops is not None and views * A.FLOPS.of(trial, 0) / 2 > opts.max_flops:
+        over = f"--max-flops ({views} x {A.FLOPS.of(trial, 0) / 2e6:,.4g} M MACs)"
+    elif opts.max_latency_ms is not None and views * A.LATENCY_MS.of(trial, math.inf) > opts.max_latency_ms:
+        over = f"--max-latency-ms ({views} x {A.LATENCY_MS.of(trial, math.inf):.3g} ms)"
+    tta, why = tta_choice(opts.tta, A.FLIP.of(trial), over)
+    A.TTA.set(study, {"asked": opts.tta, "tta": tta, "why": why})
+    reporter.message(f"test-time flip averaging: {'on' if tta == 'flip' else 'off'} ({why})")
+    return tta
 
 
 def _skip_race(study: optuna.Study, reporter: Reporter, why: str) -> None:
@@ -340,7 +357,8 @@ def check_caps(path: str | os.PathLike, caps: Caps, study: optuna.Study) -> dict
         return held
     cfg, shape = ckpt["run_config"].model, recorded_info(ckpt).shape
     lat = checkpoint_latency(ckpt, caps.latency_device, caps.latency_threads)
-    check = {"checkpoint_sha256": ckpt["sha256"], "n_params": count_params(cfg, shape), "macs": count_macs(cfg, shape),
+    check = {"checkpoint_sha256": ckpt["sha256"], "n_params": count_params(cfg, shape),
+             "macs": count_macs(cfg, shape) * TTA_VIEWS[ckpt["tta"]], "tta": ckpt["tta"],
              "latency_ms": lat["latency_ms"], "latency_device": lat["device"], "latency_threads": lat["threads"],
              "latency_repeats": lat["repeats"], "latency_seconds": lat["seconds"]}
     limits = {"n_params": caps.max_params, "macs": caps.max_macs, "latency_ms": caps.max_latency_ms}

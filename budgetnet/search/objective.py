@@ -126,7 +126,7 @@ class Objective:
                         stop=lambda: (self.interrupt.event.is_set() or clock.used() > self.plan.deadline
                                       or clock.tick()),
                         sampled=opts.grid is None, interrupted=self.interrupt.event.is_set, compile=opts.compile,
-                        init_state=init_state, final=self.final_plan())
+                        init_state=init_state, final=self.final_plan(), mirror=opts.tta == "auto")
         row.update(n_params=out.n_params, flops=out.flops, progress=out.progress, val_acc=out.val_acc,
                    latency_ms=out.latency_ms)
         if out.result is not None:

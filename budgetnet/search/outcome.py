@@ -69,9 +69,10 @@ def picked_trial(study: optuna.Study, pick: dict | None) -> optuna.trial.FrozenT
     return next((t for t in study.get_trials(deepcopy=False) if t.number == pick.get("trial")), None)
 
 
-def pick_summary(pick: dict | None, race: dict | None) -> dict | None:
+def pick_summary(pick: dict | None, race: dict | None, tta: dict | None = None) -> dict | None:
     """How the final config was picked, for ``best.json``: ``by`` observed, estimate or race, the trial, the
-    observed best, the estimates of both, and the race's figures when one ran or was skipped."""
+    observed best, the estimates of both, the race's figures when one ran or was skipped, and how the final
+    model predicts (``tta``: one view or the flip average, and why)."""
     if not pick:
         return None
     est = pick.get("estimates", {})
@@ -81,6 +82,8 @@ def pick_summary(pick: dict | None, race: dict | None) -> dict | None:
     out["finalists"] = pick.get("finalists", [])
     if race:
         out["race"] = race
+    if tta:
+        out["tta"] = tta
     out["line"] = pick_line(out)
     return out
 
@@ -105,6 +108,8 @@ def pick_line(pick: dict | None) -> str | None:
         line += f"; race skipped: {race['why']}"
     if pick["trial"] != pick["observed_best"]:
         line += f"; the observed best was trial {pick['observed_best']}"
+    if pick.get("tta"):
+        line += f"; test-time flip averaging {'on' if pick['tta']['tta'] == 'flip' else 'off'}: {pick['tta']['why']}"
     return line
 
 

@@ -4,7 +4,9 @@ A trial is scored at the end of one slice; the final phase trains its config for
 complete trial also gets an estimate of its validation accuracy at the epochs the final phase can give it
 (``estimate``), from its own curve; ``rank`` orders trials by the observed value or by that estimate, and
 ``finalists`` are the ranked trials that lie within the validation noise of the leader: the configs a
-race (``search/race.py``) tells apart. No torch here: this is arithmetic on stored curves.
+race (``search/race.py``) tells apart. ``tta`` decides whether the final model predicts as a flip average
+(``--tta``), from the picked trial's paired score on validation. No torch here: this is arithmetic on
+stored curves and counts.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ Z_NOISE = 2.0  # finalists: within this many standard errors of the difference f
 MAX_FINALISTS = 3
 RACE_SHARE = 0.3  # of the final phase's time, every leg of a race together (search/race.py)
 KEEP_ESTIMATES = 10  # the pick keeps this many leading estimates in the study
+Z_FLIP = 2.0  # flip averaging: the images it fixes must exceed those it breaks by this many standard errors
 
 
 @dataclass(frozen=True)
@@ -184,3 +187,27 @@ def choose(trials: list, asked: str, seconds: float, images: int) -> tuple[Choic
     ranked = by_estimate if by == "estimate" else observed
     return Choice(ranked[0].trial, by, asked, finalists(ranked) if asked.endswith("race") else [],
                   observed[0].trial.number, by_estimate[0].trial.number, seconds=seconds), est
+
+
+def tta(asked: str, flip: dict | None, over_cap: str | None = None) -> tuple[str, str]:
+    """The final model's test-time augmentation, and why, in a clause. ``asked``: ``--tta``. ``flip``: the
+    picked trial's ``A.FLIP`` (its slice model on the whole validation split, one view against the flip
+    average of the same images). ``over_cap``: why two views would break a cap, if they would.
+
+    ``auto`` turns flip averaging on when it fixes more images than it breaks by more than ``Z_FLIP``
+    standard errors of that difference (a sign test on the images where the two disagree: McNemar's)."""
+    if asked == "none":
+        return "none", "--tta none"
+    if over_cap:
+        return "none", f"two views would break {over_cap}"
+    if asked == "flip":
+        return "flip", "--tta flip"
+    if not flip:
+        return "none", "the picked trial has no flip score (a config trained without mirrored images)"
+    fixed, broke = int(flip["flip_fixed"]), int(flip["flip_broke"])
+    plain, both = flip["val_acc"], flip["val_acc_flip"]
+    said = (f"on the validation split the flip average fixed {fixed} images and broke {broke} "
+            f"({plain:.2%} -> {both:.2%})")
+    if fixed - broke > Z_FLIP * math.sqrt(fixed + broke):
+        return "flip", said
+    return "none", said + ", within the noise"

@@ -107,6 +107,7 @@ class TrialContext:
     cpus: float
     gpus: float
     compile: str = "auto"
+    mirror: bool = False  # a complete trial scores its flip average too (--tta auto)
 
 
 def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | None = None) -> None:
@@ -139,7 +140,7 @@ def ray_trial(config: dict, data: DeviceData | None = None, ctx: TrialContext | 
                         precision=ctx.precision, set_attr=attrs.__setitem__, report=report,
                         fits=lambda: slice_fits(clock.used(), ctx.slice_s, ctx.search_end, ctx.budget_seconds),
                         stop=lambda: clock.used() > deadline, sampled=ctx.sampled,
-                        compile=ctx.compile, final=ctx.final)
+                        compile=ctx.compile, final=ctx.final, mirror=ctx.mirror)
         if out.state == State.COMPLETE:
             keep_if_best(ctx.out, ctx.study, config[NUMBER_KEY], cfg, out.result, out.value, out.n_params,
                          out.flops, data.classes, data.info)
@@ -405,7 +406,7 @@ def ray_search_phase(objective, fits) -> None:
                            budget_seconds=opts.budget_seconds, final=objective.final_plan(), used_before=clock.used_before,
                            anchor=clock.anchor(), device=str(opts.device), precision=objective.precision,
                            sampled=opts.grid is None, cpus=resources["cpu"], gpus=resources["gpu"],
-                           compile=opts.compile)
+                           compile=opts.compile, mirror=opts.tta == "auto")
         trainable = tune.with_parameters(tune.with_resources(ray_trial, resources),
                                          data=objective.data.to("cpu"), ctx=ctx)
         if restored:

@@ -395,7 +395,7 @@ def summarise(s: Session, checkpoint_phase: str | None, final_metrics: dict, int
         "best_trial": best.number if best else None,
         "best_val_acc": best.value if best else None,
         "picked_trial": model.number if model else None,
-        "pick": pick_summary(pick, A.RACE.of(study)),
+        "pick": pick_summary(pick, A.RACE.of(study), A.TTA.of(study)),
         "family": A.FAMILY.of(model) if model else None,
         "n_params": A.N_PARAMS.of(model) if model else None,
         "flops": A.FLOPS.of(model) if model else None,

@@ -113,7 +113,7 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, caps: Caps, slice_s: float, d
               report: Callable[[float, float], bool], fits: Callable[[], bool], stop: Callable[[], bool],
               sampled: bool = True, interrupted: Callable[[], bool] = lambda: False,
               compile: str = "off", init_state: dict | None = None,
-              final: tuple[float, int] | None = None) -> TrialOutcome:
+              final: tuple[float, int] | None = None, mirror: bool = False) -> TrialOutcome:
     """Guard ``cfg`` against ``caps`` (``guard``), then train it for one full ``slice_s``.
 
     ``fits()`` is asked after the guard: a trial whose full slice no longer fits is not started (that time
@@ -123,6 +123,7 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, caps: Caps, slice_s: float, d
     ``compile``: ``train_run``'s; with "auto" only a slice long enough to repay compiling tries it.
     ``init_state``: the weights a fine-tuning trial starts from (``train_run``'s).
     ``final``: the final phase's planned seconds and images: a complete trial's ``estimate`` there.
+    ``mirror``: a complete trial trained with flips also scores its flip average (``flip``; ``--tta auto``).
     The user attrs ``family``, ``config``, ``n_params``, ``flops``, ``seconds``, ``images_per_s`` and
     ``epochs``, ``steps`` go through ``set_attr``; the adapter records ``state`` and ``reason`` from the outcome.
     """
@@ -139,7 +140,7 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, caps: Caps, slice_s: float, d
 
     result = train_run(cfg, data, device=device, seconds=slice_s, hook=hook, stop=stop,
                        min_epochs=MIN_EPOCHS_PER_TRIAL if sampled else None, precision=precision,
-                       compile=compile, autotune=False, init_state=init_state)  # a slice of a new model cannot repay cuDNN's algorithm search
+                       compile=compile, autotune=False, init_state=init_state, mirror=mirror)  # a slice of a new model cannot repay cuDNN's algorithm search
     out.result = result
     set_attr(A.SECONDS, round(result.seconds, 2))
     set_attr(A.IMAGES_PER_S, round(result.images_per_s, 1))
@@ -162,6 +163,8 @@ def run_trial(cfg: RunConfig, data: DeviceData, *, caps: Caps, slice_s: float, d
         if final is not None:  # shown beside the value while the search runs; the pick recomputes it
             epochs = result.images_per_s * final[0] / max(final[1], 1)
             set_attr(A.ESTIMATE, estimate(curve, out.value, epochs).as_attr())
+        if "val_acc_flip" in result.metrics:
+            set_attr(A.FLIP, {k: result.metrics[k] for k in ("val_acc", "val_acc_flip", "flip_fixed", "flip_broke")})
         out.val_acc = out.value
     return out
 
