@@ -271,14 +271,15 @@ def _flip(fixed: int, broke: int, n: int = 10_000, right: int = 9_000) -> dict:
 
 
 def test_flip_averaging_is_turned_on_only_beyond_the_noise_of_the_images_the_two_views_disagree_on():
-    # McNemar: 2 standard errors of fixed - broke are 2 sqrt(fixed + broke)
-    assert tta("auto", _flip(60, 20))[0] == "flip"  # 40 > 2 sqrt(80) = 17.9
-    assert tta("auto", _flip(40, 25))[0] == "none"  # 15 < 2 sqrt(65) = 16.1
+    # McNemar, one-sided at 5%: fixed - broke must exceed 1.645 sqrt(fixed + broke)
+    assert tta("auto", _flip(60, 20))[0] == "flip"  # 40 > 1.645 sqrt(80) = 14.7
+    assert tta("auto", _flip(46, 29))[0] == "flip"  # 17 > 1.645 sqrt(75) = 14.2
+    assert tta("auto", _flip(35, 25))[0] == "none"  # 10 < 1.645 sqrt(60) = 12.7
     assert tta("auto", _flip(20, 60))[0] == "none"  # it breaks more than it fixes
     assert tta("auto", _flip(0, 0))[0] == "none"  # the views never disagree: nothing to gain, twice the cost
     on, why = tta("auto", _flip(60, 20))
     assert "fixed 60 images and broke 20" in why and "90.00% -> 90.40%" in why
-    assert "within the noise" in tta("auto", _flip(40, 25))[1]
+    assert "within the noise" in tta("auto", _flip(35, 25))[1]
     # no score (a config trained without mirrored images), a cap two views would break, or the user's word
     assert tta("auto", None) == ("none", "the picked trial has no flip score (a config trained without mirrored "
                                          "images)")

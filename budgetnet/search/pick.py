@@ -27,7 +27,9 @@ Z_NOISE = 2.0  # finalists: within this many standard errors of the difference f
 MAX_FINALISTS = 3
 RACE_SHARE = 0.3  # of the final phase's time, every leg of a race together (search/race.py)
 KEEP_ESTIMATES = 10  # the pick keeps this many leading estimates in the study
-Z_FLIP = 2.0  # flip averaging: the images it fixes must exceed those it breaks by this many standard errors
+# flip averaging: the images it fixes must exceed those it breaks by this many standard errors (a one-sided
+# test at 5%: the question is only whether it helps)
+Z_FLIP = 1.645
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,7 @@ def tta(asked: str, flip: dict | None, over_cap: str | None = None) -> tuple[str
     average of the same images). ``over_cap``: why two views would break a cap, if they would.
 
     ``auto`` turns flip averaging on when it fixes more images than it breaks by more than ``Z_FLIP``
-    standard errors of that difference (a sign test on the images where the two disagree: McNemar's)."""
+    standard errors of that difference (McNemar's test, one-sided, on the images where the two disagree)."""
     if asked == "none":
         return "none", "--tta none"
     if over_cap:

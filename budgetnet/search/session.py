@@ -21,7 +21,7 @@ import optuna
 import torch
 
 from budgetnet.budget import count_flops
-from budgetnet.config import DataConfig
+from budgetnet.config import TTA_VIEWS, DataConfig
 from budgetnet.data import DeviceData, load_data
 from budgetnet.device import set_memory_share
 from budgetnet.files import write_atomic
@@ -380,6 +380,7 @@ def summarise(s: Session, checkpoint_phase: str | None, final_metrics: dict, int
     model = picked_trial(study, pick) or best  # the trial whose config the model at --out has
     check = check_caps(opts.out, Caps.of(opts), study) if checkpoint_phase else None
     clock.save()  # the check's seconds are the budget's too
+    views = TTA_VIEWS[check.get("tta", "none")] if check else 1  # a flip-averaged model runs its net twice
     summary = {
         "study": study.study_name,
         "storage": shown_url(opts.storage),
@@ -398,8 +399,9 @@ def summarise(s: Session, checkpoint_phase: str | None, final_metrics: dict, int
         "pick": pick_summary(pick, A.RACE.of(study), A.TTA.of(study)),
         "family": A.FAMILY.of(model) if model else None,
         "n_params": A.N_PARAMS.of(model) if model else None,
-        "flops": A.FLOPS.of(model) if model else None,
-        "macs": A.FLOPS.of(model) // 2 if model and A.FLOPS.of(model) is not None else None,
+        "tta": check.get("tta", "none") if check else None,
+        "flops": A.FLOPS.of(model) * views if model and A.FLOPS.of(model) is not None else None,
+        "macs": A.FLOPS.of(model) * views // 2 if model and A.FLOPS.of(model) is not None else None,
         "latency_ms": A.LATENCY_MS.of(model) if model else None,  # measured by the guard, under a latency cap
         "caps": {"max_params": opts.max_params, "max_flops": opts.max_flops, "max_flops_unit": "MACs",
                  "max_latency_ms": opts.max_latency_ms, "latency_device": opts.latency_device,
