@@ -62,12 +62,12 @@ def test_metrics(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
         averaged = (single + mirrored) / 2
         logits = averaged if tta == "flip" else single
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        topk = logits.topk(k, dim=1).indices
-        top1 += (topk[:, 0] == y).sum().item()
-        top5 += (topk == y[:, None]).any(1).sum().item()
+        predicted = logits.argmax(1)  # argmax everywhere: one tie-break, so one view's top-1 is top1 under none
+        top1 += (predicted == y).sum().item()
+        top5 += (logits.topk(k, dim=1).indices == y[:, None]).any(1).sum().item()
         top1_single += (single.argmax(1) == y).sum().item()
         top1_flip += (averaged.argmax(1) == y).sum().item()
-        confusion += torch.bincount(y * num_classes + topk[:, 0], minlength=num_classes**2).view_as(confusion)
+        confusion += torch.bincount(y * num_classes + predicted, minlength=num_classes**2).view_as(confusion)
     n = len(labels)
     return {"top1": top1 / n, "top5": top5 / n if num_classes > 5 else None, "loss": loss_sum / n,
             "top1_single": top1_single / n, "top1_flip": top1_flip / n, "confusion": confusion.cpu()}

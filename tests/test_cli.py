@@ -38,6 +38,7 @@ BAD = {
     "zero params": ["--max-params", "0"],
     "unknown dataset": ["--dataset", "imagenet"],
     "unknown precision": ["--precision", "fp8"],
+    "unknown test-time augmentation": ["--tta", "rotate"],
     "malformed storage": ["--storage", "sqlite:/nope"],
     "unsupported storage": ["--storage", "redis://localhost/0"],
     "unwritable out": ["--out", "/proc/budgetnet/best.pt"],

@@ -274,10 +274,10 @@ def _search_flags(sub) -> None:
                    "all, and the leg's winner goes on alone, where each leg gets at least a trial's slice "
                    "(docs/search.md, \"The final pick\"; docs/benchmarks.md measures them)")
     s.add_argument("--tta", choices=TTA_CHOICES, default="auto",
-                   help="test-time augmentation of the final model. auto (default): it predicts the mean of the "
-                   "logits over each image and its mirror where that scored better on the validation split for "
-                   "the picked config, beyond the noise (trained with flips, and within every cap at two forward "
-                   "passes an image). flip: always (if the caps allow). none: one view. best.pt records it; "
+                   help="test-time augmentation of the final model. auto (default): a config trained with flips "
+                   "predicts the mean of the logits over each image and its mirror, unless the validation split "
+                   "shows that this hurts it beyond the noise or two forward passes an image would break a cap. "
+                   "flip: always (if the caps allow). none: one view. best.pt records it; "
                    "evaluate, export and the latency cap follow it (docs/search.md, \"Test-time flip averaging\")")
     s.add_argument("--teacher", default="none", metavar="auto|none|PATH",
                    help="knowledge distillation in the final phase: the final model also learns from a teacher's "
