@@ -265,11 +265,11 @@ def _search_flags(sub) -> None:
     _init_flags(s, "its architecture is fixed, and the search samples the freezing strategy (with its K or "
                 "SHARE), the lr and the pretrained layers' lr scale, augmentation, label smoothing and the batch "
                 "size; the guard counts the new head against --max-params")
-    s.add_argument("--pick", choices=PICKS, default="estimate",
-                   help="which trial's config the final phase trains. estimate (default): the best validation "
-                   "accuracy estimated at the epochs the final phase can give each config, from its own curve "
-                   "(the observed value where the curve shows no reliable rise). observed: the best accuracy at "
-                   "the end of a slice. race, estimate+race: the configs within the validation noise of the "
+    s.add_argument("--pick", choices=PICKS, default="observed",
+                   help="which trial's config the final phase trains. observed (default): the best accuracy at "
+                   "the end of a slice. estimate: the best validation accuracy estimated at the epochs the final "
+                   "phase can give each config, from its own curve (the observed value where the curve shows no "
+                   "reliable rise). race, estimate+race: the configs within the validation noise of the "
                    f"leader (up to {MAX_FINALISTS}) train one leg each, {RACE_SHARE:.0%}% of the final phase in "
                    "all, and the leg's winner goes on alone, where each leg gets at least a trial's slice "
                    "(docs/search.md, \"The final pick\"; docs/benchmarks.md measures them)")
