@@ -24,7 +24,7 @@ INITS = ("default", "xavier", "kaiming", "orthogonal")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("auto", "on", "off")
 # test-time augmentation of a deployed model: "flip" predicts the mean of the logits over each image and its
-# mirror (two forward passes); a search's "auto" turns it on where its validation shows a gain (search/pick.py)
+# mirror (two forward passes); a search's "auto" turns it on unless its validation shows harm (search/pick.py)
 TTAS = ("none", "flip")
 TTA_CHOICES = ("auto", *TTAS)
 TTA_VIEWS = {"none": 1, "flip": 2}  # forward passes per prediction: what the FLOP and latency caps count

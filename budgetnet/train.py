@@ -19,7 +19,7 @@ from torch import nn
 
 from budgetnet.budget import BudgetExceeded, check_memory
 from budgetnet.compile import AutoCompile, compile_failure, compile_plan, fresh_compile
-from budgetnet.config import EVAL_SUBSET, RunConfig
+from budgetnet.config import EVAL_SUBSET, TTA_VIEWS, RunConfig
 from budgetnet.data import DeviceData, ImageSet, normalizer, train_batches
 from budgetnet.device import (
     autocast,
@@ -394,7 +394,7 @@ def _evaluate(run: _Run, s: _State, p: float) -> None:
     metrics.update(_score(run, final))
     s.eval_reserve = time.perf_counter() - te
     if run.data.val is not None and not final:  # the final evaluation scores more images: keep room for it
-        s.eval_reserve *= len(run.data.val) / max(metrics["val_images"], 1) * (2 if run.mirror else 1)
+        s.eval_reserve *= len(run.data.val) / max(metrics["val_images"], 1) * TTA_VIEWS["flip" if run.mirror else "none"]
     elif run.data.val is None and not final and run.fit_images:  # room for the fit check: scoring an image
         s.eval_reserve = min(run.fit_images, run.n) / max(s.steady_rate(), 1.0)  # costs less than training on it
     metrics["seconds"] = time.perf_counter() - s.t0

@@ -49,7 +49,7 @@ class SearchOptions:
     precision: str = "auto"  # auto (the device's best, decided on this machine), fp32, bf16 or fp16
     workers: int = 1  # local worker processes on the study (the leader is one of them)
     pick: str = "observed"  # the final phase's config: observed, estimate, race, estimate+race (search/pick.py)
-    tta: str = "auto"  # the final model's test-time augmentation: auto (flip where validation gains), flip, none
+    tta: str = "auto"  # the final model's test-time augmentation: auto (flip unless validation shows harm), flip, none
     teacher: str | None = None  # a checkpoint the final model is distilled from (its forward passes are timed)
     backend: str = "optuna"  # "ray": the search phase runs as a Ray Tune experiment (search/ray_backend.py)
     ray_address: str | None = None  # an existing Ray cluster to join; None starts a local one
